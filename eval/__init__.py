@@ -1,0 +1,1 @@
+"""Hallucination evaluation (``halluguard.eval``): CHAIR and POPE."""

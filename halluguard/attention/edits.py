@@ -1,0 +1,99 @@
+"""What a method may ask of one attention call: edits to apply and reductions to report.
+
+Notation for one layer, batch row b, head h, query row i, key j:
+``z[b,h,i,j] = scaling * <q_i, k_j>`` (plus the model's mask), ``a = softmax_j(z)``,
+``o[b,h,i] = sum_j a[b,h,i,j] v_j``.
+
+Edits (each optional; tensors are per batch row and broadcast as documented):
+
+* ``key_bias``   ``(B, T)`` or ``(B, H, T)``: ``z += bias`` before the softmax (``-inf`` masks a key).
+* ``key_boost``  ``(B, T)`` or ``(B, H, T)``: ``z += boost * |z|`` before the softmax (PAI's
+  amplification: ``boost`` is ``alpha`` on the boosted keys and 0 elsewhere).
+* ``redistribution``: after the softmax, move a share of the mass on a source key set to a
+  target key set, proportionally to the target's current attention; row sums are preserved.
+* ``head_scale`` ``(B, H)``: ``o[b,h,i] *= scale[b,h]`` (the per-head output before ``o_proj``).
+
+``last_row_only`` restricts all edits of this object to the last query row of the call (at
+decode there is one row; at prefill it is the last prompt token).
+
+Reductions (``Reductions``) are reported for the last query row of every call, computed on the
+final (edited) attention: the mass per head on named key groups, and for the layers that ask, the
+head-max attention row ``max_h a[b,h,last,j]`` over a key window and its full sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Redistribution:
+    """Post-softmax mass transfer from ``source`` keys to ``target`` keys (VAR's E2 edit).
+
+    For each selected (row, head, query):
+    ``a'_j = keep * a_j`` for ``j`` in source; the budget ``(1 - keep) * sum_source a`` is added to
+    each target key ``k`` (target minus source) in proportion ``a_k / sum_target a``. A query is
+    selected when it is eligible (``query_mask``), its mass on ``gate`` keys is at least
+    ``gate_min_mass``, the share of that mass on source keys is at most ``gate_max_source_share``,
+    and the target holds some mass. The gate is evaluated on the attention before this transfer.
+    """
+
+    source: torch.Tensor                     # (B, T) or (B, H, T) bool
+    target: torch.Tensor                     # (B, T) bool
+    keep: float                              # share of the source mass that stays, in [0, 1]
+    gate: torch.Tensor | None = None         # (B, T) bool key group that gates the selection
+    gate_min_mass: float = 0.0
+    gate_max_source_share: float = 1.0
+    query_mask: torch.Tensor | None = None   # (B, Q) bool: eligible query rows of this call
+
+
+@dataclasses.dataclass
+class Reductions:
+    """Statistics of the last query row that a method asks an attention call to report."""
+
+    group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
+    headmax_from: int | None = None          # report max_h a over keys [headmax_from, T) and its full sum
+
+    def merged(self, other: "Reductions") -> "Reductions":
+        starts = [s for s in (self.headmax_from, other.headmax_from) if s is not None]
+        return Reductions({**self.group_masses, **other.group_masses}, min(starts) if starts else None)
+
+
+@dataclasses.dataclass
+class AttentionEdit:
+    head_scale: torch.Tensor | None = None   # (B, H)
+    key_bias: torch.Tensor | None = None     # (B, T) or (B, H, T)
+    key_boost: torch.Tensor | None = None    # (B, T) or (B, H, T)
+    redistribution: Redistribution | None = None
+    last_row_only: bool = False
+    reductions: Reductions | None = None
+
+    @property
+    def edits_scores(self) -> bool:
+        """True when the edit needs the attention probabilities (not only the head outputs)."""
+        return self.key_bias is not None or self.key_boost is not None or self.redistribution is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What a method sees of one attention call when it decides its edit."""
+
+    layer_idx: int
+    batch: int
+    num_heads: int
+    q_len: int
+    kv_len: int
+    key_offset: int        # absolute position of key 0 (non-zero only for a truncated sliding cache)
+    is_prefill: bool
+    device: torch.device
+
+
+def merge_reductions(edits: "list[AttentionEdit]") -> Reductions | None:
+    """The union of the reductions the edits of one call ask for."""
+    merged = None
+    for edit in edits:
+        if edit.reductions is not None:
+            merged = edit.reductions if merged is None else merged.merged(edit.reductions)
+    return merged

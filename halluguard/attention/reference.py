@@ -1,0 +1,137 @@
+"""Pure-PyTorch reference of the fused, edited attention: the CPU path and the kernel's oracle.
+
+Given ``query (B, H, R, D)`` (the last ``R`` query rows of a call), ``key``/``value``
+``(B, Hkv, T, D)`` (the whole KV cache, not repeated for grouped-query attention) and the model's
+mask, it computes, in float32:
+
+1. ``z = scaling * q k^T`` (optionally soft-capped: ``z = c * tanh(z / c)``);
+2. score edits of each ``AttentionEdit`` in order: ``z += boost * |z|``, then ``z += bias``;
+3. the model's mask, then ``a = softmax(z)`` (a fully masked row gives zeros, not NaN);
+4. redistributions (see ``Redistribution``): ``a' = a`` except on selected rows, where source
+   keys keep ``keep * a`` and target keys gain ``(1 - keep) * M_src * a_k / M_tgt``;
+5. ``o = a' v``, then the per-head output scales;
+
+and reports the reductions of the last row on the final ``a'``. The output has the layout the
+transformers attention interface returns, ``(B, R, H, D)``, in the query's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .edits import AttentionEdit, Redistribution, Reductions
+
+
+def _per_key(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T) or (B, H, T) -> (B, H|1, 1, T), for broadcasting over heads and query rows."""
+    if t.dim() == 2:
+        return t[:, None, None, :]
+    if t.dim() == 3 and t.shape[1] in (1, num_heads):
+        return t[:, :, None, :]
+    raise ValueError(f"per-key edit tensor must be (B, T) or (B, H, T), got {tuple(t.shape)}")
+
+
+def _rows(edit: AttentionEdit, num_rows: int) -> slice:
+    return slice(num_rows - 1, num_rows) if edit.last_row_only else slice(0, num_rows)
+
+
+def _allowed_keys(mask: torch.Tensor | None, is_causal: bool, num_rows: int, kv_len: int,
+                  device: torch.device) -> torch.Tensor | None:
+    """Boolean (.., R, T) mask of the keys each query row may see, or None for "all"."""
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2   # additive masks use dtype-min (or -inf) for "blocked"
+    if is_causal and num_rows > 1:
+        rows = torch.arange(kv_len - num_rows, kv_len, device=device)[:, None]
+        return torch.arange(kv_len, device=device)[None, :] <= rows
+    return None
+
+
+def redistribute(probs: torch.Tensor, spec: Redistribution, rows: slice) -> torch.Tensor:
+    """Apply one redistribution to ``probs (B, H, R, T)`` on the query rows ``rows``."""
+    num_heads = probs.shape[1]
+    p = probs[:, :, rows]
+    src = _per_key(spec.source, num_heads).to(p.dtype)
+    tgt = (_per_key(spec.target, num_heads) & ~_per_key(spec.source, num_heads)).to(p.dtype)
+    m_src = (p * src).sum(-1, keepdim=True)
+    m_tgt = (p * tgt).sum(-1, keepdim=True)
+    select = m_tgt > 0
+    if spec.gate is not None:
+        gate = _per_key(spec.gate, num_heads).to(p.dtype)
+        m_gate = (p * gate).sum(-1, keepdim=True)
+        m_gate_src = (p * gate * src).sum(-1, keepdim=True)
+        select = select & (m_gate >= spec.gate_min_mass)
+        select = select & (m_gate_src <= spec.gate_max_source_share * m_gate)
+    if spec.query_mask is not None:
+        select = select & spec.query_mask[:, None, rows, None]
+    moved = (1.0 - spec.keep) * m_src
+    edited = p - (1.0 - spec.keep) * p * src + tgt * p * (moved / m_tgt.clamp_min(torch.finfo(p.dtype).tiny))
+    out = probs.clone()
+    out[:, :, rows] = torch.where(select, edited, p)
+    return out
+
+
+def reduce_last_row(probs_last: torch.Tensor, reductions: Reductions) -> dict[str, torch.Tensor]:
+    """Statistics of the last query row ``probs_last (B, H, T)``."""
+    stats: dict[str, torch.Tensor] = {}
+    if reductions.group_masses:
+        names = list(reductions.group_masses)
+        groups = torch.stack([reductions.group_masses[n] for n in names], dim=1).to(probs_last.dtype)  # (B, G, T)
+        masses = torch.einsum("bht,bgt->bhg", probs_last, groups)
+        for g, n in enumerate(names):
+            stats[f"mass/{n}"] = masses[:, :, g]
+    if reductions.headmax_from is not None:
+        head_max = probs_last.amax(dim=1)                                   # (B, T)
+        stats["headmax_row"] = head_max[:, reductions.headmax_from:]
+        stats["headmax_sum"] = head_max.sum(-1)
+    return stats
+
+
+def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                        scaling: float, mask: torch.Tensor | None = None, is_causal: bool = True,
+                        softcap: float | None = None, edits: Sequence[AttentionEdit] = (),
+                        reductions: Reductions | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Edited attention for the query rows given; see the module docstring for the math.
+
+    ``mask`` is the model's mask for these rows: boolean ``(B, 1|H, R, T)`` (True = attend),
+    additive float, or None (then ``is_causal`` decides). Returns ``(output (B, R, H, D), stats)``.
+    """
+    bsz, num_heads, num_rows, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
+    groups = num_heads // kv_heads
+    q = query.float().reshape(bsz, kv_heads, groups, num_rows, head_dim)
+    k, v = key.float(), value.float()
+
+    scores = torch.einsum("bkgrd,bktd->bkgrt", q, k).reshape(bsz, num_heads, num_rows, kv_len) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    for edit in edits:
+        rows = _rows(edit, num_rows)
+        if edit.key_boost is not None:
+            z = scores[:, :, rows]
+            scores[:, :, rows] = z + _per_key(edit.key_boost, num_heads).float() * z.abs()
+        if edit.key_bias is not None:
+            scores[:, :, rows] = scores[:, :, rows] + _per_key(edit.key_bias, num_heads).float()
+    allowed = _allowed_keys(mask, is_causal, num_rows, kv_len, scores.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+    for edit in edits:
+        if edit.redistribution is not None:
+            probs = redistribute(probs, edit.redistribution, _rows(edit, num_rows))
+
+    out = torch.einsum("bkgrt,bktd->bkgrd", probs.reshape(bsz, kv_heads, groups, num_rows, kv_len), v)
+    out = out.reshape(bsz, num_heads, num_rows, head_dim)
+    for edit in edits:
+        if edit.head_scale is not None:
+            rows = _rows(edit, num_rows)
+            out[:, :, rows] = out[:, :, rows] * edit.head_scale.float()[:, :, None, None]
+
+    stats = reduce_last_row(probs[:, :, -1], reductions) if reductions is not None else {}
+    return out.transpose(1, 2).to(query.dtype), stats

@@ -1,0 +1,56 @@
+"""The interface every method implements.
+
+A method sees each guarded ``generate`` through a fresh ``GuardState``:
+
+* ``on_prompt(state, input_ids)`` once, at the prefill, when the key groups are known;
+* ``attention_edit(state, call)`` for every attention call of the text backbone, returning an
+  ``AttentionEdit`` (edits and reductions) or ``None``;
+* ``on_stats(state, call, stats)`` with the reductions it (or another method) asked for;
+* ``logits_processors(state)`` once per ``generate``, to act on the next-token scores.
+
+Methods keep per-call data on the state (``state.scratch[self.name]``), never on the model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..config import MethodConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapters import Adapter
+    from ..attention.edits import AttentionCall, AttentionEdit
+    from ..state import GuardState
+
+
+class Method:
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(self.config).__name__}")
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def setup(self, adapter: "Adapter") -> None:
+        """Called by ``wrap``: check that the model suits the method (raise ``ValueError`` if not)."""
+
+    def on_prompt(self, state: "GuardState", input_ids: "torch.Tensor") -> None:
+        """Called once per ``generate`` at the prefill."""
+
+    def attention_edit(self, state: "GuardState", call: "AttentionCall") -> "AttentionEdit | None":
+        return None
+
+    def on_stats(self, state: "GuardState", call: "AttentionCall", stats: "dict[str, torch.Tensor]") -> None:
+        """Reductions reported by an attention call."""
+
+    def logits_processors(self, state: "GuardState") -> list[Any]:
+        return []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"

@@ -1,0 +1,85 @@
+"""The method registry: the one place that maps a method name to its config and implementation.
+
+Each method module calls :func:`register_method` once, at import. ``wrap`` resolves names,
+``"a+b"`` compositions and config objects through this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from .config import MethodConfig
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    config_cls: type[MethodConfig]
+    method_cls: "type[Method] | None"   # None: the config is defined, the implementation is not shipped yet
+    summary: str
+
+    @property
+    def available(self) -> bool:
+        return self.method_cls is not None
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, config_cls: type[MethodConfig], method_cls: "type[Method] | None",
+                    summary: str) -> None:
+    """Register a method under ``name``. Called once per method module."""
+    if name in _REGISTRY:
+        raise ValueError(f"method {name!r} is already registered")
+    if config_cls.name != name:
+        raise ValueError(f"{config_cls.__name__}.name is {config_cls.name!r}, expected {name!r}")
+    _REGISTRY[name] = MethodEntry(name, config_cls, method_cls, summary)
+
+
+def _ensure_loaded() -> None:
+    from . import methods  # noqa: F401  (importing the package registers every method)
+
+
+def entry(name: str) -> MethodEntry:
+    _ensure_loaded()
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def list_methods(available_only: bool = False) -> list[str]:
+    """Names of the registered methods (``available_only``: those with an implementation)."""
+    _ensure_loaded()
+    return sorted(n for n, e in _REGISTRY.items() if e.available or not available_only)
+
+
+def get_config(name: str, **overrides: Any) -> MethodConfig:
+    """The config of method ``name`` with its paper defaults, some fields overridden."""
+    return entry(name).config_cls(**overrides)
+
+
+def parse_methods(spec: Any) -> list[Any]:
+    """Flatten a method spec into a list of configs (and ready-made ``Method`` objects).
+
+    Accepted: a name (``"vhr"``), a ``+``-joined composition (``"vhr+opera"``), a config object,
+    a ``Method`` instance, ``None`` or a list/tuple of any of these.
+    """
+    from .methods.base import Method
+
+    if spec is None:
+        return []
+    if isinstance(spec, (list, tuple)):
+        return [item for part in spec for item in parse_methods(part)]
+    if isinstance(spec, str):
+        names = [p for p in (s.strip() for s in spec.split("+")) if p]
+        if not names:
+            raise ValueError(f"empty method spec {spec!r}")
+        return [entry(n).config_cls() for n in names]
+    if isinstance(spec, (MethodConfig, Method)):
+        return [spec]
+    raise TypeError(f"cannot interpret {spec!r} as a method: give a name, 'a+b', a config or a list")

@@ -1,0 +1,46 @@
+"""A test-only method whose attention edits are given as a function, and which records stats."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from halluguard import Method, MethodConfig
+from halluguard.attention import AttentionCall, AttentionEdit, Reductions
+
+
+@dataclasses.dataclass
+class ProbeConfig(MethodConfig):
+    name = "probe"
+
+
+class Probe(Method):
+    """Applies ``edit(state, call)`` to every attention call and keeps every reported statistic."""
+
+    config_cls = ProbeConfig
+
+    def __init__(self, edit: Callable[..., AttentionEdit | None]):
+        super().__init__(ProbeConfig())
+        self.edit = edit
+        self.records: list[tuple[AttentionCall, dict[str, torch.Tensor]]] = []
+
+    def attention_edit(self, state, call):
+        return self.edit(state, call)
+
+    def on_stats(self, state, call, stats):
+        self.records.append((call, {k: v.clone() for k, v in stats.items()}))
+
+
+def reference_everywhere(state, call):
+    """A neutral edit that still routes every row of every call through the reference path."""
+    masks = state.group_masks(call.kv_len, call.key_offset)
+    return AttentionEdit(key_bias=torch.zeros(call.batch, call.kv_len),
+                         reductions=Reductions({"image": masks["image"], "context": masks["context"]},
+                                               headmax_from=0))
+
+
+def stats_only(state, call):
+    """Reductions only (the last row runs through the reference, the rest through the base)."""
+    return AttentionEdit(reductions=Reductions({"image": state.group_masks(call.kv_len, call.key_offset)["image"]}))

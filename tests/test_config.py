@@ -1,0 +1,119 @@
+"""Method configs, the registry, method specs and composition rules."""
+
+import dataclasses
+import json
+
+import pytest
+
+import halluguard as hg
+from halluguard import registry
+from probes import Probe, stats_only
+from tiny_models import build_model
+
+CONFIGS = [hg.VHRConfig, hg.VARConfig, hg.AVCConfig, hg.OPERAConfig, hg.LookbackConfig, hg.DeCoReConfig,
+           hg.PAIConfig, hg.VCDConfig]
+
+
+def test_every_method_is_registered_once_with_its_config():
+    assert hg.list_methods() == sorted(c.name for c in CONFIGS)
+    for cls in CONFIGS:
+        assert registry.entry(cls.name).config_cls is cls
+    with pytest.raises(ValueError, match="already registered"):
+        hg.register_method("vhr", hg.VHRConfig, None, "again")
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.name)
+def test_config_round_trips_and_documents_every_field(cls):
+    cfg = cls()
+    assert cls.from_dict(cfg.to_dict()) == cfg
+    assert cls.from_json(json.dumps(cfg.to_dict())) == cfg
+    assert json.loads(cfg.to_json())["method"] == cls.name
+    for name, _default, doc in cls.describe():
+        assert doc, f"{cls.__name__}.{name} has no documentation"
+    neutral = cls.neutral()
+    assert isinstance(neutral, cls) and neutral != cfg
+    assert hg.get_config(cls.name) == cfg
+
+
+def test_paper_defaults():
+    assert hg.VHRConfig().alpha == 2.0
+    var = hg.VARConfig()
+    assert (var.tau, var.rho, var.summ, var.p, var.keep, var.first_layer) == (20.0, 0.5, 0.2, 0.6, 0.6, 2)
+    assert hg.VARConfig(p=0.6, p_meaning="moved").keep == pytest.approx(0.4)
+    opera = hg.OPERAConfig()
+    assert (opera.num_beams, opera.scale_factor, opera.num_attn_candidates, opera.threshold) == (5, 50.0, 5, 15)
+    assert (hg.AVCConfig().layer_gamma, hg.AVCConfig().beta) == (0.5, 0.1)
+    assert hg.DeCoReConfig().num_retrieval_heads == 50
+    assert (hg.LookbackConfig().chunk_size, hg.LookbackConfig().num_candidates) == (8, 8)
+    assert hg.PAIConfig().alpha == 0.2
+
+
+@pytest.mark.parametrize("cls, field, value, message", [
+    (hg.VHRConfig, "alpha", 0.0, r"VHRConfig.alpha is 0.0; allowed: a number in \(0, 10\]"),
+    (hg.VHRConfig, "alpha", "2", r"VHRConfig.alpha must be a number"),
+    (hg.VARConfig, "rho", 1.5, r"VARConfig.rho is 1.5; allowed: a number in \[0, 1\]"),
+    (hg.VARConfig, "p_meaning", "both", r"VARConfig.p_meaning is 'both'; allowed: one of 'kept', 'moved'"),
+    (hg.OPERAConfig, "num_beams", 0, r"OPERAConfig.num_beams is 0"),
+    (hg.OPERAConfig, "retrospection", 1, r"OPERAConfig.retrospection must be bool"),
+    (hg.DeCoReConfig, "masking", "zero", r"DeCoReConfig.masking is 'zero'"),
+    (hg.LookbackConfig, "top_p", 0.0, r"LookbackConfig.top_p is 0.0"),
+    (hg.VCDConfig, "noise_step", 1000, r"VCDConfig.noise_step is 1000"),
+])
+def test_bad_values_name_the_field_and_the_range(cls, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**{field: value})
+
+
+def test_cross_field_validation_and_unknown_keys():
+    with pytest.raises(ValueError, match="end_layer"):
+        hg.PAIConfig(start_layer=5, end_layer=3)
+    with pytest.raises(ValueError, match="layer indices"):
+        hg.VHRConfig(layers=[1, -2])
+    with pytest.raises(ValueError, match="no field"):
+        hg.VHRConfig.from_dict({"alpha": 2.0, "gamma": 1})
+    with pytest.raises(ValueError, match="config for method 'var'"):
+        hg.VHRConfig.from_dict(hg.VARConfig().to_dict())
+    assert hg.VHRConfig(layers=[1, 2]).layers == (1, 2)
+    assert dataclasses.replace(hg.VARConfig(), p=0.3).p == 0.3
+
+
+def test_method_specs_parse():
+    parsed = registry.parse_methods("vhr + var")
+    assert [type(c) for c in parsed] == [hg.VHRConfig, hg.VARConfig]
+    assert registry.parse_methods([]) == []
+    assert registry.parse_methods(["vhr", hg.PAIConfig(alpha=0.5)])[1].alpha == 0.5
+    with pytest.raises(ValueError, match="unknown method 'foo'.*known methods: avc"):
+        registry.parse_methods("vhr+foo")
+    with pytest.raises(TypeError):
+        registry.parse_methods(3)
+
+
+def test_composition_of_two_decoding_loops_is_refused_naming_the_pair():
+    model = build_model("llava")
+    with pytest.raises(ValueError, match="cannot compose 'opera' with 'avc'.*beam search.*contrastive branch"):
+        hg.wrap(model, methods="opera+avc")
+    with pytest.raises(ValueError, match="cannot compose 'decore' with 'lookback'"):
+        hg.wrap(model, methods=["decore", hg.LookbackConfig(mode="guide")])
+    with pytest.raises(ValueError, match="more than once"):
+        hg.wrap(model, methods="var+var")
+    assert not hasattr(model, "_halluguard_guard")
+
+
+def test_declared_but_unshipped_methods_are_refused_clearly():
+    model = build_model("llava")
+    unshipped = [n for n in hg.list_methods() if not registry.entry(n).available]
+    for name in unshipped:
+        with pytest.raises(ValueError, match=f"method '{name}' has a config .* but no implementation"):
+            hg.wrap(model, methods=name)
+    assert not hasattr(model, "_halluguard_guard")
+
+
+def test_custom_method_objects_compose_with_each_other():
+    model = build_model("llava")
+    a, b = Probe(stats_only), Probe(stats_only)
+    b.config = dataclasses.replace(b.config)
+    with pytest.raises(ValueError, match="more than once"):
+        hg.wrap(model, methods=[a, b])
+    with hg.wrap(model, methods=[a]) as guard:
+        assert guard.methods == [a]
+        assert "probe" in repr(guard)
