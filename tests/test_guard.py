@@ -227,3 +227,37 @@ def test_wrapping_twice_is_an_error_and_context_manager_unwraps_on_error():
     guard.unwrap()  # idempotent
     with pytest.raises(RuntimeError, match="unwrapped"):
         guard.generate(**inputs)
+
+
+def test_sliding_window_cache_maps_keys_to_positions():
+    """Gemma 3 with a short sliding window: decode-step image masses on truncated caches equal eager maps."""
+    model = build_model("gemma3")
+    eager = build_model("gemma3", attn_implementation="eager")
+    for m in (model, eager):
+        m.config.text_config.sliding_window = 16
+    inputs, _ = make_inputs(model, "gemma3")
+    with torch.no_grad():
+        ref = eager.generate(**inputs, **GEN, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+    probe = Probe(stats_only)
+    with hg.wrap(model, methods=[probe]):
+        tokens = generate(model, inputs, do_sample=False)
+    assert torch.equal(tokens, ref.sequences)
+    prompt = inputs["input_ids"].shape[1]
+    image = (inputs["input_ids"] == 500) & inputs["attention_mask"].bool()
+    truncated, partial_image = 0, False
+    for call, stats in probe.records:
+        if call.is_prefill:
+            continue
+        step = call.kv_len + call.key_offset - prompt              # 1 for the first decode forward
+        weights = ref.attentions[step][call.layer_idx][:, :, -1]   # (B, H, kv_len)
+        assert weights.shape[-1] == call.kv_len
+        positions = torch.arange(call.key_offset, call.key_offset + call.kv_len)
+        on_image = torch.zeros(image.shape[0], call.kv_len, dtype=torch.bool)
+        inside = positions < prompt
+        on_image[:, inside] = image[:, positions[inside]]
+        torch.testing.assert_close(stats["mass/image"], (weights * on_image[:, None]).sum(-1), atol=1e-5, rtol=1e-5)
+        if call.key_offset > 0:
+            truncated += 1
+            partial_image |= bool(on_image.any()) and not bool(on_image.all(-1).any())
+    assert truncated, "no call saw a truncated cache, so the offset was not exercised"
+    assert partial_image, "no truncated window cut through the image, so the offset was not exercised"
