@@ -38,7 +38,7 @@ class ImageAttentionMeter(hg.Method):
     def attention_edit(self, state, call):
         if not call.is_prefill:
             return None
-        image = state.group_masks(call.kv_len, call.key_offset)["image"]
+        image = state.group_masks(call)["image"]
         return AttentionEdit(reductions=Reductions({"image": image}))
 
     def on_stats(self, state, call, stats):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 from transformers import LogitsProcessorList
 
@@ -38,8 +39,7 @@ class Guard:
         self.processor = processor
         self.methods = methods
         self.adapter = adapter
-        self.state: GuardState | None = None        # the state of the generate call in progress
-        self.last_state: GuardState | None = None   # the state of the last finished call, for inspection
+        self.state: GuardState | None = None        # the state of the guarded call in progress, if any
         self.wrapped = False
         previous = adapter.text_attn_implementation()
         self._previous_attn = previous
@@ -92,27 +92,36 @@ class Guard:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
-        num_new = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else 0
-        self.state.on_forward(input_ids, kwargs.get("attention_mask"), num_new)
+        tokens = input_ids if input_ids is not None else embeds
+        if tokens is None:
+            raise ValueError("a guarded forward needs input_ids or inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        past_len = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.state.on_forward(input_ids, kwargs.get("attention_mask"), past_len, tokens.shape[1], tokens.shape[0])
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[GuardState]:
-        """A fresh ``GuardState`` for one guarded call, dropped (kept as ``last_state``) after it."""
+    def _session(self, args: tuple, kwargs: dict, for_generation: bool) -> Iterator[GuardState]:
+        """A fresh ``GuardState`` for one guarded call, dropped after it."""
         if not self.wrapped:
             raise RuntimeError("this guard was unwrapped; wrap the model again to guard it")
         if self.state is not None:
             raise RuntimeError("a guarded call is already running on this model")
-        state = GuardState(self.adapter, self.methods)
+        input_ids = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs"), *args[:1]) if v is not None), None)
+        state = GuardState(self.adapter, self.methods, input_ids if isinstance(input_ids, torch.Tensor) else None,
+                           kwargs.get("attention_mask"), for_generation=for_generation)
         self.state = state
         try:
             yield state
         finally:
             self.state = None
-            self.last_state = state
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with the methods applied; same arguments and outputs."""
-        with self._session() as state:
+        if not self.wrapped:
+            raise RuntimeError("this guard was unwrapped; wrap the model again to guard it")
+        if not self.methods:
+            return self._original_generate(*args, **kwargs)
+        with self._session(args, kwargs, for_generation=True) as state:
             processors = [p for m in self.methods for p in m.logits_processors(state)]
             if processors:
                 kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])
@@ -120,7 +129,11 @@ class Guard:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """One guarded forward pass over a prompt (a prefill), e.g. to score answers directly."""
-        with self._session():
+        if not self.wrapped:
+            raise RuntimeError("this guard was unwrapped; wrap the model again to guard it")
+        if not self.methods:
+            return self.model(*args, **kwargs)
+        with self._session(args, kwargs, for_generation=False):
             return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ knows its *neutral* point: the setting at which the method leaves generation unc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -22,8 +23,8 @@ def param(default: Any, doc: str, *, low: float | None = None, high: float | Non
 
     ``low``/``high`` bound numbers (``*_open`` makes a bound exclusive); ``choices`` lists the
     allowed values; ``optional`` admits ``None``; ``kind`` is the expected type (inferred from the
-    default when omitted). Lists given as defaults are stored as tuples, so configs stay hashable
-    and immutable in spirit.
+    default when omitted). Lists are stored as tuples; element types of tuple and dict fields are
+    checked by the config's ``validate``.
     """
     if isinstance(default, list):
         default = tuple(default)
@@ -31,7 +32,7 @@ def param(default: Any, doc: str, *, low: float | None = None, high: float | Non
             "choices": choices, "optional": optional or default is None,
             "kind": kind if kind is not None else _kind_of(default)}
     if isinstance(default, (dict, tuple)):
-        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

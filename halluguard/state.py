@@ -1,15 +1,16 @@
-"""Per-``generate`` state: key groups of every row, the step counter, and reported statistics.
+"""Per-call state: key groups of every row, positions, and per-method scratch space.
 
-A fresh ``GuardState`` is made for every guarded ``generate`` call and dropped when it returns, so
-nothing stays on the model between calls. The model's forward pre-hook feeds it the ids of each
-forward (the prompt at prefill, the new tokens at decode); the attention hook asks it for the
-edits of each call and hands back the reductions.
+A fresh ``GuardState`` is made for every guarded ``generate`` (or ``Guard.forward``) call and
+dropped when it returns, so nothing stays on the model between calls. Key groups come from the
+call's full ``input_ids`` and ``attention_mask``; the model's forward pre-hook tells the state
+where each forward starts (the cache's true length, so chunked prefill, continued caches and
+cropped caches are all placed right); the attention hook asks it for the edits of each call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,93 +28,120 @@ class KeyGroups:
     ``image``     the image (visual) tokens of the prompt;
     ``context``   every real (non-padding) prompt token, image included (Lookback Lens' context);
     ``text``      prompt tokens that are not image tokens;
-    ``generated`` every token after the prompt.
-    Padding belongs to no group.
+    ``generated`` every token after the prompt that exists so far.
+    Padding, and cache slots not yet filled (static caches), belong to no group.
     """
 
     image: torch.Tensor      # (B, P) bool
     valid: torch.Tensor      # (B, P) bool: not padding
     prompt_len: int
 
-    def masks(self, kv_len: int, key_offset: int = 0) -> dict[str, torch.Tensor]:
-        """Boolean masks ``(B, kv_len)`` of each group for keys at positions ``key_offset + j``."""
-        total = key_offset + kv_len
-        extra = max(total - self.prompt_len, 0)
-        pad = self.image.new_zeros(self.image.shape[0], extra)
-        image = torch.cat([self.image, pad], 1)[:, key_offset:total]
-        context = torch.cat([self.valid, pad], 1)[:, key_offset:total]
-        generated = torch.cat([torch.zeros_like(self.valid), ~pad], 1)[:, key_offset:total]
+    @property
+    def batch(self) -> int:
+        return self.image.shape[0]
+
+    def repeat_rows(self, factor: int) -> "KeyGroups":
+        """Rows repeated as ``generate`` expands them for beams or several sequences per prompt."""
+        return KeyGroups(self.image.repeat_interleave(factor, 0), self.valid.repeat_interleave(factor, 0),
+                         self.prompt_len)
+
+    def masks(self, kv_len: int, key_offset: int, seen: int) -> dict[str, torch.Tensor]:
+        """Masks ``(B, kv_len)`` of each group for keys at positions ``key_offset + j``, of which only
+        positions below ``seen`` (tokens processed so far) hold a token."""
+        end = key_offset + kv_len
+        width = max(end, self.prompt_len)
+        pos = torch.arange(width, device=self.image.device)
+        filled = pos < seen
+        pad = width - self.prompt_len
+        image = torch.nn.functional.pad(self.image, (0, pad))
+        valid = torch.nn.functional.pad(self.valid, (0, pad))
+        generated = (pos >= self.prompt_len) & filled
+        window = slice(key_offset, end)
+        image, context, generated = image[:, window], (valid & filled)[:, window], generated[None, window]
+        generated = generated.expand(self.batch, -1)
         return {"image": image, "context": context, "text": context & ~image, "generated": generated}
 
 
 class GuardState:
-    """Everything one guarded ``generate`` call knows and collects."""
+    """Everything one guarded call knows and collects."""
 
-    def __init__(self, adapter: "Adapter", methods: "list[Method]"):
+    def __init__(self, adapter: "Adapter", methods: "list[Method]", input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, for_generation: bool = True):
         self.adapter = adapter
         self.methods = methods
+        self.for_generation = for_generation
         self.groups: KeyGroups | None = None
         self.image_spans: list[list[tuple[int, int]]] | None = None
-        self.seen_tokens = 0         # tokens fed so far, prompt included
-        self.step = -1               # -1 before the prefill, 0 at the prefill, then +1 per decode forward
-        self.stats: dict[int, dict[str, torch.Tensor]] = {}
-        self._mask_cache: tuple[tuple[int, int], dict[str, torch.Tensor]] | None = None
+        self.past_len = 0            # tokens before the current forward (the cache's length)
+        self.seen_tokens = 0         # tokens up to and including the current forward
+        self.forwards = 0
+        self.scratch: dict[str, Any] = {m.name: {} for m in methods}   # per-method, per-call data
+        self._mask_cache: tuple[tuple[int, int, int], dict[str, torch.Tensor]] | None = None
+        if input_ids is not None:
+            self._set_prompt(input_ids, attention_mask)
+
+    def _set_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask.to(device=input_ids.device).bool()
+            if self.for_generation and bool((~valid[:, -1]).any()):
+                raise ValueError("right-padded batch: generation needs left padding "
+                                 "(set processor.tokenizer.padding_side = 'left')")
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        image = self.adapter.image_mask(input_ids) & valid
+        self.groups = KeyGroups(image=image, valid=valid, prompt_len=input_ids.shape[1])
+        self.image_spans = self.adapter.image_spans(torch.where(valid, input_ids, -1))
+
+    @property
+    def prompt_len(self) -> int:
+        return self.groups.prompt_len if self.groups is not None else 0
 
     # ---- fed by the model's forward pre-hook --------------------------------------------------
     def on_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                   num_new: int) -> None:
-        """Record one forward: the prompt (first call) or ``num_new`` more tokens."""
-        if self.step < 0:
-            if input_ids is None:
-                raise ValueError("a guarded generate needs input_ids (image positions are read from them); "
-                                 "inputs_embeds alone are not supported")
-            if attention_mask is not None and attention_mask.dim() == 2 and bool((attention_mask[:, -1] == 0).any()):
-                raise ValueError("right-padded batch: generation needs left padding "
-                                 "(set processor.tokenizer.padding_side = 'left')")
-            valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 \
-                else torch.ones_like(input_ids, dtype=torch.bool)
-            image = self.adapter.image_mask(input_ids) & valid
-            self.groups = KeyGroups(image=image, valid=valid, prompt_len=input_ids.shape[1])
-            self.image_spans = self.adapter.image_spans(torch.where(valid, input_ids, -1))
-            self.seen_tokens = input_ids.shape[1]
-            self.step = 0
+                   past_len: int, num_new: int, batch: int) -> None:
+        """Record one forward of ``num_new`` tokens after ``past_len`` cached ones."""
+        if self.groups is None:
+            if input_ids is None or past_len:
+                raise ValueError("halluguard reads image positions from input_ids: call with the full input_ids "
+                                 "(inputs_embeds alone, or a cache without its ids, cannot be mapped)")
+            self._set_prompt(input_ids, attention_mask)
+        if batch != self.groups.batch:
+            if batch % self.groups.batch:
+                raise ValueError(f"forward batch {batch} does not extend the prompt batch {self.groups.batch}")
+            self.groups = self.groups.repeat_rows(batch // self.groups.batch)
+            self.image_spans = [s for s in self.image_spans for _ in range(batch // len(self.image_spans))]
+        first = self.forwards == 0
+        self.past_len, self.seen_tokens = past_len, past_len + num_new
+        self.forwards += 1
+        if first:
             for method in self.methods:
-                method.on_prompt(self, input_ids)
-        else:
-            self.seen_tokens += num_new
-            self.step += 1
-        self.stats = {}
+                method.on_prompt(self)
 
     # ---- used by the attention hook -------------------------------------------------------------
-    def group_masks(self, kv_len: int, key_offset: int) -> dict[str, torch.Tensor]:
-        """Key-group masks for a call, computed once per step and shared by all layers."""
-        if self.groups is None:
-            raise RuntimeError("key groups are not known before the prefill")
-        key = (kv_len, key_offset)
+    def group_masks(self, call: AttentionCall) -> dict[str, torch.Tensor]:
+        """Key-group masks for a call, computed once per forward and shared by its layers."""
+        key = (call.kv_len, call.key_offset, self.seen_tokens)
         if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, self.groups.masks(kv_len, key_offset))
+            self._mask_cache = (key, self.groups.masks(call.kv_len, call.key_offset, self.seen_tokens))
         return self._mask_cache[1]
 
     def describe_call(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
         q_len, kv_len = query.shape[2], key.shape[2]
-        # A sliding-window cache may hold fewer keys than tokens seen: key j is then token offset + j.
+        # A sliding-window cache holds fewer keys than tokens seen: key j is then token offset + j.
+        # A static cache holds more (empty slots): key j is token j.
         offset = max(self.seen_tokens - kv_len, 0)
         return AttentionCall(layer_idx=layer_idx, batch=query.shape[0], num_heads=query.shape[1],
-                             q_len=q_len, kv_len=kv_len, key_offset=offset,
-                             is_prefill=self.step == 0, device=query.device)
+                             q_len=q_len, kv_len=kv_len, key_offset=offset, query_start=self.seen_tokens - q_len,
+                             is_prefill=self.seen_tokens - q_len < self.prompt_len, device=query.device)
 
-    def edits_for(self, call: AttentionCall) -> list[AttentionEdit]:
-        if self.step < 0:
-            return []
-        edits = []
+    def edits_for(self, call: AttentionCall) -> list[tuple["Method", AttentionEdit]]:
+        requests = []
         for method in self.methods:
             edit = method.attention_edit(self, call)
             if edit is not None:
-                edits.append(edit)
-        return edits
+                requests.append((method, edit))
+        return requests
 
-    def record(self, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
-        if stats:
-            self.stats.setdefault(call.layer_idx, {}).update(stats)
-            for method in self.methods:
-                method.on_stats(self, call, stats)
+    def deliver(self, method: "Method", call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
+        """Hand a method the reductions it asked for in this call."""
+        method.on_stats(self, call, stats)

@@ -35,12 +35,12 @@ class Probe(Method):
 
 def reference_everywhere(state, call):
     """A neutral edit that still routes every row of every call through the reference path."""
-    masks = state.group_masks(call.kv_len, call.key_offset)
+    masks = state.group_masks(call)
     return AttentionEdit(key_bias=torch.zeros(call.batch, call.kv_len),
                          reductions=Reductions({"image": masks["image"], "context": masks["context"]},
-                                               headmax_from=0))
+                                               headmax_from_key=0))
 
 
 def stats_only(state, call):
     """Reductions only (the last row runs through the reference, the rest through the base)."""
-    return AttentionEdit(reductions=Reductions({"image": state.group_masks(call.kv_len, call.key_offset)["image"]}))
+    return AttentionEdit(reductions=Reductions({"image": state.group_masks(call)["image"]}))

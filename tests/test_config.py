@@ -117,3 +117,15 @@ def test_custom_method_objects_compose_with_each_other():
     with hg.wrap(model, methods=[a]) as guard:
         assert guard.methods == [a]
         assert "probe" in repr(guard)
+
+
+def test_element_types_and_json_round_trip_of_nested_fields():
+    with pytest.raises(ValueError, match="VARConfig.sink_dims"):
+        hg.VARConfig(sink_dims=("a",))
+    with pytest.raises(ValueError, match="VHRConfig.layers"):
+        hg.VHRConfig(layers=[True])
+    with pytest.raises(ValueError, match="VHRConfig.fixed_heads"):
+        hg.VHRConfig(fixed_heads={"x": "y"})
+    cfg = hg.VHRConfig(fixed_heads={3: [1, 2]})
+    assert cfg.fixed_heads == {3: (1, 2)}
+    assert hg.VHRConfig.from_json(cfg.to_json()) == cfg

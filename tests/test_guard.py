@@ -98,7 +98,7 @@ def test_batch_rows_equal_single_rows_under_edits(family):
     model, inputs = model_and_inputs(family)
 
     def damp_image(state, call):
-        image = state.group_masks(call.kv_len, call.key_offset)["image"]
+        image = state.group_masks(call)["image"]
         return AttentionEdit(key_bias=image.float() * -2.0)
 
     with hg.wrap(model, methods=[Probe(damp_image)]):
@@ -138,7 +138,7 @@ def test_key_bias_masking_image_keys_equals_attention_mask():
     inputs, _ = make_inputs(model, "llava")
 
     def hide_image(state, call):
-        image = state.group_masks(call.kv_len, call.key_offset)["image"]
+        image = state.group_masks(call)["image"]
         return AttentionEdit(key_bias=torch.zeros(image.shape).masked_fill(image, float("-inf")))
 
     with hg.wrap(model, methods=[Probe(hide_image)]) as guard, torch.no_grad():
@@ -158,7 +158,7 @@ def test_reductions_equal_eager_attention_weights(family):
     with torch.no_grad():
         maps = eager(**inputs, output_attentions=True).attentions    # per layer (B, H, T, T)
     probe = Probe(lambda state, call: AttentionEdit(reductions=Reductions(
-        dict(state.group_masks(call.kv_len, call.key_offset)), headmax_from=4)))
+        dict(state.group_masks(call)), headmax_from_key=4)))
     with hg.wrap(model, methods=[probe]) as guard, torch.no_grad():
         guard.forward(**inputs)
     image = (inputs["input_ids"] == 500) & inputs["attention_mask"].bool()
@@ -174,12 +174,13 @@ def test_reductions_equal_eager_attention_weights(family):
 def test_decode_stats_cover_every_step_and_fresh_state_per_call():
     model, inputs = model_and_inputs("llava")
     probe = Probe(stats_only)
+    states = []
+    probe.on_prompt = states.append
     with hg.wrap(model, methods=[probe]) as guard:
         generate(model, inputs)
-        first = guard.last_state
         assert guard.state is None
         generate(model, inputs)
-        assert guard.last_state is not first
+    assert len(states) == 2 and states[0] is not states[1]
     layers = 3
     # prefill + (max_new_tokens - 1) decode forwards, twice
     assert len(probe.records) == 2 * layers * GEN["max_new_tokens"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from halluguard.attention import AttentionEdit, Redistribution, Reductions, reference_attention
+from halluguard.attention.reference import reduce_last_row
 
 B, H, HKV, T, D = 2, 4, 2, 9, 8
 
@@ -69,9 +70,9 @@ def qkv():
 
 def run(q, k, v, valid, rows=T, **edit_kwargs):
     allowed = causal_allowed(rows, T, valid)
-    out, stats = reference_attention(q[:, :, -rows:], k, v, scaling=D ** -0.5, mask=allowed[:, None],
-                                     edits=[AttentionEdit(**edit_kwargs)] if edit_kwargs else [],
-                                     reductions=Reductions({"a": valid, "b": ~valid}, headmax_from=3))
+    out, probs = reference_attention(q[:, :, -rows:], k, v, scaling=D ** -0.5, mask=allowed[:, None],
+                                     edits=[AttentionEdit(**edit_kwargs)] if edit_kwargs else [])
+    stats = reduce_last_row(probs[:, :, -1], Reductions({"a": valid, "b": ~valid}, headmax_from_key=3))
     return out, stats, allowed
 
 
@@ -179,3 +180,17 @@ def test_decode_row_with_gqa_and_dtypes():
             q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), scale=0.25).transpose(1, 2)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-2)
+
+
+def test_edits_keep_the_graph_differentiable(qkv):
+    q, k, v, valid = qkv
+    q = q.clone().requires_grad_(True)
+    boost = torch.full((B, T), 0.3)
+    bias = torch.zeros(B, T)
+    spec = Redistribution(source=torch.zeros(B, T, dtype=torch.bool).index_fill(1, torch.tensor([0]), True),
+                          target=torch.ones(B, T, dtype=torch.bool), keep=0.5)
+    out, _ = reference_attention(q, k, v, scaling=0.3, mask=causal_allowed(T, T, valid)[:, None],
+                                 edits=[AttentionEdit(key_boost=boost, key_bias=bias, redistribution=spec,
+                                                      head_scale=torch.ones(B, H))])
+    out[real_rows(valid)].sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

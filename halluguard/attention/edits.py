@@ -16,9 +16,10 @@ Edits (each optional; tensors are per batch row and broadcast as documented):
 ``last_row_only`` restricts all edits of this object to the last query row of the call (at
 decode there is one row; at prefill it is the last prompt token).
 
-Reductions (``Reductions``) are reported for the last query row of every call, computed on the
-final (edited) attention: the mass per head on named key groups, and for the layers that ask, the
-head-max attention row ``max_h a[b,h,last,j]`` over a key window and its full sum.
+Reductions (``Reductions``) are reported for the last query row of a call, to the method that
+asked, computed on the final (edited) attention: the mass per head on named key groups, and the
+head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum.
+Asking for reductions never changes the output.
 """
 
 from __future__ import annotations
@@ -54,11 +55,7 @@ class Reductions:
     """Statistics of the last query row that a method asks an attention call to report."""
 
     group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
-    headmax_from: int | None = None          # report max_h a over keys [headmax_from, T) and its full sum
-
-    def merged(self, other: "Reductions") -> "Reductions":
-        starts = [s for s in (self.headmax_from, other.headmax_from) if s is not None]
-        return Reductions({**self.group_masses, **other.group_masses}, min(starts) if starts else None)
+    headmax_from_key: int | None = None      # report max_h a over cache keys [headmax_from_key, T) and its full sum
 
 
 @dataclasses.dataclass
@@ -71,8 +68,8 @@ class AttentionEdit:
     reductions: Reductions | None = None
 
     @property
-    def edits_scores(self) -> bool:
-        """True when the edit needs the attention probabilities (not only the head outputs)."""
+    def changes_probabilities(self) -> bool:
+        """True when the edit changes attention probabilities (not only the head outputs)."""
         return self.key_bias is not None or self.key_boost is not None or self.redistribution is not None
 
 
@@ -85,15 +82,8 @@ class AttentionCall:
     num_heads: int
     q_len: int
     kv_len: int
-    key_offset: int        # absolute position of key 0 (non-zero only for a truncated sliding cache)
-    is_prefill: bool
+    key_offset: int        # token position of cache key 0 (non-zero only for a truncated sliding cache)
+    query_start: int       # token position of the first query row
+    is_prefill: bool       # the queries start inside the prompt
     device: torch.device
 
-
-def merge_reductions(edits: "list[AttentionEdit]") -> Reductions | None:
-    """The union of the reductions the edits of one call ask for."""
-    merged = None
-    for edit in edits:
-        if edit.reductions is not None:
-            merged = edit.reductions if merged is None else merged.merged(edit.reductions)
-    return merged

@@ -4,10 +4,11 @@
 points every text attention module at its ``Guard``. For each call the hook asks the guard's
 current ``GuardState`` for edits:
 
-* no state (outside a guarded ``generate``) or no edits: the model's own attention runs
-  (SDPA, or eager when the model was loaded with eager), so results are unchanged;
-* only per-head output scales: the base attention runs and its output is scaled;
-* score edits or reductions: the rows that need them (all rows, or only the last one) run
+* no state (outside a guarded call) or no edits: the model's own attention runs (SDPA, or eager
+  when the model was loaded with eager), so results are unchanged;
+* per-head output scales and reductions only: the base attention runs, its output is scaled,
+  and the last row's probabilities are recomputed for the statistics (the output is untouched);
+* edits of the probabilities: the rows that need them (all rows, or only the last one) run
   through the fused operation ``reference.reference_attention``; other rows keep the base
   attention.
 
@@ -27,8 +28,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .edits import merge_reductions
-from .reference import reference_attention
+from .edits import AttentionEdit
+from .reference import causal_mask, reduce_last_row, reference_attention
 
 HOOK_NAME = "halluguard"
 GUARD_ATTRIBUTE = "_halluguard_guard"
@@ -42,15 +43,16 @@ def _eager_for(module: nn.Module) -> Callable:
     return fn
 
 
-def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
-                   is_causal: bool) -> torch.Tensor | None:
-    """The boolean/None mask of ``sdpa_mask`` as the additive float mask eager attention expects."""
+def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """The boolean/None mask of ``sdpa_mask`` as the additive float mask eager attention expects.
+
+    ``sdpa_mask`` returns None only for a plainly causal mask, so None means causal here whatever
+    the module's ``is_causal`` says (eager models always receive that causal mask)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if mask is None:
-        if not (is_causal and q_len > 1):
+        if q_len == 1:
             return None
-        rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        mask = (torch.arange(kv_len, device=query.device)[None, :] <= rows)[None, None]
+        mask = causal_mask(q_len, kv_len, query.device)[None, None]
     if mask.dtype != torch.bool:
         return mask
     zero = torch.zeros((), dtype=query.dtype, device=query.device)
@@ -58,28 +60,40 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
 
 
 def base_attention(module: nn.Module, query, key, value, attention_mask, *, base: str, **kwargs):
-    """The attention the model would run without the guard."""
+    """The attention the model would run without the guard: ``(output, weights or None)``."""
     if base == "eager":
-        is_causal = kwargs.pop("is_causal", None)
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        mask = _additive_mask(attention_mask, query, key, is_causal)
+        kwargs.pop("is_causal", None)
+        mask = _additive_mask(attention_mask, query, key)
         return _eager_for(module)(module, query, key, value, mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _apply_head_scales(out: torch.Tensor, edits) -> torch.Tensor:
+def _apply_head_scales(out: torch.Tensor, edits: list[AttentionEdit]) -> torch.Tensor:
     """Scale head outputs ``out (B, Q, H, D)`` by every edit's ``head_scale (B, H)``."""
     for edit in edits:
         if edit.head_scale is not None:
+            scale = torch.ones(out.shape[0], out.shape[1], out.shape[2], 1, dtype=out.dtype, device=out.device)
             rows = slice(-1, None) if edit.last_row_only else slice(None)
-            out[:, rows] = out[:, rows] * edit.head_scale.to(out.dtype)[:, None, :, None]
+            scale[:, rows] = edit.head_scale.to(out.dtype)[:, None, :, None]
+            out = out * scale
     return out
+
+
+def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
+    """The score part of an edit for the last ``rows`` query rows (head scales are applied apart)."""
+    spec = edit.redistribution
+    if spec is not None and spec.query_mask is not None:
+        spec = dataclasses.replace(spec, query_mask=spec.query_mask[:, -rows:])
+    return dataclasses.replace(edit, head_scale=None, redistribution=spec)
+
+
+_UNSUPPORTED = ("position_bias", "s_aux", "sinks")
 
 
 def halluguard_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0,
                          scaling: float | None = None, is_causal: bool | None = None,
-                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function with the transformers interface signature (see module docstring)."""
     guard = getattr(module, GUARD_ATTRIBUTE, None)
     base = guard.base_attention if guard is not None else "sdpa"
@@ -89,33 +103,45 @@ def halluguard_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
 
     call = state.describe_call(module.layer_idx, query, key)
-    edits = state.edits_for(call)
-    if not edits:
+    requests = state.edits_for(call)
+    if not requests:
         return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+    present = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
+    if present or kwargs.get("cache") is not None:
+        raise RuntimeError(f"halluguard cannot edit attention that uses {present or ['a paged cache']}")
+    if dropout and module.training:
+        raise RuntimeError("halluguard edits attention at inference only; call model.eval() first")
 
-    reductions = merge_reductions(edits)
-    score_edits = [dataclasses.replace(e, head_scale=None) for e in edits if e.edits_scores]
-    if score_edits or reductions is not None:
-        if dropout and module.training:
-            raise RuntimeError("halluguard edits attention at inference only; call model.eval() first")
-        q_len = query.shape[2]
+    edits = [edit for _, edit in requests]
+    score_edits = [e for e in edits if e.changes_probabilities]
+    q_len = query.shape[2]
+    # eager models receive a causal mask where sdpa_mask gives None; SDPA uses the module's flag
+    causal = True if base == "eager" else (getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    reference = dict(scaling=module.scaling if scaling is None else scaling, is_causal=causal,
+                     softcap=kwargs.get("softcap"))
+    weights = None
+    if score_edits:
         rows = q_len if any(not e.last_row_only for e in score_edits) else 1
-        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
-        scale = module.scaling if scaling is None else scaling
-        edited, stats = reference_attention(query[:, :, -rows:], key, value, scaling=scale, mask=mask,
-                                            is_causal=causal, softcap=kwargs.get("softcap"),
-                                            edits=score_edits, reductions=reductions)
-        state.record(call, stats)
+        edited, probs = reference_attention(query[:, :, -rows:], key, value, mask=mask,
+                                            edits=[_for_rows(e, rows) for e in score_edits], **reference)
         if rows == q_len:
             out = edited
+            weights = probs.to(query.dtype) if kwargs.get("output_attentions") else None
         else:
             out, _ = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-            out = out.clone()
-            out[:, -rows:] = edited
+            out = torch.cat([out[:, :-rows], edited], dim=1)
     else:
-        out, _ = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-    return _apply_head_scales(out, edits), None
+        out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+        probs = None
+        if any(e.reductions is not None for e in edits):
+            # statistics only: the model's own output stays; the last row's probabilities are recomputed
+            mask = attention_mask[..., -1:, :] if attention_mask is not None else None
+            _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, **reference)
+    for method, edit in requests:
+        if edit.reductions is not None:
+            state.deliver(method, call, reduce_last_row(probs[:, :, -1], edit.reductions))
+    return _apply_head_scales(out, edits), weights
 
 
 AttentionInterface.register(HOOK_NAME, halluguard_attention)

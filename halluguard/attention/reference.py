@@ -11,8 +11,9 @@ mask, it computes, in float32:
    keys keep ``keep * a`` and target keys gain ``(1 - keep) * M_src * a_k / M_tgt``;
 5. ``o = a' v``, then the per-head output scales;
 
-and reports the reductions of the last row on the final ``a'``. The output has the layout the
-transformers attention interface returns, ``(B, R, H, D)``, in the query's dtype.
+and returns the final probabilities ``a'`` beside the output, from which the hook reduces the
+statistics methods asked for. The output has the layout the transformers attention interface
+returns, ``(B, R, H, D)``, in the query's dtype.
 """
 
 from __future__ import annotations
@@ -37,16 +38,21 @@ def _rows(edit: AttentionEdit, num_rows: int) -> slice:
     return slice(num_rows - 1, num_rows) if edit.last_row_only else slice(0, num_rows)
 
 
-def _allowed_keys(mask: torch.Tensor | None, is_causal: bool, num_rows: int, kv_len: int,
-                  device: torch.device) -> torch.Tensor | None:
+def causal_mask(num_rows: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """(R, T) bool: the last ``R`` tokens of a ``T``-token sequence each see themselves and the past."""
+    rows = torch.arange(kv_len - num_rows, kv_len, device=device)[:, None]
+    return torch.arange(kv_len, device=device)[None, :] <= rows
+
+
+def allowed_keys(mask: torch.Tensor | None, is_causal: bool, num_rows: int, kv_len: int,
+                 device: torch.device) -> torch.Tensor | None:
     """Boolean (.., R, T) mask of the keys each query row may see, or None for "all"."""
     if mask is not None:
         if mask.dtype == torch.bool:
             return mask
         return mask > torch.finfo(mask.dtype).min / 2   # additive masks use dtype-min (or -inf) for "blocked"
     if is_causal and num_rows > 1:
-        rows = torch.arange(kv_len - num_rows, kv_len, device=device)[:, None]
-        return torch.arange(kv_len, device=device)[None, :] <= rows
+        return causal_mask(num_rows, kv_len, device)
     return None
 
 
@@ -83,21 +89,22 @@ def reduce_last_row(probs_last: torch.Tensor, reductions: Reductions) -> dict[st
         masses = torch.einsum("bht,bgt->bhg", probs_last, groups)
         for g, n in enumerate(names):
             stats[f"mass/{n}"] = masses[:, :, g]
-    if reductions.headmax_from is not None:
+    if reductions.headmax_from_key is not None:
         head_max = probs_last.amax(dim=1)                                   # (B, T)
-        stats["headmax_row"] = head_max[:, reductions.headmax_from:]
+        stats["headmax_row"] = head_max[:, reductions.headmax_from_key:]
         stats["headmax_sum"] = head_max.sum(-1)
     return stats
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                         scaling: float, mask: torch.Tensor | None = None, is_causal: bool = True,
-                        softcap: float | None = None, edits: Sequence[AttentionEdit] = (),
-                        reductions: Reductions | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        softcap: float | None = None,
+                        edits: Sequence[AttentionEdit] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Edited attention for the query rows given; see the module docstring for the math.
 
     ``mask`` is the model's mask for these rows: boolean ``(B, 1|H, R, T)`` (True = attend),
-    additive float, or None (then ``is_causal`` decides). Returns ``(output (B, R, H, D), stats)``.
+    additive float, or None (then ``is_causal`` decides). Returns ``(output (B, R, H, D),
+    probabilities (B, H, R, T) in float32)``.
     """
     bsz, num_heads, num_rows, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -110,14 +117,14 @@ def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     scores = torch.einsum("bkgrd,bktd->bkgrt", q, k).reshape(bsz, num_heads, num_rows, kv_len) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    row_ids = torch.arange(num_rows, device=query.device)[None, None, :, None]
     for edit in edits:
-        rows = _rows(edit, num_rows)
+        on_rows = row_ids == num_rows - 1 if edit.last_row_only else torch.ones_like(row_ids, dtype=torch.bool)
         if edit.key_boost is not None:
-            z = scores[:, :, rows]
-            scores[:, :, rows] = z + _per_key(edit.key_boost, num_heads).float() * z.abs()
+            scores = scores + torch.where(on_rows, _per_key(edit.key_boost, num_heads).float() * scores.abs(), 0.0)
         if edit.key_bias is not None:
-            scores[:, :, rows] = scores[:, :, rows] + _per_key(edit.key_bias, num_heads).float()
-    allowed = _allowed_keys(mask, is_causal, num_rows, kv_len, scores.device)
+            scores = scores + torch.where(on_rows, _per_key(edit.key_bias, num_heads).float(), 0.0)
+    allowed = allowed_keys(mask, is_causal, num_rows, kv_len, scores.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -131,7 +138,7 @@ def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     for edit in edits:
         if edit.head_scale is not None:
             rows = _rows(edit, num_rows)
-            out[:, :, rows] = out[:, :, rows] * edit.head_scale.float()[:, :, None, None]
-
-    stats = reduce_last_row(probs[:, :, -1], reductions) if reductions is not None else {}
-    return out.transpose(1, 2).to(query.dtype), stats
+            scale = torch.ones(bsz, num_heads, num_rows, 1, device=out.device)
+            scale[:, :, rows] = edit.head_scale.float()[:, :, None, None]
+            out = out * scale
+    return out.transpose(1, 2).to(query.dtype), probs

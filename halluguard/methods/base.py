@@ -2,13 +2,14 @@
 
 A method sees each guarded ``generate`` through a fresh ``GuardState``:
 
-* ``on_prompt(state, input_ids)`` once, at the prefill, when the key groups are known;
+* ``on_prompt(state)`` once, at the first forward, when the key groups are known;
 * ``attention_edit(state, call)`` for every attention call of the text backbone, returning an
   ``AttentionEdit`` (edits and reductions) or ``None``;
 * ``on_stats(state, call, stats)`` with the reductions it (or another method) asked for;
 * ``logits_processors(state)`` once per ``generate``, to act on the next-token scores.
 
-Methods keep per-call data on the state (``state.scratch[self.name]``), never on the model.
+Methods keep per-call data in ``state.scratch[self.name]`` (a dict), never on the model or on
+themselves, so concurrent models and successive calls never share it.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class Method:
     def setup(self, adapter: "Adapter") -> None:
         """Called by ``wrap``: check that the model suits the method (raise ``ValueError`` if not)."""
 
-    def on_prompt(self, state: "GuardState", input_ids: "torch.Tensor") -> None:
-        """Called once per ``generate`` at the prefill."""
+    def on_prompt(self, state: "GuardState") -> None:
+        """Called once per guarded call, at its first forward (``state.groups`` is set)."""
 
     def attention_edit(self, state: "GuardState", call: "AttentionCall") -> "AttentionEdit | None":
         return None

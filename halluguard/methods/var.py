@@ -30,6 +30,11 @@ class VARConfig(MethodConfig):
     sink_dims: tuple | None = param(None, "massive-activation dimensions D_sink; None = from the backbone table or "
                                     "`halluguard calibrate sink-dims`", optional=True, kind=tuple)
 
+    def validate(self) -> None:
+        if self.sink_dims is not None and any(not isinstance(d, int) or isinstance(d, bool) or d < 0
+                                              for d in self.sink_dims):
+            raise ValueError(f"VARConfig.sink_dims must be non-negative hidden-dimension indices, got {self.sink_dims!r}")
+
     @property
     def keep(self) -> float:
         """Share of the sink mass that stays on the sinks."""

@@ -28,8 +28,21 @@ class VHRConfig(MethodConfig):
     fixed_heads: dict | None = param(None, "{layer: [heads]} to reinforce instead of per-input selection", optional=True, kind=dict)
 
     def validate(self) -> None:
-        if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
+        if self.layers is not None and any(not _is_index(i) for i in self.layers):
             raise ValueError(f"VHRConfig.layers must be non-negative layer indices, got {self.layers!r}")
+        if self.fixed_heads is not None:
+            try:   # JSON turns integer keys into strings; accept both and store integers
+                heads = {int(layer): tuple(int(h) for h in hs) for layer, hs in self.fixed_heads.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"VHRConfig.fixed_heads must map layer indices to lists of head indices, "
+                                 f"got {self.fixed_heads!r}") from None
+            if any(layer < 0 or any(h < 0 for h in hs) for layer, hs in heads.items()):
+                raise ValueError(f"VHRConfig.fixed_heads has negative indices: {self.fixed_heads!r}")
+            object.__setattr__(self, "fixed_heads", heads)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 register_method("vhr", VHRConfig, None, "vision-aware head reinforcement: scale vision-sensitive heads")
