@@ -1,0 +1,315 @@
+"""CHAIR: object hallucination in image captions (Rohrbach et al., 2018), scored fully offline.
+
+For captions ``c = 1..N`` with mentioned node words ``M_c`` (repeats kept) and ground-truth
+objects ``G_c``:
+
+* ``CHAIR_i = sum_c |{m in M_c : m not in G_c}| / sum_c |M_c|`` (per mention);
+* ``CHAIR_s`` = share of captions with at least one hallucinated mention;
+* ``recall = sum_c |unique(M_c) & G_c| / sum_c |G_c|``;
+* ``len`` = mean number of tokens after the two-word merge (punctuation included);
+* ``precision`` = mean over captions of ``|unique correct| / |unique mentioned|`` (PAI's add-on).
+
+Percentages are reported as papers print them (x100). A caption goes through the standard
+pipeline: lower-case, tokenise, normalise each token, merge two-word objects (``"fire hydrant"``,
+``"baby cat"`` -> ``cat``, ``"passenger train"`` -> ``train``, ``"toilet seat"`` -> ``toilet``,
+blockers such as ``"train track"``), drop ``seat`` when ``toilet`` is present, keep the tokens
+in the synonym table and map them to their node words.
+
+Normalisers: ``"lemma"`` (default) reproduces the POS-aware WordNet lemmatiser of the common
+Python-3 implementation with lemminflect's bundled tables (nouns to their singular, ``-ing``
+verb forms to their verb lemma, as the tagger labels them in captions), so no NLTK data download
+is needed; ``"singularize"`` is the original rule-based singulariser; ``"none"`` leaves tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import io
+import json
+import re
+import sys
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data" / "chair"
+COCO_SYNONYMS = DATA / "synonyms.txt"
+COCO_GT = DATA / "coco2014_gt_objects.json.gz"
+OPERA_500_IDS = DATA / "opera_500_val2014_image_ids.txt"
+
+COCO_DOUBLE_WORDS = (
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
+    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
+    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
+    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track",
+)
+ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
+PASSENGER_VEHICLES = ("jet", "train")
+
+
+def coco_double_words() -> dict[str, str]:
+    """The two-word merge table of the standard pipeline (objects, qualifiers, blockers, fixes)."""
+    table = {w: w for w in COCO_DOUBLE_WORDS}
+    for animal in ANIMAL_WORDS:
+        table[f"baby {animal}"] = animal
+        table[f"adult {animal}"] = animal
+    for vehicle in PASSENGER_VEHICLES:
+        table[f"passenger {vehicle}"] = vehicle
+    table.update({"bow tie": "tie", "toilet seat": "toilet", "wine glas": "wine glass"})
+    return table
+
+
+def read_synonyms(text: str) -> list[list[str]]:
+    """Lines ``node, syn1, syn2``; entries are split on ``", "`` exactly as the reference does
+    (an entry after a double space keeps its leading space and never matches)."""
+    return [line.strip().split(", ") for line in text.splitlines() if line.strip()]
+
+
+# ---- tokenising and normalising --------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*|n't|'s|[^\sa-z0-9]")
+
+
+def tokenize(text: str) -> list[str]:
+    """Word tokens of lower-cased text, with punctuation, "n't" and "'s" split off."""
+    text = re.sub(r"n't\b", " n't", text.lower())
+    text = re.sub(r"'s\b", " 's", text)
+    return _TOKEN.findall(text)
+
+
+_IRREGULAR = {"people": "person", "children": "child", "men": "man", "women": "woman", "mice": "mouse",
+              "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "wives": "wife",
+              "leaves": "leaf", "shelves": "shelf", "wolves": "wolf", "halves": "half", "loaves": "loaf",
+              "sheep": "sheep", "fish": "fish", "deer": "deer", "skis": "ski", "glasses": "glas",
+              "buses": "bus", "series": "series", "species": "species", "oxen": "ox", "cacti": "cactus"}
+
+
+def singularize(word: str) -> str:
+    """Rule-based English singular, after the original CHAIR's singulariser (including its
+    ``glasses -> glas``, which the ``"wine glas"`` merge repairs)."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 3 or not word.endswith("s") or word.endswith(("ss", "us", "is")):
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith(("ches", "shes", "xes", "zes", "sses", "oes")):
+        return word[:-2]
+    return word[:-1]
+
+
+@lru_cache(maxsize=65536)
+def lemmatize(word: str) -> str:
+    """POS-aware lemma: ``-ing`` forms take their verb lemma, everything else its noun lemma."""
+    from lemminflect import getLemma
+
+    if not word.isalpha():
+        return word
+    if word.endswith("ing") and len(word) > 5:
+        verb = getLemma(word, upos="VERB")
+        if verb and verb[0] != word:
+            return verb[0]
+    noun = getLemma(word, upos="NOUN")
+    return noun[0] if noun else word
+
+
+NORMALISERS = {"lemma": lemmatize, "singularize": singularize, "none": lambda w: w}
+
+
+def drop_incomplete_sentence(caption: str) -> str:
+    """For the 64-token regime: cut a last sentence that the token limit left unfinished."""
+    text = caption.rstrip()
+    if not text or text.endswith((".", "!", "?")):
+        return text
+    cut = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
+    return text[:cut + 1] if cut >= 0 else text
+
+
+# ---- the scorer ------------------------------------------------------------------------------------------
+
+class Chair:
+    """CHAIR with a synonym table, a two-word table and a ground-truth object table.
+
+    ``Chair()`` is the standard COCO setting with the packaged ground truth; for another world,
+    pass its ``synonyms`` text and ``gt`` mapping (``image_id -> node words``), e.g. from
+    ``gt_from_coco_annotations``.
+    """
+
+    def __init__(self, synonyms: str | None = None, gt: dict | None = None, double_words: dict[str, str] | None = None,
+                 normaliser: str = "lemma"):
+        if normaliser not in NORMALISERS:
+            raise ValueError(f"unknown normaliser {normaliser!r}; choose from {', '.join(NORMALISERS)}")
+        is_coco = synonyms is None
+        table = read_synonyms(synonyms if synonyms is not None else COCO_SYNONYMS.read_text())
+        self.node_words = [line[0] for line in table]
+        self.inverse = {syn: line[0] for line in table for syn in line}
+        self.double_words = double_words if double_words is not None else (coco_double_words() if is_coco else {})
+        self.normalise = NORMALISERS[normaliser]
+        self.normaliser = normaliser
+        self._gt = gt if gt is not None else (None if not is_coco else "coco")
+
+    @property
+    def gt(self) -> dict[int, set[str]]:
+        if self._gt == "coco":
+            self._gt = load_coco_gt()
+        if self._gt is None:
+            raise ValueError("no ground truth: pass gt= (image_id -> objects) or use the COCO setting")
+        return self._gt
+
+    def caption_to_words(self, caption: str) -> tuple[list[str], list[str], int]:
+        """(object words as written after the merge, their node words, token count)."""
+        words = [self.normalise(w) for w in tokenize(caption)]
+        merged, i = [], 0
+        while i < len(words):
+            pair = " ".join(words[i:i + 2])
+            if i + 1 < len(words) and pair in self.double_words:
+                merged.append(self.double_words[pair])
+                i += 2
+            else:
+                merged.append(words[i])
+                i += 1
+        if "toilet" in merged and "seat" in merged:
+            merged = [w for w in merged if w != "seat"]
+        objects = [w for w in merged if w in self.inverse]
+        return objects, [self.inverse[w] for w in objects], len(merged)
+
+    def score(self, records: Iterable[dict], gt: dict | None = None, short: bool = False,
+              image_id_key: str = "image_id", caption_key: str = "caption") -> dict:
+        """Score ``records`` (``{"image_id", "caption"}``); ``short`` drops a last unfinished sentence."""
+        gt_table = gt if gt is not None else self.gt
+        details, mentions, hallucinated, with_hallucination = [], 0, 0, 0
+        covered = gt_total = tokens = 0
+        precisions = []
+        for record in records:
+            image_id = int(record[image_id_key])
+            caption = record[caption_key]
+            if short:
+                caption = drop_incomplete_sentence(caption)
+            if image_id not in gt_table:
+                raise KeyError(f"image {image_id} has no ground-truth objects")
+            truth = set(gt_table[image_id])
+            words, nodes, n_tokens = self.caption_to_words(caption)
+            bad = [(w, n) for w, n in zip(words, nodes) if n not in truth]
+            mentions += len(nodes)
+            hallucinated += len(bad)
+            with_hallucination += bool(bad)
+            covered += len(set(nodes) & truth)
+            gt_total += len(truth)
+            tokens += n_tokens
+            if nodes:
+                precisions.append(len(set(nodes) & truth) / len(set(nodes)))
+            details.append({"image_id": image_id, "caption": caption, "mentioned": nodes,
+                            "mentioned_words": words, "hallucinated": [n for _, n in bad],
+                            "gt_objects": sorted(truth),
+                            "chair_i": 100.0 * len(bad) / len(nodes) if nodes else 0.0})
+        n = len(details)
+        if not n:
+            raise ValueError("no captions to score")
+        precision = 100.0 * sum(precisions) / len(precisions) if precisions else 0.0
+        recall = 100.0 * covered / gt_total if gt_total else 0.0
+        return {"chair_s": 100.0 * with_hallucination / n, "chair_i": 100.0 * hallucinated / max(mentions, 1),
+                "recall": recall, "precision": precision,
+                "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                "len": tokens / n, "n": n, "mentions": mentions, "hallucinated_mentions": hallucinated,
+                "normaliser": self.normaliser, "short": short, "captions": details}
+
+
+def score(records: Iterable[dict], gt: dict | None = None, **kwargs) -> dict:
+    """CHAIR with the COCO synonyms; ``gt`` defaults to the packaged COCO-2014 object table."""
+    normaliser = kwargs.pop("normaliser", "lemma")
+    return Chair(normaliser=normaliser).score(records, gt=gt, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def _coco_gt_cached() -> dict[int, frozenset[str]]:
+    with gzip.open(COCO_GT, "rt") as f:
+        return {int(k): frozenset(v) for k, v in json.load(f).items()}
+
+
+def load_coco_gt() -> dict[int, frozenset[str]]:
+    """The packaged COCO-2014 ground-truth objects (train and val, 123,287 images)."""
+    return _coco_gt_cached()
+
+
+def opera_500_ids() -> list[int]:
+    return [int(line) for line in OPERA_500_IDS.read_text().split()]
+
+
+def gt_from_coco_annotations(directory: str | Path, synonyms: str | None = None,
+                             normaliser: str = "lemma") -> dict[int, set[str]]:
+    """Ground truth from COCO-format files in ``directory``: node words of every
+    ``instances_*.json`` category, united with objects found in ``captions_*.json`` (if any)."""
+    from pycocotools.coco import COCO
+
+    chair = Chair(synonyms=synonyms, gt={}, normaliser=normaliser,
+                  double_words=None if synonyms is None else {})
+    folder = Path(directory)
+    instance_files = sorted(folder.glob("instances_*.json"))
+    if not instance_files:
+        raise FileNotFoundError(f"no instances_*.json in {folder}")
+    gt: dict[int, set[str]] = {}
+    for path in instance_files:
+        with contextlib.redirect_stdout(io.StringIO()):      # pycocotools prints progress on stdout
+            coco = COCO(str(path))
+        names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+        for image_id in coco.getImgIds():
+            objects = gt.setdefault(int(image_id), set())
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+                _, nodes, _ = chair.caption_to_words(names[ann["category_id"]])
+                objects.update(nodes)
+    for path in sorted(folder.glob("captions_*.json")):
+        for ann in json.loads(path.read_text())["annotations"]:
+            _, nodes, _ = chair.caption_to_words(ann["caption"])
+            gt.setdefault(int(ann["image_id"]), set()).update(nodes)
+    return gt
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Captions from JSON lines, a JSON list, or a JSON object holding a list under
+    ``captions``/``results``/``records``."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, list):
+        return data
+    for key in ("captions", "results", "records"):
+        if isinstance(data.get(key), list):
+            return data[key]
+    return [data]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m halluguard.eval.chair", description="Score captions with CHAIR.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score a caption file and print the JSON result")
+    s.add_argument("file", help="JSON lines (or a JSON list) of {image_id, caption}")
+    s.add_argument("--coco-annotations", help="folder with instances_*.json (and captions_*.json) to build the "
+                   "ground truth from, instead of the packaged COCO-2014 table")
+    s.add_argument("--synonyms", help="synonym table (CHAIR format) for a non-COCO dataset")
+    s.add_argument("--short", action="store_true", help="64-token regime: drop a last unfinished sentence")
+    s.add_argument("--normaliser", default="lemma", choices=sorted(NORMALISERS))
+    s.add_argument("--image-id-key", default="image_id")
+    s.add_argument("--caption-key", default="caption")
+    s.add_argument("--details", action="store_true", help="include per-caption details")
+    args = parser.parse_args(argv)
+    synonyms = Path(args.synonyms).read_text() if args.synonyms else None
+    gt = gt_from_coco_annotations(args.coco_annotations, synonyms, args.normaliser) if args.coco_annotations else None
+    if synonyms is not None and gt is None:
+        parser.error("--synonyms needs --coco-annotations (the ground truth of that dataset)")
+    chair = Chair(synonyms=synonyms, gt=gt, normaliser=args.normaliser,
+                  double_words=None if synonyms is None else {})
+    result = chair.score(read_records(args.file), short=args.short, image_id_key=args.image_id_key,
+                         caption_key=args.caption_key)
+    if not args.details:
+        result.pop("captions")
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
