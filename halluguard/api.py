@@ -5,7 +5,8 @@
 1. the text backbone's attention implementation becomes ``"halluguard"`` (the previous one is
    kept and restored; the vision tower is untouched);
 2. each text attention module gets a reference to the guard, which the hook reads;
-3. a forward pre-hook on the model reports the ids of each forward to the current state;
+3. a forward pre-hook on the model reports the ids of each forward to the current state (and,
+   for methods that read the residual stream, pre-hooks on the decoder layers hand it to them);
 4. ``model.generate`` (an instance attribute) routes through ``Guard.generate``, which makes a
    fresh ``GuardState`` per call, adds the methods' logits processors, and drops the state after.
 
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -49,6 +51,7 @@ class Guard:
         self._original_generate = model.generate
         self._own_generate = model.__dict__.get("generate")
         self._hook_handle = None
+        self._layer_handles: list = []
 
     # ---- install / restore ------------------------------------------------------------------------
     def _install(self) -> None:
@@ -57,6 +60,11 @@ class Guard:
             setattr(module, GUARD_ATTRIBUTE, self)
         setattr(self.model, GUARD_ATTRIBUTE, self)
         self._hook_handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        readers = [m for m in self.methods if m.reads_layer_inputs]
+        if readers:
+            self._layer_handles = [layer.register_forward_pre_hook(functools.partial(self._before_layer, i, readers),
+                                                                   with_kwargs=True)
+                                   for i, layer in enumerate(self.adapter.decoder_layers())]
         self.model.generate = self.generate
         self.wrapped = True
 
@@ -65,9 +73,10 @@ class Guard:
         if not self.wrapped:
             return self.model
         self.wrapped = False
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+        for handle in [self._hook_handle, *self._layer_handles]:
+            if handle is not None:
+                handle.remove()
+        self._hook_handle, self._layer_handles = None, []
         if self._own_generate is not None:
             self.model.generate = self._own_generate
         else:
@@ -98,6 +107,13 @@ class Guard:
         cache = kwargs.get("past_key_values")
         past_len = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.state.on_forward(input_ids, kwargs.get("attention_mask"), past_len, tokens.shape[1], tokens.shape[0])
+
+    def _before_layer(self, layer_idx: int, readers: list[Method], module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.state is None:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for method in readers:
+            method.on_layer_input(self.state, layer_idx, hidden)
 
     @contextlib.contextmanager
     def _session(self, args: tuple, kwargs: dict, for_generation: bool) -> Iterator[GuardState]:

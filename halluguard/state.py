@@ -93,6 +93,11 @@ class GuardState:
         self.image_spans = self.adapter.image_spans(torch.where(valid, input_ids, -1))
 
     @property
+    def in_prefill(self) -> bool:
+        """The current forward's tokens start inside the prompt."""
+        return self.past_len < self.prompt_len
+
+    @property
     def prompt_len(self) -> int:
         return self.groups.prompt_len if self.groups is not None else 0
 

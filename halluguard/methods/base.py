@@ -6,7 +6,9 @@ A method sees each guarded ``generate`` through a fresh ``GuardState``:
 * ``attention_edit(state, call)`` for every attention call of the text backbone, returning an
   ``AttentionEdit`` (edits and reductions) or ``None``;
 * ``on_stats(state, call, stats)`` with the reductions it (or another method) asked for;
-* ``logits_processors(state)`` once per ``generate``, to act on the next-token scores.
+* ``logits_processors(state)`` once per ``generate``, to act on the next-token scores;
+* ``on_layer_input(state, layer_idx, hidden_states)`` before every decoder layer, for methods
+  that set ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection).
 
 Methods keep per-call data in ``state.scratch[self.name]`` (a dict), never on the model or on
 themselves, so concurrent models and successive calls never share it.
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    reads_layer_inputs: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -52,6 +55,9 @@ class Method:
 
     def logits_processors(self, state: "GuardState") -> list[Any]:
         return []
+
+    def on_layer_input(self, state: "GuardState", layer_idx: int, hidden_states: "torch.Tensor") -> None:
+        """The residual stream entering decoder layer ``layer_idx`` (only if ``reads_layer_inputs``)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

@@ -10,8 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
+from ..adapters import Adapter
+from ..attention.edits import AttentionCall, AttentionEdit, Redistribution
 from ..config import MethodConfig, param
 from ..registry import register_method
+from ..state import GuardState
+from .base import Method
+
+# Massive-activation dimensions of known text backbones, keyed by
+# (text config model_type, hidden size, layers).
+KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
+    ("llama", 4096, 32): (1415, 2533),         # LLaMA-2-7B / Vicuna-7B (LLaVA-1.5-7B, LLaVA-NeXT-7B): official code
+    ("llama", 5120, 40): (2100, 4743),         # LLaMA-2-13B / Vicuna-13B (LLaVA-1.5-13B, LLaVA-NeXT-13B): official code
+    ("qwen2_vl_text", 3584, 28): (458, 2570),  # Qwen2-VL-7B: paper
+}
+
+
+def known_sink_dims(adapter: Adapter) -> tuple[int, ...] | None:
+    tc = adapter.text_config
+    return KNOWN_SINK_DIMS.get((tc.model_type, int(tc.hidden_size), adapter.num_layers))
 
 
 @dataclasses.dataclass
@@ -41,4 +60,77 @@ class VARConfig(MethodConfig):
         return self.p if self.p_meaning == "kept" else 1.0 - self.p
 
 
-register_method("var", VARConfig, None, "visual attention sink redistribution")
+class VAR(Method):
+    """Redistribute attention from sink tokens to image tokens in image-centric heads.
+
+    Prefill: the residual stream entering each layer ``l >= first_layer`` gives that layer's sink
+    set ``S_l`` (padding excluded); it is kept for the whole generation (generated tokens are never
+    sinks). Every forward: each (head, query) whose image mass is at least ``summ`` and whose
+    visual-sink share of it is at most ``rho`` keeps ``keep`` of its mass on all sinks (visual and
+    text) and gives the rest to the non-sink image tokens, proportionally. At the prefill only
+    queries after each row's last image token are eligible (they and their KV entries change);
+    at decode the new token is.
+    """
+
+    config_cls = VARConfig
+    reads_layer_inputs = True
+
+    def setup(self, adapter: Adapter) -> None:
+        cfg = self.config
+        dims = cfg.sink_dims if cfg.sink_dims is not None else known_sink_dims(adapter)
+        if dims is None:
+            tc = adapter.text_config
+            raise ValueError(f"VAR needs the massive-activation (sink) dimensions of this text backbone "
+                             f"({tc.model_type}, hidden {tc.hidden_size}, {adapter.num_layers} layers), which are not "
+                             "in the table: find them with `halluguard calibrate sink-dims --model ...` and pass "
+                             "VARConfig(sink_dims=...)")
+        hidden = int(adapter.text_config.hidden_size)
+        if not dims or max(dims) >= hidden:
+            raise ValueError(f"VARConfig.sink_dims {dims} must be indices below the hidden size {hidden}")
+        self.dims = torch.tensor(dims)
+        last = adapter.num_layers - 1 if cfg.skip_last_layer else adapter.num_layers
+        self.layers = range(cfg.first_layer, last)
+        if not self.layers:
+            raise ValueError(f"VAR edits layers [{cfg.first_layer}, {last}): none in this {adapter.num_layers}-layer model")
+
+    def on_prompt(self, state: GuardState) -> None:
+        scratch = state.scratch[self.name]
+        scratch["sinks"] = {}
+        ends = [max(end for _, end in spans) if spans else 0 for spans in state.image_spans]
+        scratch["image_end"] = torch.tensor(ends, device=state.groups.image.device)
+
+    def sink_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``max_{d in D_sink} |x_d| / RMS(x)`` per token of ``hidden (B, T, D)``."""
+        x = hidden.float()
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        return (x[..., self.dims.to(x.device)].abs() / rms).amax(-1)
+
+    def on_layer_input(self, state: GuardState, layer_idx: int, hidden: torch.Tensor) -> None:
+        if layer_idx not in self.layers or not state.in_prefill:
+            return
+        groups = state.groups
+        sinks = state.scratch[self.name]["sinks"].setdefault(layer_idx, torch.zeros_like(groups.valid))
+        start = state.past_len
+        stop = min(start + hidden.shape[1], groups.prompt_len)
+        found = self.sink_scores(hidden[:, : stop - start]) > self.config.tau
+        sinks[:, start:stop] = found & groups.valid[:, start:stop]
+
+    def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
+        if call.layer_idx not in self.layers:
+            return None
+        scratch = state.scratch[self.name]
+        sinks = scratch["sinks"].get(call.layer_idx)
+        if sinks is None or not bool(sinks.any()):
+            return None
+        masks = state.group_masks(call)
+        end = call.key_offset + call.kv_len
+        source = torch.nn.functional.pad(sinks, (0, max(end - sinks.shape[1], 0)))[:, call.key_offset:end]
+        queries = call.query_start + torch.arange(call.q_len, device=call.device)
+        eligible = queries[None, :] >= scratch["image_end"][:, None]
+        cfg = self.config
+        return AttentionEdit(redistribution=Redistribution(
+            source=source, target=masks["image"] & ~source, keep=cfg.keep, gate=masks["image"],
+            gate_min_mass=cfg.summ, gate_max_source_share=cfg.rho, query_mask=eligible))
+
+
+register_method("var", VARConfig, VAR, "visual attention sink redistribution")

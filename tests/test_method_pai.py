@@ -1,0 +1,99 @@
+"""PAI: image-key logit amplification on the last query row, layers [start, end)."""
+
+import pytest
+import torch
+
+import halluguard as hg
+from halluguard.attention import hook
+from tiny_models import FAMILIES, build_model, make_inputs, row_inputs
+
+GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_neutral_pai_is_plain_generate(family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    with torch.no_grad():
+        want = model.generate(**inputs, **GEN)
+        want_beam = model.generate(**inputs, **GEN, num_beams=3)
+        with hg.wrap(model, methods=hg.PAIConfig.neutral()):
+            assert torch.equal(model.generate(**inputs, **GEN), want)
+            assert torch.equal(model.generate(**inputs, **GEN, num_beams=3), want_beam)
+
+
+def brute_force_pai_logits(model, inputs, alpha, layers):
+    """Prefill logits with PAI written out as an eager attention that edits the last row's image logits."""
+    image = (inputs["input_ids"] == 500) & inputs["attention_mask"].bool()
+    eager = hook._eager_for(hg.adapters.adapter_for(model).attention_modules()[0])
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx not in layers:
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, 1)
+        v = value.repeat_interleave(groups, 1)
+        z = (query @ k.transpose(-1, -2)) * module.scaling
+        last = z[:, :, -1, :]
+        boosted = torch.where(image[:, None, :], last + alpha * last.abs(), last)
+        z = torch.cat([z[:, :, :-1], boosted[:, :, None]], dim=2) + attention_mask
+        out = torch.softmax(z.float(), -1).to(v.dtype) @ v
+        return out.transpose(1, 2).contiguous(), None
+
+    hg_name = "pai_brute_force"
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    AttentionInterface.register(hg_name, attention)
+    AttentionMaskInterface.register(hg_name, eager_mask)
+    model.set_attn_implementation({"text_config": hg_name})
+    try:
+        with torch.no_grad():
+            return model(**inputs).logits
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "gemma3"])
+def test_pai_equals_a_brute_force_eager_edit(family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    cfg = hg.PAIConfig(alpha=0.5, start_layer=1)
+    want = brute_force_pai_logits(model, inputs, 0.5, layers={1, 2})
+    with hg.wrap(model, methods=cfg) as guard, torch.no_grad():
+        got = guard.forward(**inputs).logits
+        plain = model(**inputs).logits
+    torch.testing.assert_close(got[:, -1], want[:, -1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[:, :-1], plain[:, :-1])          # only the last row is edited
+    assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4     # (random tiny models have small logits)
+
+
+def test_batch_rows_equal_single_rows():
+    model = build_model("llava_next")                        # rows with different AnyRes image lengths
+    inputs, _ = make_inputs(model, "llava_next")
+    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.8, start_layer=0)), torch.no_grad():
+        batched = model.generate(**inputs, **GEN)
+        for i in range(2):
+            alone = model.generate(**row_inputs(inputs, i, "llava_next"), **GEN)
+            assert torch.equal(batched[i, -6:], alone[0, -6:])
+
+
+def test_strong_pai_changes_greedy_sampling_and_beam_outputs():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with torch.no_grad():
+        plain = [model.generate(**inputs, **GEN), model.generate(**inputs, **GEN, num_beams=3)]
+        with hg.wrap(model, methods=hg.PAIConfig(alpha=3.0, start_layer=0)):
+            edited = [model.generate(**inputs, **GEN), model.generate(**inputs, **GEN, num_beams=3)]
+            torch.manual_seed(0)
+            sampled = model.generate(**inputs, max_new_tokens=6, do_sample=True)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, edited))
+    assert sampled.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_pai_config_errors():
+    model = build_model("llava")
+    with pytest.raises(ValueError, match="use_cfg=True"):
+        hg.wrap(model, methods=hg.PAIConfig(use_cfg=True))
+    with pytest.raises(ValueError, match="select none"):
+        hg.wrap(model, methods=hg.PAIConfig(start_layer=7))
+    assert not hasattr(model, "_halluguard_guard")
