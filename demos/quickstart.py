@@ -1,12 +1,12 @@
-"""Wrap a model, generate, unwrap: the guard's identities checked on a small LLaVA.
+"""Wrap a model, generate, unwrap: the guard's identities checked, and a method shown.
 
-    python demos/quickstart.py                      # a small random-weight LLaVA built in memory
-    python demos/quickstart.py --model PATH_OR_ID   # any supported checkpoint you have locally
+    python demos/quickstart.py                      # the shipped test model on scenes of its world
+    python demos/quickstart.py --model PATH_OR_ID --image FILE   # any supported checkpoint you have
 
-With no method edits the guarded model generates exactly the tokens of the plain model, and after
-``unwrap()`` its logits are bit-identical to before. The script also reports, from the guard's
-own attention reductions (no attention maps), how much of the last prompt token's attention each
-layer puts on the image.
+A guard that only measures generates exactly the tokens of the plain model, and after ``unwrap()``
+the logits are bit-identical to before. The script reports, from the guard's own attention
+reductions (no attention maps), how much of the last prompt token's attention each layer puts on
+the image, and prints the captions of plain generation beside PAI's.
 """
 
 from __future__ import annotations
@@ -45,31 +45,25 @@ class ImageAttentionMeter(hg.Method):
         self.per_layer[call.layer_idx] = float(stats["mass/image"].mean())
 
 
-def small_llava():
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def shipped_model():
+    """The shipped test model and a left-padded batch of three scenes from its misleading split."""
+    from halluguard import testbed
+    from halluguard.eval.runner import build_prompt
+    from halluguard.testbed import world
 
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8),
-        text_config=dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, pad_token_id=0),
-        image_token_index=999, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config).eval()
-    n_image = (64 // 8) ** 2
-    rows = [[1, 11, 12] + [999] * n_image + [13, 14, 15, 16], [1, 21] + [999] * n_image + [22, 23]]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    inputs = dict(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=torch.randn(2, 3, 64, 64))
-    return model, inputs
+    model, processor = testbed.load()
+    scenes = list(world.scenes("misleading", 3))
+    prompt = build_prompt(processor, "Describe the image.")
+    inputs = dict(processor(images=[s.render() for s in scenes], text=[prompt] * 3, return_tensors="pt", padding=True))
+    return model, processor, inputs, [s.caption for s in scenes]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a local checkpoint or hub id of a supported LVLM (needs an image and "
-                        "processor; default: a small random LLaVA built in memory)")
+                        "processor; default: the shipped test model)")
     parser.add_argument("--image", help="image file for --model")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
 
     if args.model:
@@ -83,10 +77,11 @@ def main() -> None:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = dict(processor(images=image, text=prompt, return_tensors="pt"))
+        truths = None
     else:
-        model, inputs = small_llava()
+        model, processor, inputs, truths = shipped_model()
 
-    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=0)
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     with torch.no_grad():
         before = model(**inputs).logits
         t0 = time.perf_counter()
@@ -98,8 +93,16 @@ def main() -> None:
             guarded = model.generate(**inputs, **settings)
             t_guarded = time.perf_counter() - t0
             print(f"{guard!r}")
+        with hg.wrap(model, processor, "pai"):
+            pai = model.generate(**inputs, **settings)
         after = model(**inputs).logits
 
+    prompt_len = inputs["input_ids"].shape[1]
+    for i in range(plain.shape[0]):
+        if truths:
+            print(f"truth: {truths[i]}")
+        print(f"plain: {processor.decode(plain[i, prompt_len:], skip_special_tokens=True)}")
+        print(f"pai:   {processor.decode(pai[i, prompt_len:], skip_special_tokens=True)}")
     print(f"guarded tokens identical to plain generate: {torch.equal(plain, guarded)}")
     print(f"logits after unwrap bit-identical:          {torch.equal(before, after)}")
     print(f"time: plain {t_plain:.3f}s, guarded {t_guarded:.3f}s")
