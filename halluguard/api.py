@@ -118,8 +118,6 @@ class Guard:
     @contextlib.contextmanager
     def _session(self, args: tuple, kwargs: dict, for_generation: bool) -> Iterator[GuardState]:
         """A fresh ``GuardState`` for one guarded call, dropped after it."""
-        if not self.wrapped:
-            raise RuntimeError("this guard was unwrapped; wrap the model again to guard it")
         if self.state is not None:
             raise RuntimeError("a guarded call is already running on this model")
         input_ids = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs"), *args[:1]) if v is not None), None)

@@ -137,7 +137,7 @@ class GuardState:
         offset = max(self.seen_tokens - kv_len, 0)
         return AttentionCall(layer_idx=layer_idx, batch=query.shape[0], num_heads=query.shape[1],
                              q_len=q_len, kv_len=kv_len, key_offset=offset, query_start=self.seen_tokens - q_len,
-                             is_prefill=self.seen_tokens - q_len < self.prompt_len, device=query.device)
+                             is_prefill=self.in_prefill, device=query.device)
 
     def edits_for(self, call: AttentionCall) -> list[tuple["Method", AttentionEdit]]:
         requests = []
@@ -146,7 +146,3 @@ class GuardState:
             if edit is not None:
                 requests.append((method, edit))
         return requests
-
-    def deliver(self, method: "Method", call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
-        """Hand a method the reductions it asked for in this call."""
-        method.on_stats(self, call, stats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -44,3 +45,30 @@ def reference_everywhere(state, call):
 def stats_only(state, call):
     """Reductions only (the last row runs through the reference, the rest through the base)."""
     return AttentionEdit(reductions=Reductions({"image": state.group_masks(call)["image"]}))
+
+
+def assert_batch_rows_equal_single_rows(model, inputs, family, generate_kwargs):
+    """Each row of a left-padded batch generates the same new tokens as that row alone."""
+    from tiny_models import row_inputs
+
+    new = generate_kwargs["max_new_tokens"]
+    with torch.no_grad():
+        batched = model.generate(**inputs, **generate_kwargs)
+        for i in range(inputs["input_ids"].shape[0]):
+            alone = model.generate(**row_inputs(inputs, i, family), **generate_kwargs)
+            assert torch.equal(batched[i, -new:], alone[0, -new:]), f"row {i}"
+
+
+@contextlib.contextmanager
+def text_attention(model, name, function, mask_function):
+    """Run the text backbone with a test's own attention function (a brute-force reference)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, mask_function)
+    model.set_attn_implementation({"text_config": name})
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})

@@ -12,8 +12,8 @@ import torch
 
 import halluguard as hg
 from halluguard.attention import GUARD_ATTRIBUTE, AttentionEdit, Reductions
-from probes import Probe, reference_everywhere, stats_only
-from tiny_models import FAMILIES, build_model, make_inputs, row_inputs
+from probes import Probe, assert_batch_rows_equal_single_rows, reference_everywhere, stats_only
+from tiny_models import FAMILIES, build_model, make_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6)
 
@@ -102,10 +102,7 @@ def test_batch_rows_equal_single_rows_under_edits(family):
         return AttentionEdit(key_bias=image.float() * -2.0)
 
     with hg.wrap(model, methods=[Probe(damp_image)]):
-        batched = generate(model, inputs, do_sample=False)
-        for i in range(2):
-            alone = generate(model, row_inputs(inputs, i, family), do_sample=False)
-            assert torch.equal(batched[i, -GEN["max_new_tokens"]:], alone[0, -GEN["max_new_tokens"]:])
+        assert_batch_rows_equal_single_rows(model, inputs, family, dict(GEN, do_sample=False))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm"])

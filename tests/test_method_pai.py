@@ -5,7 +5,10 @@ import torch
 
 import halluguard as hg
 from halluguard.attention import hook
-from tiny_models import FAMILIES, build_model, make_inputs, row_inputs
+from transformers.masking_utils import eager_mask
+
+from probes import assert_batch_rows_equal_single_rows, text_attention
+from tiny_models import FAMILIES, build_model, make_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
@@ -40,17 +43,8 @@ def brute_force_pai_logits(model, inputs, alpha, layers):
         out = torch.softmax(z.float(), -1).to(v.dtype) @ v
         return out.transpose(1, 2).contiguous(), None
 
-    hg_name = "pai_brute_force"
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    AttentionInterface.register(hg_name, attention)
-    AttentionMaskInterface.register(hg_name, eager_mask)
-    model.set_attn_implementation({"text_config": hg_name})
-    try:
-        with torch.no_grad():
-            return model(**inputs).logits
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
+    with text_attention(model, "pai_brute_force", attention, eager_mask), torch.no_grad():
+        return model(**inputs).logits
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "gemma3"])
@@ -70,11 +64,8 @@ def test_pai_equals_a_brute_force_eager_edit(family):
 def test_batch_rows_equal_single_rows():
     model = build_model("llava_next")                        # rows with different AnyRes image lengths
     inputs, _ = make_inputs(model, "llava_next")
-    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.8, start_layer=0)), torch.no_grad():
-        batched = model.generate(**inputs, **GEN)
-        for i in range(2):
-            alone = model.generate(**row_inputs(inputs, i, "llava_next"), **GEN)
-            assert torch.equal(batched[i, -6:], alone[0, -6:])
+    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.8, start_layer=0)):
+        assert_batch_rows_equal_single_rows(model, inputs, "llava_next", GEN)
 
 
 def test_strong_pai_changes_greedy_sampling_and_beam_outputs():

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import eager_mask
 
 import halluguard as hg
 from halluguard.adapters import adapter_for
 from halluguard.calibrate.sink_dims import find_sink_dims
-from tiny_models import FAMILIES, build_model, make_inputs, row_inputs
+from probes import assert_batch_rows_equal_single_rows, text_attention
+from tiny_models import FAMILIES, build_model, make_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 # Tiny random models have no massive activations: two ordinary dimensions and a low threshold make
@@ -69,9 +69,8 @@ class BruteForceVAR:
         return (a @ v).to(query.dtype).transpose(1, 2).contiguous(), None
 
     def __enter__(self):
-        AttentionInterface.register("var_brute_force", self.attention)
-        AttentionMaskInterface.register("var_brute_force", eager_mask)
-        self.model.set_attn_implementation({"text_config": "var_brute_force"})
+        self.attention_scope = text_attention(self.model, "var_brute_force", self.attention, eager_mask)
+        self.attention_scope.__enter__()
         self.handles = [layer.register_forward_pre_hook(self.layer_input(i), with_kwargs=True)
                         for i, layer in enumerate(adapter_for(self.model).decoder_layers())]
         return self
@@ -79,7 +78,7 @@ class BruteForceVAR:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
-        self.model.set_attn_implementation({"text_config": "sdpa"})
+        self.attention_scope.__exit__(*exc)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "llava_next"])
@@ -129,11 +128,8 @@ def test_neutral_var_keeps_tokens(family):
 def test_batch_rows_equal_single_rows():
     model = build_model("qwen2_vl")
     inputs, _ = make_inputs(model, "qwen2_vl")
-    with hg.wrap(model, methods=hg.VARConfig(**TEST_VAR, first_layer=1)), torch.no_grad():
-        batched = model.generate(**inputs, **GEN)
-        for i in range(2):
-            alone = model.generate(**row_inputs(inputs, i, "qwen2_vl"), **GEN)
-            assert torch.equal(batched[i, -6:], alone[0, -6:])
+    with hg.wrap(model, methods=hg.VARConfig(**TEST_VAR, first_layer=1)):
+        assert_batch_rows_equal_single_rows(model, inputs, "qwen2_vl", GEN)
 
 
 def test_var_options_and_errors():

@@ -140,7 +140,7 @@ def halluguard_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
             _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, **reference)
     for method, edit in requests:
         if edit.reductions is not None:
-            state.deliver(method, call, reduce_last_row(probs[:, :, -1], edit.reductions))
+            method.on_stats(state, call, reduce_last_row(probs[:, :, -1], edit.reductions))
     return _apply_head_scales(out, edits), weights
 
 
