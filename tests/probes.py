@@ -72,3 +72,15 @@ def text_attention(model, name, function, mask_function):
         yield model
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def assert_guard_keeps_tokens(model, inputs, methods, generate_kwargs):
+    """Greedy and beam-search tokens under ``wrap(model, methods=methods)`` equal plain generate's."""
+    import halluguard as hg
+
+    with torch.no_grad():
+        want = model.generate(**inputs, **generate_kwargs)
+        want_beam = model.generate(**inputs, **generate_kwargs, num_beams=3)
+        with hg.wrap(model, methods=methods):
+            assert torch.equal(model.generate(**inputs, **generate_kwargs), want)
+            assert torch.equal(model.generate(**inputs, **generate_kwargs, num_beams=3), want_beam)

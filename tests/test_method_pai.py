@@ -7,7 +7,7 @@ import halluguard as hg
 from halluguard.attention import hook
 from transformers.masking_utils import eager_mask
 
-from probes import assert_batch_rows_equal_single_rows, text_attention
+from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens, text_attention
 from tiny_models import FAMILIES, build_model, make_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -17,12 +17,7 @@ GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 def test_neutral_pai_is_plain_generate(family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
-    with torch.no_grad():
-        want = model.generate(**inputs, **GEN)
-        want_beam = model.generate(**inputs, **GEN, num_beams=3)
-        with hg.wrap(model, methods=hg.PAIConfig.neutral()):
-            assert torch.equal(model.generate(**inputs, **GEN), want)
-            assert torch.equal(model.generate(**inputs, **GEN, num_beams=3), want_beam)
+    assert_guard_keeps_tokens(model, inputs, hg.PAIConfig.neutral(), GEN)
 
 
 def brute_force_pai_logits(model, inputs, alpha, layers):
