@@ -7,6 +7,8 @@
 2. each text attention module gets a reference to the guard, which the hook reads;
 3. a forward pre-hook on the model reports the ids of each forward to the current state (and,
    for methods that read the residual stream, pre-hooks on the decoder layers hand it to them);
+   at a call's first forward it also runs the extra forward a method may ask for (a probe, such
+   as VHR's text-only stream), under a separate state, before the prompt's own forward;
 4. ``model.generate`` (an instance attribute) routes through ``Guard.generate``, which makes a
    fresh ``GuardState`` per call, adds the methods' logits processors, and drops the state after.
 
@@ -106,7 +108,29 @@ class Guard:
             raise ValueError("a guarded forward needs input_ids or inputs_embeds")
         cache = kwargs.get("past_key_values")
         past_len = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        first = self.state.forwards == 0
         self.state.on_forward(input_ids, kwargs.get("attention_mask"), past_len, tokens.shape[1], tokens.shape[0])
+        if first and self.state.probe_of is None:
+            inputs = dict(kwargs, input_ids=input_ids) if input_ids is not None else dict(kwargs)
+            for method in self.methods:
+                self._run_probe(method, inputs)
+
+    def _run_probe(self, method: Method, inputs: dict) -> None:
+        """Run ``method``'s extra forward (if it asks for one) under its own state; see ``Method``."""
+        state = self.state
+        probe_inputs = method.probe_inputs(state, inputs)
+        if probe_inputs is None:
+            return
+        probe_inputs = dict(probe_inputs, past_key_values=None, use_cache=False)
+        probe = GuardState(self.adapter, self.methods, probe_inputs["input_ids"], probe_inputs.get("attention_mask"),
+                           for_generation=False, probe_of=method.name)
+        self.state = probe
+        try:
+            with torch.no_grad():
+                self.model(**probe_inputs)
+        finally:
+            self.state = state
+        method.after_probe(state, probe)
 
     def _before_layer(self, layer_idx: int, readers: list[Method], module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.state is None:

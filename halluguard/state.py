@@ -66,10 +66,12 @@ class GuardState:
     """Everything one guarded call knows and collects."""
 
     def __init__(self, adapter: "Adapter", methods: "list[Method]", input_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, for_generation: bool = True):
+                 attention_mask: torch.Tensor | None = None, for_generation: bool = True,
+                 probe_of: str | None = None):
         self.adapter = adapter
         self.methods = methods
         self.for_generation = for_generation
+        self.probe_of = probe_of     # the method whose extra forward (see Method.probe_inputs) this state runs
         self.groups: KeyGroups | None = None
         self.image_spans: list[list[tuple[int, int]]] | None = None
         self.past_len = 0            # tokens before the current forward (the cache's length)

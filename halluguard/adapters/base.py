@@ -21,6 +21,12 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     text_config_key: ClassVar[str] = "text_config"      # sub-config key of the text backbone
     visual_token_fields: ClassVar[tuple[str, ...]] = ("image_token_id",)
+    # config fields naming the text tokens that delimit an image (dropped with it from a text-only stream)
+    image_marker_fields: ClassVar[tuple[str, ...]] = ()
+    # inputs indexed by batch row rather than by image (a text-only row gets all-zero "padding" images)
+    row_image_inputs: ClassVar[tuple[str, ...]] = ()
+    # the model derives its (multimodal) position ids from input_ids when none are given
+    positions_from_ids: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -78,6 +84,74 @@ class Adapter:
     def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
         """Per row, the half-open ``(start, end)`` ranges of consecutive image tokens."""
         return [mask_to_spans(row) for row in self.image_mask(input_ids)]
+
+    # ---- text-only stream ---------------------------------------------------------------------
+    def image_and_marker_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: image tokens and the image-delimiter tokens the config names."""
+        markers = [int(v) for f in self.image_marker_fields if (v := getattr(self.config, f, None)) is not None]
+        mask = self.image_mask(input_ids)
+        if markers:
+            mask = mask | torch.isin(input_ids, torch.tensor(markers, device=input_ids.device))
+        return mask
+
+    def with_text_only_rows(self, inputs: dict) -> dict:
+        """Model inputs of ``2B`` rows: the ``B`` rows of ``inputs`` unchanged, then each row with its
+        image (image tokens and their delimiters) removed, left-padded to the same length.
+
+        Per-token inputs (``(B, T, ...)``: ids, masks, token types) are gathered the same way;
+        position ids of the text-only rows count their remaining tokens (``0..n-1``), as a
+        separate text-only prompt would; image tensors stay as they are (the text-only rows have
+        no image tokens to receive them), except inputs indexed by row, which get zero rows.
+        """
+        if inputs.get("inputs_embeds") is not None:
+            raise ValueError("a text-only stream needs input_ids, not inputs_embeds")
+        ids = inputs["input_ids"]
+        batch, length = ids.shape
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("a text-only stream needs a 2-D attention_mask (or none)")
+        valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        keep = valid & ~self.image_and_marker_mask(ids)
+        counts = keep.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError("a prompt row has no text tokens besides its image; a text-only stream needs some")
+        # text-only row r holds its kept tokens, in order, at the last counts[r] positions
+        source = torch.zeros_like(ids)
+        for r in range(batch):
+            source[r, length - int(counts[r]):] = keep[r].nonzero().flatten()
+        text_valid = torch.arange(length, device=ids.device)[None, :] >= (length - counts)[:, None]
+
+        def gathered(value: torch.Tensor) -> torch.Tensor:
+            shape = (batch, length) + (1,) * (value.dim() - 2)
+            text = value.gather(1, source.reshape(shape).expand_as(value))
+            return torch.where(text_valid.reshape(shape), text, torch.zeros((), dtype=value.dtype, device=value.device))
+
+        paired = dict(inputs)
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor) or name in ("position_ids", "attention_mask"):
+                continue
+            if name in self.row_image_inputs:
+                paired[name] = torch.cat([value, torch.zeros_like(value)])
+            elif value.dim() >= 2 and tuple(value.shape[:2]) == (batch, length):
+                text = gathered(value)
+                if name == "input_ids":     # padding repeats the row's last text token (never an image id)
+                    text = torch.where(text_valid, text, text[:, -1:])
+                paired[name] = torch.cat([value, text])
+        main_mask = mask if mask is not None else torch.ones_like(ids)
+        paired["attention_mask"] = torch.cat([main_mask, text_valid.to(main_mask.dtype)])
+        text_positions = (text_valid.long().cumsum(-1) - 1).clamp_min(0)
+        positions = inputs.get("position_ids")
+        if positions is not None:
+            text = text_positions.to(positions.dtype)
+            if positions.dim() == 3:          # (K, B, T): multimodal rotary sections; text-only rows are plain text
+                paired["position_ids"] = torch.cat([positions, text[None].expand(positions.shape[0], -1, -1)], dim=1)
+            else:
+                paired["position_ids"] = torch.cat([positions.expand(batch, -1), text])
+        elif not self.positions_from_ids:
+            # the model would number the main rows 0..T-1 (its cache positions); text-only rows count their tokens
+            main = torch.arange(length, device=ids.device)[None].expand(batch, -1)
+            paired["position_ids"] = torch.cat([main, text_positions])
+        return paired
 
 
 def mask_to_spans(mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -13,3 +13,4 @@ from .base import Adapter
 class GemmaAdapter(Adapter):
     family = "gemma"
     model_types = ("gemma3", "paligemma")
+    image_marker_fields = ("boi_token_index", "eoi_token_index")

@@ -12,3 +12,4 @@ from .base import Adapter
 class IdeficsAdapter(Adapter):
     family = "idefics"
     model_types = ("idefics3", "smolvlm")
+    row_image_inputs = ("pixel_values", "pixel_attention_mask")

@@ -13,3 +13,5 @@ class QwenVLAdapter(Adapter):
     family = "qwen_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     visual_token_fields = ("image_token_id", "video_token_id")
+    image_marker_fields = ("vision_start_token_id", "vision_end_token_id")
+    positions_from_ids = True

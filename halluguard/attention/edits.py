@@ -17,9 +17,14 @@ Edits (each optional; tensors are per batch row and broadcast as documented):
 decode there is one row; at prefill it is the last prompt token).
 
 Reductions (``Reductions``) are reported for the last query row of a call, to the method that
-asked, computed on the final (edited) attention: the mass per head on named key groups, and the
-head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum.
-Asking for reductions never changes the output.
+asked, computed on the final (edited) attention: the mass per head on named key groups, the
+head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum, and
+the per-head outputs ``o[b,h,last]`` before any head scale. Asking for reductions never changes
+the output.
+
+Head scales are applied after the statistics are reported, so a method may still set
+``head_scale`` on the edit it returned from its ``on_stats`` for the same call (VHR picks a
+layer's heads from that layer's own head outputs, then scales them).
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ class Reductions:
 
     group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
     headmax_from_key: int | None = None      # report max_h a over cache keys [headmax_from_key, T) and its full sum
+    head_outputs: bool = False               # report o[b, h, last] (B, H, D) in float32, before head scales
+
+    @property
+    def needs_probabilities(self) -> bool:
+        return bool(self.group_masses) or self.headmax_from_key is not None
 
 
 @dataclasses.dataclass

@@ -7,7 +7,8 @@ current ``GuardState`` for edits:
 * no state (outside a guarded call) or no edits: the model's own attention runs (SDPA, or eager
   when the model was loaded with eager), so results are unchanged;
 * per-head output scales and reductions only: the base attention runs, its output is scaled,
-  and the last row's probabilities are recomputed for the statistics (the output is untouched);
+  and (for probability statistics) the last row's probabilities are recomputed (the output is
+  untouched); head outputs are reported before the scales are applied;
 * edits of the probabilities: the rows that need them (all rows, or only the last one) run
   through the fused operation ``reference.reference_attention``; other rows keep the base
   attention.
@@ -134,13 +135,16 @@ def halluguard_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     else:
         out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
         probs = None
-        if any(e.reductions is not None for e in edits):
+        if any(e.reductions is not None and e.reductions.needs_probabilities for e in edits):
             # statistics only: the model's own output stays; the last row's probabilities are recomputed
             mask = attention_mask[..., -1:, :] if attention_mask is not None else None
             _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, **reference)
     for method, edit in requests:
         if edit.reductions is not None:
-            method.on_stats(state, call, reduce_last_row(probs[:, :, -1], edit.reductions))
+            stats = reduce_last_row(probs[:, :, -1], edit.reductions) if edit.reductions.needs_probabilities else {}
+            if edit.reductions.head_outputs:
+                stats["head_outputs"] = out[:, -1].float()
+            method.on_stats(state, call, stats)
     return _apply_head_scales(out, edits), weights
 
 

@@ -8,7 +8,12 @@ A method sees each guarded ``generate`` through a fresh ``GuardState``:
 * ``on_stats(state, call, stats)`` with the reductions it (or another method) asked for;
 * ``logits_processors(state)`` once per ``generate``, to act on the next-token scores;
 * ``on_layer_input(state, layer_idx, hidden_states)`` before every decoder layer, for methods
-  that set ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection).
+  that set ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection);
+* ``probe_inputs(state, inputs)`` at the first forward: a method may return the inputs of one
+  extra forward (a *probe*, e.g. VHR's prompt paired with a text-only copy) that the guard runs
+  before the prompt's own forward, under a separate ``GuardState`` whose ``probe_of`` is the
+  method's name and with every method's edits active; ``after_probe(state, probe)`` then hands
+  what the probe collected to the call's state.
 
 Methods keep per-call data in ``state.scratch[self.name]`` (a dict), never on the model or on
 themselves, so concurrent models and successive calls never share it.
@@ -58,6 +63,13 @@ class Method:
 
     def on_layer_input(self, state: "GuardState", layer_idx: int, hidden_states: "torch.Tensor") -> None:
         """The residual stream entering decoder layer ``layer_idx`` (only if ``reads_layer_inputs``)."""
+
+    def probe_inputs(self, state: "GuardState", inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """Inputs of an extra forward to run before the prompt's forward ``inputs``, or None."""
+        return None
+
+    def after_probe(self, state: "GuardState", probe: "GuardState") -> None:
+        """Called after the probe forward, with its state."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

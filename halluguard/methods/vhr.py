@@ -1,18 +1,56 @@
 """VHR: vision-aware head reinforcement (He et al., ACL 2025).
 
-At the first step a text-only stream (image tokens removed) runs in lock-step with the prefill;
-per layer ``l`` and head ``i`` the divergence ``VHD = ||A_li(with image) - A_li(without)||_2`` of
-the head outputs at the last position selects the heads above the layer median (after an outlier
-filter), and those heads' outputs are scaled by ``alpha`` on the chosen layers for the rest of
-generation.
+Per layer ``l`` in the reinforced set and head ``i``, with ``A_li`` the head's output (before
+``o_proj``) at the last prompt position:
+
+* ``VHD_li = || A_li(prompt with image) - A_li(prompt without image) ||_2``;
+* outlier filter (on by default): with ``TA_li = || A_li(without image) ||^2``, set ``VHD_li = 0``
+  when ``VHD_li > mean_i VHD + std_i VHD`` and ``TA_li > mean_i TA + std_i TA`` (a head that surges
+  when the image is removed is not vision-aware); ``std`` is PyTorch's default (Bessel-corrected);
+* selection: ``H_l = {i : VHD_li > median_i VHD_li}`` (about half the heads);
+* reinforcement: ``A_li <- alpha * A_li`` for ``i`` in ``H_l``.
+
+Selection happens layer by layer inside one forward: when layer ``l`` is measured, the layers
+before it are already reinforced, in both streams. The guard runs this as one extra forward at
+the first step (a *probe*): the prompt rows plus, as extra batch rows, the same prompts with the
+image removed (image tokens and the image-delimiter tokens the config names; left-padded, text
+positions counted from 0 as a separate text-only prompt would). At each reinforced layer the
+hook reports both streams' head outputs at the last position, VHR picks each row's heads, and
+the layer's output is scaled before the next layer runs. The real prompt forward then runs with
+those heads, and every later step reuses them: a fixed per-(row, head) output scale.
+
+**Which positions are scaled.** All positions, at the prompt and at every generated token: the
+prompt's keys and values then come from the reinforced model, so the cache is what the reinforced
+model would compute (the paper fixes the heads at the first step for this consistency). The probe
+scales all positions too, so the heads picked at layer ``l`` see exactly the states the real prompt
+forward has below ``l``, i.e. the same selection as running the two streams in lock-step inside
+that forward. The cost is one extra prompt forward with twice the rows; decoding costs one
+multiply per head output on the reinforced layers.
+
+**Layers.** Default: layer 1 plus the last ``round(14 * L / 32)`` layers of an ``L``-layer text
+model (LLaVA-1.5-7B, ``L = 32``: ``[1, 18..31]``, the paper's choice); ``layers=[...]`` picks
+them explicitly. ``fixed_heads={layer: [heads]}`` (e.g. a JSON head profile) skips the selection
+and reinforces those heads in every row.
+
+Batches: heads are chosen per row (beams and sampled sequences of one prompt share them). A call
+that starts from a filled cache, or a prompt forwarded in chunks, is refused: the selection needs
+the whole prompt at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from typing import Any, Callable
+
+import torch
+
+from ..adapters import Adapter
+from ..attention.edits import AttentionCall, AttentionEdit, Reductions
 from ..config import MethodConfig, param
 from ..registry import register_method
+from ..state import GuardState
+from .base import Method
 
 
 @dataclasses.dataclass
@@ -45,4 +83,115 @@ def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-register_method("vhr", VHRConfig, None, "vision-aware head reinforcement: scale vision-sensitive heads")
+def default_layers(num_layers: int, include_layer1: bool = True) -> tuple[int, ...]:
+    """Layer 1 (if asked) and the last ``round(14 * L / 32)`` layers (``[1, 18..31]`` for ``L = 32``)."""
+    last = max(round(14 * num_layers / 32), 1)
+    layers = set(range(max(num_layers - last, 0), num_layers))
+    if include_layer1 and num_layers > 1:
+        layers.add(1)
+    return tuple(sorted(layers))
+
+
+def head_divergence(with_image: torch.Tensor, text_only: torch.Tensor, outlier_filter: bool = True) -> torch.Tensor:
+    """VHD ``(B, H)`` from head outputs ``(B, H, D)`` of both streams, after the optional outlier filter."""
+    vhd = (with_image.float() - text_only.float()).norm(dim=-1)
+    if outlier_filter and vhd.shape[-1] > 1:
+        ta = text_only.float().pow(2).sum(-1)
+        surging = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)) & \
+                  (ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True))
+        vhd = vhd.masked_fill(surging, 0.0)
+    return vhd
+
+
+def select_heads(vhd: torch.Tensor) -> torch.Tensor:
+    """``(B, H)`` bool: heads whose VHD is above their layer's median (the lower median for even H)."""
+    return vhd > vhd.median(dim=-1, keepdim=True).values
+
+
+class VHR(Method):
+    """Vision-aware head reinforcement (see the module docstring).
+
+    ``on_select(layer, vhd, heads)``, if given, is called at each reinforced layer during the
+    selection with the VHD values ``(B, H)`` and the chosen heads ``(B, H)`` (for analysis, or to
+    build a head profile for ``fixed_heads``).
+    """
+
+    config_cls = VHRConfig
+
+    def __init__(self, config: VHRConfig | None = None,
+                 on_select: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None):
+        super().__init__(config)
+        self.on_select = on_select
+
+    def setup(self, adapter: Adapter) -> None:
+        cfg = self.config
+        num_layers, num_heads = adapter.num_layers, adapter.num_heads
+        self.num_heads = num_heads
+        self.fixed: dict[int, torch.Tensor] | None = None
+        if cfg.fixed_heads is not None:
+            for layer, heads in cfg.fixed_heads.items():
+                if layer >= num_layers or any(h >= num_heads for h in heads):
+                    raise ValueError(f"VHR fixed_heads {{{layer}: {list(heads)}}} is outside the model's "
+                                     f"{num_layers} layers x {num_heads} heads")
+            self.fixed = {layer: torch.isin(torch.arange(num_heads), torch.tensor(heads, dtype=torch.long))
+                          for layer, heads in cfg.fixed_heads.items()}
+            self.layers = tuple(sorted(self.fixed))
+        elif cfg.layers is not None:
+            outside = [layer for layer in cfg.layers if layer >= num_layers]
+            if outside:
+                raise ValueError(f"VHR layers {outside} are outside the model's {num_layers} layers")
+            self.layers = tuple(sorted(set(cfg.layers)))
+        else:
+            self.layers = default_layers(num_layers, cfg.include_layer1)
+        if not self.layers:
+            raise ValueError("VHR has no layer to reinforce")
+
+    # ---- selection (the probe) -----------------------------------------------------------------
+    def probe_inputs(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        if self.fixed is not None:
+            return None
+        if state.past_len or state.seen_tokens != state.prompt_len:
+            raise ValueError("VHR selects its heads from the whole prompt in one forward: a call that starts from "
+                             "a filled cache or forwards the prompt in chunks is not supported")
+        return state.adapter.with_text_only_rows(inputs)
+
+    def after_probe(self, state: GuardState, probe: GuardState) -> None:
+        state.scratch[self.name]["heads"] = probe.scratch[self.name].get("heads", {})
+
+    def _scale(self, heads: torch.Tensor) -> torch.Tensor:
+        return torch.where(heads, self.config.alpha, 1.0).to(torch.float32)
+
+    def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
+        if call.layer_idx not in self.layers:
+            return None
+        scratch = state.scratch[self.name]
+        if state.probe_of == self.name:      # selecting: report head outputs; on_stats sets the scale
+            edit = AttentionEdit(reductions=Reductions(head_outputs=True))
+            scratch.setdefault("pending", {})[call.layer_idx] = edit
+            return edit
+        if self.fixed is not None:
+            heads = self.fixed[call.layer_idx].to(call.device)[None].expand(call.batch, -1)
+        else:
+            chosen = scratch.get("heads")
+            if chosen is None:               # another method's probe runs before VHR has chosen
+                return None
+            heads = chosen[call.layer_idx]
+            if heads.shape[0] != call.batch:
+                heads = heads.repeat_interleave(call.batch // heads.shape[0], dim=0)
+        return AttentionEdit(head_scale=self._scale(heads.to(call.device)))
+
+    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
+        if state.probe_of != self.name:
+            return
+        outputs = stats["head_outputs"]                 # (2B, H, D): prompt rows, then text-only rows
+        rows = outputs.shape[0] // 2
+        vhd = head_divergence(outputs[:rows], outputs[rows:], self.config.outlier_filter)
+        heads = select_heads(vhd)
+        scratch = state.scratch[self.name]
+        scratch.setdefault("heads", {})[call.layer_idx] = heads
+        scratch["pending"].pop(call.layer_idx).head_scale = self._scale(heads).repeat(2, 1)
+        if self.on_select is not None:
+            self.on_select(call.layer_idx, vhd, heads)
+
+
+register_method("vhr", VHRConfig, VHR, "vision-aware head reinforcement: scale vision-sensitive heads")
