@@ -124,13 +124,18 @@ class Guard:
         probe_inputs = dict(probe_inputs, past_key_values=None, use_cache=False)
         probe = GuardState(self.adapter, self.methods, probe_inputs["input_ids"], probe_inputs.get("attention_mask"),
                            for_generation=False, probe_of=method.name)
-        self.state = probe
+        self._side_forward(probe, probe_inputs)
+        method.after_probe(state, probe)
+
+    def _side_forward(self, side: GuardState, inputs: dict) -> Any:
+        """One forward of the model under ``side`` instead of the call's state (probes, side streams)."""
+        previous = self.state
+        self.state = side
         try:
             with torch.no_grad():
-                self.model(**probe_inputs)
+                return self.model(**inputs)
         finally:
-            self.state = state
-        method.after_probe(state, probe)
+            self.state = previous
 
     def _before_layer(self, layer_idx: int, readers: list[Method], module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.state is None:
@@ -147,6 +152,10 @@ class Guard:
         input_ids = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs"), *args[:1]) if v is not None), None)
         state = GuardState(self.adapter, self.methods, input_ids if isinstance(input_ids, torch.Tensor) else None,
                            kwargs.get("attention_mask"), for_generation=for_generation)
+        state.call_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        if isinstance(input_ids, torch.Tensor):
+            state.call_inputs["input_ids"] = input_ids
+        state.side_runner = self._side_forward
         self.state = state
         try:
             yield state

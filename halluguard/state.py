@@ -10,7 +10,7 @@ cropped caches are all placed right); the attention hook asks it for the edits o
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -71,7 +71,9 @@ class GuardState:
         self.adapter = adapter
         self.methods = methods
         self.for_generation = for_generation
-        self.probe_of = probe_of     # the method whose extra forward (see Method.probe_inputs) this state runs
+        self.probe_of = probe_of     # the method whose extra forward (a probe or a side stream) this state runs
+        self.call_inputs: dict[str, torch.Tensor] = {}   # the call's tensor inputs (set by the guard)
+        self.side_runner: Callable[["GuardState", dict], Any] | None = None   # set by the guard
         self.groups: KeyGroups | None = None
         self.image_spans: list[list[tuple[int, int]]] | None = None
         self.past_len = 0            # tokens before the current forward (the cache's length)
@@ -102,6 +104,17 @@ class GuardState:
     @property
     def prompt_len(self) -> int:
         return self.groups.prompt_len if self.groups is not None else 0
+
+    # ---- extra forwards ---------------------------------------------------------------------------
+    def side_state(self, name: str, methods: "list[Method] | tuple" = ()) -> "GuardState":
+        """A separate state for a method's own stream (``name``), with ``methods`` acting in it."""
+        return GuardState(self.adapter, list(methods), for_generation=False, probe_of=name)
+
+    def run_side(self, side: "GuardState", inputs: dict) -> Any:
+        """Run the model on ``inputs`` under ``side`` (not this call's state), without gradients."""
+        if self.side_runner is None:
+            raise RuntimeError("this state belongs to no guarded call")
+        return self.side_runner(side, inputs)
 
     # ---- fed by the model's forward pre-hook --------------------------------------------------
     def on_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,

@@ -1,14 +1,19 @@
 """PAI: image-key logit amplification on the last query row, layers [start, end)."""
 
+import math
+
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 import halluguard as hg
 from halluguard.attention import hook
 from transformers.masking_utils import eager_mask
 
+from halluguard.decoding import log_prob_guidance
 from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens, text_attention
-from tiny_models import FAMILIES, build_model, make_inputs
+from test_method_vhr import text_only
+from tiny_models import FAMILIES, build_model, make_inputs, row_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
@@ -78,8 +83,69 @@ def test_strong_pai_changes_greedy_sampling_and_beam_outputs():
 
 def test_pai_config_errors():
     model = build_model("llava")
-    with pytest.raises(ValueError, match="use_cfg=True"):
-        hg.wrap(model, methods=hg.PAIConfig(use_cfg=True))
     with pytest.raises(ValueError, match="select none"):
         hg.wrap(model, methods=hg.PAIConfig(start_layer=7))
     assert not hasattr(model, "_halluguard_guard")
+
+
+# ---- image-free guidance (use_cfg) -------------------------------------------------------------
+
+class BruteForceGuidance:
+    """PAI's guidance written out: the image-free prompt re-run in full, without a cache, every step."""
+
+    def __init__(self, model, family, inputs, gamma, beta):
+        self.model, self.gamma, self.beta = model, gamma, beta
+        self.prompt_len = inputs["input_ids"].shape[1]
+        self.rows = [text_only(row_inputs(inputs, r, family)) for r in range(inputs["input_ids"].shape[0])]
+
+    def __call__(self, input_ids, scores):
+        group = input_ids.shape[0] // len(self.rows)
+        side = []
+        for i in range(input_ids.shape[0]):
+            prompt = self.rows[i // group]
+            ids = torch.cat([prompt["input_ids"][0], input_ids[i, self.prompt_len:]])[None]
+            extra = {k: torch.zeros_like(ids) for k in prompt if k.endswith("token_type_ids")}
+            with torch.no_grad():
+                side.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1])
+        s = torch.log_softmax(scores.float(), -1)
+        u = torch.log_softmax(torch.stack(side).float(), -1)
+        out = self.gamma * (s - u) + u
+        return out.masked_fill(s < s.max(-1, keepdim=True).values + math.log(self.beta), float("-inf"))
+
+
+@pytest.mark.parametrize("family,search", [("llava", "greedy"), ("qwen2_vl", "greedy"), ("gemma3", "greedy"),
+                                           ("llava", "beam"), ("idefics3", "beam"), ("llava", "sequences")])
+def test_guidance_equals_a_brute_force_image_free_branch(family, search):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    extra = {"greedy": {}, "beam": {"num_beams": 3}, "sequences": {"num_beams": 2, "num_return_sequences": 2}}[search]
+    brute = BruteForceGuidance(model, family, inputs, gamma=3.0, beta=0.1)
+    with torch.no_grad():
+        want = model.generate(**inputs, **GEN, **extra, logits_processor=LogitsProcessorList([brute]))
+        plain = model.generate(**inputs, **GEN, **extra)
+        with hg.wrap(model, methods=hg.PAIConfig(alpha=0.0, use_cfg=True, gamma=3.0, beta=0.1)):
+            got = model.generate(**inputs, **GEN, **extra)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, plain)
+
+
+def test_guidance_with_amplification_runs_greedy_sampling_and_beam():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.5, use_cfg=True)), torch.no_grad():
+        greedy = model.generate(**inputs, **GEN)
+        beam = model.generate(**inputs, **GEN, num_beams=2)
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=6, do_sample=True)
+    for out in (greedy, beam, sampled):
+        assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
+
+
+def test_guidance_math_by_hand():
+    scores = torch.tensor([[2.0, 1.0, -3.0]])
+    side = torch.tensor([[0.0, 1.0, 0.0]])
+    s, u = torch.log_softmax(scores, -1), torch.log_softmax(side, -1)
+    got = log_prob_guidance(scores, side, gamma=2.0, beta=0.1)
+    assert torch.allclose(got[0, :2], (2 * (s - u) + u)[0, :2])
+    assert got[0, 2] == float("-inf")                      # s[2] < max(s) + ln 0.1
+    assert torch.allclose(log_prob_guidance(scores, side, gamma=1.0, beta=0.0), s)

@@ -94,15 +94,12 @@ class Adapter:
             mask = mask | torch.isin(input_ids, torch.tensor(markers, device=input_ids.device))
         return mask
 
-    def with_text_only_rows(self, inputs: dict) -> dict:
-        """Model inputs of ``2B`` rows: the ``B`` rows of ``inputs`` unchanged, then each row with its
-        image (image tokens and their delimiters) removed, left-padded to the same length.
-
-        Per-token inputs (``(B, T, ...)``: ids, masks, token types) are gathered the same way;
-        position ids of the text-only rows count their remaining tokens (``0..n-1``), as a
-        separate text-only prompt would; image tensors stay as they are (the text-only rows have
-        no image tokens to receive them), except inputs indexed by row, which get zero rows.
-        """
+    def text_only_rows(self, inputs: dict) -> dict:
+        """The prompts of ``inputs`` with their images removed: ``input_ids``, ``attention_mask``,
+        ``position_ids`` and the other per-token inputs (``(B, T, ...)``: token types), no image
+        tensors. Image tokens and the delimiters the config names are dropped; each row keeps its
+        other tokens in order, left-padded to the same length ``T``, with positions ``0..n-1`` as a
+        separate text-only prompt would have."""
         if inputs.get("inputs_embeds") is not None:
             raise ValueError("a text-only stream needs input_ids, not inputs_embeds")
         ids = inputs["input_ids"]
@@ -126,31 +123,46 @@ class Adapter:
             text = value.gather(1, source.reshape(shape).expand_as(value))
             return torch.where(text_valid.reshape(shape), text, torch.zeros((), dtype=value.dtype, device=value.device))
 
+        rows = {}
+        for name, value in inputs.items():
+            if (isinstance(value, torch.Tensor) and name not in ("position_ids", "attention_mask")
+                    and name not in self.row_image_inputs and value.dim() >= 2
+                    and tuple(value.shape[:2]) == (batch, length)):
+                rows[name] = gathered(value)
+        # padding repeats the row's last text token (never an image id)
+        rows["input_ids"] = torch.where(text_valid, rows["input_ids"], rows["input_ids"][:, -1:])
+        rows["attention_mask"] = text_valid.to(mask.dtype if mask is not None else torch.long)
+        rows["position_ids"] = (text_valid.long().cumsum(-1) - 1).clamp_min(0)
+        return rows
+
+    def with_text_only_rows(self, inputs: dict) -> dict:
+        """Model inputs of ``2B`` rows: the ``B`` rows of ``inputs`` unchanged, then their
+        ``text_only_rows``. Image tensors stay as they are (the text-only rows have no image tokens
+        to receive them), except inputs indexed by row, which get all-zero (padding) images."""
+        text = self.text_only_rows(inputs)
+        ids = inputs["input_ids"]
+        batch, length = ids.shape
         paired = dict(inputs)
         for name, value in inputs.items():
-            if not isinstance(value, torch.Tensor) or name in ("position_ids", "attention_mask"):
-                continue
-            if name in self.row_image_inputs:
+            if name in self.row_image_inputs and isinstance(value, torch.Tensor):
                 paired[name] = torch.cat([value, torch.zeros_like(value)])
-            elif value.dim() >= 2 and tuple(value.shape[:2]) == (batch, length):
-                text = gathered(value)
-                if name == "input_ids":     # padding repeats the row's last text token (never an image id)
-                    text = torch.where(text_valid, text, text[:, -1:])
-                paired[name] = torch.cat([value, text])
+            elif name in text and name not in ("attention_mask", "position_ids"):
+                paired[name] = torch.cat([value, text[name]])
+        mask = inputs.get("attention_mask")
         main_mask = mask if mask is not None else torch.ones_like(ids)
-        paired["attention_mask"] = torch.cat([main_mask, text_valid.to(main_mask.dtype)])
-        text_positions = (text_valid.long().cumsum(-1) - 1).clamp_min(0)
+        paired["attention_mask"] = torch.cat([main_mask, text["attention_mask"].to(main_mask.dtype)])
         positions = inputs.get("position_ids")
         if positions is not None:
-            text = text_positions.to(positions.dtype)
+            text_positions = text["position_ids"].to(positions.dtype)
             if positions.dim() == 3:          # (K, B, T): multimodal rotary sections; text-only rows are plain text
-                paired["position_ids"] = torch.cat([positions, text[None].expand(positions.shape[0], -1, -1)], dim=1)
+                text_positions = text_positions[None].expand(positions.shape[0], -1, -1)
+                paired["position_ids"] = torch.cat([positions, text_positions], dim=1)
             else:
-                paired["position_ids"] = torch.cat([positions.expand(batch, -1), text])
+                paired["position_ids"] = torch.cat([positions.expand(batch, -1), text_positions])
         elif not self.positions_from_ids:
             # the model would number the main rows 0..T-1 (its cache positions); text-only rows count their tokens
             main = torch.arange(length, device=ids.device)[None].expand(batch, -1)
-            paired["position_ids"] = torch.cat([main, text_positions])
+            paired["position_ids"] = torch.cat([main, text["position_ids"]])
         return paired
 
 

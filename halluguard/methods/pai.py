@@ -6,9 +6,13 @@ become ``z + alpha * |z|``: positive logits grow by ``1 + alpha``, negative ones
 ``1 - alpha``. Image keys are each row's own image tokens (from ``input_ids``), so batches with
 padding and several images are handled per row.
 
-The official code also offers an image-free guidance branch (``--use-cfg``):
-``gamma * (s - u) + u`` on log-probabilities under the cutoff ``s >= max(s) + ln(beta)``; its
-config fields are here, and ``use_cfg=True`` is refused until that branch is shipped.
+With ``use_cfg=True`` (the official ``--use-cfg``), an image-free guidance branch also runs: a
+side stream fed the prompt without its image (image tokens and their delimiters removed, no
+amplification, its own KV cache) and the same generated tokens; with ``s`` and ``u`` the
+log-softmax of the main and image-free next-token scores, the scores become
+``gamma * (s - u) + u``, and tokens with ``s < max(s) + ln(beta)`` are cut (``-inf``). This costs
+a second forward per generated token. The guidance acts on the scores after the generation
+config's own processors (so, in beam search, on its log-probabilities).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import dataclasses
 
 import torch
 
+from transformers import LogitsProcessor
+
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit
+from ..decoding import SideStream, log_prob_guidance
 from ..config import MethodConfig, param
 from ..registry import register_method
 from ..state import GuardState
@@ -28,7 +35,7 @@ from .base import Method
 @dataclasses.dataclass
 class PAIConfig(MethodConfig):
     name = "pai"
-    neutral_overrides = {"alpha": 0.0}
+    neutral_overrides = {"alpha": 0.0, "use_cfg": False}
 
     alpha: float = param(0.2, "amplification of image-key logits: z + alpha * |z|", low=0.0)
     start_layer: int = param(2, "first layer amplified", low=0)
@@ -53,9 +60,6 @@ class PAI(Method):
 
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config
-        if cfg.use_cfg:
-            raise ValueError("PAI's image-free guidance branch (use_cfg=True) is not available in this release; "
-                             "use PAIConfig(use_cfg=False) for the attention amplification alone")
         self.layers = range(cfg.start_layer, min(cfg.end_layer or adapter.num_layers, adapter.num_layers))
         if not self.layers:
             raise ValueError(f"PAI layers [{cfg.start_layer}, {cfg.end_layer}) select none of the model's "
@@ -66,6 +70,24 @@ class PAI(Method):
             return None
         image = state.group_masks(call)["image"]
         return AttentionEdit(key_boost=image.to(torch.float32) * self.config.alpha, last_row_only=True)
+
+    def logits_processors(self, state: GuardState) -> list:
+        if not self.config.use_cfg:
+            return []
+        prompt = state.adapter.text_only_rows(state.call_inputs)
+        side = state.side_state(f"{self.name}:image-free")
+        stream = SideStream(lambda inputs: state.run_side(side, inputs), prompt, state.prompt_len)
+        return [ImageFreeGuidance(stream, self.config.gamma, self.config.beta)]
+
+
+class ImageFreeGuidance(LogitsProcessor):
+    """``gamma * (s - u) + u`` with ``u`` from the image-free side stream (see the module docstring)."""
+
+    def __init__(self, stream: SideStream, gamma: float, beta: float):
+        self.stream, self.gamma, self.beta = stream, gamma, beta
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return log_prob_guidance(scores, self.stream.next_logits(input_ids), self.gamma, self.beta)
 
 
 register_method("pai", PAIConfig, PAI, "pay more attention to image: boost image-key attention logits")

@@ -1,0 +1,107 @@
+"""A second stream that follows ``generate`` token by token, with its own prompt and KV cache.
+
+Contrastive and guidance methods (PAI's image-free guidance, VCD, AvisC, DeCoRe) score every
+next token twice: once on the main stream, once on a variant of it (the prompt without the
+image, a noised image, masked heads). ``SideStream`` is that variant: it is fed the same
+generated tokens as each main row, one per step, and returns its next-token logits.
+
+Rows are matched to the stream's previous rows by their generated tokens within each prompt's
+group of rows, so beam search's reordering and generate's row expansion (beams,
+``num_return_sequences``) are followed by reordering the stream's cache, not by recomputing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+class SideStream:
+    """``next_logits(input_ids)``: the stream's next-token logits ``(rows, vocab)`` for each main row.
+
+    ``forward(inputs)`` runs the model on a dict of inputs (the guard runs it under the stream's own
+    state). ``prompt`` holds the stream's prompt for the ``B`` prompts of the call: ``input_ids``,
+    ``attention_mask`` (left padding), ``position_ids`` (2-D) and any other per-token inputs
+    (token types), extended with their last column for generated tokens as ``generate`` does;
+    ``main_prompt_len`` is the main stream's prompt length (generated tokens start there).
+    """
+
+    def __init__(self, forward: Callable[[dict], Any], prompt: dict[str, torch.Tensor], main_prompt_len: int):
+        self.forward = forward
+        self.prompt = prompt
+        self.main_prompt_len = main_prompt_len
+        self.cache = None
+        self.fed: torch.Tensor | None = None        # generated tokens fed so far, per row
+        self.rows: dict[str, torch.Tensor] = {}     # per-row mask / positions / token types so far
+        self.group = 1                              # main rows per prompt (beams, sequences)
+
+    def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.main_prompt_len:]
+        if self.cache is None:
+            inputs = self._start(generated)
+        else:
+            self._follow(generated[:, :-1])
+            inputs = self._extend(generated[:, -1:])
+        inputs.update(past_key_values=self.cache, use_cache=True)
+        out = self.forward(inputs)
+        self.cache = out.past_key_values
+        self.fed = generated
+        return out.logits[:, -1].float()
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _start(self, generated: torch.Tensor) -> dict:
+        """Prompt rows expanded to the main rows (and any tokens generated before the first call)."""
+        rows = generated.shape[0]
+        batch = self.prompt["input_ids"].shape[0]
+        if rows % batch:
+            raise ValueError(f"{rows} generated rows do not extend the {batch} prompts of the side stream")
+        self.group = rows // batch
+        self.rows = {k: v.repeat_interleave(self.group, 0) for k, v in self.prompt.items() if k != "input_ids"}
+        return self._extend(generated, already=self.prompt["input_ids"].repeat_interleave(self.group, 0))
+
+    def _extend(self, new: torch.Tensor, already: torch.Tensor | None = None) -> dict:
+        """Inputs feeding ``new`` tokens (after ``already`` prompt tokens at the first call)."""
+        n = new.shape[1]
+        ids = new if already is None else torch.cat([already, new], dim=1)
+        mask = torch.cat([self.rows["attention_mask"], self.rows["attention_mask"].new_ones(new.shape[0], n)], 1)
+        last = self.rows["position_ids"][:, -1:]
+        steps = torch.arange(1, n + 1, device=last.device, dtype=last.dtype)[None]
+        positions = torch.cat([self.rows["position_ids"], last + steps], 1)
+        extras = {k: torch.cat([v, v[:, -1:].expand(-1, n)], 1) for k, v in self.rows.items()
+                  if k not in ("attention_mask", "position_ids")}
+        width = ids.shape[1]
+        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions[:, -width:],
+                  **{k: v[:, -width:] for k, v in extras.items()}}
+        self.rows.update(attention_mask=mask, position_ids=positions, **extras)
+        return inputs
+
+    def _follow(self, history: torch.Tensor) -> None:
+        """Reorder the stream's rows so that row ``i`` holds the row whose fed tokens are ``history[i]``."""
+        if self.fed is not None and self.fed.shape == history.shape and torch.equal(self.fed, history):
+            return
+        if self.fed is None or self.fed.shape != history.shape:
+            raise RuntimeError("the side stream lost step with generate (tokens were added or removed "
+                               "other than one per step)")
+        rows = history.shape[0]
+        same = (history[:, None, :] == self.fed[None, :, :]).all(-1)          # (new row, old row)
+        group = torch.arange(rows, device=history.device) // self.group
+        same &= group[:, None] == group[None, :]
+        if not bool(same.any(1).all()):
+            raise RuntimeError("a generated row matches none of the side stream's rows")
+        index = same.to(torch.int8).argmax(1)
+        self.cache.reorder_cache(index)
+        self.rows = {k: v.index_select(0, index) for k, v in self.rows.items()}
+
+
+def log_prob_guidance(scores: torch.Tensor, side_logits: torch.Tensor, gamma: float,
+                      beta: float) -> torch.Tensor:
+    """``gamma * (s - u) + u`` with ``s, u`` the log-softmax of the main scores and the side stream's
+    logits; tokens with ``s < max(s) + ln(beta)`` get ``-inf`` (``beta = 0`` keeps all)."""
+    s = torch.log_softmax(scores.float(), dim=-1)
+    u = torch.log_softmax(side_logits.float().to(s.device), dim=-1)
+    out = gamma * (s - u) + u
+    if beta > 0:
+        cutoff = s.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(beta, device=s.device))
+        out = out.masked_fill(s < cutoff, float("-inf"))
+    return out.to(scores.dtype)
