@@ -1,6 +1,7 @@
 """Decode overhead of each method against plain ``generate``, measured in the same run.
 
-    python benchmarks/overhead.py                                  # shipped test model, PAI and VAR
+    python benchmarks/overhead.py                                  # shipped test model: VHR, VAR, PAI
+    python benchmarks/overhead.py --methods pai --config '{"pai": {"use_cfg": true}}'   # PAI with guidance
     python benchmarks/overhead.py --model llava-hf/llava-1.5-7b-hf --methods pai var
 
 Every configuration generates the same batch with greedy decoding and a fixed number of new
@@ -47,7 +48,7 @@ def timed(fn, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="testbed")
-    parser.add_argument("--methods", nargs="+", default=["pai", "var"])
+    parser.add_argument("--methods", nargs="+", default=["vhr", "var", "pai"])
     parser.add_argument("--config", default='{"var": {"sink_dims": [0, 1], "tau": 1.5}}',
                         help="JSON overrides per method (the default gives VAR sinks on models without a table entry)")
     parser.add_argument("--batch", type=int, default=4)

@@ -96,6 +96,12 @@ class GuardState:
         self.groups = KeyGroups(image=image, valid=valid, prompt_len=input_ids.shape[1])
         self.image_spans = self.adapter.image_spans(torch.where(valid, input_ids, -1))
 
+    def require_left_padding(self, who: str) -> None:
+        """Refuse a prompt whose last position is padding in some row (``who`` acts on that position)."""
+        if self.groups is not None and not bool(self.groups.valid[:, -1].all()):
+            raise ValueError(f"{who} acts on each row's last prompt position, which is padding in a right-padded "
+                             "batch: pad on the left (processor.tokenizer.padding_side = 'left')")
+
     @property
     def in_prefill(self) -> bool:
         """The current forward's tokens start inside the prompt."""

@@ -223,6 +223,11 @@ def test_vhr_errors():
     inputs, _ = make_inputs(model, "llava")
     with hg.wrap(model, methods="vhr"), pytest.raises(ValueError, match="whole prompt"):
         model.generate(**inputs, **GEN, prefill_chunk_size=4)
+    right, _ = make_inputs(model, "llava", padding_side="right")
+    with hg.wrap(model, methods="vhr") as guard, pytest.raises(ValueError, match="pad on the left"):
+        guard.forward(**right)
+    with hg.wrap(model, methods="pai") as guard, pytest.raises(ValueError, match="pad on the left"):
+        guard.forward(**right)
     cfg = hg.VHRConfig.from_json('{"fixed_heads": {"1": [0, 1]}}')
     assert cfg.fixed_heads == {1: (0, 1)}
 
@@ -250,3 +255,17 @@ def test_vhr_composes_with_attention_edits():
     with hg.wrap(model, methods="vhr+pai"), torch.no_grad():
         out = model.generate(**inputs, **GEN)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vhr_with_pai_guidance_runs_on_every_family(family):
+    """VHR's probe and PAI's image-free side stream together: greedy, sampling and beam search."""
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    methods = [hg.VHRConfig(alpha=2.0), hg.PAIConfig(alpha=0.5, use_cfg=True)]
+    length = inputs["input_ids"].shape[1] + 4
+    with hg.wrap(model, methods=methods), torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4).shape == (2, length)
+        torch.manual_seed(0)
+        assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True).shape == (2, length)
+        assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, num_beams=2).shape == (2, length)

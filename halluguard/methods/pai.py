@@ -65,6 +65,9 @@ class PAI(Method):
             raise ValueError(f"PAI layers [{cfg.start_layer}, {cfg.end_layer}) select none of the model's "
                              f"{adapter.num_layers} layers")
 
+    def on_prompt(self, state: GuardState) -> None:
+        state.require_left_padding("PAI")
+
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         if self.config.alpha == 0 or call.layer_idx not in self.layers:
             return None

@@ -150,6 +150,7 @@ class VHR(Method):
     def probe_inputs(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any] | None:
         if self.fixed is not None:
             return None
+        state.require_left_padding("VHR's head selection")
         if state.past_len or state.seen_tokens != state.prompt_len:
             raise ValueError("VHR selects its heads from the whole prompt in one forward: a call that starts from "
                              "a filled cache or forwards the prompt in chunks is not supported")
