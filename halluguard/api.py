@@ -142,7 +142,8 @@ class Guard:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         for method in readers:
-            method.on_layer_input(self.state, layer_idx, hidden)
+            if method in self.state.methods:       # side streams run without (some) methods
+                method.on_layer_input(self.state, layer_idx, hidden)
 
     @contextlib.contextmanager
     def _session(self, args: tuple, kwargs: dict, for_generation: bool) -> Iterator[GuardState]:
@@ -228,7 +229,7 @@ def wrap(model: nn.Module, processor: Any = None, methods: Any = ()) -> Guard:
     existing = getattr(model, GUARD_ATTRIBUTE, None)
     if existing is not None:
         raise ValueError(f"this model is already wrapped ({existing!r}); call unwrap() on that guard first")
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, processor)
     built = _build_methods(methods)
     for method in built:
         method.setup(adapter)

@@ -146,9 +146,10 @@ class GuardState:
     # ---- used by the attention hook -------------------------------------------------------------
     def group_masks(self, call: AttentionCall) -> dict[str, torch.Tensor]:
         """Key-group masks for a call, computed once per forward and shared by its layers."""
-        key = (call.kv_len, call.key_offset, self.seen_tokens)
+        key = (call.kv_len, call.key_offset, self.seen_tokens, call.device)
         if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, self.groups.masks(call.kv_len, call.key_offset, self.seen_tokens))
+            masks = self.groups.masks(call.kv_len, call.key_offset, self.seen_tokens)
+            self._mask_cache = (key, {name: m.to(call.device) for name, m in masks.items()})
         return self._mask_cache[1]
 
     def describe_call(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:

@@ -149,3 +149,9 @@ def test_guidance_math_by_hand():
     assert torch.allclose(got[0, :2], (2 * (s - u) + u)[0, :2])
     assert got[0, 2] == float("-inf")                      # s[2] < max(s) + ln 0.1
     assert torch.allclose(log_prob_guidance(scores, side, gamma=1.0, beta=0.0), s)
+
+
+def test_guidance_keeps_ruled_out_tokens_out_even_at_gamma_zero():
+    scores = torch.tensor([[2.0, float("-inf"), 0.0]])
+    got = log_prob_guidance(scores, torch.zeros(1, 3), gamma=0.0, beta=0.0)
+    assert got[0, 1] == float("-inf") and not got.isnan().any()

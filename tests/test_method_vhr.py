@@ -269,3 +269,42 @@ def test_vhr_with_pai_guidance_runs_on_every_family(family):
         torch.manual_seed(0)
         assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True).shape == (2, length)
         assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, num_beams=2).shape == (2, length)
+
+
+def test_vhr_with_a_static_cache_selects_like_a_dynamic_one():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    cfg = hg.VHRConfig(alpha=3.0, layers=(0, 1, 2))
+    with hg.wrap(model, methods=cfg), torch.no_grad():
+        dynamic = model.generate(**inputs, **GEN)
+        static = model.generate(**inputs, **GEN, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_var_with_pai_guidance_and_vhr_compose():
+    """VAR's residual-stream reads stay out of PAI's image-free stream (it runs without methods)."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    methods = [hg.VARConfig(sink_dims=(0, 1), tau=1.5), hg.PAIConfig(use_cfg=True), hg.VHRConfig()]
+    with hg.wrap(model, methods=methods), torch.no_grad():
+        out = model.generate(**inputs, **GEN, num_beams=2)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_idefics_wrapper_tokens_come_from_the_processor():
+    class Tokenizer:
+        def get_vocab(self):
+            return {"<fake_token_around_image>": 504, "<global-img>": 505, "<row_1_col_1>": 508, "hello": 7}
+
+    class Processor:
+        tokenizer = Tokenizer()
+        fake_image_token = "<fake_token_around_image>"
+        global_image_tag = "<global-img>"
+
+    model = build_model("idefics3")
+    adapter = adapter_for(model, Processor())
+    assert adapter.processor_marker_ids == (504, 505, 508)
+    inputs, _ = make_inputs(model, "idefics3", batch=1)
+    text = adapter.text_only_rows(inputs)["input_ids"][0]
+    assert not torch.isin(text, torch.tensor([IMAGE, 504, 505])).any()
+    assert torch.isin(adapter_for(model).text_only_rows(inputs)["input_ids"][0], torch.tensor([504, 505])).any()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .base import Adapter, mask_to_spans
@@ -21,13 +23,14 @@ def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter for ``model``, chosen by ``model.config.model_type``."""
+def adapter_for(model: nn.Module, processor: Any = None) -> Adapter:
+    """The adapter for ``model``, chosen by ``model.config.model_type`` (``processor``, if given,
+    names image-delimiter tokens the config does not)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported model type {model_type!r} ({type(model).__name__}); "
                          f"supported: {', '.join(supported_model_types())}")
-    return ADAPTERS[model_type](model)
+    return ADAPTERS[model_type](model, processor)
 
 
 __all__ = ["ADAPTERS", "Adapter", "adapter_for", "mask_to_spans", "supported_model_types"]

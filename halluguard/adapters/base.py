@@ -8,7 +8,7 @@ several images, variable-length AnyRes grids), never from constants.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,10 +28,15 @@ class Adapter:
     # the model derives its (multimodal) position ids from input_ids when none are given
     positions_from_ids: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, processor: Any = None):
         self.model = model
         self.config = model.config
         self.text_config = model.config.get_text_config()
+        self.processor_marker_ids = self.marker_ids_from_processor(processor) if processor is not None else ()
+
+    def marker_ids_from_processor(self, processor: Any) -> tuple[int, ...]:
+        """Image-delimiter token ids only the processor knows (none for most families)."""
+        return ()
 
     # ---- geometry -------------------------------------------------------------------------
     @property
@@ -87,8 +92,9 @@ class Adapter:
 
     # ---- text-only stream ---------------------------------------------------------------------
     def image_and_marker_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool: image tokens and the image-delimiter tokens the config names."""
+        """(B, T) bool: image tokens and the image-delimiter tokens the config (or processor) names."""
         markers = [int(v) for f in self.image_marker_fields if (v := getattr(self.config, f, None)) is not None]
+        markers += list(self.processor_marker_ids)
         mask = self.image_mask(input_ids)
         if markers:
             mask = mask | torch.isin(input_ids, torch.tensor(markers, device=input_ids.device))
@@ -156,7 +162,7 @@ class Adapter:
             text_positions = text["position_ids"].to(positions.dtype)
             if positions.dim() == 3:          # (K, B, T): multimodal rotary sections; text-only rows are plain text
                 text_positions = text_positions[None].expand(positions.shape[0], -1, -1)
-                paired["position_ids"] = torch.cat([positions, text_positions], dim=1)
+                paired["position_ids"] = torch.cat([positions.expand(-1, batch, -1), text_positions], dim=1)
             else:
                 paired["position_ids"] = torch.cat([positions.expand(batch, -1), text_positions])
         elif not self.positions_from_ids:

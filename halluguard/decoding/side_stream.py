@@ -43,7 +43,7 @@ class SideStream:
         else:
             self._follow(generated[:, :-1])
             inputs = self._extend(generated[:, -1:])
-        inputs.update(past_key_values=self.cache, use_cache=True)
+        inputs.update(past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         out = self.forward(inputs)
         self.cache = out.past_key_values
         self.fed = generated
@@ -101,6 +101,7 @@ def log_prob_guidance(scores: torch.Tensor, side_logits: torch.Tensor, gamma: fl
     s = torch.log_softmax(scores.float(), dim=-1)
     u = torch.log_softmax(side_logits.float().to(s.device), dim=-1)
     out = gamma * (s - u) + u
+    out = out.masked_fill(torch.isneginf(s), float("-inf"))      # tokens already ruled out stay out
     if beta > 0:
         cutoff = s.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(beta, device=s.device))
         out = out.masked_fill(s < cutoff, float("-inf"))

@@ -12,7 +12,9 @@ amplification, its own KV cache) and the same generated tokens; with ``s`` and `
 log-softmax of the main and image-free next-token scores, the scores become
 ``gamma * (s - u) + u``, and tokens with ``s < max(s) + ln(beta)`` are cut (``-inf``). This costs
 a second forward per generated token. The guidance acts on the scores after the generation
-config's own processors (so, in beam search, on its log-probabilities).
+config's own processors (so, in beam search, on its log-probabilities). The image-free stream
+runs the plain model: no method acts in it (PAI's amplification is off there, as in the official
+code, and so is any composed method such as VHR, so ``u`` is the unguarded model's view).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class PAI(Method):
     def logits_processors(self, state: GuardState) -> list:
         if not self.config.use_cfg:
             return []
-        prompt = state.adapter.text_only_rows(state.call_inputs)
+        device = state.adapter.model.device
+        prompt = {k: v.to(device) for k, v in state.adapter.text_only_rows(state.call_inputs).items()}
         side = state.side_state(f"{self.name}:image-free")
         stream = SideStream(lambda inputs: state.run_side(side, inputs), prompt, state.prompt_len)
         return [ImageFreeGuidance(stream, self.config.gamma, self.config.beta)]

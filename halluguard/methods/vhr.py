@@ -154,6 +154,10 @@ class VHR(Method):
         if state.past_len or state.seen_tokens != state.prompt_len:
             raise ValueError("VHR selects its heads from the whole prompt in one forward: a call that starts from "
                              "a filled cache or forwards the prompt in chunks is not supported")
+        mask = inputs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            # compiled/static caches hand the model a prepared (4-D or per-layer) mask: use the 2-D one
+            inputs = dict(inputs, attention_mask=state.groups.valid.long().to(inputs["input_ids"].device))
         return state.adapter.with_text_only_rows(inputs)
 
     def after_probe(self, state: GuardState, probe: GuardState) -> None:
