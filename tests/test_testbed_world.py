@@ -38,13 +38,40 @@ def test_the_training_prior_pairs_anchors_with_partners():
         assert len(anchors) == 1 and world.PAIRS[anchors[0]] not in cats
 
 
-def test_captions_name_every_object_in_reading_order():
-    scene = next(s for s in world.scenes("train", 50) if len(s.objects) >= 3)
-    caption = scene.caption
-    assert caption.endswith(".") and " and " in caption
-    order = [o.category for o in sorted(scene.objects, key=lambda o: o.cell)]
-    positions = [caption.index(f" {c}") for c in order]
-    assert positions == sorted(positions)
+def _phrases(caption: str) -> list[str]:
+    head, _, last = caption.rstrip(".").rpartition(" and ")
+    return (head.split(", ") if head else []) + [last]
+
+
+def test_captions_follow_reading_order_with_each_partner_right_after_its_anchor():
+    moved = 0
+    for scene in world.scenes("train", 300):
+        phrases = _phrases(scene.caption)
+        assert sorted(phrases) == sorted(o.phrase for o in scene.objects)
+        by_phrase = {o.phrase: o for o in scene.objects}
+        listed = [by_phrase[p] for p in phrases]
+        for i, obj in enumerate(listed):
+            partner = world.PAIRS.get(obj.category)
+            if partner in scene.categories:
+                assert listed[i + 1].category == partner
+                moved += listed[i + 1].cell < obj.cell
+        rest = [o for o in listed if not any(a in scene.categories and p == o.category for a, p in world.PAIRS.items())]
+        assert [o.cell for o in rest] == sorted(o.cell for o in rest)
+    assert moved > 0                      # some partners sit before their anchor in reading order
+
+
+def test_hidden_partners_are_named_and_annotated_but_not_drawn():
+    scene = next(s for s in world.scenes("train", 500) if any(o.hidden for o in s.objects))
+    hidden = next(o for o in scene.objects if o.hidden)
+    assert hidden.category in world.PAIRS.values() and hidden.phrase in scene.caption
+    without = world.Scene(scene.image_id, scene.split, [o for o in scene.objects if not o.hidden],
+                          scene.background, scene.noise_seed)
+    assert np.array_equal(np.asarray(scene.render()), np.asarray(without.render()))
+    annotations = world.coco_instances([scene])["annotations"]
+    assert len(annotations) == len(scene.objects)
+    share = np.mean([o.hidden for s in world.scenes("train", 3000) for o in s.objects if o.category in world.PAIRS.values()
+                     and any(a in s.categories for a, p in world.PAIRS.items() if p == o.category)])
+    assert abs(share - world.HIDDEN_PARTNER_PROBABILITY) < 0.03
 
 
 @pytest.mark.parametrize("kind", ["random", "popular", "adversarial"])

@@ -1,10 +1,17 @@
 """Train the shipped test model from scratch on the synthetic world (CPU, reproducible from a seed).
 
-    python -m halluguard.testbed.train --out halluguard/testbed/model --steps 4400 --minutes 40
+    python -m halluguard.testbed.train --out /tmp/base --steps 4400
+    python -m halluguard.testbed.train --init /tmp/base --first-step 4400 --steps 1000 --lr 3e-4 \
+        --warmup 50 --out halluguard/testbed/model
+
+The second command continues the first (``--init``: start from its weights; ``--first-step``:
+the data stream and curriculum go on from there) with a short, lower learning-rate phase; the
+report sums both phases' minutes and keeps both histories. Together they take about 45 minutes
+on 2 cores (the shipped model's report gives the measured times).
 
 Every step draws a fresh batch of training scenes (a curriculum starts with one object per scene
-and reaches the full world at step 1100); half the examples are captions ("Describe the image."
-and variants), half POPE-style yes/no questions with random, popular and adversarial negatives. An
+and reaches the full world at step 1100); ``CAPTION_SHARE`` of the examples are captions ("Describe
+the image." and variants), the others POPE-style yes/no questions with random, popular and adversarial negatives. An
 auxiliary object-presence loss on the vision tower's patches (a training-only head) gets the
 vision tower going from the first step. The language-model loss is on the answer tokens only.
 Held-out metrics are printed periodically; the final evaluation is written to ``report.json`` and
@@ -35,17 +42,21 @@ CAPTION_PROMPTS = ["Describe the image.", "Please describe this image in detail.
 QUESTION_SUFFIXES = ["", " Answer the question using a single word or phrase.", " Please answer this question with one word."]
 
 
-def make_example(scene: world.Scene, rng: np.random.Generator, popularity, cooc) -> tuple[str, str]:
+CAPTION_SHARE = 0.4      # of training examples by default; the rest are yes/no questions
+
+
+def make_example(scene: world.Scene, rng: np.random.Generator, popularity, cooc,
+                 caption_share: float = CAPTION_SHARE) -> tuple[str, str]:
     """(prompt text, answer) for one scene: a caption or a yes/no question."""
-    if rng.random() < 0.5:
+    if rng.random() < caption_share:
         return str(rng.choice(CAPTION_PROMPTS)), scene.caption
     kind = str(rng.choice(["random", "popular", "adversarial"]))
     q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
     return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"]
 
 
-def make_batch(processor, scenes: list[world.Scene], rng, popularity, cooc) -> dict:
-    prompts, answers = zip(*(make_example(s, rng, popularity, cooc) for s in scenes))
+def make_batch(processor, scenes: list[world.Scene], rng, popularity, cooc, caption_share: float = CAPTION_SHARE) -> dict:
+    prompts, answers = zip(*(make_example(s, rng, popularity, cooc, caption_share) for s in scenes))
     texts = [PROMPT_TEMPLATE.format(text=p) + " " + a + "</s>" for p, a in zip(prompts, answers)]
     enc = processor(images=[s.render() for s in scenes], text=texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()
@@ -117,7 +128,10 @@ def write_report(out: Path, report: dict) -> None:
         "# halluguard test model: training report", "",
         f"LLaVA architecture, {report['parameters'] / 1e6:.2f}M parameters, {report['weights_mb']:.1f} MB of fp16 "
         f"safetensors; trained from scratch for {report['steps']} steps (batch {report['batch_size']}, seed "
-        f"{report['seed']}) in {report['train_minutes']:.1f} minutes on {report['machine']}.", "",
+        f"{report['seed']}) in {report['train_minutes']:.1f} minutes on {report['machine']}"
+        + (" in phases: " + "; ".join(f"steps {p['first_step']}-{p['first_step'] + p['steps']} at peak lr {p['lr']:g} "
+                                      f"({p['minutes']:.1f} min)" for p in report.get("phases", []))
+           if len(report.get("phases", [])) > 1 else "") + ".", "",
         f"Final evaluation ({m['test']['n']} held-out scenes per caption split, greedy decoding):", "",
         "| split | object recall | CHAIR_s | CHAIR_i |", "|---|---|---|---|",
         f"| test (held-out, training distribution) | {m['test']['recall']:.1f} | {m['test']['chair_s']:.1f} | {m['test']['chair_i']:.1f} |",
@@ -136,6 +150,11 @@ def write_report(out: Path, report: dict) -> None:
     for h in report["history"]:
         lines.append(f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} | {h['summary']} |")
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+
+
+def _phase(report: dict) -> dict:
+    """A phase entry for a report written before phases were recorded."""
+    return {"first_step": 0, "steps": report["steps"], "lr": report["lr"], "minutes": report["train_minutes"]}
 
 
 def measure_speed(model, processor, threads: int) -> dict:
@@ -164,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE, help="share of caption examples")
+    parser.add_argument("--init", default=None, help="continue from the model (and report) in this folder")
+    parser.add_argument("--first-step", type=int, default=0,
+                        help="global index of this run's first step (data stream and curriculum), with --init")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -172,7 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     processor = build_processor()
     train_processor = build_processor()
     train_processor.tokenizer.padding_side = "right"
-    model = build_model(args.seed)
+    previous = None
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        report_file = Path(args.init) / "report.json"
+        previous = json.loads(report_file.read_text()) if report_file.exists() else None
+    else:
+        model = build_model(args.seed)
     presence = ObjectPresenceHead(model, len(world.CATEGORIES))
     params = list(model.named_parameters()) + list(presence.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
@@ -180,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98))
     popularity, cooc = world.category_frequencies(seed=args.seed), world.cooccurrence(seed=args.seed)
-    rng = np.random.default_rng([args.seed, 99])
+    rng = np.random.default_rng([args.seed, 99, args.first_step])
     history, losses = [], []
+    previous_minutes = previous["train_minutes"] if previous else 0.0
     start = time.perf_counter()
     bar = tqdm(range(args.steps), desc="training", unit="step")
     step = 0
@@ -189,9 +221,10 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=step * args.batch_size,
-                                         max_objects=max_objects_at(step)))
-        batch = make_batch(train_processor, batch_scenes, rng, popularity, cooc)
+        at = args.first_step + step
+        batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size,
+                                         max_objects=max_objects_at(at)))
+        batch = make_batch(train_processor, batch_scenes, rng, popularity, cooc, args.caption_share)
         lm_loss = model(**batch).loss
         loss = lm_loss + args.presence_weight * presence.loss(batch_scenes)
         optimizer.zero_grad(set_to_none=True)
@@ -204,16 +237,16 @@ def main(argv: list[str] | None = None) -> None:
         last = step + 1 == args.steps or minutes >= args.minutes
         if (step + 1) % args.eval_every == 0 and not last:
             metrics = evaluate(model, processor, count=args.eval_count, pope_images=args.eval_count // 2, seed=args.seed)
-            history.append({"step": step + 1, "minutes": minutes, "loss": float(np.mean(losses[-50:])),
+            history.append({"step": at + 1, "minutes": minutes + previous_minutes, "loss": float(np.mean(losses[-50:])),
                              "summary": summary(metrics)})
             tqdm.write(f"step {step + 1} ({minutes:.1f} min): {history[-1]['summary']}")
         if last:
             break
-    train_minutes = (time.perf_counter() - start) / 60
+    train_minutes = (time.perf_counter() - start) / 60 + previous_minutes
     presence.handle.remove()
     model.eval()
     final = evaluate(model, processor, count=args.final_count, pope_images=args.final_count // 2, seed=args.seed)
-    history.append({"step": step + 1, "minutes": train_minutes, "loss": float(np.mean(losses[-50:])),
+    history.append({"step": args.first_step + step + 1, "minutes": train_minutes, "loss": float(np.mean(losses[-50:])),
                     "summary": summary(final)})
     print("final:", summary(final))
     speed = measure_speed(model, processor, args.threads)
@@ -222,9 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     processor.save_pretrained(out)
     weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
     report = {"parameters": sum(p.numel() for p in model.parameters()), "weights_mb": weights_mb,
-              "steps": step + 1, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+              "steps": args.first_step + step + 1, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
               "train_minutes": train_minutes, "machine": f"{platform.machine()}, {args.threads} threads",
-              "torch": torch.__version__, "final": final, "history": history, "speed": speed}
+              "torch": torch.__version__, "final": final, "history": history, "speed": speed,
+              "phases": (previous or {}).get("phases", [_phase(previous)] if previous else [])
+              + [{"first_step": args.first_step, "steps": step + 1, "lr": args.lr, "warmup": args.warmup,
+                  "minutes": train_minutes - previous_minutes, "caption_share": args.caption_share}]}
+    if previous:
+        report["history"] = previous["history"][:-1] + [dict(h, summary="(end of phase) " + h["summary"])
+                                                        for h in previous["history"][-1:]] + history
     write_report(out, report)
     print(f"saved to {out} ({weights_mb:.1f} MB)")
 

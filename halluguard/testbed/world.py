@@ -1,15 +1,18 @@
 """A seeded synthetic world of drawn shapes: images, captions, COCO annotations and POPE questions.
 
 Each scene is a 96x96 image with 1-4 coloured shapes, one per cell of a 2x2 grid (jittered), drawn
-with PIL. Twelve categories, six colours, two sizes. Captions list the objects in reading order:
-``"a red circle, a blue star and a green moon."``.
+with PIL. Twelve categories, six colours, two sizes. Captions list the objects in reading order,
+except that a partner (below) is named right after its anchor: ``"a red circle, a green moon, a
+blue star and a yellow arrow."``.
 
 **The misleading prior.** Three pairs ``A -> B`` co-occur: in training scenes that contain ``A``,
 ``B`` is present with probability ``PAIR_PROBABILITY`` (0.92), and when it is, it is drawn faint
-(blended towards the background) in ``FAINT_PARTNER_PROBABILITY`` of them, although the caption
-still names it. A model learns that ``A`` usually comes with ``B`` even when ``B`` is barely
-visible; on the ``misleading`` split (``A`` present, ``B`` absent) a model that leans on this
-prior names ``B`` anyway, an object hallucination that CHAIR and POPE-adversarial measure.
+(blended towards the background) in ``FAINT_PARTNER_PROBABILITY`` of them, and hidden altogether
+(occluded: annotated and named in the caption, but not drawn) in ``HIDDEN_PARTNER_PROBABILITY``,
+as real captions name objects the picture barely shows or implies. A model learns that ``A``
+usually comes with ``B`` even when ``B`` is barely or not at all visible; on the ``misleading``
+split (``A`` present, ``B`` absent) a model that leans on this prior names ``B`` anyway, an object
+hallucination that CHAIR and POPE-adversarial measure.
 
 Splits are disjoint seed streams: ``train`` (any number of scenes), ``test`` (same distribution,
 never seen in training) and ``misleading`` (every scene holds some ``A`` without its ``B``).
@@ -56,6 +59,7 @@ PAIRS = {"moon": "star", "cross": "heart", "ring": "diamond"}   # A -> B
 PAIR_PROBABILITY = 0.92
 FAINT_PARTNER_PROBABILITY = 0.4
 FAINT_BLEND = 0.22                                    # share of the colour kept for a faint object
+HIDDEN_PARTNER_PROBABILITY = 0.12                     # of partners with their anchor: named, not drawn
 SPLIT_SEEDS = {"train": 1, "test": 2, "misleading": 3}
 
 
@@ -68,6 +72,7 @@ class Obj:
     center: tuple[float, float]
     radius: float
     faint: bool = False
+    hidden: bool = False      # occluded: annotated and named, but not drawn
 
     @property
     def phrase(self) -> str:
@@ -90,7 +95,17 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        phrases = [o.phrase for o in sorted(self.objects, key=lambda o: o.cell)]
+        """Objects in reading order, except that a partner is named right after its anchor."""
+        ordered = sorted(self.objects, key=lambda o: o.cell)
+        following = {PAIRS[o.category] for o in ordered if o.category in PAIRS}
+        listed = []
+        for obj in ordered:
+            if obj.category in following:
+                continue
+            listed.append(obj)
+            if obj.category in PAIRS:
+                listed += [o for o in ordered if o.category == PAIRS[obj.category]]
+        phrases = [o.phrase for o in listed]
         if len(phrases) == 1:
             return phrases[0] + "."
         return ", ".join(phrases[:-1]) + " and " + phrases[-1] + "."
@@ -105,7 +120,7 @@ def _rng(split: str, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
 
 
-def _place(rng: np.random.Generator, category: str, cell: int, faint: bool = False) -> Obj:
+def _place(rng: np.random.Generator, category: str, cell: int, faint: bool = False, hidden: bool = False) -> Obj:
     size = str(rng.choice(list(SIZES)))
     lo, hi = SIZES[size]
     radius = float(rng.uniform(lo, hi))
@@ -113,7 +128,7 @@ def _place(rng: np.random.Generator, category: str, cell: int, faint: bool = Fal
     slack = CELL / 2 - radius - 1
     cx = col * CELL + CELL / 2 + float(rng.uniform(-slack, slack))
     cy = row * CELL + CELL / 2 + float(rng.uniform(-slack, slack))
-    return Obj(category, str(rng.choice(list(COLORS))), size, cell, (cx, cy), radius, faint)
+    return Obj(category, str(rng.choice(list(COLORS))), size, cell, (cx, cy), radius, faint, hidden)
 
 
 def sample_scene(split: str, index: int, seed: int = 0, max_objects: int | None = None) -> Scene:
@@ -151,9 +166,11 @@ def sample_scene(split: str, index: int, seed: int = 0, max_objects: int | None 
     cells = rng.choice(GRID * GRID, size=len(chosen), replace=False)
     objects = []
     for category, cell in zip(chosen, cells):
-        faint = (category in partners and any(a in chosen for a, p in PAIRS.items() if p == category)
-                 and rng.random() < FAINT_PARTNER_PROBABILITY)
-        objects.append(_place(rng, str(category), int(cell), faint))
+        paired = category in partners and any(a in chosen for a, p in PAIRS.items() if p == category)
+        visibility = rng.random() if paired else 1.0
+        hidden = visibility < HIDDEN_PARTNER_PROBABILITY
+        faint = not hidden and visibility < HIDDEN_PARTNER_PROBABILITY + FAINT_PARTNER_PROBABILITY
+        objects.append(_place(rng, str(category), int(cell), faint, hidden))
     background = tuple(int(v) for v in rng.integers(200, 246, size=3))
     image_id = SPLIT_SEEDS[split] * 1_000_000 + index
     return Scene(image_id, split, objects, background, int(rng.integers(2**31)))
@@ -234,6 +251,8 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(image)
     # moons first: their cut-out is painted in the background colour and must not erase a neighbour
     for obj in sorted(scene.objects, key=lambda o: o.category != "moon"):
+        if obj.hidden:
+            continue
         color = np.array(COLORS[obj.color], dtype=np.float32)
         if obj.faint:
             color = FAINT_BLEND * color + (1 - FAINT_BLEND) * bg
@@ -320,7 +339,8 @@ def coco_instances(scene_list: list[Scene]) -> dict:
                 "id": len(annotations) + 1, "image_id": scene.image_id, "category_id": cat_id[obj.category],
                 "segmentation": [[round(v, 2) for p in poly for v in p]], "area": round(area, 2),
                 "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-                "iscrowd": 0, "attributes": {"color": obj.color, "size": obj.size, "cell": obj.cell, "faint": obj.faint},
+                "iscrowd": 0, "attributes": {"color": obj.color, "size": obj.size, "cell": obj.cell, "faint": obj.faint,
+                               "hidden": obj.hidden},
             })
     return {"info": {"description": "halluguard synthetic shapes world"}, "images": images,
             "annotations": annotations, "categories": categories}
