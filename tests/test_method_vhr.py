@@ -258,11 +258,13 @@ def test_vhr_composes_with_attention_edits():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vhr_with_pai_guidance_runs_on_every_family(family):
-    """VHR's probe and PAI's image-free side stream together: greedy, sampling and beam search."""
+def test_vhr_var_and_pai_guidance_run_together_on_every_family(family):
+    """VHR's probe, VAR's redistribution (a low sink threshold on two dimensions) and PAI's
+    image-free side stream together: greedy, sampling and beam search."""
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
-    methods = [hg.VHRConfig(alpha=2.0), hg.PAIConfig(alpha=0.5, use_cfg=True)]
+    methods = [hg.VHRConfig(alpha=2.0), hg.VARConfig(sink_dims=(0, 1), tau=1.5, first_layer=0),
+               hg.PAIConfig(alpha=0.5, use_cfg=True)]
     length = inputs["input_ids"].shape[1] + 4
     with hg.wrap(model, methods=methods), torch.no_grad():
         assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4).shape == (2, length)
