@@ -181,7 +181,12 @@ class Guard:
             raise RuntimeError("this guard was unwrapped; wrap the model again to guard it")
         if not self.methods:
             return self.model(*args, **kwargs)
-        with self._session(args, kwargs, for_generation=False):
+        with self._session(args, kwargs, for_generation=False) as state:
+            acting = [m.name for m in self.methods if m.logits_processors(state)]
+            if acting:
+                raise ValueError(f"{', '.join(acting)} act(s) on next-token scores during generate (e.g. PAI's "
+                                 "guidance branch); Guard.forward returns one forward's raw logits, so use generate "
+                                 "(e.g. with max_new_tokens=1, output_scores=True) to score with them")
             return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:

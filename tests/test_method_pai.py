@@ -155,3 +155,10 @@ def test_guidance_keeps_ruled_out_tokens_out_even_at_gamma_zero():
     scores = torch.tensor([[2.0, float("-inf"), 0.0]])
     got = log_prob_guidance(scores, torch.zeros(1, 3), gamma=0.0, beta=0.0)
     assert got[0, 1] == float("-inf") and not got.isnan().any()
+
+
+def test_guarded_forward_refuses_guidance_it_cannot_apply():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with hg.wrap(model, methods=hg.PAIConfig(use_cfg=True)) as guard, pytest.raises(ValueError, match="use generate"):
+        guard.forward(**inputs)
