@@ -51,7 +51,7 @@ def test_measured_behaviour_holds_on_fresh_held_out_scenes(shipped):
     assert metrics["misleading"]["chair_i"] >= 15                               # the prior misleads
     assert metrics["misleading"]["chair_s"] > 2 * metrics["test"]["chair_s"]
     report = json.loads((testbed.path() / "report.json").read_text())["final"]
-    assert report["test"]["recall"] >= 80 and report["pope_random"]["accuracy"] >= 79
+    assert report["test"]["recall"] >= 80 and report["pope_random"]["accuracy"] >= 80
     assert report["misleading"]["chair_i"] >= 10
     assert report["misleading"]["chair_i"] > 2 * report["test"]["chair_i"]
 

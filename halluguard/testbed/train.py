@@ -42,7 +42,7 @@ CAPTION_PROMPTS = ["Describe the image.", "Please describe this image in detail.
 QUESTION_SUFFIXES = ["", " Answer the question using a single word or phrase.", " Please answer this question with one word."]
 
 
-CAPTION_SHARE = 0.4      # of training examples by default; the rest are yes/no questions
+CAPTION_SHARE = 0.3      # of training examples by default; the rest are yes/no questions
 
 
 def make_example(scene: world.Scene, rng: np.random.Generator, popularity, cooc,
