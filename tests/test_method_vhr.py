@@ -14,15 +14,18 @@ GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 DROPPED = {IMAGE, VISION_START, VISION_END, BOI, EOI}    # image tokens and the delimiters configs name
 
 
-def selection(model, inputs, cfg, **generate_kwargs):
-    """(VHD per layer, heads per layer) chosen by VHR during a guarded generate."""
+def selection(model, inputs, cfg, forward=False, **generate_kwargs):
+    """(VHD per layer, heads per layer) chosen by VHR during a guarded generate (or Guard.forward)."""
     vhd, heads = {}, {}
 
     def record(layer, values, chosen):
         vhd[layer], heads[layer] = values.clone(), chosen.clone()
 
-    with hg.wrap(model, methods=VHR(cfg, on_select=record)), torch.no_grad():
-        model.generate(**inputs, **(generate_kwargs or GEN))
+    with hg.wrap(model, methods=VHR(cfg, on_select=record)) as guard, torch.no_grad():
+        if forward:
+            guard.forward(**inputs)
+        else:
+            model.generate(**inputs, **(generate_kwargs or GEN))
     return vhd, heads
 
 
@@ -239,10 +242,7 @@ def test_guarded_forward_selects_like_generate(family):
     inputs, _ = make_inputs(model, family, batch=1)
     cfg = hg.VHRConfig(alpha=3.0, layers=(0, 1, 2))
     want_vhd, want_heads = selection(model, inputs, cfg)
-    got_vhd, got_heads = {}, {}
-    method = VHR(cfg, on_select=lambda layer, v, h: (got_vhd.__setitem__(layer, v), got_heads.__setitem__(layer, h)))
-    with hg.wrap(model, methods=method) as guard, torch.no_grad():
-        guard.forward(**inputs)
+    got_vhd, got_heads = selection(model, inputs, cfg, forward=True)
     for layer in want_vhd:
         torch.testing.assert_close(got_vhd[layer], want_vhd[layer], rtol=1e-4, atol=1e-5)
         assert torch.equal(got_heads[layer], want_heads[layer])
