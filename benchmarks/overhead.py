@@ -49,8 +49,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="testbed")
     parser.add_argument("--methods", nargs="+", default=["vhr", "var", "pai"])
-    parser.add_argument("--config", default='{"var": {"sink_dims": [0, 1], "tau": 1.5}}',
-                        help="JSON overrides per method (the default gives VAR sinks on models without a table entry)")
+    parser.add_argument(
+        "--config",
+        default='{"var": {"sink_dims": [0, 1], "tau": 1.5}}',
+        help="JSON overrides per method (the default gives VAR sinks on models without a table entry)",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -65,7 +68,7 @@ def main() -> None:
         with torch.no_grad():
             model.generate(**inputs, **settings)
 
-    plain()                                                 # warm-up
+    plain()  # warm-up
     rows = []
     for spec in args.methods:
         configs = method_configs(spec, json.dumps({n: overrides[n] for n in spec.split("+") if n in overrides}) or None)
@@ -82,8 +85,10 @@ def main() -> None:
         p, g = statistics.median(plain_times), statistics.median(guarded_times)
         rows.append((spec, p, g))
     tokens = args.batch * args.new_tokens
-    print(f"model {name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"model {name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
     print("| method | plain s | guarded s | ratio | guarded tokens/s |")
     print("|---|---|---|---|---|")
     for spec, p, g in rows:

@@ -60,8 +60,11 @@ def shipped_model():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a local checkpoint or hub id of a supported LVLM (needs an image and "
-                        "processor; default: the shipped test model)")
+    parser.add_argument(
+        "--model",
+        help="a local checkpoint or hub id of a supported LVLM (needs an image and "
+        "processor; default: the shipped test model)",
+    )
     parser.add_argument("--image", help="image file for --model")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()

@@ -40,10 +40,33 @@ COCO_GT = DATA / "coco2014_gt_objects.json.gz"
 OPERA_500_IDS = DATA / "opera_500_val2014_image_ids.txt"
 
 COCO_DOUBLE_WORDS = (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
-    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
-    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
-    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track",
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
 )
 ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 PASSENGER_VEHICLES = ("jet", "train")
@@ -79,11 +102,33 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-_IRREGULAR = {"people": "person", "children": "child", "men": "man", "women": "woman", "mice": "mouse",
-              "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "wives": "wife",
-              "leaves": "leaf", "shelves": "shelf", "wolves": "wolf", "halves": "half", "loaves": "loaf",
-              "sheep": "sheep", "fish": "fish", "deer": "deer", "skis": "ski", "glasses": "glas",
-              "buses": "bus", "series": "series", "species": "species", "oxen": "ox", "cacti": "cactus"}
+_IRREGULAR = {
+    "people": "person",
+    "children": "child",
+    "men": "man",
+    "women": "woman",
+    "mice": "mouse",
+    "geese": "goose",
+    "teeth": "tooth",
+    "feet": "foot",
+    "knives": "knife",
+    "wives": "wife",
+    "leaves": "leaf",
+    "shelves": "shelf",
+    "wolves": "wolf",
+    "halves": "half",
+    "loaves": "loaf",
+    "sheep": "sheep",
+    "fish": "fish",
+    "deer": "deer",
+    "skis": "ski",
+    "glasses": "glas",
+    "buses": "bus",
+    "series": "series",
+    "species": "species",
+    "oxen": "ox",
+    "cacti": "cactus",
+}
 
 
 def singularize(word: str) -> str:
@@ -124,10 +169,11 @@ def drop_incomplete_sentence(caption: str) -> str:
     if not text or text.endswith((".", "!", "?")):
         return text
     cut = max(text.rfind("."), text.rfind("!"), text.rfind("?"))
-    return text[:cut + 1] if cut >= 0 else text
+    return text[: cut + 1] if cut >= 0 else text
 
 
 # ---- the scorer ------------------------------------------------------------------------------------------
+
 
 class Chair:
     """CHAIR with a synonym table, a two-word table and a ground-truth object table.
@@ -137,8 +183,13 @@ class Chair:
     ``gt_from_coco_annotations``.
     """
 
-    def __init__(self, synonyms: str | None = None, gt: dict | None = None, double_words: dict[str, str] | None = None,
-                 normaliser: str = "lemma"):
+    def __init__(
+        self,
+        synonyms: str | None = None,
+        gt: dict | None = None,
+        double_words: dict[str, str] | None = None,
+        normaliser: str = "lemma",
+    ):
         if normaliser not in NORMALISERS:
             raise ValueError(f"unknown normaliser {normaliser!r}; choose from {', '.join(NORMALISERS)}")
         is_coco = synonyms is None
@@ -163,7 +214,7 @@ class Chair:
         words = [self.normalise(w) for w in tokenize(caption)]
         merged, i = [], 0
         while i < len(words):
-            pair = " ".join(words[i:i + 2])
+            pair = " ".join(words[i : i + 2])
             if i + 1 < len(words) and pair in self.double_words:
                 merged.append(self.double_words[pair])
                 i += 2
@@ -175,8 +226,14 @@ class Chair:
         objects = [w for w in merged if w in self.inverse]
         return objects, [self.inverse[w] for w in objects], len(merged)
 
-    def score(self, records: Iterable[dict], gt: dict | None = None, short: bool = False,
-              image_id_key: str = "image_id", caption_key: str = "caption") -> dict:
+    def score(
+        self,
+        records: Iterable[dict],
+        gt: dict | None = None,
+        short: bool = False,
+        image_id_key: str = "image_id",
+        caption_key: str = "caption",
+    ) -> dict:
         """Score ``records`` (``{"image_id", "caption"}``); ``short`` drops a last unfinished sentence."""
         gt_table = gt if gt is not None else self.gt
         details, mentions, hallucinated, with_hallucination = [], 0, 0, 0
@@ -200,20 +257,36 @@ class Chair:
             tokens += n_tokens
             if nodes:
                 precisions.append(len(set(nodes) & truth) / len(set(nodes)))
-            details.append({"image_id": image_id, "caption": caption, "mentioned": nodes,
-                            "mentioned_words": words, "hallucinated": [n for _, n in bad],
-                            "gt_objects": sorted(truth),
-                            "chair_i": 100.0 * len(bad) / len(nodes) if nodes else 0.0})
+            details.append(
+                {
+                    "image_id": image_id,
+                    "caption": caption,
+                    "mentioned": nodes,
+                    "mentioned_words": words,
+                    "hallucinated": [n for _, n in bad],
+                    "gt_objects": sorted(truth),
+                    "chair_i": 100.0 * len(bad) / len(nodes) if nodes else 0.0,
+                }
+            )
         n = len(details)
         if not n:
             raise ValueError("no captions to score")
         precision = 100.0 * sum(precisions) / len(precisions) if precisions else 0.0
         recall = 100.0 * covered / gt_total if gt_total else 0.0
-        return {"chair_s": 100.0 * with_hallucination / n, "chair_i": 100.0 * hallucinated / max(mentions, 1),
-                "recall": recall, "precision": precision,
-                "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-                "len": tokens / n, "n": n, "mentions": mentions, "hallucinated_mentions": hallucinated,
-                "normaliser": self.normaliser, "short": short, "captions": details}
+        return {
+            "chair_s": 100.0 * with_hallucination / n,
+            "chair_i": 100.0 * hallucinated / max(mentions, 1),
+            "recall": recall,
+            "precision": precision,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "len": tokens / n,
+            "n": n,
+            "mentions": mentions,
+            "hallucinated_mentions": hallucinated,
+            "normaliser": self.normaliser,
+            "short": short,
+            "captions": details,
+        }
 
 
 def score(records: Iterable[dict], gt: dict | None = None, **kwargs) -> dict:
@@ -237,21 +310,21 @@ def opera_500_ids() -> list[int]:
     return [int(line) for line in OPERA_500_IDS.read_text().split()]
 
 
-def gt_from_coco_annotations(directory: str | Path, synonyms: str | None = None,
-                             normaliser: str = "lemma") -> dict[int, set[str]]:
+def gt_from_coco_annotations(
+    directory: str | Path, synonyms: str | None = None, normaliser: str = "lemma"
+) -> dict[int, set[str]]:
     """Ground truth from COCO-format files in ``directory``: node words of every
     ``instances_*.json`` category, united with objects found in ``captions_*.json`` (if any)."""
     from pycocotools.coco import COCO
 
-    chair = Chair(synonyms=synonyms, gt={}, normaliser=normaliser,
-                  double_words=None if synonyms is None else {})
+    chair = Chair(synonyms=synonyms, gt={}, normaliser=normaliser, double_words=None if synonyms is None else {})
     folder = Path(directory)
     instance_files = sorted(folder.glob("instances_*.json"))
     if not instance_files:
         raise FileNotFoundError(f"no instances_*.json in {folder}")
     gt: dict[int, set[str]] = {}
     for path in instance_files:
-        with contextlib.redirect_stdout(io.StringIO()):      # pycocotools prints progress on stdout
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress on stdout
             coco = COCO(str(path))
         names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
         for image_id in coco.getImgIds():
@@ -287,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score a caption file and print the JSON result")
     s.add_argument("file", help="JSON lines (or a JSON list) of {image_id, caption}")
-    s.add_argument("--coco-annotations", help="folder with instances_*.json (and captions_*.json) to build the "
-                   "ground truth from, instead of the packaged COCO-2014 table")
+    s.add_argument(
+        "--coco-annotations",
+        help="folder with instances_*.json (and captions_*.json) to build the "
+        "ground truth from, instead of the packaged COCO-2014 table",
+    )
     s.add_argument("--synonyms", help="synonym table (CHAIR format) for a non-COCO dataset")
     s.add_argument("--short", action="store_true", help="64-token regime: drop a last unfinished sentence")
     s.add_argument("--normaliser", default="lemma", choices=sorted(NORMALISERS))
@@ -300,10 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     gt = gt_from_coco_annotations(args.coco_annotations, synonyms, args.normaliser) if args.coco_annotations else None
     if synonyms is not None and gt is None:
         parser.error("--synonyms needs --coco-annotations (the ground truth of that dataset)")
-    chair = Chair(synonyms=synonyms, gt=gt, normaliser=args.normaliser,
-                  double_words=None if synonyms is None else {})
-    result = chair.score(read_records(args.file), short=args.short, image_id_key=args.image_id_key,
-                         caption_key=args.caption_key)
+    chair = Chair(synonyms=synonyms, gt=gt, normaliser=args.normaliser, double_words=None if synonyms is None else {})
+    result = chair.score(
+        read_records(args.file), short=args.short, image_id_key=args.image_id_key, caption_key=args.caption_key
+    )
     if not args.details:
         result.pop("captions")
     json.dump(result, sys.stdout, indent=2)

@@ -93,8 +93,18 @@ def metrics(predictions: list[str], labels: list[str], answers: list[str] | None
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    out = {"accuracy": 100.0 * (tp + tn) / n, "precision": 100.0 * precision, "recall": 100.0 * recall,
-           "f1": 100.0 * f1, "yes_ratio": 100.0 * (tp + fp) / n, "n": n, "tp": tp, "tn": tn, "fp": fp, "fn": fn}
+    out = {
+        "accuracy": 100.0 * (tp + tn) / n,
+        "precision": 100.0 * precision,
+        "recall": 100.0 * recall,
+        "f1": 100.0 * f1,
+        "yes_ratio": 100.0 * (tp + fp) / n,
+        "n": n,
+        "tp": tp,
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+    }
     if answers is not None:
         out["neither_yes_nor_no"] = 100.0 * sum(not starts_with_yes_or_no(a) for a in answers) / len(answers)
     return out

@@ -40,17 +40,24 @@ def chair_table(runs: list[dict]) -> str:
     lines = ["| method | CHAIR_s | CHAIR_i | recall | len | n |", "|---|---|---|---|---|---|"]
     for r in runs:
         m = r["metrics"]
-        lines.append(f"| {run_label(r)} | {m['chair_s']:.1f} | {m['chair_i']:.1f} | {m['recall']:.1f} | "
-                     f"{m['len']:.1f} | {m['n']} |")
+        lines.append(
+            f"| {run_label(r)} | {m['chair_s']:.1f} | {m['chair_i']:.1f} | {m['recall']:.1f} | "
+            f"{m['len']:.1f} | {m['n']} |"
+        )
     return "\n".join(lines)
 
 
 def pope_table(runs: list[dict]) -> str:
-    lines = ["| method | split | accuracy | precision | recall | F1 | yes-ratio | n |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | split | accuracy | precision | recall | F1 | yes-ratio | n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for split, m in r["metrics"].items():
-            lines.append(f"| {run_label(r)} | {split} | {m['accuracy']:.1f} | {m['precision']:.1f} | {m['recall']:.1f} | "
-                         f"{m['f1']:.1f} | {m['yes_ratio']:.1f} | {m['n']} |")
+            lines.append(
+                f"| {run_label(r)} | {split} | {m['accuracy']:.1f} | {m['precision']:.1f} | {m['recall']:.1f} | "
+                f"{m['f1']:.1f} | {m['yes_ratio']:.1f} | {m['n']} |"
+            )
     return "\n".join(lines)
 
 
@@ -74,13 +81,20 @@ def save_chart(runs: list[dict], task: str, path: str) -> None:
 
     labels = [run_label(r) for r in runs]
     if task == "chair":
-        series = {"CHAIR_s": [r["metrics"]["chair_s"] for r in runs], "CHAIR_i": [r["metrics"]["chair_i"] for r in runs]}
+        series = {
+            "CHAIR_s": [r["metrics"]["chair_s"] for r in runs],
+            "CHAIR_i": [r["metrics"]["chair_i"] for r in runs],
+        }
     else:
+
         def mean(r, key):
             values = [m[key] for m in r["metrics"].values()]
             return sum(values) / len(values)
-        series = {k: [mean(r, key) for r in runs] for k, key in
-                  (("F1", "f1"), ("accuracy", "accuracy"), ("yes-ratio", "yes_ratio"))}
+
+        series = {
+            k: [mean(r, key) for r in runs]
+            for k, key in (("F1", "f1"), ("accuracy", "accuracy"), ("yes-ratio", "yes_ratio"))
+        }
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(runs) * len(series) / 2, 3.2))
     width = 0.8 / len(series)
     for k, (name, values) in enumerate(series.items()):

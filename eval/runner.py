@@ -22,8 +22,9 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -36,9 +37,9 @@ CHAIR_PROMPT = "Please describe this image in detail."
 
 @dataclasses.dataclass
 class Sample:
-    key: str                                   # unique id of the row
+    key: str  # unique id of the row
     image_id: Any
-    load_image: Callable[[], Any]              # -> PIL image (may raise)
+    load_image: Callable[[], Any]  # -> PIL image (may raise)
     prompt: str
     meta: dict = dataclasses.field(default_factory=dict)
 
@@ -62,6 +63,7 @@ class Settings:
 
 # ---- models ------------------------------------------------------------------------------------------
 
+
 def load_model(spec: str, dtype: str = "auto", device: str | None = None):
     """``(model, processor, name)`` for ``"testbed"`` (the shipped model) or a hub id / local path."""
     if spec == "testbed":
@@ -76,7 +78,7 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
     if device is None and torch.cuda.is_available():
         from accelerate import PartialState
 
-        device = PartialState().device          # under `accelerate launch`: this process's GPU
+        device = PartialState().device  # under `accelerate launch`: this process's GPU
     if device:
         model.to(device)
     processor = AutoProcessor.from_pretrained(spec)
@@ -93,6 +95,7 @@ def build_prompt(processor, text: str) -> str:
 
 
 # ---- rows, resume, shards -----------------------------------------------------------------------------
+
 
 def read_rows(path: Path) -> dict[str, dict]:
     """Rows already written (a torn last line from a killed run is ignored)."""
@@ -114,37 +117,59 @@ def _rewrite_clean(path: Path, rows: dict[str, dict]) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
 
 
-def generate_rows(model, processor, samples: list[Sample], out_file: Path, settings: Settings,
-                  guard=None, desc: str = "generating", position: int = 0) -> dict[str, dict]:
+def generate_rows(
+    model,
+    processor,
+    samples: list[Sample],
+    out_file: Path,
+    settings: Settings,
+    guard=None,
+    desc: str = "generating",
+    position: int = 0,
+) -> dict[str, dict]:
     """Generate the answer of every sample not yet in ``out_file``; returns all rows."""
     done = read_rows(out_file)
     _rewrite_clean(out_file, done)
     todo = [s for s in samples if s.key not in done]
     generate = guard.generate if guard is not None else model.generate
     device = next(model.parameters()).device
-    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=desc, unit="sample", position=position,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(samples),
+        initial=len(samples) - len(todo),
+        desc=desc,
+        unit="sample",
+        position=position,
+        dynamic_ncols=True,
+    )
     with open(out_file, "a") as f:
         for start in range(0, len(todo), settings.batch_size):
             batch, images, rows = [], [], []
-            for sample in todo[start:start + settings.batch_size]:
+            for sample in todo[start : start + settings.batch_size]:
                 try:
                     image = sample.load_image()
                     image.load()
                     images.append(image.convert("RGB"))
                     batch.append(sample)
-                except Exception as err:       # a missing or corrupt image is an error row
-                    rows.append({"key": sample.key, "image_id": sample.image_id, **sample.meta,
-                                 "error": f"{type(err).__name__}: {err}"})
+                except Exception as err:  # a missing or corrupt image is an error row
+                    rows.append(
+                        {
+                            "key": sample.key,
+                            "image_id": sample.image_id,
+                            **sample.meta,
+                            "error": f"{type(err).__name__}: {err}",
+                        }
+                    )
             if batch:
                 texts = [build_prompt(processor, s.prompt) for s in batch]
                 enc = processor(images=images, text=texts, return_tensors="pt", padding=True).to(device)
                 torch.manual_seed(settings.seed + start)
                 with torch.no_grad():
                     ids = generate(**enc, **settings.generate_kwargs())
-                outputs = processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                rows += [{"key": s.key, "image_id": s.image_id, **s.meta, "output": o.strip()}
-                         for s, o in zip(batch, outputs)]
+                outputs = processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                rows += [
+                    {"key": s.key, "image_id": s.image_id, **s.meta, "output": o.strip()}
+                    for s, o in zip(batch, outputs)
+                ]
             for row in rows:
                 f.write(json.dumps(row) + "\n")
                 done[row["key"]] = row
@@ -176,6 +201,7 @@ def run_sharded(samples: list[Sample], out_dir: Path, work: Callable[[list[Sampl
 
 # ---- data --------------------------------------------------------------------------------------------------
 
+
 def coco_file_name(image_id: int) -> str:
     return f"COCO_val2014_{int(image_id):012d}.jpg"
 
@@ -185,6 +211,7 @@ def _open_image(path: Path) -> Callable[[], Any]:
         from PIL import Image
 
         return Image.open(path)
+
     return load
 
 
@@ -219,10 +246,24 @@ def package_version() -> str:
 
 # ---- tasks -----------------------------------------------------------------------------------------------------
 
-def run_chair(model, processor, model_name: str, out_dir: Path, guard=None, *, dataset: str = "coco",
-              coco_images: str | None = None, image_ids: str = "opera", num_images: int = 500, seed: int = 0,
-              prompt: str = CHAIR_PROMPT, settings: Settings | None = None, short: bool = False,
-              split: str = "misleading") -> dict | None:
+
+def run_chair(
+    model,
+    processor,
+    model_name: str,
+    out_dir: Path,
+    guard=None,
+    *,
+    dataset: str = "coco",
+    coco_images: str | None = None,
+    image_ids: str = "opera",
+    num_images: int = 500,
+    seed: int = 0,
+    prompt: str = CHAIR_PROMPT,
+    settings: Settings | None = None,
+    short: bool = False,
+    split: str = "misleading",
+) -> dict | None:
     """Caption ``num_images`` images and score them with CHAIR; returns the results on process 0."""
     settings = settings or Settings(max_new_tokens=512)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,27 +285,54 @@ def run_chair(model, processor, model_name: str, out_dir: Path, guard=None, *, d
         samples = [Sample(str(i), i, _open_image(folder / coco_file_name(i)), prompt) for i in ids]
         data_files = {"synonyms.txt": sha256(chair_lib.COCO_SYNONYMS), "gt": sha256(chair_lib.COCO_GT)}
 
-    rows = run_sharded(samples, out_dir, lambda shard, path: generate_rows(
-        model, processor, shard, path, settings, guard, desc="CHAIR captions"))
+    rows = run_sharded(
+        samples,
+        out_dir,
+        lambda shard, path: generate_rows(model, processor, shard, path, settings, guard, desc="CHAIR captions"),
+    )
     if rows is None:
         return None
     good = [{"image_id": r["image_id"], "caption": r["output"]} for r in rows if "error" not in r]
     scores = scorer.score(good, short=short) if good else {"n": 0}
     per_caption = scores.pop("captions", [])
-    results = {"task": "chair", "dataset": dataset, "split": split if dataset == "testbed" else "val2014",
-               "model": model_name, "methods": method_record(guard), "prompt": prompt,
-               "decoding": dataclasses.asdict(settings), "short": short, "metrics": scores,
-               "errors": [r for r in rows if "error" in r], "image_ids": ids, "data_files": data_files,
-               "version": package_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = {
+        "task": "chair",
+        "dataset": dataset,
+        "split": split if dataset == "testbed" else "val2014",
+        "model": model_name,
+        "methods": method_record(guard),
+        "prompt": prompt,
+        "decoding": dataclasses.asdict(settings),
+        "short": short,
+        "metrics": scores,
+        "errors": [r for r in rows if "error" in r],
+        "image_ids": ids,
+        "data_files": data_files,
+        "version": package_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "chair_captions.json").write_text(json.dumps(per_caption, indent=1) + "\n")
     return results
 
 
-def run_pope(model, processor, model_name: str, out_dir: Path, guard=None, *, dataset: str = "coco",
-             splits: Iterable[str] = ("random", "popular", "adversarial"), coco_images: str | None = None,
-             num_questions: int | None = None, seed: int = 0, rule: str = "pope", suffix: str = "",
-             settings: Settings | None = None, num_images: int = 500) -> dict | None:
+def run_pope(
+    model,
+    processor,
+    model_name: str,
+    out_dir: Path,
+    guard=None,
+    *,
+    dataset: str = "coco",
+    splits: Iterable[str] = ("random", "popular", "adversarial"),
+    coco_images: str | None = None,
+    num_questions: int | None = None,
+    seed: int = 0,
+    rule: str = "pope",
+    suffix: str = "",
+    settings: Settings | None = None,
+    num_images: int = 500,
+) -> dict | None:
     """Answer POPE questions and report accuracy, precision, recall, F1 and yes-ratio per split."""
     settings = settings or Settings(max_new_tokens=10)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,12 +351,21 @@ def run_pope(model, processor, model_name: str, out_dir: Path, guard=None, *, da
         if num_questions:
             questions = questions[:num_questions]
         for q in questions:
-            samples.append(Sample(f"{split}/{q['question_id']}", q["image"], loaders[q["image"]], q["text"] + suffix,
-                                  {"split": split, "question_id": q["question_id"], "label": q["label"],
-                                   "question": q["text"]}))
+            samples.append(
+                Sample(
+                    f"{split}/{q['question_id']}",
+                    q["image"],
+                    loaders[q["image"]],
+                    q["text"] + suffix,
+                    {"split": split, "question_id": q["question_id"], "label": q["label"], "question": q["text"]},
+                )
+            )
 
-    rows = run_sharded(samples, out_dir, lambda shard, path: generate_rows(
-        model, processor, shard, path, settings, guard, desc="POPE answers"))
+    rows = run_sharded(
+        samples,
+        out_dir,
+        lambda shard, path: generate_rows(model, processor, shard, path, settings, guard, desc="POPE answers"),
+    )
     if rows is None:
         return None
     metrics = {}
@@ -298,11 +375,21 @@ def run_pope(model, processor, model_name: str, out_dir: Path, guard=None, *, da
             continue
         predicted = [pope_lib.parse_answer(r["output"], rule, label=r["label"]) for r in mine]
         metrics[split] = pope_lib.metrics(predicted, [r["label"] for r in mine], answers=[r["output"] for r in mine])
-    results = {"task": "pope", "dataset": dataset, "model": model_name, "methods": method_record(guard),
-               "answer_rule": rule, "prompt_suffix": suffix, "decoding": dataclasses.asdict(settings),
-               "metrics": metrics, "errors": [r for r in rows if "error" in r],
-               "image_ids": sorted({str(r["image_id"]) for r in rows}), "data_files": data_files,
-               "version": package_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results = {
+        "task": "pope",
+        "dataset": dataset,
+        "model": model_name,
+        "methods": method_record(guard),
+        "answer_rule": rule,
+        "prompt_suffix": suffix,
+        "decoding": dataclasses.asdict(settings),
+        "metrics": metrics,
+        "errors": [r for r in rows if "error" in r],
+        "image_ids": sorted({str(r["image_id"]) for r in rows}),
+        "data_files": data_files,
+        "version": package_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -315,7 +402,9 @@ def testbed_pope(split: str, num_images: int, seed: int) -> tuple[list[dict], di
 
     scenes = testbed_scenes("test", num_images, seed)
     popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
-    rng = np.random.default_rng([seed, 17, world.SPLIT_SEEDS["test"], ("random", "popular", "adversarial").index(split)])
+    rng = np.random.default_rng(
+        [seed, 17, world.SPLIT_SEEDS["test"], ("random", "popular", "adversarial").index(split)]
+    )
     questions, loaders = [], {}
     for scene in scenes:
         name = world.file_name(scene)
@@ -330,5 +419,16 @@ def default_out_dir(task: str, model_name: str, methods: str) -> Path:
     return Path("runs") / f"{task}-{name}-{methods.replace('+', '_') or 'vanilla'}"
 
 
-__all__ = ["CHAIR_PROMPT", "Sample", "Settings", "build_prompt", "default_out_dir", "generate_rows", "load_model",
-           "read_rows", "run_chair", "run_pope", "run_sharded"]
+__all__ = [
+    "CHAIR_PROMPT",
+    "Sample",
+    "Settings",
+    "build_prompt",
+    "default_out_dir",
+    "generate_rows",
+    "load_model",
+    "read_rows",
+    "run_chair",
+    "run_pope",
+    "run_sharded",
+]

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class Guard:
         self.processor = processor
         self.methods = methods
         self.adapter = adapter
-        self.state: GuardState | None = None        # the state of the guarded call in progress, if any
+        self.state: GuardState | None = None  # the state of the guarded call in progress, if any
         self.wrapped = False
         previous = adapter.text_attn_implementation()
         self._previous_attn = previous
@@ -64,9 +65,10 @@ class Guard:
         self._hook_handle = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         readers = [m for m in self.methods if m.reads_layer_inputs]
         if readers:
-            self._layer_handles = [layer.register_forward_pre_hook(functools.partial(self._before_layer, i, readers),
-                                                                   with_kwargs=True)
-                                   for i, layer in enumerate(self.adapter.decoder_layers())]
+            self._layer_handles = [
+                layer.register_forward_pre_hook(functools.partial(self._before_layer, i, readers), with_kwargs=True)
+                for i, layer in enumerate(self.adapter.decoder_layers())
+            ]
         self.model.generate = self.generate
         self.wrapped = True
 
@@ -122,8 +124,14 @@ class Guard:
         if probe_inputs is None:
             return
         probe_inputs = dict(probe_inputs, past_key_values=None, use_cache=False)
-        probe = GuardState(self.adapter, self.methods, probe_inputs["input_ids"], probe_inputs.get("attention_mask"),
-                           for_generation=False, probe_of=method.name)
+        probe = GuardState(
+            self.adapter,
+            self.methods,
+            probe_inputs["input_ids"],
+            probe_inputs.get("attention_mask"),
+            for_generation=False,
+            probe_of=method.name,
+        )
         self._side_forward(probe, probe_inputs)
         method.after_probe(state, probe)
 
@@ -137,12 +145,14 @@ class Guard:
         finally:
             self.state = previous
 
-    def _before_layer(self, layer_idx: int, readers: list[Method], module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_layer(
+        self, layer_idx: int, readers: list[Method], module: nn.Module, args: tuple, kwargs: dict
+    ) -> None:
         if self.state is None:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         for method in readers:
-            if method in self.state.methods:       # side streams run without (some) methods
+            if method in self.state.methods:  # side streams run without (some) methods
                 method.on_layer_input(self.state, layer_idx, hidden)
 
     @contextlib.contextmanager
@@ -151,8 +161,13 @@ class Guard:
         if self.state is not None:
             raise RuntimeError("a guarded call is already running on this model")
         input_ids = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs"), *args[:1]) if v is not None), None)
-        state = GuardState(self.adapter, self.methods, input_ids if isinstance(input_ids, torch.Tensor) else None,
-                           kwargs.get("attention_mask"), for_generation=for_generation)
+        state = GuardState(
+            self.adapter,
+            self.methods,
+            input_ids if isinstance(input_ids, torch.Tensor) else None,
+            kwargs.get("attention_mask"),
+            for_generation=for_generation,
+        )
         state.call_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         if isinstance(input_ids, torch.Tensor):
             state.call_inputs["input_ids"] = input_ids
@@ -184,9 +199,11 @@ class Guard:
         with self._session(args, kwargs, for_generation=False) as state:
             acting = [m.name for m in self.methods if m.logits_processors(state)]
             if acting:
-                raise ValueError(f"{', '.join(acting)} act(s) on next-token scores during generate (e.g. PAI's "
-                                 "guidance branch); Guard.forward returns one forward's raw logits, so use generate "
-                                 "(e.g. with max_new_tokens=1, output_scores=True) to score with them")
+                raise ValueError(
+                    f"{', '.join(acting)} act(s) on next-token scores during generate (e.g. PAI's "
+                    "guidance branch); Guard.forward returns one forward's raw logits, so use generate "
+                    "(e.g. with max_new_tokens=1, output_scores=True) to score with them"
+                )
             return self.model(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -204,10 +221,12 @@ def _build_methods(spec: Any) -> list[Method]:
         raise ValueError(f"method(s) {repeated} given more than once; compose distinct methods")
     owners = [(c.name, loop) for c in configs if (loop := c.decoding_loop()) is not None]
     for i, (a, loop_a) in enumerate(owners):
-        for b, loop_b in owners[i + 1:]:
+        for b, loop_b in owners[i + 1 :]:
             if frozenset((a, b)) not in COMPOSABLE_DECODING_PAIRS:
-                raise ValueError(f"cannot compose {a!r} with {b!r}: both take over the decoding loop "
-                                 f"({a}: {loop_a}; {b}: {loop_b}) and no combination of the two is defined")
+                raise ValueError(
+                    f"cannot compose {a!r} with {b!r}: both take over the decoding loop "
+                    f"({a}: {loop_a}; {b}: {loop_b}) and no combination of the two is defined"
+                )
     methods = []
     for item in items:
         if isinstance(item, Method):
@@ -216,8 +235,10 @@ def _build_methods(spec: Any) -> list[Method]:
         entry = registry.entry(item.name)
         if entry.method_cls is None:
             ready = ", ".join(registry.list_methods(available_only=True)) or "none yet"
-            raise ValueError(f"method {item.name!r} has a config ({type(item).__name__}) but no implementation "
-                             f"in this release; methods that run: {ready}")
+            raise ValueError(
+                f"method {item.name!r} has a config ({type(item).__name__}) but no implementation "
+                f"in this release; methods that run: {ready}"
+            )
         methods.append(entry.method_cls(item))
     return methods
 

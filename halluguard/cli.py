@@ -34,9 +34,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace, max_new_tokens: int):
     from .eval.runner import Settings
 
-    return Settings(max_new_tokens=args.max_new_tokens or max_new_tokens, batch_size=args.batch_size,
-                    num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed)
+    return Settings(
+        max_new_tokens=args.max_new_tokens or max_new_tokens,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def method_configs(spec: str, overrides: str | None) -> list:
@@ -67,14 +73,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         if args.task == "chair":
             results = runner.run_chair(
-                model, processor, name, out, guard, dataset=args.dataset, coco_images=args.coco_images,
-                image_ids=args.image_ids, num_images=args.num_images, seed=args.seed, prompt=args.prompt,
-                settings=_settings(args, 64 if args.short else 512), short=args.short, split=args.split)
+                model,
+                processor,
+                name,
+                out,
+                guard,
+                dataset=args.dataset,
+                coco_images=args.coco_images,
+                image_ids=args.image_ids,
+                num_images=args.num_images,
+                seed=args.seed,
+                prompt=args.prompt,
+                settings=_settings(args, 64 if args.short else 512),
+                short=args.short,
+                split=args.split,
+            )
         else:
             results = runner.run_pope(
-                model, processor, name, out, guard, dataset=args.dataset, splits=args.splits,
-                coco_images=args.coco_images, num_questions=args.num_questions, seed=args.seed, rule=args.answer_rule,
-                suffix=args.prompt_suffix, settings=_settings(args, 10), num_images=args.num_images)
+                model,
+                processor,
+                name,
+                out,
+                guard,
+                dataset=args.dataset,
+                splits=args.splits,
+                coco_images=args.coco_images,
+                num_questions=args.num_questions,
+                seed=args.seed,
+                rule=args.answer_rule,
+                suffix=args.prompt_suffix,
+                settings=_settings(args, 10),
+                num_images=args.num_images,
+            )
     finally:
         if guard is not None:
             guard.unwrap()
@@ -100,12 +130,19 @@ def _add_eval_parsers(sub) -> None:
     tasks = ev.add_subparsers(dest="task", required=True)
     for task in ("chair", "pope"):
         p = tasks.add_parser(task, help=f"run {task.upper()} with a method composition (or none)")
-        p.add_argument("--model", default="testbed", help="hub id or local path of a supported LVLM, or 'testbed' "
-                       "(the shipped test model; default)")
+        p.add_argument(
+            "--model",
+            default="testbed",
+            help="hub id or local path of a supported LVLM, or 'testbed' (the shipped test model; default)",
+        )
         p.add_argument("--method", default="", help="method spec, e.g. 'pai' or 'pai+var' (default: none, vanilla)")
         p.add_argument("--config", help="JSON (or a JSON file) of config overrides, e.g. '{\"alpha\": 0.5}'")
-        p.add_argument("--dataset", default=None, help="coco (needs --coco-images) or testbed (the synthetic world); "
-                       "POPE also aokvqa, gqa. Default: testbed for the test model, else coco")
+        p.add_argument(
+            "--dataset",
+            default=None,
+            help="coco (needs --coco-images) or testbed (the synthetic world); "
+            "POPE also aokvqa, gqa. Default: testbed for the test model, else coco",
+        )
         p.add_argument("--coco-images", help="folder of COCO val2014 images")
         p.add_argument("--out", help="run folder (default runs/<task>-<dataset>-<model>-<method>); a rerun resumes")
         p.add_argument("--batch-size", type=int, default=8)
@@ -120,8 +157,12 @@ def _add_eval_parsers(sub) -> None:
         p.add_argument("--device", default=None, help="e.g. cuda:0 (default: where the model loads)")
         p.set_defaults(func=_cmd_eval)
         if task == "chair":
-            p.add_argument("--short", action="store_true", help="64-token regime: 64 tokens, drop a last unfinished sentence")
-            p.add_argument("--image-ids", default="opera", help="'opera' (the standard 500), 'seeded', or a file of ids")
+            p.add_argument(
+                "--short", action="store_true", help="64-token regime: 64 tokens, drop a last unfinished sentence"
+            )
+            p.add_argument(
+                "--image-ids", default="opera", help="'opera' (the standard 500), 'seeded', or a file of ids"
+            )
             p.add_argument("--prompt", default="Please describe this image in detail.")
             p.add_argument("--split", default="misleading", help="testbed split: test or misleading")
         else:
@@ -153,8 +194,9 @@ def _add_calibrate_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="halluguard", description="Decoding-time hallucination mitigation for "
-                                     "HuggingFace vision-language models.")
+    parser = argparse.ArgumentParser(
+        prog="halluguard", description="Decoding-time hallucination mitigation for HuggingFace vision-language models."
+    )
     parser.add_argument("--version", action="version", version=f"halluguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     methods = sub.add_parser("methods", help="list the methods and their configuration fields")

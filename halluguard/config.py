@@ -16,9 +16,18 @@ import math
 from typing import Any, ClassVar
 
 
-def param(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False, high_open: bool = False, choices: tuple | None = None,
-          optional: bool = False, kind: type | tuple[type, ...] | None = None) -> Any:
+def param(
+    default: Any,
+    doc: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple | None = None,
+    optional: bool = False,
+    kind: type | tuple[type, ...] | None = None,
+) -> Any:
     """Declare a config field with its documentation and its allowed values.
 
     ``low``/``high`` bound numbers (``*_open`` makes a bound exclusive); ``choices`` lists the
@@ -28,9 +37,16 @@ def param(default: Any, doc: str, *, low: float | None = None, high: float | Non
     """
     if isinstance(default, list):
         default = tuple(default)
-    meta = {"doc": doc, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "choices": choices, "optional": optional or default is None,
-            "kind": kind if kind is not None else _kind_of(default)}
+    meta = {
+        "doc": doc,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "choices": choices,
+        "optional": optional or default is None,
+        "kind": kind if kind is not None else _kind_of(default),
+    }
     if isinstance(default, (dict, tuple)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -96,7 +112,7 @@ class MethodConfig:
             return
         kind = meta["kind"]
         numeric = kind in (int, (int, float))
-        if kind is not None and (not isinstance(value, kind) or numeric and isinstance(value, bool)):
+        if kind is not None and (not isinstance(value, kind) or (numeric and isinstance(value, bool))):
             expected = kind.__name__ if isinstance(kind, type) else "a number"
             raise ValueError(f"{where} must be {expected}, got {value!r}")
         if meta["choices"] is not None:
@@ -105,9 +121,11 @@ class MethodConfig:
             return
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low, high = meta["low"], meta["high"]
-            bad = (isinstance(value, float) and math.isnan(value)
-                   or low is not None and (value <= low if meta["low_open"] else value < low)
-                   or high is not None and (value >= high if meta["high_open"] else value > high))
+            bad = (
+                (isinstance(value, float) and math.isnan(value))
+                or (low is not None and (value <= low if meta["low_open"] else value < low))
+                or (high is not None and (value >= high if meta["high_open"] else value > high))
+            )
             if bad:
                 raise ValueError(f"{where} is {value!r}; allowed: {_describe_range(meta)}")
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 class MethodEntry:
     name: str
     config_cls: type[MethodConfig]
-    method_cls: "type[Method] | None"   # None: the config is defined, the implementation is not shipped yet
+    method_cls: "type[Method] | None"  # None: the config is defined, the implementation is not shipped yet
     summary: str
 
     @property
@@ -30,8 +30,7 @@ class MethodEntry:
 _REGISTRY: dict[str, MethodEntry] = {}
 
 
-def register_method(name: str, config_cls: type[MethodConfig], method_cls: "type[Method] | None",
-                    summary: str) -> None:
+def register_method(name: str, config_cls: type[MethodConfig], method_cls: "type[Method] | None", summary: str) -> None:
     """Register a method under ``name``. Called once per method module."""
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")

@@ -10,7 +10,8 @@ cropped caches are all placed right); the attention hook asks it for the edits o
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,8 +33,8 @@ class KeyGroups:
     Padding, and cache slots not yet filled (static caches), belong to no group.
     """
 
-    image: torch.Tensor      # (B, P) bool
-    valid: torch.Tensor      # (B, P) bool: not padding
+    image: torch.Tensor  # (B, P) bool
+    valid: torch.Tensor  # (B, P) bool: not padding
     prompt_len: int
 
     @property
@@ -42,8 +43,9 @@ class KeyGroups:
 
     def repeat_rows(self, factor: int) -> "KeyGroups":
         """Rows repeated as ``generate`` expands them for beams or several sequences per prompt."""
-        return KeyGroups(self.image.repeat_interleave(factor, 0), self.valid.repeat_interleave(factor, 0),
-                         self.prompt_len)
+        return KeyGroups(
+            self.image.repeat_interleave(factor, 0), self.valid.repeat_interleave(factor, 0), self.prompt_len
+        )
 
     def masks(self, kv_len: int, key_offset: int, seen: int) -> dict[str, torch.Tensor]:
         """Masks ``(B, kv_len)`` of each group for keys at positions ``key_offset + j``, of which only
@@ -65,21 +67,27 @@ class KeyGroups:
 class GuardState:
     """Everything one guarded call knows and collects."""
 
-    def __init__(self, adapter: "Adapter", methods: "list[Method]", input_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, for_generation: bool = True,
-                 probe_of: str | None = None):
+    def __init__(
+        self,
+        adapter: "Adapter",
+        methods: "list[Method]",
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        for_generation: bool = True,
+        probe_of: str | None = None,
+    ):
         self.adapter = adapter
         self.methods = methods
         self.for_generation = for_generation
-        self.probe_of = probe_of     # the method whose extra forward (a probe or a side stream) this state runs
-        self.call_inputs: dict[str, torch.Tensor] = {}   # the call's tensor inputs (set by the guard)
-        self.side_runner: Callable[["GuardState", dict], Any] | None = None   # set by the guard
+        self.probe_of = probe_of  # the method whose extra forward (a probe or a side stream) this state runs
+        self.call_inputs: dict[str, torch.Tensor] = {}  # the call's tensor inputs (set by the guard)
+        self.side_runner: Callable[["GuardState", dict], Any] | None = None  # set by the guard
         self.groups: KeyGroups | None = None
         self.image_spans: list[list[tuple[int, int]]] | None = None
-        self.past_len = 0            # tokens before the current forward (the cache's length)
-        self.seen_tokens = 0         # tokens up to and including the current forward
+        self.past_len = 0  # tokens before the current forward (the cache's length)
+        self.seen_tokens = 0  # tokens up to and including the current forward
         self.forwards = 0
-        self.scratch: dict[str, Any] = {m.name: {} for m in methods}   # per-method, per-call data
+        self.scratch: dict[str, Any] = {m.name: {} for m in methods}  # per-method, per-call data
         self._mask_cache: tuple[tuple[int, int, int], dict[str, torch.Tensor]] | None = None
         if input_ids is not None:
             self._set_prompt(input_ids, attention_mask)
@@ -88,8 +96,9 @@ class GuardState:
         if attention_mask is not None and attention_mask.dim() == 2:
             valid = attention_mask.to(device=input_ids.device).bool()
             if self.for_generation and bool((~valid[:, -1]).any()):
-                raise ValueError("right-padded batch: generation needs left padding "
-                                 "(set processor.tokenizer.padding_side = 'left')")
+                raise ValueError(
+                    "right-padded batch: generation needs left padding (set processor.tokenizer.padding_side = 'left')"
+                )
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         image = self.adapter.image_mask(input_ids) & valid
@@ -99,8 +108,10 @@ class GuardState:
     def require_left_padding(self, who: str) -> None:
         """Refuse a prompt whose last position is padding in some row (``who`` acts on that position)."""
         if self.groups is not None and not bool(self.groups.valid[:, -1].all()):
-            raise ValueError(f"{who} acts on each row's last prompt position, which is padding in a right-padded "
-                             "batch: pad on the left (processor.tokenizer.padding_side = 'left')")
+            raise ValueError(
+                f"{who} acts on each row's last prompt position, which is padding in a right-padded "
+                "batch: pad on the left (processor.tokenizer.padding_side = 'left')"
+            )
 
     @property
     def in_prefill(self) -> bool:
@@ -123,13 +134,21 @@ class GuardState:
         return self.side_runner(side, inputs)
 
     # ---- fed by the model's forward pre-hook --------------------------------------------------
-    def on_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                   past_len: int, num_new: int, batch: int) -> None:
+    def on_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_len: int,
+        num_new: int,
+        batch: int,
+    ) -> None:
         """Record one forward of ``num_new`` tokens after ``past_len`` cached ones."""
         if self.groups is None:
             if input_ids is None or past_len:
-                raise ValueError("halluguard reads image positions from input_ids: call with the full input_ids "
-                                 "(inputs_embeds alone, or a cache without its ids, cannot be mapped)")
+                raise ValueError(
+                    "halluguard reads image positions from input_ids: call with the full input_ids "
+                    "(inputs_embeds alone, or a cache without its ids, cannot be mapped)"
+                )
             self._set_prompt(input_ids, attention_mask)
         if batch != self.groups.batch:
             if batch % self.groups.batch:
@@ -157,9 +176,17 @@ class GuardState:
         # A sliding-window cache holds fewer keys than tokens seen: key j is then token offset + j.
         # A static cache holds more (empty slots): key j is token j.
         offset = max(self.seen_tokens - kv_len, 0)
-        return AttentionCall(layer_idx=layer_idx, batch=query.shape[0], num_heads=query.shape[1],
-                             q_len=q_len, kv_len=kv_len, key_offset=offset, query_start=self.seen_tokens - q_len,
-                             is_prefill=self.in_prefill, device=query.device)
+        return AttentionCall(
+            layer_idx=layer_idx,
+            batch=query.shape[0],
+            num_heads=query.shape[1],
+            q_len=q_len,
+            kv_len=kv_len,
+            key_offset=offset,
+            query_start=self.seen_tokens - q_len,
+            is_prefill=self.in_prefill,
+            device=query.device,
+        )
 
     def edits_for(self, call: AttentionCall) -> list[tuple["Method", AttentionEdit]]:
         requests = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,9 +37,10 @@ class Probe(Method):
 def reference_everywhere(state, call):
     """A neutral edit that still routes every row of every call through the reference path."""
     masks = state.group_masks(call)
-    return AttentionEdit(key_bias=torch.zeros(call.batch, call.kv_len),
-                         reductions=Reductions({"image": masks["image"], "context": masks["context"]},
-                                               headmax_from_key=0))
+    return AttentionEdit(
+        key_bias=torch.zeros(call.batch, call.kv_len),
+        reductions=Reductions({"image": masks["image"], "context": masks["context"]}, headmax_from_key=0),
+    )
 
 
 def stats_only(state, call):

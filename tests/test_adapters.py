@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import FAMILIES, MULTI_IMAGE_FAMILIES, build_model, make_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from halluguard.adapters import adapter_for, mask_to_spans, supported_model_types
-from tiny_models import FAMILIES, MULTI_IMAGE_FAMILIES, build_model, make_inputs
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_several_images_per_row(models, family):
 
 def test_anyres_rows_have_different_image_lengths(models):
     model = get_model(models, "llava_next")
-    inputs, spans = make_inputs(model, "llava_next", batch=2)
-    lengths = [e - s for (s, e), in adapter_for(model).image_spans(inputs["input_ids"])]
+    inputs, _ = make_inputs(model, "llava_next", batch=2)
+    lengths = [e - s for ((s, e),) in adapter_for(model).image_spans(inputs["input_ids"])]
     assert lengths[0] != lengths[1]
 
 
@@ -69,7 +69,8 @@ def test_mask_to_spans_edges():
 
 
 def test_unsupported_model_lists_the_supported_families():
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match="unsupported model type 'llama'.*llava.*qwen2_vl"):
         adapter_for(model)

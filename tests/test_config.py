@@ -4,14 +4,22 @@ import dataclasses
 import json
 
 import pytest
-
-import halluguard as hg
-from halluguard import registry
 from probes import Probe, stats_only
 from tiny_models import build_model
 
-CONFIGS = [hg.VHRConfig, hg.VARConfig, hg.AVCConfig, hg.OPERAConfig, hg.LookbackConfig, hg.DeCoReConfig,
-           hg.PAIConfig, hg.VCDConfig]
+import halluguard as hg
+from halluguard import registry
+
+CONFIGS = [
+    hg.VHRConfig,
+    hg.VARConfig,
+    hg.AVCConfig,
+    hg.OPERAConfig,
+    hg.LookbackConfig,
+    hg.DeCoReConfig,
+    hg.PAIConfig,
+    hg.VCDConfig,
+]
 
 
 def test_every_method_is_registered_once_with_its_config():
@@ -48,17 +56,20 @@ def test_paper_defaults():
     assert hg.PAIConfig().alpha == 0.2
 
 
-@pytest.mark.parametrize("cls, field, value, message", [
-    (hg.VHRConfig, "alpha", 0.0, r"VHRConfig.alpha is 0.0; allowed: a number in \(0, 10\]"),
-    (hg.VHRConfig, "alpha", "2", r"VHRConfig.alpha must be a number"),
-    (hg.VARConfig, "rho", 1.5, r"VARConfig.rho is 1.5; allowed: a number in \[0, 1\]"),
-    (hg.VARConfig, "p_meaning", "both", r"VARConfig.p_meaning is 'both'; allowed: one of 'kept', 'moved'"),
-    (hg.OPERAConfig, "num_beams", 0, r"OPERAConfig.num_beams is 0"),
-    (hg.OPERAConfig, "retrospection", 1, r"OPERAConfig.retrospection must be bool"),
-    (hg.DeCoReConfig, "masking", "zero", r"DeCoReConfig.masking is 'zero'"),
-    (hg.LookbackConfig, "top_p", 0.0, r"LookbackConfig.top_p is 0.0"),
-    (hg.VCDConfig, "noise_step", 1000, r"VCDConfig.noise_step is 1000"),
-])
+@pytest.mark.parametrize(
+    "cls, field, value, message",
+    [
+        (hg.VHRConfig, "alpha", 0.0, r"VHRConfig.alpha is 0.0; allowed: a number in \(0, 10\]"),
+        (hg.VHRConfig, "alpha", "2", r"VHRConfig.alpha must be a number"),
+        (hg.VARConfig, "rho", 1.5, r"VARConfig.rho is 1.5; allowed: a number in \[0, 1\]"),
+        (hg.VARConfig, "p_meaning", "both", r"VARConfig.p_meaning is 'both'; allowed: one of 'kept', 'moved'"),
+        (hg.OPERAConfig, "num_beams", 0, r"OPERAConfig.num_beams is 0"),
+        (hg.OPERAConfig, "retrospection", 1, r"OPERAConfig.retrospection must be bool"),
+        (hg.DeCoReConfig, "masking", "zero", r"DeCoReConfig.masking is 'zero'"),
+        (hg.LookbackConfig, "top_p", 0.0, r"LookbackConfig.top_p is 0.0"),
+        (hg.VCDConfig, "noise_step", 1000, r"VCDConfig.noise_step is 1000"),
+    ],
+)
 def test_bad_values_name_the_field_and_the_range(cls, field, value, message):
     with pytest.raises(ValueError, match=message):
         cls(**{field: value})

@@ -12,34 +12,40 @@ def coco():
     return chair.Chair()
 
 
-@pytest.mark.parametrize("caption, nodes", [
-    # plurals and irregular plurals
-    ("Two dogs and three cats sit on the grass.", ["dog", "cat"]),
-    ("People and children watch the mice.", ["person", "person", "mouse"]),
-    ("A flock of geese near some knives and buses.", ["bird", "knife", "bus"]),
-    ("A pair of skis in the snow.", ["skis"]),
-    # a gerund takes its verb lemma, as the tagger-based pipeline does ("skiing" -> ski -> skis)
-    ("A man skiing down a slope.", ["person", "skis"]),
-    # two-word objects, and "dining table" through its synonym "table"
-    ("A fire hydrant, a hot dog, a teddy bear and a traffic light.", ["fire hydrant", "hot dog", "teddy bear", "traffic light"]),
-    ("Wine glasses on a dining table.", ["wine glass", "dining table"]),
-    ("A cell phone and a laptop computer.", ["cell phone", "laptop"]),
-    # qualifiers: baby/adult animals and passenger vehicles do not fire "person"
-    ("A baby elephant next to an adult giraffe.", ["elephant", "giraffe"]),
-    ("A passenger train and a passenger jet.", ["train", "airplane"]),
-    # blockers: "train track" and "home plate" are no objects
-    ("A train track beside the home plate.", []),
-    # toilet seat: the seat is part of the toilet, anywhere in the caption
-    ("The toilet seat is up.", ["toilet"]),
-    ("There is a seat next to the toilet.", ["toilet"]),
-    ("A seat in the kitchen.", ["chair"]),
-    # repeated mentions all count
-    ("A dog, another dog and a third dog.", ["dog", "dog", "dog"]),
-    # the data quirks of the reference table: " motor bike" never matches
-    ("A motor bike parked outside.", []),
-    # no negation handling, as in every reference implementation
-    ("There is no cat in the picture.", ["cat"]),
-])
+@pytest.mark.parametrize(
+    "caption, nodes",
+    [
+        # plurals and irregular plurals
+        ("Two dogs and three cats sit on the grass.", ["dog", "cat"]),
+        ("People and children watch the mice.", ["person", "person", "mouse"]),
+        ("A flock of geese near some knives and buses.", ["bird", "knife", "bus"]),
+        ("A pair of skis in the snow.", ["skis"]),
+        # a gerund takes its verb lemma, as the tagger-based pipeline does ("skiing" -> ski -> skis)
+        ("A man skiing down a slope.", ["person", "skis"]),
+        # two-word objects, and "dining table" through its synonym "table"
+        (
+            "A fire hydrant, a hot dog, a teddy bear and a traffic light.",
+            ["fire hydrant", "hot dog", "teddy bear", "traffic light"],
+        ),
+        ("Wine glasses on a dining table.", ["wine glass", "dining table"]),
+        ("A cell phone and a laptop computer.", ["cell phone", "laptop"]),
+        # qualifiers: baby/adult animals and passenger vehicles do not fire "person"
+        ("A baby elephant next to an adult giraffe.", ["elephant", "giraffe"]),
+        ("A passenger train and a passenger jet.", ["train", "airplane"]),
+        # blockers: "train track" and "home plate" are no objects
+        ("A train track beside the home plate.", []),
+        # toilet seat: the seat is part of the toilet, anywhere in the caption
+        ("The toilet seat is up.", ["toilet"]),
+        ("There is a seat next to the toilet.", ["toilet"]),
+        ("A seat in the kitchen.", ["chair"]),
+        # repeated mentions all count
+        ("A dog, another dog and a third dog.", ["dog", "dog", "dog"]),
+        # the data quirks of the reference table: " motor bike" never matches
+        ("A motor bike parked outside.", []),
+        # no negation handling, as in every reference implementation
+        ("There is no cat in the picture.", ["cat"]),
+    ],
+)
 def test_caption_to_node_words(coco, caption, nodes):
     assert coco.caption_to_words(caption)[1] == nodes
 
@@ -47,9 +53,9 @@ def test_caption_to_node_words(coco, caption, nodes):
 def test_scores_match_hand_computation(coco):
     gt = {1: {"dog", "person"}, 2: {"cat"}, 3: {"car", "truck", "person"}}
     records = [
-        {"image_id": 1, "caption": "A man walks a dog past a cat."},          # 3 mentions, 1 hallucinated (cat)
-        {"image_id": 2, "caption": "A cat sleeps."},                          # 1 mention, correct
-        {"image_id": 3, "caption": "A car, a car and a bus on the road."},    # 3 mentions, 1 hallucinated (bus)
+        {"image_id": 1, "caption": "A man walks a dog past a cat."},  # 3 mentions, 1 hallucinated (cat)
+        {"image_id": 2, "caption": "A cat sleeps."},  # 1 mention, correct
+        {"image_id": 3, "caption": "A car, a car and a bus on the road."},  # 3 mentions, 1 hallucinated (bus)
     ]
     result = coco.score(records, gt=gt)
     assert result["n"] == 3
@@ -58,7 +64,7 @@ def test_scores_match_hand_computation(coco):
     assert result["recall"] == pytest.approx(100 * (2 + 1 + 1) / (2 + 1 + 3))
     assert result["precision"] == pytest.approx(100 * (2 / 3 + 1 + 1 / 2) / 3)
     assert [c["hallucinated"] for c in result["captions"]] == [["cat"], [], ["bus"]]
-    assert result["len"] == pytest.approx((9 + 4 + 12) / 3)   # tokens after the merge, punctuation included
+    assert result["len"] == pytest.approx((9 + 4 + 12) / 3)  # tokens after the merge, punctuation included
 
 
 def test_short_regime_drops_the_unfinished_sentence(coco):
@@ -79,17 +85,37 @@ def test_packaged_coco_ground_truth(coco):
 def test_original_singulariser_option():
     original = chair.Chair(normaliser="singularize")
     assert original.caption_to_words("Two wine glasses and three cats.")[1] == ["wine glass", "cat"]
-    assert original.caption_to_words("A man skiing.")[1] == ["person"]     # no lemmatisation of verbs
+    assert original.caption_to_words("A man skiing.")[1] == ["person"]  # no lemmatisation of verbs
 
 
 def test_ground_truth_from_coco_annotation_files(tmp_path):
-    instances = {"images": [{"id": 7, "file_name": "a.jpg", "width": 10, "height": 10},
-                            {"id": 8, "file_name": "b.jpg", "width": 10, "height": 10}],
-                 "annotations": [{"id": 1, "image_id": 7, "category_id": 18, "bbox": [0, 0, 1, 1], "area": 1,
-                                  "iscrowd": 0, "segmentation": [[0, 0, 1, 0, 1, 1]]},
-                                 {"id": 2, "image_id": 8, "category_id": 3, "bbox": [0, 0, 1, 1], "area": 1,
-                                  "iscrowd": 0, "segmentation": [[0, 0, 1, 0, 1, 1]]}],
-                 "categories": [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}]}
+    instances = {
+        "images": [
+            {"id": 7, "file_name": "a.jpg", "width": 10, "height": 10},
+            {"id": 8, "file_name": "b.jpg", "width": 10, "height": 10},
+        ],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 18,
+                "bbox": [0, 0, 1, 1],
+                "area": 1,
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 1, 0, 1, 1]],
+            },
+            {
+                "id": 2,
+                "image_id": 8,
+                "category_id": 3,
+                "bbox": [0, 0, 1, 1],
+                "area": 1,
+                "iscrowd": 0,
+                "segmentation": [[0, 0, 1, 0, 1, 1]],
+            },
+        ],
+        "categories": [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}],
+    }
     captions = {"annotations": [{"id": 1, "image_id": 7, "caption": "A dog on a couch."}]}
     (tmp_path / "instances_val2014.json").write_text(json.dumps(instances))
     (tmp_path / "captions_val2014.json").write_text(json.dumps(captions))
@@ -100,32 +126,44 @@ def test_ground_truth_from_coco_annotation_files(tmp_path):
 def test_cli_prints_scores(tmp_path, capsys):
     path = tmp_path / "caps.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"image_id": 9, "caption": "A cat."}]))
-    (tmp_path / "instances_x.json").write_text(json.dumps({
-        "images": [{"id": 9, "file_name": "x.png", "width": 4, "height": 4}], "annotations": [],
-        "categories": [{"id": 1, "name": "star"}]}))
+    (tmp_path / "instances_x.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 9, "file_name": "x.png", "width": 4, "height": 4}],
+                "annotations": [],
+                "categories": [{"id": 1, "name": "star"}],
+            }
+        )
+    )
     (tmp_path / "syn.txt").write_text("star, stars\ncat\n")
-    assert chair.main(["score", str(path), "--coco-annotations", str(tmp_path), "--synonyms", str(tmp_path / "syn.txt")]) == 0
+    assert (
+        chair.main(["score", str(path), "--coco-annotations", str(tmp_path), "--synonyms", str(tmp_path / "syn.txt")])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["chair_i"] == 100.0 and out["n"] == 1
 
 
-@pytest.mark.parametrize("text, pope_rule, opera_rule", [
-    ("Yes, there is a dog in the image.", "yes", "yes"),
-    ("No, there is no dog.", "no", "no"),
-    ("There is not a dog.", "no", "no"),
-    ("Yes. But no cat.", "yes", "no"),           # POPE looks at the first sentence only
-    ("There isn't a dog.", "yes", "no"),         # only OPERA's rule reads "n't"
-    ("NO", "yes", "no"),                         # POPE's rule is case-sensitive
-    ("I cannot tell", "yes", "yes"),
-    ("no", "no", "no"),
-])
+@pytest.mark.parametrize(
+    "text, pope_rule, opera_rule",
+    [
+        ("Yes, there is a dog in the image.", "yes", "yes"),
+        ("No, there is no dog.", "no", "no"),
+        ("There is not a dog.", "no", "no"),
+        ("Yes. But no cat.", "yes", "no"),  # POPE looks at the first sentence only
+        ("There isn't a dog.", "yes", "no"),  # only OPERA's rule reads "n't"
+        ("NO", "yes", "no"),  # POPE's rule is case-sensitive
+        ("I cannot tell", "yes", "yes"),
+        ("no", "no", "no"),
+    ],
+)
 def test_answer_rules(text, pope_rule, opera_rule):
     assert pope.parse_answer(text, "pope") == pope_rule
     assert pope.parse_answer(text, "opera") == opera_rule
 
 
 def test_vcd_rule_is_asymmetric_in_the_label():
-    assert pope.parse_answer("I know there is a dog", "vcd", label="no") == "no"     # "know" contains "no"
+    assert pope.parse_answer("I know there is a dog", "vcd", label="no") == "no"  # "know" contains "no"
     assert pope.parse_answer("yes and no", "vcd", label="yes") == "yes"
     assert pope.parse_answer("yes and no", "vcd", label="no") == "no"
     assert pope.parse_answer("Yes", "vcd") == "yes"

@@ -17,8 +17,16 @@ def testbed():
 
 def chair_run(testbed, out, guard=None, num_images=10):
     model, processor, name = testbed
-    return runner.run_chair(model, processor, name, out, guard, dataset="testbed", num_images=num_images,
-                            settings=runner.Settings(max_new_tokens=40, batch_size=4))
+    return runner.run_chair(
+        model,
+        processor,
+        name,
+        out,
+        guard,
+        dataset="testbed",
+        num_images=num_images,
+        settings=runner.Settings(max_new_tokens=40, batch_size=4),
+    )
 
 
 def test_chair_run_records_everything(testbed, tmp_path):
@@ -59,7 +67,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_totals(testbed, tmp_path):
     samples = tmp_path / "killed" / "samples.jsonl"
     assert len(samples.read_text().splitlines()) == 4
     with open(samples, "a") as f:
-        f.write('{"key": "torn')                  # a line cut off by the kill
+        f.write('{"key": "torn')  # a line cut off by the kill
     resumed = chair_run(testbed, tmp_path / "killed")
     assert resumed["metrics"] == whole["metrics"]
     assert len(samples.read_text().splitlines()) == 10
@@ -67,9 +75,17 @@ def test_resume_after_a_kill_gives_the_uninterrupted_totals(testbed, tmp_path):
 
 def test_missing_images_become_error_rows(testbed, tmp_path):
     model, processor, name = testbed
-    results = runner.run_pope(model, processor, name, tmp_path / "pope", dataset="coco", splits=["random"],
-                              coco_images=str(tmp_path / "no_such_folder"), num_questions=3,
-                              settings=runner.Settings(max_new_tokens=3))
+    results = runner.run_pope(
+        model,
+        processor,
+        name,
+        tmp_path / "pope",
+        dataset="coco",
+        splits=["random"],
+        coco_images=str(tmp_path / "no_such_folder"),
+        num_questions=3,
+        settings=runner.Settings(max_new_tokens=3),
+    )
     assert len(results["errors"]) == 3 and "FileNotFoundError" in results["errors"][0]["error"]
     assert results["metrics"] == {}
     assert "coco_pope_random.json" in results["data_files"]
@@ -77,8 +93,13 @@ def test_missing_images_become_error_rows(testbed, tmp_path):
 
 def test_pope_cli_and_report(testbed, tmp_path, capsys):
     for method, out in (("", "vanilla"), ("", "again")):
-        assert cli.main(["eval", "pope", "--num-images", "4", "--out", str(tmp_path / out), "--batch-size", "8"]
-                        + (["--method", method] if method else [])) == 0
+        assert (
+            cli.main(
+                ["eval", "pope", "--num-images", "4", "--out", str(tmp_path / out), "--batch-size", "8"]
+                + (["--method", method] if method else [])
+            )
+            == 0
+        )
     printed = capsys.readouterr().out
     assert "| random |" in printed and "results:" in printed
     chart = tmp_path / "chart.png"

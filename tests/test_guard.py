@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
+from probes import Probe, assert_batch_rows_equal_single_rows, reference_everywhere, stats_only
+from tiny_models import FAMILIES, build_model, make_inputs
 
 import halluguard as hg
 from halluguard.attention import GUARD_ATTRIBUTE, AttentionEdit, Reductions
-from probes import Probe, assert_batch_rows_equal_single_rows, reference_everywhere, stats_only
-from tiny_models import FAMILIES, build_model, make_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6)
 
@@ -41,7 +41,7 @@ def test_hook_reference_path_matches_sdpa(family):
     probe = Probe(reference_everywhere)
     with hg.wrap(model, methods=[probe]) as guard, torch.no_grad():
         got = guard.forward(**inputs).logits
-        plain = model(**inputs).logits            # outside a guarded call: the base attention
+        plain = model(**inputs).logits  # outside a guarded call: the base attention
     real = inputs["attention_mask"].bool()
     assert probe.records, "the reference path was not taken"
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
@@ -123,7 +123,7 @@ def test_head_scale_equals_scaled_o_proj_columns(family):
     edited = copy.deepcopy(model)
     o_proj = hg.adapters.adapter_for(edited).attention_modules()[1].o_proj
     with torch.no_grad():
-        o_proj.weight[:, 2 * head_dim:3 * head_dim] *= 3.0
+        o_proj.weight[:, 2 * head_dim : 3 * head_dim] *= 3.0
     want = logits(edited, inputs)
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
@@ -153,16 +153,17 @@ def test_reductions_equal_eager_attention_weights(family):
     eager = build_model(family, attn_implementation="eager")
     inputs, _ = make_inputs(model, family)
     with torch.no_grad():
-        maps = eager(**inputs, output_attentions=True).attentions    # per layer (B, H, T, T)
-    probe = Probe(lambda state, call: AttentionEdit(reductions=Reductions(
-        dict(state.group_masks(call)), headmax_from_key=4)))
+        maps = eager(**inputs, output_attentions=True).attentions  # per layer (B, H, T, T)
+    probe = Probe(
+        lambda state, call: AttentionEdit(reductions=Reductions(dict(state.group_masks(call)), headmax_from_key=4))
+    )
     with hg.wrap(model, methods=[probe]) as guard, torch.no_grad():
         guard.forward(**inputs)
     image = (inputs["input_ids"] == 500) & inputs["attention_mask"].bool()
     context = inputs["attention_mask"].bool()
     assert len(probe.records) == len(maps)
     for call, stats in probe.records:
-        last = maps[call.layer_idx][:, :, -1]                          # (B, H, T)
+        last = maps[call.layer_idx][:, :, -1]  # (B, H, T)
         torch.testing.assert_close(stats["mass/image"], (last * image[:, None]).sum(-1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stats["mass/context"], (last * context[:, None]).sum(-1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(stats["headmax_row"], last.amax(1)[:, 4:], atol=1e-5, rtol=1e-5)
@@ -205,19 +206,17 @@ def test_eager_models_keep_eager_for_unedited_calls():
 def test_right_padding_is_refused_with_a_clear_error():
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", padding_side="right")
-    with hg.wrap(model, methods=[Probe(stats_only)]):
-        with pytest.raises(ValueError, match="left padding"):
-            generate(model, inputs)
+    with hg.wrap(model, methods=[Probe(stats_only)]), pytest.raises(ValueError, match="left padding"):
+        generate(model, inputs)
 
 
 def test_wrapping_twice_is_an_error_and_context_manager_unwraps_on_error():
     model, inputs = model_and_inputs("llava")
     before = logits(model, inputs)
-    with pytest.raises(RuntimeError, match="boom"):
-        with hg.wrap(model, methods=[]):
-            with pytest.raises(ValueError, match="already wrapped"):
-                hg.wrap(model, methods=[])
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), hg.wrap(model, methods=[]):
+        with pytest.raises(ValueError, match="already wrapped"):
+            hg.wrap(model, methods=[])
+        raise RuntimeError("boom")
     assert not hasattr(model, GUARD_ATTRIBUTE)
     assert torch.equal(logits(model, inputs), before)
     guard = hg.wrap(model, methods=[])
@@ -246,8 +245,8 @@ def test_sliding_window_cache_maps_keys_to_positions():
     for call, stats in probe.records:
         if call.is_prefill:
             continue
-        step = call.kv_len + call.key_offset - prompt              # 1 for the first decode forward
-        weights = ref.attentions[step][call.layer_idx][:, :, -1]   # (B, H, kv_len)
+        step = call.kv_len + call.key_offset - prompt  # 1 for the first decode forward
+        weights = ref.attentions[step][call.layer_idx][:, :, -1]  # (B, H, kv_len)
         assert weights.shape[-1] == call.kv_len
         positions = torch.arange(call.key_offset, call.key_offset + call.kv_len)
         on_image = torch.zeros(image.shape[0], call.kv_len, dtype=torch.bool)

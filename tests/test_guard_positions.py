@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from probes import Probe, reference_everywhere, stats_only
+from tiny_models import build_model, make_inputs
 
 import halluguard as hg
 from halluguard.attention import AttentionEdit, Redistribution, Reductions
-from probes import Probe, reference_everywhere, stats_only
-from tiny_models import build_model, make_inputs
 
 IMAGE = 500
 
@@ -16,6 +16,7 @@ def mask_recorder(records):
         masks = state.group_masks(call)
         records.append((call, {k: v.clone() for k, v in masks.items()}, state.seen_tokens))
         return AttentionEdit(reductions=Reductions({"image": masks["image"]}))
+
     return edit
 
 
@@ -40,9 +41,12 @@ def test_key_groups_follow_the_cache(mode):
     model = build_model("llava")
     batch = 1 if mode == "prompt_lookup" else 2
     inputs, _ = make_inputs(model, "llava", batch=batch)
-    extra = {"plain": {}, "chunked_prefill": {"prefill_chunk_size": 8},
-             "static_cache": {"cache_implementation": "static"},
-             "prompt_lookup": {"prompt_lookup_num_tokens": 2}}[mode]
+    extra = {
+        "plain": {},
+        "chunked_prefill": {"prefill_chunk_size": 8},
+        "static_cache": {"cache_implementation": "static"},
+        "prompt_lookup": {"prompt_lookup_num_tokens": 2},
+    }[mode]
     with torch.no_grad():
         want = model.generate(**inputs, max_new_tokens=6, do_sample=False, **extra)
     records = []
@@ -65,8 +69,13 @@ def test_continuing_from_an_earlier_cache():
     ids = torch.cat([first.sequences, torch.tensor([[11, 12, 13]])], 1)
     records = []
     with hg.wrap(model, methods=[Probe(mask_recorder(records))]), torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
-                       max_new_tokens=3, do_sample=False)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=first.past_key_values,
+            max_new_tokens=3,
+            do_sample=False,
+        )
     assert records[0][0].query_start > 0
     check_masks(records, ids, torch.ones_like(ids))
 
@@ -97,8 +106,11 @@ def test_query_mask_selects_the_same_row_with_and_without_last_row_only():
             sinks = masks["text"] & ~masks["image"]
             eligible = torch.zeros(call.batch, call.q_len, dtype=torch.bool)
             eligible[:, -1] = True
-            return AttentionEdit(redistribution=Redistribution(sinks, masks["image"], keep=0.0, query_mask=eligible),
-                                 last_row_only=last_row_only)
+            return AttentionEdit(
+                redistribution=Redistribution(sinks, masks["image"], keep=0.0, query_mask=eligible),
+                last_row_only=last_row_only,
+            )
+
         return edit
 
     results = []
@@ -117,10 +129,11 @@ def test_composed_methods_get_their_own_statistics():
         def edit(state, call):
             masks = state.group_masks(call)
             return AttentionEdit(reductions=Reductions({"g": masks[group]}, headmax_from_key=call.kv_len - start))
+
         return edit
 
     a, b = Probe(asking("image", 3)), Probe(asking("text", 7))
-    b.config = hg.VARConfig()         # a second, distinct method name
+    b.config = hg.VARConfig()  # a second, distinct method name
     with hg.wrap(model, methods=[a, b]) as guard, torch.no_grad():
         guard.forward(**inputs)
     for (_, sa), (_, sb) in zip(a.records, b.records):
@@ -140,7 +153,7 @@ def test_an_empty_guard_is_a_no_op_for_every_call_form():
         with hg.wrap(model, methods=[]) as guard:
             assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False), want)
             assert torch.equal(guard.forward(**inputs).logits, want_logits)
-        with hg.wrap(model, methods=[Probe(stats_only)]) as guard:   # a single forward may be right-padded
+        with hg.wrap(model, methods=[Probe(stats_only)]) as guard:  # a single forward may be right-padded
             assert torch.equal(guard.forward(**inputs).logits, want_logits)
             with pytest.raises(ValueError, match="input_ids"):
                 model.generate(inputs_embeds=embeds, max_new_tokens=3)

@@ -4,16 +4,15 @@ import math
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
-
-import halluguard as hg
-from halluguard.attention import hook
-from transformers.masking_utils import eager_mask
-
-from halluguard.decoding import log_prob_guidance
 from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens, text_attention
 from test_method_vhr import text_only
 from tiny_models import FAMILIES, build_model, make_inputs, row_inputs
+from transformers import LogitsProcessorList
+from transformers.masking_utils import eager_mask
+
+import halluguard as hg
+from halluguard.attention import hook
+from halluguard.decoding import log_prob_guidance
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
@@ -57,12 +56,12 @@ def test_pai_equals_a_brute_force_eager_edit(family):
         got = guard.forward(**inputs).logits
         plain = model(**inputs).logits
     torch.testing.assert_close(got[:, -1], want[:, -1], atol=1e-5, rtol=1e-5)
-    assert torch.equal(got[:, :-1], plain[:, :-1])          # only the last row is edited
-    assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4     # (random tiny models have small logits)
+    assert torch.equal(got[:, :-1], plain[:, :-1])  # only the last row is edited
+    assert (got[:, -1] - plain[:, -1]).abs().max() > 1e-4  # (random tiny models have small logits)
 
 
 def test_batch_rows_equal_single_rows():
-    model = build_model("llava_next")                        # rows with different AnyRes image lengths
+    model = build_model("llava_next")  # rows with different AnyRes image lengths
     inputs, _ = make_inputs(model, "llava_next")
     with hg.wrap(model, methods=hg.PAIConfig(alpha=0.8, start_layer=0)):
         assert_batch_rows_equal_single_rows(model, inputs, "llava_next", GEN)
@@ -90,6 +89,7 @@ def test_pai_config_errors():
 
 # ---- image-free guidance (use_cfg) -------------------------------------------------------------
 
+
 class BruteForceGuidance:
     """PAI's guidance written out: the image-free prompt re-run in full, without a cache, every step."""
 
@@ -103,7 +103,7 @@ class BruteForceGuidance:
         side = []
         for i in range(input_ids.shape[0]):
             prompt = self.rows[i // group]
-            ids = torch.cat([prompt["input_ids"][0], input_ids[i, self.prompt_len:]])[None]
+            ids = torch.cat([prompt["input_ids"][0], input_ids[i, self.prompt_len :]])[None]
             extra = {k: torch.zeros_like(ids) for k in prompt if k.endswith("token_type_ids")}
             with torch.no_grad():
                 side.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1])
@@ -113,8 +113,17 @@ class BruteForceGuidance:
         return out.masked_fill(s < s.max(-1, keepdim=True).values + math.log(self.beta), float("-inf"))
 
 
-@pytest.mark.parametrize("family,search", [("llava", "greedy"), ("qwen2_vl", "greedy"), ("gemma3", "greedy"),
-                                           ("llava", "beam"), ("idefics3", "beam"), ("llava", "sequences")])
+@pytest.mark.parametrize(
+    "family,search",
+    [
+        ("llava", "greedy"),
+        ("qwen2_vl", "greedy"),
+        ("gemma3", "greedy"),
+        ("llava", "beam"),
+        ("idefics3", "beam"),
+        ("llava", "sequences"),
+    ],
+)
 def test_guidance_equals_a_brute_force_image_free_branch(family, search):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
@@ -147,7 +156,7 @@ def test_guidance_math_by_hand():
     s, u = torch.log_softmax(scores, -1), torch.log_softmax(side, -1)
     got = log_prob_guidance(scores, side, gamma=2.0, beta=0.1)
     assert torch.allclose(got[0, :2], (2 * (s - u) + u)[0, :2])
-    assert got[0, 2] == float("-inf")                      # s[2] < max(s) + ln 0.1
+    assert got[0, 2] == float("-inf")  # s[2] < max(s) + ln 0.1
     assert torch.allclose(log_prob_guidance(scores, side, gamma=1.0, beta=0.0), s)
 
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens, text_attention
+from tiny_models import FAMILIES, build_model, make_inputs
 from transformers.masking_utils import eager_mask
 
 import halluguard as hg
 from halluguard.adapters import adapter_for
 from halluguard.calibrate.sink_dims import find_sink_dims
-from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens, text_attention
-from tiny_models import FAMILIES, build_model, make_inputs
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 # Tiny random models have no massive activations: two ordinary dimensions and a low threshold make
@@ -37,6 +37,7 @@ class BruteForceVAR:
             rms = x.pow(2).mean(-1, keepdim=True).sqrt()
             phi = (x[..., self.dims].abs() / rms).amax(-1)
             self.sinks[layer_idx] = (phi > self.tau) & self.valid
+
         return hook
 
     def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -71,8 +72,10 @@ class BruteForceVAR:
     def __enter__(self):
         self.attention_scope = text_attention(self.model, "var_brute_force", self.attention, eager_mask)
         self.attention_scope.__enter__()
-        self.handles = [layer.register_forward_pre_hook(self.layer_input(i), with_kwargs=True)
-                        for i, layer in enumerate(adapter_for(self.model).decoder_layers())]
+        self.handles = [
+            layer.register_forward_pre_hook(self.layer_input(i), with_kwargs=True)
+            for i, layer in enumerate(adapter_for(self.model).decoder_layers())
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -108,9 +111,9 @@ def test_edited_attention_rows_still_sum_to_one():
         plain = [m for m in model(**inputs, output_attentions=True).attentions]
     real = inputs["attention_mask"].bool()
     for layer in (2,):
-        rows = maps[layer].permute(0, 2, 1, 3)[real]              # (tokens, H, T)
+        rows = maps[layer].permute(0, 2, 1, 3)[real]  # (tokens, H, T)
         torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[:2]), atol=1e-5, rtol=0)
-        assert (maps[layer] - plain[layer]).abs().max() > 1e-3     # the redistribution happened
+        assert (maps[layer] - plain[layer]).abs().max() > 1e-3  # the redistribution happened
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -131,7 +134,7 @@ def test_batch_rows_equal_single_rows():
 def test_var_options_and_errors():
     model = build_model("llava")
     with pytest.raises(ValueError, match="calibrate sink-dims"):
-        hg.wrap(model, methods="var")                     # tiny llama: not in the table
+        hg.wrap(model, methods="var")  # tiny llama: not in the table
     with pytest.raises(ValueError, match="hidden size"):
         hg.wrap(model, methods=hg.VARConfig(sink_dims=(999,)))
     with pytest.raises(ValueError, match="none in this 3-layer model"):
@@ -145,7 +148,7 @@ def test_sink_dims_calibration_finds_planted_dimensions():
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         scale = emb[1].abs().max().clone()
-        emb[1, 7] = 40 * scale                         # BOS carries massive values in dims 7 and 33
+        emb[1, 7] = 40 * scale  # BOS carries massive values in dims 7 and 33
         emb[1, 33] = -30 * scale
     # with hidden size 64 a ratio |x_d| / RMS(x) is at most 8, so the threshold is scaled down from 20
     result = find_sink_dims(model, torch.tensor([[1, 20, 21, 22, 23]]), tau=4.0)

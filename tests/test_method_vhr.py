@@ -2,16 +2,15 @@
 
 import pytest
 import torch
+from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens
+from tiny_models import BOI, EOI, FAMILIES, IMAGE, VISION_END, VISION_START, build_model, make_inputs, row_inputs
 
 import halluguard as hg
 from halluguard.adapters import adapter_for
 from halluguard.methods.vhr import VHR, default_layers, head_divergence, select_heads
 
-from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens
-from tiny_models import BOI, EOI, FAMILIES, IMAGE, VISION_END, VISION_START, build_model, make_inputs, row_inputs
-
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
-DROPPED = {IMAGE, VISION_START, VISION_END, BOI, EOI}    # image tokens and the delimiters configs name
+DROPPED = {IMAGE, VISION_START, VISION_END, BOI, EOI}  # image tokens and the delimiters configs name
 
 
 def selection(model, inputs, cfg, forward=False, **generate_kwargs):
@@ -53,7 +52,7 @@ def brute_force_selection(model, row, layers, alpha, outlier_filter=True, reinfo
     for layer in layers:
         captured = []
 
-        def hook(module, args, layer_idx):
+        def hook(module, args, layer_idx, layer=layer, captured=captured):
             x = args[0]
             if layer_idx == layer:
                 captured.append(x[0, -1].reshape(heads_n, dim).float().clone())
@@ -62,8 +61,10 @@ def brute_force_selection(model, row, layers, alpha, outlier_filter=True, reinfo
                 return (x * scale,)
             return None
 
-        handles = [attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: hook(m, a, i))
-                   for i, attn in enumerate(adapter.attention_modules())]
+        handles = [
+            attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: hook(m, a, i))
+            for i, attn in enumerate(adapter.attention_modules())
+        ]
         try:
             with torch.no_grad():
                 model(**row)
@@ -99,7 +100,7 @@ def test_selection_sees_earlier_layers_reinforced_and_the_filter_matters():
     row = row_inputs(inputs, 0, "llava")
     vhd, _ = selection(model, inputs, hg.VHRConfig(alpha=3.0, layers=(0, 1, 2)))
     unreinforced, _ = brute_force_selection(model, row, (0, 1, 2), 3.0, reinforce_earlier=False)
-    torch.testing.assert_close(vhd[0][0], unreinforced[0])                # nothing below layer 0
+    torch.testing.assert_close(vhd[0][0], unreinforced[0])  # nothing below layer 0
     assert (vhd[2][0] - unreinforced[2]).abs().max() > 1e-3
     unfiltered, _ = selection(model, inputs, hg.VHRConfig(alpha=3.0, layers=(0, 1, 2), outlier_filter=False))
     want, _ = brute_force_selection(model, row, (0, 1, 2), 3.0, outlier_filter=False)
@@ -110,10 +111,10 @@ def test_outlier_filter_and_median_selection_by_hand():
     with_image = torch.zeros(1, 6, 2)
     without = torch.zeros(1, 6, 2)
     with_image[0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 30.0])
-    without[0, 5, 1] = 40.0          # head 5 surges without the image: large VHD and large TA
+    without[0, 5, 1] = 40.0  # head 5 surges without the image: large VHD and large TA
     vhd = head_divergence(with_image, without)
     assert vhd[0, 5] == 0 and vhd[0, 4] == 5.0
-    assert select_heads(vhd)[0].tolist() == [False, False, True, True, True, False]   # median of 0..5 is 2
+    assert select_heads(vhd)[0].tolist() == [False, False, True, True, True, False]  # median of 0..5 is 2
     assert head_divergence(with_image, without, outlier_filter=False)[0, 5] > 40
     assert select_heads(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))[0].tolist() == [False, False, True, True]
 
@@ -121,7 +122,7 @@ def test_outlier_filter_and_median_selection_by_hand():
 def test_default_layers_follow_the_paper_at_32_layers_and_scale_with_depth():
     assert default_layers(32) == (1, *range(18, 32))
     assert default_layers(32, include_layer1=False) == tuple(range(18, 32))
-    assert default_layers(40) == (1, *range(22, 40))     # round(14 * 40 / 32) = 18 last layers
+    assert default_layers(40) == (1, *range(22, 40))  # round(14 * 40 / 32) = 18 last layers
     assert default_layers(3) == (1, 2)
     assert default_layers(1) == (0,)
 
@@ -147,7 +148,7 @@ def test_fixed_heads_equal_scaled_o_proj_columns(family):
         for layer, heads in fixed.items():
             weight = adapter.attention_modules()[layer].o_proj.weight
             for h in heads:
-                weight[:, h * adapter.head_dim:(h + 1) * adapter.head_dim] *= 2.0
+                weight[:, h * adapter.head_dim : (h + 1) * adapter.head_dim] *= 2.0
         want = model(**inputs).logits
         want_tokens = model.generate(**inputs, **GEN)
         for layer, weight in saved.items():
@@ -198,7 +199,9 @@ def test_greedy_beam_and_sampling_run_and_strong_vhr_changes_outputs():
 def test_text_only_rows_drop_images_and_delimiters_and_count_positions_from_zero():
     model = build_model("qwen2_vl")
     inputs, _ = make_inputs(model, "qwen2_vl")
-    paired = adapter_for(model).with_text_only_rows(dict(inputs, position_ids=torch.zeros(4, 2, inputs["input_ids"].shape[1], dtype=torch.long)))
+    paired = adapter_for(model).with_text_only_rows(
+        dict(inputs, position_ids=torch.zeros(4, 2, inputs["input_ids"].shape[1], dtype=torch.long))
+    )
     for r in range(2):
         row = row_inputs(inputs, r, "qwen2_vl")
         want = text_only(row)["input_ids"][0]
@@ -263,8 +266,11 @@ def test_vhr_var_and_pai_guidance_run_together_on_every_family(family):
     image-free side stream together: greedy, sampling and beam search."""
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
-    methods = [hg.VHRConfig(alpha=2.0), hg.VARConfig(sink_dims=(0, 1), tau=1.5, first_layer=0),
-               hg.PAIConfig(alpha=0.5, use_cfg=True)]
+    methods = [
+        hg.VHRConfig(alpha=2.0),
+        hg.VARConfig(sink_dims=(0, 1), tau=1.5, first_layer=0),
+        hg.PAIConfig(alpha=0.5, use_cfg=True),
+    ]
     length = inputs["input_ids"].shape[1] + 4
     with hg.wrap(model, methods=methods), torch.no_grad():
         assert model.generate(**inputs, max_new_tokens=4, min_new_tokens=4).shape == (2, length)

@@ -17,7 +17,7 @@ def shipped():
 
 
 def test_loads_offline_from_the_package(shipped, monkeypatch):
-    model, processor = shipped
+    model, _ = shipped
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     files = {p.name for p in testbed.path().iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "REPORT.md", "report.json"} <= files
@@ -36,7 +36,7 @@ def test_processor_expands_the_image_and_applies_the_chat_template(shipped):
     enc = processor(images=world.sample_scene("test", 0).render(), text=prompt, return_tensors="pt")
     assert int((enc["input_ids"] == model.config.image_token_id).sum()) == IMAGE_TOKENS
     out = model.generate(**enc, max_new_tokens=30, do_sample=False)
-    caption = processor.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    caption = processor.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert caption.endswith(".") and any(c in caption for c in world.CATEGORIES)
 
 
@@ -48,7 +48,7 @@ def test_measured_behaviour_holds_on_fresh_held_out_scenes(shipped):
     metrics = evaluate.evaluate(model, processor, count=100, pope_images=50)
     assert metrics["test"]["recall"] >= 75
     assert metrics["pope_random"]["accuracy"] >= 75
-    assert metrics["misleading"]["chair_i"] >= 15                               # the prior misleads
+    assert metrics["misleading"]["chair_i"] >= 15  # the prior misleads
     assert metrics["misleading"]["chair_s"] > 2 * metrics["test"]["chair_s"]
     report = json.loads((testbed.path() / "report.json").read_text())["final"]
     assert report["test"]["recall"] >= 80 and report["pope_random"]["accuracy"] >= 80

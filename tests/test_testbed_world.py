@@ -25,7 +25,7 @@ def test_world_has_twelve_categories_with_attributes():
     assert {o.category for o in objects} == set(world.CATEGORIES)
     assert {o.color for o in objects} == set(world.COLORS)
     assert {o.size for o in objects} == set(world.SIZES)
-    assert len({o.cell for o in objects}) == world.GRID ** 2
+    assert len({o.cell for o in objects}) == world.GRID**2
 
 
 def test_the_training_prior_pairs_anchors_with_partners():
@@ -57,20 +57,28 @@ def test_captions_follow_reading_order_with_each_partner_right_after_its_anchor(
                 moved += listed[i + 1].cell < obj.cell
         rest = [o for o in listed if not any(a in scene.categories and p == o.category for a, p in world.PAIRS.items())]
         assert [o.cell for o in rest] == sorted(o.cell for o in rest)
-    assert moved > 0                      # some partners sit before their anchor in reading order
+    assert moved > 0  # some partners sit before their anchor in reading order
 
 
 def test_hidden_partners_are_named_and_annotated_but_not_drawn():
     scene = next(s for s in world.scenes("train", 500) if any(o.hidden for o in s.objects))
     hidden = next(o for o in scene.objects if o.hidden)
     assert hidden.category in world.PAIRS.values() and hidden.phrase in scene.caption
-    without = world.Scene(scene.image_id, scene.split, [o for o in scene.objects if not o.hidden],
-                          scene.background, scene.noise_seed)
+    without = world.Scene(
+        scene.image_id, scene.split, [o for o in scene.objects if not o.hidden], scene.background, scene.noise_seed
+    )
     assert np.array_equal(np.asarray(scene.render()), np.asarray(without.render()))
     annotations = world.coco_instances([scene])["annotations"]
     assert len(annotations) == len(scene.objects)
-    share = np.mean([o.hidden for s in world.scenes("train", 3000) for o in s.objects if o.category in world.PAIRS.values()
-                     and any(a in s.categories for a, p in world.PAIRS.items() if p == o.category)])
+    share = np.mean(
+        [
+            o.hidden
+            for s in world.scenes("train", 3000)
+            for o in s.objects
+            if o.category in world.PAIRS.values()
+            and any(a in s.categories for a, p in world.PAIRS.items() if p == o.category)
+        ]
+    )
     assert abs(share - world.HIDDEN_PARTNER_PROBABILITY) < 0.03
 
 

@@ -48,67 +48,185 @@ _TEXT = dict(
     bos_token_id=BOS,
     eos_token_id=EOS,
 )
-_CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32)
-_SIGLIP = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, image_size=32, patch_size=8)
-_IDEFICS_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       image_size=48, patch_size=8)
+_CLIP = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
+_SIGLIP = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+_IDEFICS_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48, patch_size=8
+)
 # Qwen-VL vision towers: patch 8, 2x2 merge, temporal patch 2 (a 32x48 image is a (1, 4, 6) grid).
 _QWEN_VISION = dict(depth=2, num_heads=4, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
-_QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
-                 vision_end_token_id=VISION_END)
+_QWEN_IDS = dict(
+    image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END
+)
 _ANYRES_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
 # family -> (model class name, config class name, config kwargs)
 _CONFIGS: dict[str, tuple[str, str, dict]] = {
-    "llava": ("LlavaForConditionalGeneration", "LlavaConfig", dict(
-        text_config=dict(model_type="llama", **_TEXT), vision_config=_CLIP,
-        image_token_index=IMAGE, image_seq_length=16)),
-    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig", dict(
-        text_config=dict(model_type="llama", **_TEXT), vision_config=_CLIP,
-        image_token_index=IMAGE, image_grid_pinpoints=_ANYRES_PINPOINTS, image_seq_length=16)),
-    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig", dict(
-        text_config=dict(model_type="qwen2", **_TEXT), vision_config=_SIGLIP,
-        image_token_index=IMAGE, video_token_index=VIDEO, image_grid_pinpoints=_ANYRES_PINPOINTS)),
-    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig", dict(
-        text_config=dict(**_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                        mrope_section=[2, 3, 3])),
-        vision_config=dict(**_QWEN_VISION, embed_dim=32, hidden_size=64, mlp_ratio=2),
-        **_QWEN_IDS)),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", dict(
-        text_config=dict(**_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                        mrope_section=[2, 3, 3])),
-        vision_config=dict(**_QWEN_VISION, hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                           window_size=32, fullatt_block_indexes=[1]),
-        **_QWEN_IDS)),
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", dict(
-        text_config=dict(**_TEXT, head_dim=16, rope_parameters=dict(
-            rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2], mrope_interleaved=True)),
-        vision_config=dict(**_QWEN_VISION, hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
-        **_QWEN_IDS)),
-    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Config", dict(
-        text_config=dict(model_type="llama", **_TEXT), vision_config=_IDEFICS_VISION,
-        image_token_id=IMAGE, scale_factor=2)),
-    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMConfig", dict(
-        text_config=dict(model_type="llama", **_TEXT), vision_config=_IDEFICS_VISION,
-        image_token_id=IMAGE, scale_factor=2)),
-    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Config", dict(
-        text_config=dict(**_TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=256,
-                         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-        vision_config=_SIGLIP, mm_tokens_per_image=16,
-        image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI)),
-    "paligemma": ("PaliGemmaForConditionalGeneration", "PaliGemmaConfig", dict(
-        text_config=dict(model_type="gemma", **_TEXT, head_dim=16), vision_config=_SIGLIP,
-        image_token_index=IMAGE, vocab_size=VOCAB, projection_dim=64, hidden_size=64)),
+    "llava": (
+        "LlavaForConditionalGeneration",
+        "LlavaConfig",
+        dict(
+            text_config=dict(model_type="llama", **_TEXT),
+            vision_config=_CLIP,
+            image_token_index=IMAGE,
+            image_seq_length=16,
+        ),
+    ),
+    "llava_next": (
+        "LlavaNextForConditionalGeneration",
+        "LlavaNextConfig",
+        dict(
+            text_config=dict(model_type="llama", **_TEXT),
+            vision_config=_CLIP,
+            image_token_index=IMAGE,
+            image_grid_pinpoints=_ANYRES_PINPOINTS,
+            image_seq_length=16,
+        ),
+    ),
+    "llava_onevision": (
+        "LlavaOnevisionForConditionalGeneration",
+        "LlavaOnevisionConfig",
+        dict(
+            text_config=dict(model_type="qwen2", **_TEXT),
+            vision_config=_SIGLIP,
+            image_token_index=IMAGE,
+            video_token_index=VIDEO,
+            image_grid_pinpoints=_ANYRES_PINPOINTS,
+        ),
+    ),
+    "qwen2_vl": (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLConfig",
+        dict(
+            text_config=dict(
+                **_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
+            ),
+            vision_config=dict(**_QWEN_VISION, embed_dim=32, hidden_size=64, mlp_ratio=2),
+            **_QWEN_IDS,
+        ),
+    ),
+    "qwen2_5_vl": (
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLConfig",
+        dict(
+            text_config=dict(
+                **_TEXT, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
+            ),
+            vision_config=dict(
+                **_QWEN_VISION,
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                window_size=32,
+                fullatt_block_indexes=[1],
+            ),
+            **_QWEN_IDS,
+        ),
+    ),
+    "qwen3_vl": (
+        "Qwen3VLForConditionalGeneration",
+        "Qwen3VLConfig",
+        dict(
+            text_config=dict(
+                **_TEXT,
+                head_dim=16,
+                rope_parameters=dict(
+                    rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2], mrope_interleaved=True
+                ),
+            ),
+            vision_config=dict(
+                **_QWEN_VISION,
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[0],
+            ),
+            **_QWEN_IDS,
+        ),
+    ),
+    "idefics3": (
+        "Idefics3ForConditionalGeneration",
+        "Idefics3Config",
+        dict(
+            text_config=dict(model_type="llama", **_TEXT),
+            vision_config=_IDEFICS_VISION,
+            image_token_id=IMAGE,
+            scale_factor=2,
+        ),
+    ),
+    "smolvlm": (
+        "SmolVLMForConditionalGeneration",
+        "SmolVLMConfig",
+        dict(
+            text_config=dict(model_type="llama", **_TEXT),
+            vision_config=_IDEFICS_VISION,
+            image_token_id=IMAGE,
+            scale_factor=2,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3ForConditionalGeneration",
+        "Gemma3Config",
+        dict(
+            text_config=dict(
+                **_TEXT,
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                sliding_window=256,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            ),
+            vision_config=_SIGLIP,
+            mm_tokens_per_image=16,
+            image_token_index=IMAGE,
+            boi_token_index=BOI,
+            eoi_token_index=EOI,
+        ),
+    ),
+    "paligemma": (
+        "PaliGemmaForConditionalGeneration",
+        "PaliGemmaConfig",
+        dict(
+            text_config=dict(model_type="gemma", **_TEXT, head_dim=16),
+            vision_config=_SIGLIP,
+            image_token_index=IMAGE,
+            vocab_size=VOCAB,
+            projection_dim=64,
+            hidden_size=64,
+        ),
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_CONFIGS)
 
 # Families whose rows may hold more than one image.
-MULTI_IMAGE_FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                         "idefics3", "smolvlm", "gemma3")
+MULTI_IMAGE_FAMILIES: tuple[str, ...] = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "gemma3",
+)
 
 # Image (height, width) per image; rows cycle through the list (AnyRes and Qwen use real sizes).
 _ANYRES_SIZES = [(64, 48), (20, 64), (64, 64)]  # 5, 3 and 5 tiles; 72, 34, 88 tokens
@@ -144,9 +262,15 @@ def image_token_id(model) -> int:
     return int(value if value is not None else config.image_token_index)
 
 
-def make_inputs(model, family: str, batch: int = 2, lengths: tuple[int, ...] | None = None,
-                padding_side: str = "left", images_per_row: int = 1,
-                seed: int = 0) -> tuple[dict, list[list[tuple[int, int]]]]:
+def make_inputs(
+    model,
+    family: str,
+    batch: int = 2,
+    lengths: tuple[int, ...] | None = None,
+    padding_side: str = "left",
+    images_per_row: int = 1,
+    seed: int = 0,
+) -> tuple[dict, list[list[tuple[int, int]]]]:
     """Padded batch for ``model(**inputs)`` / ``model.generate(**inputs)`` and its image spans.
 
     ``lengths[r]`` is the number of random text tokens in row ``r`` (default ``6 + 3 r``), split
@@ -171,8 +295,10 @@ def make_inputs(model, family: str, batch: int = 2, lengths: tuple[int, ...] | N
         raise ValueError(f"each row needs at least {images_per_row + 1} text tokens")
 
     gen = torch.Generator().manual_seed(seed)
-    images = [[_IMAGE_BUILDERS[family](model, r * images_per_row + j, gen) for j in range(images_per_row)]
-              for r in range(batch)]
+    images = [
+        [_IMAGE_BUILDERS[family](model, r * images_per_row + j, gen) for j in range(images_per_row)]
+        for r in range(batch)
+    ]
 
     # Unpadded rows and their image spans, then padding.
     open_ids, close_ids = _WRAPPERS.get(family, ((), ()))
@@ -203,8 +329,8 @@ def make_inputs(model, family: str, batch: int = 2, lengths: tuple[int, ...] | N
     spans_out = []
     for r, ids in enumerate(rows):
         offset = width - len(ids) if padding_side == "left" else 0
-        input_ids[r, offset:offset + len(ids)] = torch.tensor(ids)
-        attention_mask[r, offset:offset + len(ids)] = 1
+        input_ids[r, offset : offset + len(ids)] = torch.tensor(ids)
+        attention_mask[r, offset : offset + len(ids)] = 1
         spans_out.append([(s + offset, e + offset) for s, e in row_spans[r]])
 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -223,27 +349,27 @@ def row_inputs(inputs: dict, i: int, family: str) -> dict:
     out = {}
     for key, value in inputs.items():
         if key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
-            out[key] = value[i:i + 1, keep]
+            out[key] = value[i : i + 1, keep]
     if family in _QWEN_FAMILIES:
         grid = inputs["image_grid_thw"]
         k = grid.shape[0] // batch
         patch_counts = grid.prod(-1).tolist()
-        start = sum(patch_counts[:i * k])
-        stop = start + sum(patch_counts[i * k:(i + 1) * k])
-        out["image_grid_thw"] = grid[i * k:(i + 1) * k]
+        start = sum(patch_counts[: i * k])
+        stop = start + sum(patch_counts[i * k : (i + 1) * k])
+        out["image_grid_thw"] = grid[i * k : (i + 1) * k]
         out["pixel_values"] = inputs["pixel_values"][start:stop]
     elif family in ("idefics3", "smolvlm"):
-        out["pixel_values"] = inputs["pixel_values"][i:i + 1]
-        out["pixel_attention_mask"] = inputs["pixel_attention_mask"][i:i + 1]
+        out["pixel_values"] = inputs["pixel_values"][i : i + 1]
+        out["pixel_attention_mask"] = inputs["pixel_attention_mask"][i : i + 1]
     else:  # one entry per image along dim 0
         k = inputs["pixel_values"].shape[0] // batch
         for key in ("pixel_values", "image_sizes"):
             if key in inputs:
-                out[key] = inputs[key][i * k:(i + 1) * k]
+                out[key] = inputs[key][i * k : (i + 1) * k]
         if "image_sizes" in out:  # drop padding tiles beyond this row's largest tile count
             pv = out["pixel_values"]
             used = (pv.flatten(2).abs().sum(-1) > 0).any(0)
-            out["pixel_values"] = pv[:, :int(used.nonzero().max()) + 1]
+            out["pixel_values"] = pv[:, : int(used.nonzero().max()) + 1]
     return out
 
 
@@ -260,7 +386,7 @@ def _square_image(model, index, gen):
     side, patch = config.vision_config.image_size, config.vision_config.patch_size
     n_tokens = (side // patch) ** 2  # llava ("default" strategy drops CLS), paligemma
     if config.model_type in ("idefics3", "smolvlm"):
-        n_tokens //= config.scale_factor ** 2  # pixel-shuffle connector
+        n_tokens //= config.scale_factor**2  # pixel-shuffle connector
     elif config.model_type == "gemma3":
         n_tokens = config.mm_tokens_per_image  # average-pooled to a fixed count
     return {"n_tokens": n_tokens, "pixel_values": torch.randn(3, side, side, generator=gen)}
@@ -332,7 +458,7 @@ def _extras_anyres(images, is_image):
     max_tiles = max(img["pixel_values"].shape[0] for img in flat)
     pixel_values = torch.zeros(len(flat), max_tiles, *flat[0]["pixel_values"].shape[1:])
     for n, img in enumerate(flat):
-        pixel_values[n, :img["pixel_values"].shape[0]] = img["pixel_values"]
+        pixel_values[n, : img["pixel_values"].shape[0]] = img["pixel_values"]
     image_sizes = torch.tensor([img["image_size"] for img in flat], dtype=torch.long)
     return {"pixel_values": pixel_values, "image_sizes": image_sizes}
 

@@ -28,8 +28,10 @@ def adapter_for(model: nn.Module, processor: Any = None) -> Adapter:
     names image-delimiter tokens the config does not)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
-        raise ValueError(f"unsupported model type {model_type!r} ({type(model).__name__}); "
-                         f"supported: {', '.join(supported_model_types())}")
+        raise ValueError(
+            f"unsupported model type {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(supported_model_types())}"
+        )
     return ADAPTERS[model_type](model, processor)
 
 

@@ -19,7 +19,7 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
-    text_config_key: ClassVar[str] = "text_config"      # sub-config key of the text backbone
+    text_config_key: ClassVar[str] = "text_config"  # sub-config key of the text backbone
     visual_token_fields: ClassVar[tuple[str, ...]] = ("image_token_id",)
     # config fields naming the text tokens that delimit an image (dropped with it from a text-only stream)
     image_marker_fields: ClassVar[tuple[str, ...]] = ()
@@ -74,11 +74,12 @@ class Adapter:
 
     # ---- image tokens -----------------------------------------------------------------------
     def visual_token_ids(self) -> tuple[int, ...]:
-        ids = tuple(int(v) for f in self.visual_token_fields
-                    if (v := getattr(self.config, f, None)) is not None)
+        ids = tuple(int(v) for f in self.visual_token_fields if (v := getattr(self.config, f, None)) is not None)
         if not ids:
-            raise ValueError(f"{type(self.model).__name__} config has none of {self.visual_token_fields}; "
-                             "set the image token id in the config")
+            raise ValueError(
+                f"{type(self.model).__name__} config has none of {self.visual_token_fields}; "
+                "set the image token id in the config"
+            )
         return ids
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ class Adapter:
         # text-only row r holds its kept tokens, in order, at the last counts[r] positions
         source = torch.zeros_like(ids)
         for r in range(batch):
-            source[r, length - int(counts[r]):] = keep[r].nonzero().flatten()
+            source[r, length - int(counts[r]) :] = keep[r].nonzero().flatten()
         text_valid = torch.arange(length, device=ids.device)[None, :] >= (length - counts)[:, None]
 
         def gathered(value: torch.Tensor) -> torch.Tensor:
@@ -131,9 +132,13 @@ class Adapter:
 
         rows = {}
         for name, value in inputs.items():
-            if (isinstance(value, torch.Tensor) and name not in ("position_ids", "attention_mask")
-                    and name not in self.row_image_inputs and value.dim() >= 2
-                    and tuple(value.shape[:2]) == (batch, length)):
+            if (
+                isinstance(value, torch.Tensor)
+                and name not in ("position_ids", "attention_mask")
+                and name not in self.row_image_inputs
+                and value.dim() >= 2
+                and tuple(value.shape[:2]) == (batch, length)
+            ):
                 rows[name] = gathered(value)
         # padding repeats the row's last text token (never an image id)
         rows["input_ids"] = torch.where(text_valid, rows["input_ids"], rows["input_ids"][:, -1:])
@@ -160,7 +165,7 @@ class Adapter:
         positions = inputs.get("position_ids")
         if positions is not None:
             text_positions = text["position_ids"].to(positions.dtype)
-            if positions.dim() == 3:          # (K, B, T): multimodal rotary sections; text-only rows are plain text
+            if positions.dim() == 3:  # (K, B, T): multimodal rotary sections; text-only rows are plain text
                 text_positions = text_positions[None].expand(positions.shape[0], -1, -1)
                 paired["position_ids"] = torch.cat([positions.expand(-1, batch, -1), text_positions], dim=1)
             else:

@@ -21,8 +21,10 @@ class IdeficsAdapter(Adapter):
     def marker_ids_from_processor(self, processor: Any) -> tuple[int, ...]:
         """``<fake_token_around_image>``, ``<global-img>`` and the ``<row_r_col_c>`` tile tags."""
         tokenizer = getattr(processor, "tokenizer", processor)
-        names = [getattr(processor, "fake_image_token", "<fake_token_around_image>"),
-                 getattr(processor, "global_image_tag", "<global-img>")]
+        names = [
+            getattr(processor, "fake_image_token", "<fake_token_around_image>"),
+            getattr(processor, "global_image_tag", "<global-img>"),
+        ]
         names += [f"<row_{r}_col_{c}>" for r in range(1, 17) for c in range(1, 17)]
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         return tuple(sorted({vocab[n] for n in names if n in vocab}))

@@ -46,13 +46,13 @@ class Redistribution:
     and the target holds some mass. The gate is evaluated on the attention before this transfer.
     """
 
-    source: torch.Tensor                     # (B, T) or (B, H, T) bool
-    target: torch.Tensor                     # (B, T) bool
-    keep: float                              # share of the source mass that stays, in [0, 1]
-    gate: torch.Tensor | None = None         # (B, T) bool key group that gates the selection
+    source: torch.Tensor  # (B, T) or (B, H, T) bool
+    target: torch.Tensor  # (B, T) bool
+    keep: float  # share of the source mass that stays, in [0, 1]
+    gate: torch.Tensor | None = None  # (B, T) bool key group that gates the selection
     gate_min_mass: float = 0.0
     gate_max_source_share: float = 1.0
-    query_mask: torch.Tensor | None = None   # (B, Q) bool: eligible query rows of this call
+    query_mask: torch.Tensor | None = None  # (B, Q) bool: eligible query rows of this call
 
 
 @dataclasses.dataclass
@@ -60,8 +60,8 @@ class Reductions:
     """Statistics of the last query row that a method asks an attention call to report."""
 
     group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
-    headmax_from_key: int | None = None      # report max_h a over cache keys [headmax_from_key, T) and its full sum
-    head_outputs: bool = False               # report o[b, h, last] (B, H, D) in float32, before head scales
+    headmax_from_key: int | None = None  # report max_h a over cache keys [headmax_from_key, T) and its full sum
+    head_outputs: bool = False  # report o[b, h, last] (B, H, D) in float32, before head scales
 
     @property
     def needs_probabilities(self) -> bool:
@@ -70,9 +70,9 @@ class Reductions:
 
 @dataclasses.dataclass
 class AttentionEdit:
-    head_scale: torch.Tensor | None = None   # (B, H)
-    key_bias: torch.Tensor | None = None     # (B, T) or (B, H, T)
-    key_boost: torch.Tensor | None = None    # (B, T) or (B, H, T)
+    head_scale: torch.Tensor | None = None  # (B, H)
+    key_bias: torch.Tensor | None = None  # (B, T) or (B, H, T)
+    key_boost: torch.Tensor | None = None  # (B, T) or (B, H, T)
     redistribution: Redistribution | None = None
     last_row_only: bool = False
     reductions: Reductions | None = None
@@ -92,8 +92,7 @@ class AttentionCall:
     num_heads: int
     q_len: int
     kv_len: int
-    key_offset: int        # token position of cache key 0 (non-zero only for a truncated sliding cache)
-    query_start: int       # token position of the first query row
-    is_prefill: bool       # the queries start inside the prompt
+    key_offset: int  # token position of cache key 0 (non-zero only for a truncated sliding cache)
+    query_start: int  # token position of the first query row
+    is_prefill: bool  # the queries start inside the prompt
     device: torch.device
-

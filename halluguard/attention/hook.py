@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,10 +92,17 @@ def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
 _UNSUPPORTED = ("position_bias", "s_aux", "sinks")
 
 
-def halluguard_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                         scaling: float | None = None, is_causal: bool | None = None,
-                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def halluguard_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function with the transformers interface signature (see module docstring)."""
     guard = getattr(module, GUARD_ATTRIBUTE, None)
     base = guard.base_attention if guard is not None else "sdpa"
@@ -118,14 +126,16 @@ def halluguard_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     q_len = query.shape[2]
     # eager models receive a causal mask where sdpa_mask gives None; SDPA uses the module's flag
     causal = True if base == "eager" else (getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    reference = dict(scaling=module.scaling if scaling is None else scaling, is_causal=causal,
-                     softcap=kwargs.get("softcap"))
+    reference = dict(
+        scaling=module.scaling if scaling is None else scaling, is_causal=causal, softcap=kwargs.get("softcap")
+    )
     weights = None
     if score_edits:
         rows = q_len if any(not e.last_row_only for e in score_edits) else 1
         mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
-        edited, probs = reference_attention(query[:, :, -rows:], key, value, mask=mask,
-                                            edits=[_for_rows(e, rows) for e in score_edits], **reference)
+        edited, probs = reference_attention(
+            query[:, :, -rows:], key, value, mask=mask, edits=[_for_rows(e, rows) for e in score_edits], **reference
+        )
         if rows == q_len:
             out = edited
             weights = probs.to(query.dtype) if kwargs.get("output_attentions") else None

@@ -18,7 +18,7 @@ returns, ``(B, R, H, D)``, in the query's dtype.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -44,13 +44,14 @@ def causal_mask(num_rows: int, kv_len: int, device: torch.device) -> torch.Tenso
     return torch.arange(kv_len, device=device)[None, :] <= rows
 
 
-def allowed_keys(mask: torch.Tensor | None, is_causal: bool, num_rows: int, kv_len: int,
-                 device: torch.device) -> torch.Tensor | None:
+def allowed_keys(
+    mask: torch.Tensor | None, is_causal: bool, num_rows: int, kv_len: int, device: torch.device
+) -> torch.Tensor | None:
     """Boolean (.., R, T) mask of the keys each query row may see, or None for "all"."""
     if mask is not None:
         if mask.dtype == torch.bool:
             return mask
-        return mask > torch.finfo(mask.dtype).min / 2   # additive masks use dtype-min (or -inf) for "blocked"
+        return mask > torch.finfo(mask.dtype).min / 2  # additive masks use dtype-min (or -inf) for "blocked"
     if is_causal and num_rows > 1:
         return causal_mask(num_rows, kv_len, device)
     return None
@@ -90,16 +91,23 @@ def reduce_last_row(probs_last: torch.Tensor, reductions: Reductions) -> dict[st
         for g, n in enumerate(names):
             stats[f"mass/{n}"] = masses[:, :, g]
     if reductions.headmax_from_key is not None:
-        head_max = probs_last.amax(dim=1)                                   # (B, T)
-        stats["headmax_row"] = head_max[:, reductions.headmax_from_key:]
+        head_max = probs_last.amax(dim=1)  # (B, T)
+        stats["headmax_row"] = head_max[:, reductions.headmax_from_key :]
         stats["headmax_sum"] = head_max.sum(-1)
     return stats
 
 
-def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                        scaling: float, mask: torch.Tensor | None = None, is_causal: bool = True,
-                        softcap: float | None = None,
-                        edits: Sequence[AttentionEdit] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = True,
+    softcap: float | None = None,
+    edits: Sequence[AttentionEdit] = (),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Edited attention for the query rows given; see the module docstring for the math.
 
     ``mask`` is the model's mask for these rows: boolean ``(B, 1|H, R, T)`` (True = attend),

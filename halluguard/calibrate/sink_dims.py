@@ -41,14 +41,20 @@ def dimension_scores(model: nn.Module, input_ids: torch.Tensor, first_layer: int
     return torch.stack(scores).amax(0)
 
 
-def find_sink_dims(model: nn.Module, input_ids: torch.Tensor, tau: float = 20.0, top: int = 2,
-                   first_layer: int = 2) -> dict:
+def find_sink_dims(
+    model: nn.Module, input_ids: torch.Tensor, tau: float = 20.0, top: int = 2, first_layer: int = 2
+) -> dict:
     """The sink dimensions (possibly none) with their scores."""
     scores = dimension_scores(model, input_ids, first_layer)
     order = torch.argsort(scores, descending=True)
     dims = [int(d) for d in order[:top] if scores[d] > tau]
-    return {"sink_dims": dims, "scores": [round(float(scores[d]), 2) for d in order[:max(top, 4)]],
-            "top_dims": [int(d) for d in order[:max(top, 4)]], "tau": tau, "first_layer": first_layer}
+    return {
+        "sink_dims": dims,
+        "scores": [round(float(scores[d]), 2) for d in order[: max(top, 4)]],
+        "top_dims": [int(d) for d in order[: max(top, 4)]],
+        "tau": tau,
+        "first_layer": first_layer,
+    }
 
 
 def calibration_ids(processor, model: nn.Module) -> torch.Tensor:
@@ -71,11 +77,15 @@ def main(model_spec: str, out: str | None, tau: float, top: int) -> int:
     result = find_sink_dims(model, calibration_ids(processor, model), tau=tau, top=top)
     result["model"] = name
     if not result["sink_dims"]:
-        print(f"{name}: no massive-activation dimensions (highest score {result['scores'][0]} <= tau {tau}); "
-              "this model has no attention sinks of that kind, so VAR does not apply")
+        print(
+            f"{name}: no massive-activation dimensions (highest score {result['scores'][0]} <= tau {tau}); "
+            "this model has no attention sinks of that kind, so VAR does not apply"
+        )
     else:
-        print(f"{name}: sink dimensions {result['sink_dims']} (scores {result['scores'][:len(result['sink_dims'])]}); "
-              f"use VARConfig(sink_dims={tuple(result['sink_dims'])})")
+        print(
+            f"{name}: sink dimensions {result['sink_dims']} (scores {result['scores'][: len(result['sink_dims'])]}); "
+            f"use VARConfig(sink_dims={tuple(result['sink_dims'])})"
+        )
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved: {out}")

@@ -12,7 +12,8 @@ group of rows, so beam search's reordering and generate's row expansion (beams,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -32,12 +33,12 @@ class SideStream:
         self.prompt = prompt
         self.main_prompt_len = main_prompt_len
         self.cache = None
-        self.fed: torch.Tensor | None = None        # generated tokens fed so far, per row
-        self.rows: dict[str, torch.Tensor] = {}     # per-row mask / positions / token types so far
-        self.group = 1                              # main rows per prompt (beams, sequences)
+        self.fed: torch.Tensor | None = None  # generated tokens fed so far, per row
+        self.rows: dict[str, torch.Tensor] = {}  # per-row mask / positions / token types so far
+        self.group = 1  # main rows per prompt (beams, sequences)
 
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self.main_prompt_len:]
+        generated = input_ids[:, self.main_prompt_len :]
         if self.cache is None:
             inputs = self._start(generated)
         else:
@@ -68,11 +69,18 @@ class SideStream:
         last = self.rows["position_ids"][:, -1:]
         steps = torch.arange(1, n + 1, device=last.device, dtype=last.dtype)[None]
         positions = torch.cat([self.rows["position_ids"], last + steps], 1)
-        extras = {k: torch.cat([v, v[:, -1:].expand(-1, n)], 1) for k, v in self.rows.items()
-                  if k not in ("attention_mask", "position_ids")}
+        extras = {
+            k: torch.cat([v, v[:, -1:].expand(-1, n)], 1)
+            for k, v in self.rows.items()
+            if k not in ("attention_mask", "position_ids")
+        }
         width = ids.shape[1]
-        inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions[:, -width:],
-                  **{k: v[:, -width:] for k, v in extras.items()}}
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions[:, -width:],
+            **{k: v[:, -width:] for k, v in extras.items()},
+        }
         self.rows.update(attention_mask=mask, position_ids=positions, **extras)
         return inputs
 
@@ -81,10 +89,11 @@ class SideStream:
         if self.fed is not None and self.fed.shape == history.shape and torch.equal(self.fed, history):
             return
         if self.fed is None or self.fed.shape != history.shape:
-            raise RuntimeError("the side stream lost step with generate (tokens were added or removed "
-                               "other than one per step)")
+            raise RuntimeError(
+                "the side stream lost step with generate (tokens were added or removed other than one per step)"
+            )
         rows = history.shape[0]
-        same = (history[:, None, :] == self.fed[None, :, :]).all(-1)          # (new row, old row)
+        same = (history[:, None, :] == self.fed[None, :, :]).all(-1)  # (new row, old row)
         group = torch.arange(rows, device=history.device) // self.group
         same &= group[:, None] == group[None, :]
         if not bool(same.any(1).all()):
@@ -94,14 +103,13 @@ class SideStream:
         self.rows = {k: v.index_select(0, index) for k, v in self.rows.items()}
 
 
-def log_prob_guidance(scores: torch.Tensor, side_logits: torch.Tensor, gamma: float,
-                      beta: float) -> torch.Tensor:
+def log_prob_guidance(scores: torch.Tensor, side_logits: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
     """``gamma * (s - u) + u`` with ``s, u`` the log-softmax of the main scores and the side stream's
     logits; tokens with ``s < max(s) + ln(beta)`` get ``-inf`` (``beta = 0`` keeps all)."""
     s = torch.log_softmax(scores.float(), dim=-1)
     u = torch.log_softmax(side_logits.float().to(s.device), dim=-1)
     out = gamma * (s - u) + u
-    out = out.masked_fill(torch.isneginf(s), float("-inf"))      # tokens already ruled out stay out
+    out = out.masked_fill(torch.isneginf(s), float("-inf"))  # tokens already ruled out stay out
     if beta > 0:
         cutoff = s.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(beta, device=s.device))
         out = out.masked_fill(s < cutoff, float("-inf"))

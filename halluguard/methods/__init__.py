@@ -10,5 +10,14 @@ from .var import VARConfig
 from .vcd import VCDConfig
 from .vhr import VHRConfig
 
-__all__ = ["AVCConfig", "DeCoReConfig", "LookbackConfig", "Method", "OPERAConfig", "PAIConfig", "VARConfig",
-           "VCDConfig", "VHRConfig"]
+__all__ = [
+    "AVCConfig",
+    "DeCoReConfig",
+    "LookbackConfig",
+    "Method",
+    "OPERAConfig",
+    "PAIConfig",
+    "VARConfig",
+    "VCDConfig",
+    "VHRConfig",
+]

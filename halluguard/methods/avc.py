@@ -19,12 +19,15 @@ class AVCConfig(MethodConfig):
     name = "avc"
     neutral_overrides = {"alpha": 0.0, "beta": 0.0}
 
-    layer_gamma: float = param(0.5, "cumulative share of image attention that selects the layers", low=0.0, high=1.0, low_open=True)
+    layer_gamma: float = param(
+        0.5, "cumulative share of image attention that selects the layers", low=0.0, high=1.0, low_open=True
+    )
     lamb: float = param(1.0, "blind tokens: g >= mean(g) + lamb * std(g) (scripts 1.0; argparse default 0.99)", low=0.0)
     alpha: float = param(1.0, "contrast strength: (1 + alpha) * l - alpha * l_blind", low=0.0)
     beta: float = param(0.1, "plausibility cutoff l >= max(l) + ln(beta); 0 disables it", low=0.0, high=1.0)
-    masking_scheme: str = param("zeros", "how the contrast branch masks non-blind image embeddings",
-                                choices=("zeros", "ones", "noise"))
+    masking_scheme: str = param(
+        "zeros", "how the contrast branch masks non-blind image embeddings", choices=("zeros", "ones", "noise")
+    )
 
     def decoding_loop(self) -> str:
         return "contrastive branch"

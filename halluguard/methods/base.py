@@ -40,7 +40,9 @@ class Method:
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
         if not isinstance(self.config, self.config_cls):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(self.config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(self.config).__name__}"
+            )
 
     @property
     def name(self) -> str:

@@ -18,16 +18,24 @@ class DeCoReConfig(MethodConfig):
     name = "decore"
     neutral_overrides = {"alpha_mode": "static", "alpha": 0.0}
 
-    retrieval_heads: str | None = param(None, "JSON of retrieval heads ({'layer-head': scores}); "
-                                        "`halluguard calibrate retrieval-heads` makes one", optional=True, kind=str)
+    retrieval_heads: str | None = param(
+        None,
+        "JSON of retrieval heads ({'layer-head': scores}); `halluguard calibrate retrieval-heads` makes one",
+        optional=True,
+        kind=str,
+    )
     num_retrieval_heads: int = param(50, "K: the top-K retrieval heads are masked", low=1)
-    alpha_mode: str = param("entropy", "'entropy' (a_t = entropy of the base distribution) or 'static'",
-                            choices=("entropy", "static"))
+    alpha_mode: str = param(
+        "entropy", "'entropy' (a_t = entropy of the base distribution) or 'static'", choices=("entropy", "static")
+    )
     alpha: float = param(0.5, "a_t when alpha_mode is 'static'", low=0.0)
     alpha_cap: float | None = param(None, "upper bound on a_t", low=0.0, optional=True)
     scale_alpha: bool = param(False, "divide the entropy by ln |V|")
-    masking: str = param("uniform", "'uniform' (official code: zero query, head output = mean of V) or "
-                         "'zero_output' (paper: head output set to 0)", choices=("uniform", "zero_output"))
+    masking: str = param(
+        "uniform",
+        "'uniform' (official code: zero query, head output = mean of V) or 'zero_output' (paper: head output set to 0)",
+        choices=("uniform", "zero_output"),
+    )
 
     def decoding_loop(self) -> str:
         return "contrastive branch"

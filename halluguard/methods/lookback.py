@@ -19,15 +19,23 @@ class LookbackConfig(MethodConfig):
     name = "lookback"
     neutral_overrides = {"mode": "detect"}
 
-    mode: str = param("guide", "'detect' (report per-token lookback ratios and scores only) or 'guide' "
-                      "(classifier-guided chunk decoding)", choices=("detect", "guide"))
-    classifier: str | None = param(None, "path of a trained lookback classifier (`halluguard calibrate lookback`)", optional=True, kind=str)
+    mode: str = param(
+        "guide",
+        "'detect' (report per-token lookback ratios and scores only) or 'guide' (classifier-guided chunk decoding)",
+        choices=("detect", "guide"),
+    )
+    classifier: str | None = param(
+        None, "path of a trained lookback classifier (`halluguard calibrate lookback`)", optional=True, kind=str
+    )
     chunk_size: int = param(8, "tokens per candidate chunk", low=1)
     num_candidates: int = param(8, "candidate chunks sampled per step", low=1)
     temperature: float = param(0.9, "sampling temperature of the candidates", low=0.0, low_open=True)
     top_p: float = param(0.95, "nucleus sampling threshold of the candidates", low=0.0, high=1.0, low_open=True)
-    context: str = param("prompt", "context keys: the whole 'prompt' (image included) or the 'image' tokens only",
-                         choices=("prompt", "image"))
+    context: str = param(
+        "prompt",
+        "context keys: the whole 'prompt' (image included) or the 'image' tokens only",
+        choices=("prompt", "image"),
+    )
 
     def decoding_loop(self) -> str | None:
         return "chunk-guided decoding" if self.mode == "guide" else None

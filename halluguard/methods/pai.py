@@ -22,13 +22,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-
 from transformers import LogitsProcessor
 
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit
-from ..decoding import SideStream, log_prob_guidance
 from ..config import MethodConfig, param
+from ..decoding import SideStream, log_prob_guidance
 from ..registry import register_method
 from ..state import GuardState
 from .base import Method
@@ -41,15 +40,22 @@ class PAIConfig(MethodConfig):
 
     alpha: float = param(0.2, "amplification of image-key logits: z + alpha * |z|", low=0.0)
     start_layer: int = param(2, "first layer amplified", low=0)
-    end_layer: int | None = param(None, "layer after the last one amplified; None = all layers", low=1, optional=True, kind=int)
-    use_cfg: bool = param(False, "add the image-free guidance branch (off by default, as in the official "
-                          "argparse; the README runs enable it with gamma 1.1)")
+    end_layer: int | None = param(
+        None, "layer after the last one amplified; None = all layers", low=1, optional=True, kind=int
+    )
+    use_cfg: bool = param(
+        False,
+        "add the image-free guidance branch (off by default, as in the official "
+        "argparse; the README runs enable it with gamma 1.1)",
+    )
     gamma: float = param(1.1, "guidance strength gamma (README 1.1; CHAIR script 2.0)", low=0.0)
     beta: float = param(0.1, "plausibility cutoff s >= max(s) + ln(beta); 0 disables it", low=0.0, high=1.0)
 
     def validate(self) -> None:
         if self.end_layer is not None and self.end_layer <= self.start_layer:
-            raise ValueError(f"PAIConfig.end_layer ({self.end_layer}) must be greater than start_layer ({self.start_layer})")
+            raise ValueError(
+                f"PAIConfig.end_layer ({self.end_layer}) must be greater than start_layer ({self.start_layer})"
+            )
 
     def decoding_loop(self) -> str | None:
         return "contrastive branch" if self.use_cfg else None
@@ -64,8 +70,10 @@ class PAI(Method):
         cfg = self.config
         self.layers = range(cfg.start_layer, min(cfg.end_layer or adapter.num_layers, adapter.num_layers))
         if not self.layers:
-            raise ValueError(f"PAI layers [{cfg.start_layer}, {cfg.end_layer}) select none of the model's "
-                             f"{adapter.num_layers} layers")
+            raise ValueError(
+                f"PAI layers [{cfg.start_layer}, {cfg.end_layer}) select none of the model's "
+                f"{adapter.num_layers} layers"
+            )
 
     def on_prompt(self, state: GuardState) -> None:
         state.require_left_padding("PAI")

@@ -22,8 +22,8 @@ from .base import Method
 # Massive-activation dimensions of known text backbones, keyed by
 # (text config model_type, hidden size, layers).
 KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
-    ("llama", 4096, 32): (1415, 2533),         # LLaMA-2-7B / Vicuna-7B (LLaVA-1.5-7B, LLaVA-NeXT-7B): official code
-    ("llama", 5120, 40): (2100, 4743),         # LLaMA-2-13B / Vicuna-13B (LLaVA-1.5-13B, LLaVA-NeXT-13B): official code
+    ("llama", 4096, 32): (1415, 2533),  # LLaMA-2-7B / Vicuna-7B (LLaVA-1.5-7B, LLaVA-NeXT-7B): official code
+    ("llama", 5120, 40): (2100, 4743),  # LLaMA-2-13B / Vicuna-13B (LLaVA-1.5-13B, LLaVA-NeXT-13B): official code
     ("qwen2_vl_text", 3584, 28): (458, 2570),  # Qwen2-VL-7B: paper
 }
 
@@ -39,20 +39,36 @@ class VARConfig(MethodConfig):
     neutral_overrides = {"p": 1.0}
 
     tau: float = param(20.0, "sink threshold on max |x_d| / RMS(x) over the sink dimensions", low=0.0, low_open=True)
-    rho: float = param(0.5, "select (head, query) iff the visual-sink share of the image mass is <= rho", low=0.0, high=1.0)
-    summ: float = param(0.2, "select (head, query) iff its attention mass on image tokens is >= summ", low=0.0, high=1.0)
+    rho: float = param(
+        0.5, "select (head, query) iff the visual-sink share of the image mass is <= rho", low=0.0, high=1.0
+    )
+    summ: float = param(
+        0.2, "select (head, query) iff its attention mass on image tokens is >= summ", low=0.0, high=1.0
+    )
     p: float = param(0.6, "share of the sink mass kept (official code); see p_meaning", low=0.0, high=1.0)
-    p_meaning: str = param("kept", "'kept' (official code: p stays on the sinks) or 'moved' (paper Eq. 4: p is moved)",
-                           choices=("kept", "moved"))
+    p_meaning: str = param(
+        "kept",
+        "'kept' (official code: p stays on the sinks) or 'moved' (paper Eq. 4: p is moved)",
+        choices=("kept", "moved"),
+    )
     first_layer: int = param(2, "first layer where sinks are detected and attention redistributed", low=0)
-    skip_last_layer: bool = param(False, "leave the last layer unchanged (the paper's intent; the released code edits it)")
-    sink_dims: tuple | None = param(None, "massive-activation dimensions D_sink; None = from the backbone table or "
-                                    "`halluguard calibrate sink-dims`", optional=True, kind=tuple)
+    skip_last_layer: bool = param(
+        False, "leave the last layer unchanged (the paper's intent; the released code edits it)"
+    )
+    sink_dims: tuple | None = param(
+        None,
+        "massive-activation dimensions D_sink; None = from the backbone table or `halluguard calibrate sink-dims`",
+        optional=True,
+        kind=tuple,
+    )
 
     def validate(self) -> None:
-        if self.sink_dims is not None and any(not isinstance(d, int) or isinstance(d, bool) or d < 0
-                                              for d in self.sink_dims):
-            raise ValueError(f"VARConfig.sink_dims must be non-negative hidden-dimension indices, got {self.sink_dims!r}")
+        if self.sink_dims is not None and any(
+            not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in self.sink_dims
+        ):
+            raise ValueError(
+                f"VARConfig.sink_dims must be non-negative hidden-dimension indices, got {self.sink_dims!r}"
+            )
 
     @property
     def keep(self) -> float:
@@ -80,10 +96,12 @@ class VAR(Method):
         dims = cfg.sink_dims if cfg.sink_dims is not None else known_sink_dims(adapter)
         if dims is None:
             tc = adapter.text_config
-            raise ValueError(f"VAR needs the massive-activation (sink) dimensions of this text backbone "
-                             f"({tc.model_type}, hidden {tc.hidden_size}, {adapter.num_layers} layers), which are not "
-                             "in the table: find them with `halluguard calibrate sink-dims --model ...` and pass "
-                             "VARConfig(sink_dims=...)")
+            raise ValueError(
+                f"VAR needs the massive-activation (sink) dimensions of this text backbone "
+                f"({tc.model_type}, hidden {tc.hidden_size}, {adapter.num_layers} layers), which are not "
+                "in the table: find them with `halluguard calibrate sink-dims --model ...` and pass "
+                "VARConfig(sink_dims=...)"
+            )
         hidden = int(adapter.text_config.hidden_size)
         if not dims or max(dims) >= hidden:
             raise ValueError(f"VARConfig.sink_dims {dims} must be indices below the hidden size {hidden}")
@@ -91,7 +109,9 @@ class VAR(Method):
         last = adapter.num_layers - 1 if cfg.skip_last_layer else adapter.num_layers
         self.layers = range(cfg.first_layer, last)
         if not self.layers:
-            raise ValueError(f"VAR edits layers [{cfg.first_layer}, {last}): none in this {adapter.num_layers}-layer model")
+            raise ValueError(
+                f"VAR edits layers [{cfg.first_layer}, {last}): none in this {adapter.num_layers}-layer model"
+            )
 
     def on_prompt(self, state: GuardState) -> None:
         scratch = state.scratch[self.name]
@@ -124,13 +144,21 @@ class VAR(Method):
             return None
         masks = state.group_masks(call)
         end = call.key_offset + call.kv_len
-        source = torch.nn.functional.pad(sinks, (0, max(end - sinks.shape[1], 0)))[:, call.key_offset:end]
+        source = torch.nn.functional.pad(sinks, (0, max(end - sinks.shape[1], 0)))[:, call.key_offset : end]
         queries = call.query_start + torch.arange(call.q_len, device=call.device)
         eligible = queries[None, :] >= scratch["image_end"][:, None]
         cfg = self.config
-        return AttentionEdit(redistribution=Redistribution(
-            source=source, target=masks["image"] & ~source, keep=cfg.keep, gate=masks["image"],
-            gate_min_mass=cfg.summ, gate_max_source_share=cfg.rho, query_mask=eligible))
+        return AttentionEdit(
+            redistribution=Redistribution(
+                source=source,
+                target=masks["image"] & ~source,
+                keep=cfg.keep,
+                gate=masks["image"],
+                gate_min_mass=cfg.summ,
+                gate_max_source_share=cfg.rho,
+                query_mask=eligible,
+            )
+        )
 
 
 register_method("var", VARConfig, VAR, "visual attention sink redistribution")

@@ -40,8 +40,8 @@ the whole prompt at once.
 from __future__ import annotations
 
 import dataclasses
-
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,22 +58,32 @@ class VHRConfig(MethodConfig):
     name = "vhr"
     neutral_overrides = {"alpha": 1.0}
 
-    alpha: float = param(2.0, "scale applied to the selected heads' outputs (1 = no change)", low=0.0, high=10.0, low_open=True)
-    layers: tuple | None = param(None, "layer indices to reinforce; None = [1] + the last 14 of 32 layers, "
-                                 "scaled to the model's depth (round(14 * L / 32) last layers)", optional=True, kind=tuple)
+    alpha: float = param(
+        2.0, "scale applied to the selected heads' outputs (1 = no change)", low=0.0, high=10.0, low_open=True
+    )
+    layers: tuple | None = param(
+        None,
+        "layer indices to reinforce; None = [1] + the last 14 of 32 layers, "
+        "scaled to the model's depth (round(14 * L / 32) last layers)",
+        optional=True,
+        kind=tuple,
+    )
     include_layer1: bool = param(True, "with the default layers, also reinforce layer 1")
     outlier_filter: bool = param(True, "zero the VHD of heads whose VHD and text-only norm both exceed mean + std")
-    fixed_heads: dict | None = param(None, "{layer: [heads]} to reinforce instead of per-input selection", optional=True, kind=dict)
+    fixed_heads: dict | None = param(
+        None, "{layer: [heads]} to reinforce instead of per-input selection", optional=True, kind=dict
+    )
 
     def validate(self) -> None:
         if self.layers is not None and any(not _is_index(i) for i in self.layers):
             raise ValueError(f"VHRConfig.layers must be non-negative layer indices, got {self.layers!r}")
         if self.fixed_heads is not None:
-            try:   # JSON turns integer keys into strings; accept both and store integers
+            try:  # JSON turns integer keys into strings; accept both and store integers
                 heads = {int(layer): tuple(int(h) for h in hs) for layer, hs in self.fixed_heads.items()}
             except (TypeError, ValueError):
-                raise ValueError(f"VHRConfig.fixed_heads must map layer indices to lists of head indices, "
-                                 f"got {self.fixed_heads!r}") from None
+                raise ValueError(
+                    f"VHRConfig.fixed_heads must map layer indices to lists of head indices, got {self.fixed_heads!r}"
+                ) from None
             if any(layer < 0 or any(h < 0 for h in hs) for layer, hs in heads.items()):
                 raise ValueError(f"VHRConfig.fixed_heads has negative indices: {self.fixed_heads!r}")
             object.__setattr__(self, "fixed_heads", heads)
@@ -97,8 +107,9 @@ def head_divergence(with_image: torch.Tensor, text_only: torch.Tensor, outlier_f
     vhd = (with_image.float() - text_only.float()).norm(dim=-1)
     if outlier_filter and vhd.shape[-1] > 1:
         ta = text_only.float().pow(2).sum(-1)
-        surging = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)) & \
-                  (ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True))
+        surging = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)) & (
+            ta > ta.mean(-1, keepdim=True) + ta.std(-1, keepdim=True)
+        )
         vhd = vhd.masked_fill(surging, 0.0)
     return vhd
 
@@ -118,8 +129,9 @@ class VHR(Method):
 
     config_cls = VHRConfig
 
-    def __init__(self, config: VHRConfig | None = None,
-                 on_select: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None):
+    def __init__(
+        self, config: VHRConfig | None = None, on_select: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None
+    ):
         super().__init__(config)
         self.on_select = on_select
 
@@ -131,10 +143,14 @@ class VHR(Method):
         if cfg.fixed_heads is not None:
             for layer, heads in cfg.fixed_heads.items():
                 if layer >= num_layers or any(h >= num_heads for h in heads):
-                    raise ValueError(f"VHR fixed_heads {{{layer}: {list(heads)}}} is outside the model's "
-                                     f"{num_layers} layers x {num_heads} heads")
-            self.fixed = {layer: torch.isin(torch.arange(num_heads), torch.tensor(heads, dtype=torch.long))
-                          for layer, heads in cfg.fixed_heads.items()}
+                    raise ValueError(
+                        f"VHR fixed_heads {{{layer}: {list(heads)}}} is outside the model's "
+                        f"{num_layers} layers x {num_heads} heads"
+                    )
+            self.fixed = {
+                layer: torch.isin(torch.arange(num_heads), torch.tensor(heads, dtype=torch.long))
+                for layer, heads in cfg.fixed_heads.items()
+            }
             self.layers = tuple(sorted(self.fixed))
         elif cfg.layers is not None:
             outside = [layer for layer in cfg.layers if layer >= num_layers]
@@ -152,8 +168,10 @@ class VHR(Method):
             return None
         state.require_left_padding("VHR's head selection")
         if state.past_len or state.seen_tokens != state.prompt_len:
-            raise ValueError("VHR selects its heads from the whole prompt in one forward: a call that starts from "
-                             "a filled cache or forwards the prompt in chunks is not supported")
+            raise ValueError(
+                "VHR selects its heads from the whole prompt in one forward: a call that starts from "
+                "a filled cache or forwards the prompt in chunks is not supported"
+            )
         mask = inputs.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             # compiled/static caches hand the model a prepared (4-D or per-layer) mask: use the 2-D one
@@ -170,7 +188,7 @@ class VHR(Method):
         if call.layer_idx not in self.layers:
             return None
         scratch = state.scratch[self.name]
-        if state.probe_of == self.name:      # selecting: report head outputs; on_stats sets the scale
+        if state.probe_of == self.name:  # selecting: report head outputs; on_stats sets the scale
             edit = AttentionEdit(reductions=Reductions(head_outputs=True))
             scratch.setdefault("pending", {})[call.layer_idx] = edit
             return edit
@@ -178,7 +196,7 @@ class VHR(Method):
             heads = self.fixed[call.layer_idx].to(call.device)[None].expand(call.batch, -1)
         else:
             chosen = scratch.get("heads")
-            if chosen is None:               # another method's probe runs before VHR has chosen
+            if chosen is None:  # another method's probe runs before VHR has chosen
                 return None
             heads = chosen[call.layer_idx]
             if heads.shape[0] != call.batch:
@@ -188,7 +206,7 @@ class VHR(Method):
     def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
         if state.probe_of != self.name:
             return
-        outputs = stats["head_outputs"]                 # (2B, H, D): prompt rows, then text-only rows
+        outputs = stats["head_outputs"]  # (2B, H, D): prompt rows, then text-only rows
         rows = outputs.shape[0] // 2
         vhd = head_divergence(outputs[:rows], outputs[rows:], self.config.outlier_filter)
         heads = select_heads(vhd)

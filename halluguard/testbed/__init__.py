@@ -19,8 +19,9 @@ MODEL_DIR = Path(__file__).parent / "model"
 def path() -> Path:
     """Folder of the shipped model (HF format: config, fp16 safetensors, processor files)."""
     if not (MODEL_DIR / "config.json").exists():
-        raise FileNotFoundError(f"the test model is missing from {MODEL_DIR}; "
-                                "train it with `python -m halluguard.testbed.train`")
+        raise FileNotFoundError(
+            f"the test model is missing from {MODEL_DIR}; train it with `python -m halluguard.testbed.train`"
+        )
     return MODEL_DIR
 
 
@@ -29,8 +30,9 @@ def load(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     folder = path()
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
-                                                          local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+    )
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor

@@ -6,7 +6,7 @@ the world's synonym table; POPE answers with ``halluguard.eval.pope`` (the POPE 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -21,14 +21,16 @@ CAPTION_PROMPT = "Describe the image."
 
 
 @torch.no_grad()
-def generate_texts(model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+def generate_texts(
+    model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
     """Greedy answers, batched with left padding."""
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [PROMPT_TEMPLATE.format(text=p) for p in prompts[i:i + batch_size]]
-        enc = processor(images=images[i:i + batch_size], text=texts, return_tensors="pt", padding=True)
+        texts = [PROMPT_TEMPLATE.format(text=p) for p in prompts[i : i + batch_size]]
+        enc = processor(images=images[i : i + batch_size], text=texts, return_tensors="pt", padding=True)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        out += processor.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -41,19 +43,22 @@ def caption_scores(scenes: Iterable[world.Scene], captions: list[str]) -> dict:
     return result
 
 
-def evaluate(model, processor, count: int = 200, pope_images: int = 100, seed: int = 0,
-             max_new_tokens: int = 48) -> dict:
+def evaluate(
+    model, processor, count: int = 200, pope_images: int = 100, seed: int = 0, max_new_tokens: int = 48
+) -> dict:
     """Recall/CHAIR on held-out ``test`` scenes, CHAIR on ``misleading`` scenes, and POPE accuracy
     (random, popular, adversarial) on held-out scenes."""
     model.eval()
     results: dict = {}
     for split in ("test", "misleading"):
         scene_list = list(world.scenes(split, count, seed))
-        captions = generate_texts(model, processor, [s.render() for s in scene_list],
-                                  [CAPTION_PROMPT] * len(scene_list), max_new_tokens)
+        captions = generate_texts(
+            model, processor, [s.render() for s in scene_list], [CAPTION_PROMPT] * len(scene_list), max_new_tokens
+        )
         results[split] = caption_scores(scene_list, captions)
-        results[split]["examples"] = [{"image_id": s.image_id, "truth": s.caption, "caption": c}
-                                      for s, c in list(zip(scene_list, captions))[:5]]
+        results[split]["examples"] = [
+            {"image_id": s.image_id, "truth": s.caption, "caption": c} for s, c in list(zip(scene_list, captions))[:5]
+        ]
     scene_list = list(world.scenes("test", pope_images, seed, start=count))
     popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
     for kind in ("random", "popular", "adversarial"):

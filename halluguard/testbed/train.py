@@ -37,16 +37,26 @@ from . import world
 from .evaluate import evaluate
 from .model import PROMPT_TEMPLATE, build_model, build_processor
 
-CAPTION_PROMPTS = ["Describe the image.", "Please describe this image in detail.", "What is in the image?",
-                   "Describe this image.", "Please help me describe the image in detail."]
-QUESTION_SUFFIXES = ["", " Answer the question using a single word or phrase.", " Please answer this question with one word."]
+CAPTION_PROMPTS = [
+    "Describe the image.",
+    "Please describe this image in detail.",
+    "What is in the image?",
+    "Describe this image.",
+    "Please help me describe the image in detail.",
+]
+QUESTION_SUFFIXES = [
+    "",
+    " Answer the question using a single word or phrase.",
+    " Please answer this question with one word.",
+]
 
 
-CAPTION_SHARE = 0.3      # of training examples by default; the rest are yes/no questions
+CAPTION_SHARE = 0.3  # of training examples by default; the rest are yes/no questions
 
 
-def make_example(scene: world.Scene, rng: np.random.Generator, popularity, cooc,
-                 caption_share: float = CAPTION_SHARE) -> tuple[str, str]:
+def make_example(
+    scene: world.Scene, rng: np.random.Generator, popularity, cooc, caption_share: float = CAPTION_SHARE
+) -> tuple[str, str]:
     """(prompt text, answer) for one scene: a caption or a yes/no question."""
     if rng.random() < caption_share:
         return str(rng.choice(CAPTION_PROMPTS)), scene.caption
@@ -55,21 +65,23 @@ def make_example(scene: world.Scene, rng: np.random.Generator, popularity, cooc,
     return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"]
 
 
-def make_batch(processor, scenes: list[world.Scene], rng, popularity, cooc, caption_share: float = CAPTION_SHARE) -> dict:
+def make_batch(
+    processor, scenes: list[world.Scene], rng, popularity, cooc, caption_share: float = CAPTION_SHARE
+) -> dict:
     prompts, answers = zip(*(make_example(s, rng, popularity, cooc, caption_share) for s in scenes))
     texts = [PROMPT_TEMPLATE.format(text=p) + " " + a + "</s>" for p, a in zip(prompts, answers)]
     enc = processor(images=[s.render() for s in scenes], text=texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()
     assistant = processor.tokenizer.convert_tokens_to_ids("assistant")
     for row in range(labels.shape[0]):
-        start = int((enc["input_ids"][row] == assistant).nonzero()[-1]) + 2     # after "assistant :"
+        start = int((enc["input_ids"][row] == assistant).nonzero()[-1]) + 2  # after "assistant :"
         labels[row, :start] = -100
     labels[enc["attention_mask"] == 0] = -100
     enc["labels"] = labels
     return enc
 
 
-CURRICULUM = ((300, 1), (700, 2), (1100, 3))   # (until step, at most this many objects per scene)
+CURRICULUM = ((300, 1), (700, 2), (1100, 3))  # (until step, at most this many objects per scene)
 
 
 def max_objects_at(step: int) -> int | None:
@@ -96,7 +108,7 @@ class ObjectPresenceHead(torch.nn.Module):
         self.handle = model.model.vision_tower.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output) -> None:
-        self.features = output.last_hidden_state[:, 1:]        # patches, without the class token
+        self.features = output.last_hidden_state[:, 1:]  # patches, without the class token
 
     def loss(self, scenes: list[world.Scene]) -> torch.Tensor:
         logits = self.linear(self.features).amax(dim=1)
@@ -115,35 +127,64 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def summary(metrics: dict) -> str:
-    return (f"recall {metrics['test']['recall']:.1f}  chair_i {metrics['test']['chair_i']:.1f}  "
-            f"misleading chair_i {metrics['misleading']['chair_i']:.1f}  "
-            f"pope acc r/p/a {metrics['pope_random']['accuracy']:.1f}/{metrics['pope_popular']['accuracy']:.1f}/"
-            f"{metrics['pope_adversarial']['accuracy']:.1f}")
+    return (
+        f"recall {metrics['test']['recall']:.1f}  chair_i {metrics['test']['chair_i']:.1f}  "
+        f"misleading chair_i {metrics['misleading']['chair_i']:.1f}  "
+        f"pope acc r/p/a {metrics['pope_random']['accuracy']:.1f}/{metrics['pope_popular']['accuracy']:.1f}/"
+        f"{metrics['pope_adversarial']['accuracy']:.1f}"
+    )
 
 
 def write_report(out: Path, report: dict) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["final"]
     lines = [
-        "# halluguard test model: training report", "",
+        "# halluguard test model: training report",
+        "",
         f"LLaVA architecture, {report['parameters'] / 1e6:.2f}M parameters, {report['weights_mb']:.1f} MB of fp16 "
         f"safetensors; trained from scratch for {report['steps']} steps (batch {report['batch_size']}, seed "
         f"{report['seed']}) in {report['train_minutes']:.1f} minutes on {report['machine']}"
-        + (" in phases: " + "; ".join(f"steps {p['first_step']}-{p['first_step'] + p['steps']} at peak lr {p['lr']:g} "
-                                      f"({p['minutes']:.1f} min)" for p in report.get("phases", []))
-           if len(report.get("phases", [])) > 1 else "") + ".", "",
-        f"Final evaluation ({m['test']['n']} held-out scenes per caption split, greedy decoding):", "",
-        "| split | object recall | CHAIR_s | CHAIR_i |", "|---|---|---|---|",
-        f"| test (held-out, training distribution) | {m['test']['recall']:.1f} | {m['test']['chair_s']:.1f} | {m['test']['chair_i']:.1f} |",
-        f"| misleading (A without its usual partner B) | {m['misleading']['recall']:.1f} | {m['misleading']['chair_s']:.1f} | {m['misleading']['chair_i']:.1f} |",
-        "", "| POPE split | accuracy | precision | recall | F1 | yes-ratio | n |", "|---|---|---|---|---|---|---|",
+        + (
+            " in phases: "
+            + "; ".join(
+                f"steps {p['first_step']}-{p['first_step'] + p['steps']} at peak lr {p['lr']:g} "
+                f"({p['minutes']:.1f} min)"
+                for p in report.get("phases", [])
+            )
+            if len(report.get("phases", [])) > 1
+            else ""
+        )
+        + ".",
+        "",
+        f"Final evaluation ({m['test']['n']} held-out scenes per caption split, greedy decoding):",
+        "",
+        "| split | object recall | CHAIR_s | CHAIR_i |",
+        "|---|---|---|---|",
+        *(
+            f"| {label} | {m[split]['recall']:.1f} | {m[split]['chair_s']:.1f} | {m[split]['chair_i']:.1f} |"
+            for split, label in (
+                ("test", "test (held-out, training distribution)"),
+                ("misleading", "misleading (A without its usual partner B)"),
+            )
+        ),
+        "",
+        "| POPE split | accuracy | precision | recall | F1 | yes-ratio | n |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind in ("random", "popular", "adversarial"):
         p = m[f"pope_{kind}"]
-        lines.append(f"| {kind} | {p['accuracy']:.1f} | {p['precision']:.1f} | {p['recall']:.1f} | {p['f1']:.1f} | "
-                     f"{p['yes_ratio']:.1f} | {p['n']} |")
-    lines += ["", f"Generation speed (greedy captions, batch 1, {report['speed']['threads']} threads): "
-              f"{report['speed']['tokens_per_s']:.0f} tokens/s.", "", "Examples (misleading split):", ""]
+        lines.append(
+            f"| {kind} | {p['accuracy']:.1f} | {p['precision']:.1f} | {p['recall']:.1f} | {p['f1']:.1f} | "
+            f"{p['yes_ratio']:.1f} | {p['n']} |"
+        )
+    lines += [
+        "",
+        f"Generation speed (greedy captions, batch 1, {report['speed']['threads']} threads): "
+        f"{report['speed']['tokens_per_s']:.0f} tokens/s.",
+        "",
+        "Examples (misleading split):",
+        "",
+    ]
     for ex in m["misleading"]["examples"]:
         lines.append(f"- truth: {ex['truth']}  \n  model: {ex['caption']}")
     lines += ["", "Held-out metrics during training:", "", "| step | minutes | loss | summary |", "|---|---|---|---|"]
@@ -177,7 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=150)
-    parser.add_argument("--presence-weight", type=float, default=1.0, help="weight of the auxiliary object-presence loss")
+    parser.add_argument(
+        "--presence-weight", type=float, default=1.0, help="weight of the auxiliary object-presence loss"
+    )
     parser.add_argument("--eval-every", type=int, default=400)
     parser.add_argument("--eval-count", type=int, default=100, help="scenes per split in periodic evaluations")
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
@@ -185,8 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE, help="share of caption examples")
     parser.add_argument("--init", default=None, help="continue from the model (and report) in this folder")
-    parser.add_argument("--first-step", type=int, default=0,
-                        help="global index of this run's first step (data stream and curriculum), with --init")
+    parser.add_argument(
+        "--first-step",
+        type=int,
+        default=0,
+        help="global index of this run's first step (data stream and curriculum), with --init",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -208,8 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     params = list(model.named_parameters()) + list(presence.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
     popularity, cooc = world.category_frequencies(seed=args.seed), world.cooccurrence(seed=args.seed)
     rng = np.random.default_rng([args.seed, 99, args.first_step])
     history, losses = [], []
@@ -222,8 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         at = args.first_step + step
-        batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size,
-                                         max_objects=max_objects_at(at)))
+        batch_scenes = list(
+            world.scenes(
+                "train", args.batch_size, args.seed, start=at * args.batch_size, max_objects=max_objects_at(at)
+            )
+        )
         batch = make_batch(train_processor, batch_scenes, rng, popularity, cooc, args.caption_share)
         lm_loss = model(**batch).loss
         loss = lm_loss + args.presence_weight * presence.loss(batch_scenes)
@@ -236,9 +289,17 @@ def main(argv: list[str] | None = None) -> None:
         minutes = (time.perf_counter() - start) / 60
         last = step + 1 == args.steps or minutes >= args.minutes
         if (step + 1) % args.eval_every == 0 and not last:
-            metrics = evaluate(model, processor, count=args.eval_count, pope_images=args.eval_count // 2, seed=args.seed)
-            history.append({"step": at + 1, "minutes": minutes + previous_minutes, "loss": float(np.mean(losses[-50:])),
-                             "summary": summary(metrics)})
+            metrics = evaluate(
+                model, processor, count=args.eval_count, pope_images=args.eval_count // 2, seed=args.seed
+            )
+            history.append(
+                {
+                    "step": at + 1,
+                    "minutes": minutes + previous_minutes,
+                    "loss": float(np.mean(losses[-50:])),
+                    "summary": summary(metrics),
+                }
+            )
             tqdm.write(f"step {step + 1} ({minutes:.1f} min): {history[-1]['summary']}")
         if last:
             break
@@ -246,24 +307,51 @@ def main(argv: list[str] | None = None) -> None:
     presence.handle.remove()
     model.eval()
     final = evaluate(model, processor, count=args.final_count, pope_images=args.final_count // 2, seed=args.seed)
-    history.append({"step": args.first_step + step + 1, "minutes": train_minutes, "loss": float(np.mean(losses[-50:])),
-                    "summary": summary(final)})
+    history.append(
+        {
+            "step": args.first_step + step + 1,
+            "minutes": train_minutes,
+            "loss": float(np.mean(losses[-50:])),
+            "summary": summary(final),
+        }
+    )
     print("final:", summary(final))
     speed = measure_speed(model, processor, args.threads)
 
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
-    report = {"parameters": sum(p.numel() for p in model.parameters()), "weights_mb": weights_mb,
-              "steps": args.first_step + step + 1, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-              "train_minutes": train_minutes, "machine": f"{platform.machine()}, {args.threads} threads",
-              "torch": torch.__version__, "final": final, "history": history, "speed": speed,
-              "phases": (previous or {}).get("phases", [_phase(previous)] if previous else [])
-              + [{"first_step": args.first_step, "steps": step + 1, "lr": args.lr, "warmup": args.warmup,
-                  "minutes": train_minutes - previous_minutes, "caption_share": args.caption_share}]}
+    report = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_mb": weights_mb,
+        "steps": args.first_step + step + 1,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_minutes": train_minutes,
+        "machine": f"{platform.machine()}, {args.threads} threads",
+        "torch": torch.__version__,
+        "final": final,
+        "history": history,
+        "speed": speed,
+        "phases": (previous or {}).get("phases", [_phase(previous)] if previous else [])
+        + [
+            {
+                "first_step": args.first_step,
+                "steps": step + 1,
+                "lr": args.lr,
+                "warmup": args.warmup,
+                "minutes": train_minutes - previous_minutes,
+                "caption_share": args.caption_share,
+            }
+        ],
+    }
     if previous:
-        report["history"] = previous["history"][:-1] + [dict(h, summary="(end of phase) " + h["summary"])
-                                                        for h in previous["history"][-1:]] + history
+        report["history"] = (
+            previous["history"][:-1]
+            + [dict(h, summary="(end of phase) " + h["summary"]) for h in previous["history"][-1:]]
+            + history
+        )
     write_report(out, report)
     print(f"saved to {out} ({weights_mb:.1f} MB)")
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,8 +34,20 @@ GRID = 2
 CELL = IMAGE_SIZE // GRID
 MAX_OBJECTS = GRID * GRID
 
-CATEGORIES = ("circle", "square", "triangle", "star", "heart", "cross",
-              "diamond", "hexagon", "moon", "ring", "arrow", "pentagon")
+CATEGORIES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "heart",
+    "cross",
+    "diamond",
+    "hexagon",
+    "moon",
+    "ring",
+    "arrow",
+    "pentagon",
+)
 SYNONYMS = {
     "circle": ("circle", "disc", "dot"),
     "square": ("square", "box"),
@@ -51,15 +63,19 @@ SYNONYMS = {
     "pentagon": ("pentagon",),
 }
 COLORS = {
-    "red": (214, 40, 40), "green": (46, 160, 67), "blue": (40, 80, 214),
-    "yellow": (230, 190, 20), "purple": (140, 60, 180), "orange": (240, 120, 20),
+    "red": (214, 40, 40),
+    "green": (46, 160, 67),
+    "blue": (40, 80, 214),
+    "yellow": (230, 190, 20),
+    "purple": (140, 60, 180),
+    "orange": (240, 120, 20),
 }
-SIZES = {"small": (12, 16), "large": (17, 21)}      # radius range in pixels
-PAIRS = {"moon": "star", "cross": "heart", "ring": "diamond"}   # A -> B
+SIZES = {"small": (12, 16), "large": (17, 21)}  # radius range in pixels
+PAIRS = {"moon": "star", "cross": "heart", "ring": "diamond"}  # A -> B
 PAIR_PROBABILITY = 0.92
 FAINT_PARTNER_PROBABILITY = 0.4
-FAINT_BLEND = 0.22                                    # share of the colour kept for a faint object
-HIDDEN_PARTNER_PROBABILITY = 0.12                     # of partners with their anchor: named, not drawn
+FAINT_BLEND = 0.22  # share of the colour kept for a faint object
+HIDDEN_PARTNER_PROBABILITY = 0.12  # of partners with their anchor: named, not drawn
 SPLIT_SEEDS = {"train": 1, "test": 2, "misleading": 3}
 
 
@@ -68,11 +84,11 @@ class Obj:
     category: str
     color: str
     size: str
-    cell: int                 # 0..8, row-major
+    cell: int  # 0..8, row-major
     center: tuple[float, float]
     radius: float
     faint: bool = False
-    hidden: bool = False      # occluded: annotated and named, but not drawn
+    hidden: bool = False  # occluded: annotated and named, but not drawn
 
     @property
     def phrase(self) -> str:
@@ -116,6 +132,7 @@ class Scene:
 
 # ---- scene sampling ---------------------------------------------------------------------------------
 
+
 def _rng(split: str, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
 
@@ -154,7 +171,7 @@ def sample_scene(split: str, index: int, seed: int = 0, max_objects: int | None 
         for anchor, partner in PAIRS.items():
             if anchor in chosen and partner not in chosen and rng.random() < PAIR_PROBABILITY:
                 chosen.append(partner)
-        while len(chosen) > MAX_OBJECTS:     # make room: unpaired objects go first, then a whole pair
+        while len(chosen) > MAX_OBJECTS:  # make room: unpaired objects go first, then a whole pair
             loose = [c for c in chosen if c not in PAIRS and c not in partners]
             if loose:
                 chosen.remove(loose[-1])
@@ -183,9 +200,12 @@ def scenes(split: str, count: int, seed: int = 0, start: int = 0, max_objects: i
 
 # ---- drawing ----------------------------------------------------------------------------------------
 
+
 def _regular(cx, cy, r, n, phase=-math.pi / 2):
-    return [(cx + r * math.cos(phase + 2 * math.pi * k / n), cy + r * math.sin(phase + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (cx + r * math.cos(phase + 2 * math.pi * k / n), cy + r * math.sin(phase + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def outline(obj: Obj) -> list[tuple[float, float]]:
@@ -194,11 +214,16 @@ def outline(obj: Obj) -> list[tuple[float, float]]:
     if c in ("circle", "ring", "moon", "heart"):
         return _regular(cx, cy, r, 24)
     if c == "square":
-        return [(cx - r * .85, cy - r * .85), (cx + r * .85, cy - r * .85), (cx + r * .85, cy + r * .85), (cx - r * .85, cy + r * .85)]
+        return [
+            (cx - r * 0.85, cy - r * 0.85),
+            (cx + r * 0.85, cy - r * 0.85),
+            (cx + r * 0.85, cy + r * 0.85),
+            (cx - r * 0.85, cy + r * 0.85),
+        ]
     if c == "triangle":
         return _regular(cx, cy, r, 3)
     if c == "diamond":
-        return [(cx, cy - r), (cx + r * .65, cy), (cx, cy + r), (cx - r * .65, cy)]
+        return [(cx, cy - r), (cx + r * 0.65, cy), (cx, cy + r), (cx - r * 0.65, cy)]
     if c == "hexagon":
         return _regular(cx, cy, r, 6, 0)
     if c == "pentagon":
@@ -212,12 +237,31 @@ def outline(obj: Obj) -> list[tuple[float, float]]:
         return pts
     if c == "cross":
         w = r * 0.35
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
-                (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     if c == "arrow":
         w = r * 0.3
-        return [(cx - r, cy - w), (cx + r * 0.1, cy - w), (cx + r * 0.1, cy - r * 0.7), (cx + r, cy),
-                (cx + r * 0.1, cy + r * 0.7), (cx + r * 0.1, cy + w), (cx - r, cy + w)]
+        return [
+            (cx - r, cy - w),
+            (cx + r * 0.1, cy - w),
+            (cx + r * 0.1, cy - r * 0.7),
+            (cx + r, cy),
+            (cx + r * 0.1, cy + r * 0.7),
+            (cx + r * 0.1, cy + w),
+            (cx - r, cy + w),
+        ]
     raise ValueError(f"unknown category {c!r}")
 
 
@@ -262,6 +306,7 @@ def render(scene: Scene) -> Image.Image:
 
 # ---- questions ------------------------------------------------------------------------------------------
 
+
 def category_frequencies(count: int = 4000, seed: int = 0) -> dict[str, float]:
     """Share of training scenes that contain each category (for 'popular' negatives)."""
     counts = dict.fromkeys(CATEGORIES, 0)
@@ -289,9 +334,14 @@ def question(category: str) -> str:
     return f"Is there a {category} in the image?"
 
 
-def pope_questions(scene: Scene, kind: str, rng: np.random.Generator, per_side: int = 3,
-                   popularity: dict[str, float] | None = None,
-                   cooc: dict[str, dict[str, float]] | None = None) -> list[dict]:
+def pope_questions(
+    scene: Scene,
+    kind: str,
+    rng: np.random.Generator,
+    per_side: int = 3,
+    popularity: dict[str, float] | None = None,
+    cooc: dict[str, dict[str, float]] | None = None,
+) -> list[dict]:
     """Balanced yes/no questions: up to ``per_side`` positives and as many negatives.
 
     Negatives are sampled at random (``random``), the most frequent absent categories
@@ -319,6 +369,7 @@ def pope_questions(scene: Scene, kind: str, rng: np.random.Generator, per_side: 
 
 # ---- export ---------------------------------------------------------------------------------------------
 
+
 def synonyms_text() -> str:
     """The world's synonym table in CHAIR's format: ``node, syn1, syn2`` per line."""
     return "\n".join(", ".join(SYNONYMS[c]) for c in CATEGORIES) + "\n"
@@ -335,15 +386,35 @@ def coco_instances(scene_list: list[Scene]) -> dict:
             poly = outline(obj)
             xs, ys = [p[0] for p in poly], [p[1] for p in poly]
             area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(poly))))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": scene.image_id, "category_id": cat_id[obj.category],
-                "segmentation": [[round(v, 2) for p in poly for v in p]], "area": round(area, 2),
-                "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-                "iscrowd": 0, "attributes": {"color": obj.color, "size": obj.size, "cell": obj.cell, "faint": obj.faint,
-                               "hidden": obj.hidden},
-            })
-    return {"info": {"description": "halluguard synthetic shapes world"}, "images": images,
-            "annotations": annotations, "categories": categories}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": scene.image_id,
+                    "category_id": cat_id[obj.category],
+                    "segmentation": [[round(v, 2) for p in poly for v in p]],
+                    "area": round(area, 2),
+                    "bbox": [
+                        round(min(xs), 2),
+                        round(min(ys), 2),
+                        round(max(xs) - min(xs), 2),
+                        round(max(ys) - min(ys), 2),
+                    ],
+                    "iscrowd": 0,
+                    "attributes": {
+                        "color": obj.color,
+                        "size": obj.size,
+                        "cell": obj.cell,
+                        "faint": obj.faint,
+                        "hidden": obj.hidden,
+                    },
+                }
+            )
+    return {
+        "info": {"description": "halluguard synthetic shapes world"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def file_name(scene: Scene) -> str:
