@@ -96,11 +96,6 @@ class MethodConfig:
     def validate(self) -> None:
         """Cross-field checks; subclasses override and raise ``ValueError`` naming the fields."""
 
-    def decoding_loop(self) -> str | None:
-        """The decoding loop this config takes over (e.g. ``"beam search with retrospection"``),
-        or ``None`` when the method only edits attention and/or scores inside plain ``generate``."""
-        return None
-
     def _check_field(self, f: dataclasses.Field, value: Any) -> None:
         meta = f.metadata
         if not meta:

@@ -39,6 +39,22 @@ def register_method(name: str, config_cls: type[MethodConfig], method_cls: "type
     _REGISTRY[name] = MethodEntry(name, config_cls, method_cls, summary)
 
 
+# Pairs of decoding-loop owners whose combination is defined and tested (none yet).
+COMPOSABLE_LOOP_OWNERS: frozenset[frozenset[str]] = frozenset()
+
+
+def check_composition(methods: list[Method]) -> None:
+    """Refuse compositions that are not defined: two methods that each own the decoding loop."""
+    owners = [m for m in methods if m.owns_loop]
+    for i, a in enumerate(owners):
+        for b in owners[i + 1 :]:
+            if frozenset((a.name, b.name)) not in COMPOSABLE_LOOP_OWNERS:
+                raise ValueError(
+                    f"cannot compose {a.name!r} with {b.name!r}: both take over the decoding loop and no "
+                    "combination of the two is defined"
+                )
+
+
 def _ensure_loaded() -> None:
     from . import methods  # noqa: F401  (importing the package registers every method)
 

@@ -1,16 +1,21 @@
-"""Per-call state: key groups of every row, positions, and per-method scratch space.
+"""Per-stream state of one guarded call: key groups of every row, positions, and each method's data.
 
-A fresh ``GuardState`` is made for every guarded ``generate`` (or ``Guard.forward``) call and
-dropped when it returns, so nothing stays on the model between calls. Key groups come from the
-call's full ``input_ids`` and ``attention_mask``; the model's forward pre-hook tells the state
-where each forward starts (the cache's true length, so chunked prefill, continued caches and
-cropped caches are all placed right); the attention hook asks it for the edits of each call.
+A guarded ``generate`` (or ``Guard.forward``) runs one *main* stream, the rows the caller gave,
+and possibly extra streams that methods ask for (see ``halluguard.decoding``). Each stream has a
+``GuardState``: made fresh for the call and dropped when it returns, so nothing stays on the model
+between calls. Key groups come from the stream's full ``input_ids`` and ``attention_mask``; the
+session tells the state where each forward starts (the cache's true length, so chunked prefill,
+continued caches and cropped caches are all placed right); the attention hook asks it for the
+edits of each call.
+
+Each method keeps its per-call data in a typed object it creates (``Method.new_call_state``); the
+state owns these objects (``state.data_of(method)``), so concurrent models and successive calls
+never share them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,7 +46,7 @@ class KeyGroups:
     def batch(self) -> int:
         return self.image.shape[0]
 
-    def repeat_rows(self, factor: int) -> "KeyGroups":
+    def repeat_rows(self, factor: int) -> KeyGroups:
         """Rows repeated as ``generate`` expands them for beams or several sequences per prompt."""
         return KeyGroups(
             self.image.repeat_interleave(factor, 0), self.valid.repeat_interleave(factor, 0), self.prompt_len
@@ -64,33 +69,58 @@ class KeyGroups:
         return {"image": image, "context": context, "text": context & ~image, "generated": generated}
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamRole:
+    """Which stream a state serves: the caller's rows (``main``), rows riding along the prompt's forward
+    only (``probe``), or a contrast stream that follows the whole generation (``branch``); ``owner`` is
+    the method that asked for a probe or branch."""
+
+    kind: str = "main"  # "main" | "probe" | "branch"
+    owner: Method | None = None
+
+    def is_probe_of(self, method: Method) -> bool:
+        return self.kind == "probe" and self.owner is method
+
+
+MAIN = StreamRole()
+
+
 class GuardState:
-    """Everything one guarded call knows and collects."""
+    """Everything one stream of a guarded call knows and collects."""
 
     def __init__(
         self,
-        adapter: "Adapter",
-        methods: "list[Method]",
+        adapter: Adapter,
+        methods: list[Method],
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        *,
         for_generation: bool = True,
-        probe_of: str | None = None,
+        role: StreamRole = MAIN,
+        shared_data: dict[Method, Any] | None = None,
     ):
         self.adapter = adapter
-        self.methods = methods
+        self.methods = list(methods)
         self.for_generation = for_generation
-        self.probe_of = probe_of  # the method whose extra forward (a probe or a side stream) this state runs
-        self.call_inputs: dict[str, torch.Tensor] = {}  # the call's tensor inputs (set by the guard)
-        self.side_runner: Callable[["GuardState", dict], Any] | None = None  # set by the guard
+        self.role = role
         self.groups: KeyGroups | None = None
         self.image_spans: list[list[tuple[int, int]]] | None = None
         self.past_len = 0  # tokens before the current forward (the cache's length)
         self.seen_tokens = 0  # tokens up to and including the current forward
         self.forwards = 0
-        self.scratch: dict[str, Any] = {m.name: {} for m in methods}  # per-method, per-call data
-        self._mask_cache: tuple[tuple[int, int, int], dict[str, torch.Tensor]] | None = None
+        # Absent leading tokens: a stream whose compact prompt is prefilled on its own, then joins a
+        # longer cache left-padded, sees its keys at positions shifted by this many (see decoding.session).
+        self.position_offset = 0
+        self.session: Any = None  # the call's session (set on the main stream's state)
+        shared = shared_data or {}
+        self._data: dict[Method, Any] = {m: shared[m] if m in shared else m.new_call_state() for m in self.methods}
+        self._mask_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         if input_ids is not None:
             self._set_prompt(input_ids, attention_mask)
+
+    def data_of(self, method: Method) -> Any:
+        """The per-call data object of ``method`` (made by its ``new_call_state``)."""
+        return self._data[method]
 
     def _set_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -101,9 +131,21 @@ class GuardState:
                 )
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
+        if self.position_offset:
+            # the stream's keys sit after position_offset absent (padding) positions
+            valid = torch.nn.functional.pad(valid, (self.position_offset, 0))
+            input_ids = torch.nn.functional.pad(input_ids, (self.position_offset, 0), value=-1)
         image = self.adapter.image_mask(input_ids) & valid
         self.groups = KeyGroups(image=image, valid=valid, prompt_len=input_ids.shape[1])
         self.image_spans = self.adapter.image_spans(torch.where(valid, input_ids, -1))
+
+    def with_2d_mask(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` of the prompt's forward with its 2-D padding mask: static and compiled caches hand
+        the model a prepared (4-D or per-layer) mask instead, which the stream builders cannot read."""
+        mask = inputs.get("attention_mask")
+        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            return inputs
+        return dict(inputs, attention_mask=self.groups.valid.long().to(inputs["input_ids"].device))
 
     def require_left_padding(self, who: str) -> None:
         """Refuse a prompt whose last position is padding in some row (``who`` acts on that position)."""
@@ -122,29 +164,19 @@ class GuardState:
     def prompt_len(self) -> int:
         return self.groups.prompt_len if self.groups is not None else 0
 
-    # ---- extra forwards ---------------------------------------------------------------------------
-    def side_state(self, name: str, methods: "list[Method] | tuple" = ()) -> "GuardState":
-        """A separate state for a method's own stream (``name``), with ``methods`` acting in it."""
-        return GuardState(self.adapter, list(methods), for_generation=False, probe_of=name)
-
-    def run_side(self, side: "GuardState", inputs: dict) -> Any:
-        """Run the model on ``inputs`` under ``side`` (not this call's state), without gradients."""
-        if self.side_runner is None:
-            raise RuntimeError("this state belongs to no guarded call")
-        return self.side_runner(side, inputs)
-
-    # ---- fed by the model's forward pre-hook --------------------------------------------------
+    # ---- fed by the session, once per forward ---------------------------------------------------
     def on_forward(
         self,
         input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        past_len: int,
+        cache_len: int,
         num_new: int,
         batch: int,
     ) -> None:
-        """Record one forward of ``num_new`` tokens after ``past_len`` cached ones."""
+        """Record one forward of ``num_new`` tokens after ``cache_len`` cached ones."""
+        past_len = cache_len + self.position_offset
         if self.groups is None:
-            if input_ids is None or past_len:
+            if input_ids is None or past_len - self.position_offset:
                 raise ValueError(
                     "halluguard reads image positions from input_ids: call with the full input_ids "
                     "(inputs_embeds alone, or a cache without its ids, cannot be mapped)"
@@ -153,8 +185,9 @@ class GuardState:
         if batch != self.groups.batch:
             if batch % self.groups.batch:
                 raise ValueError(f"forward batch {batch} does not extend the prompt batch {self.groups.batch}")
-            self.groups = self.groups.repeat_rows(batch // self.groups.batch)
-            self.image_spans = [s for s in self.image_spans for _ in range(batch // len(self.image_spans))]
+            factor = batch // self.groups.batch
+            self.groups = self.groups.repeat_rows(factor)
+            self.image_spans = [s for s in self.image_spans for _ in range(factor)]
         first = self.forwards == 0
         self.past_len, self.seen_tokens = past_len, past_len + num_new
         self.forwards += 1
@@ -188,10 +221,25 @@ class GuardState:
             device=query.device,
         )
 
-    def edits_for(self, call: AttentionCall) -> list[tuple["Method", AttentionEdit]]:
+    def edits_for(self, call: AttentionCall) -> list[tuple[Method, AttentionEdit]]:
+        """The edits every method of this stream asks of ``call`` (phase one of the call)."""
         requests = []
         for method in self.methods:
             edit = method.attention_edit(self, call)
             if edit is not None:
                 requests.append((method, edit))
         return requests
+
+    def deliver(self, call: AttentionCall, method: Method, stats: dict[str, torch.Tensor]) -> None:
+        """Hand ``method`` the statistics it asked ``call`` for."""
+        method.on_stats(self, call, stats)
+
+    def branch_logits(self, owner: Method, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(rows, vocab)`` of ``owner``'s branch stream for the main rows ``input_ids``."""
+        if self.session is None:
+            raise RuntimeError("this state belongs to no guarded call")
+        return self.session.branch_logits(owner, input_ids)
+
+    def late_head_scale(self, call: AttentionCall, method: Method) -> torch.Tensor | None:
+        """Phase two of a call: the head scale ``method`` chose from the call's statistics (``(B, H)``)."""
+        return method.head_scale_from_stats(self, call)

@@ -12,7 +12,7 @@ from transformers.masking_utils import eager_mask
 
 import halluguard as hg
 from halluguard.attention import hook
-from halluguard.decoding import log_prob_guidance
+from halluguard.decoding import contrast
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
@@ -50,7 +50,7 @@ def brute_force_pai_logits(model, inputs, alpha, layers):
 def test_pai_equals_a_brute_force_eager_edit(family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
-    cfg = hg.PAIConfig(alpha=0.5, start_layer=1)
+    cfg = hg.PAIConfig(alpha=0.5, start_layer=1, use_cfg=False)
     want = brute_force_pai_logits(model, inputs, 0.5, layers={1, 2})
     with hg.wrap(model, methods=cfg) as guard, torch.no_grad():
         got = guard.forward(**inputs).logits
@@ -63,7 +63,7 @@ def test_pai_equals_a_brute_force_eager_edit(family):
 def test_batch_rows_equal_single_rows():
     model = build_model("llava_next")  # rows with different AnyRes image lengths
     inputs, _ = make_inputs(model, "llava_next")
-    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.8, start_layer=0)):
+    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.8, start_layer=0, gamma=2.0)):
         assert_batch_rows_equal_single_rows(model, inputs, "llava_next", GEN)
 
 
@@ -113,35 +113,86 @@ class BruteForceGuidance:
         return out.masked_fill(s < s.max(-1, keepdim=True).values + math.log(self.beta), float("-inf"))
 
 
-@pytest.mark.parametrize(
-    "family,search",
-    [
-        ("llava", "greedy"),
-        ("qwen2_vl", "greedy"),
-        ("gemma3", "greedy"),
-        ("llava", "beam"),
-        ("idefics3", "beam"),
-        ("llava", "sequences"),
-    ],
-)
-def test_guidance_equals_a_brute_force_image_free_branch(family, search):
+CASES = [
+    ("llava", "greedy", "rows"),
+    ("qwen2_vl", "greedy", "rows"),
+    ("gemma3", "greedy", "rows"),
+    ("llava", "beam", "rows"),
+    ("idefics3", "beam", "rows"),
+    ("llava", "sequences", "rows"),
+    ("qwen2_vl", "beam", "separate"),
+    ("llava", "sequences", "separate"),
+    ("gemma3", "greedy", "static cache"),
+]
+
+
+@pytest.mark.parametrize("family,search,stream", CASES)
+def test_guidance_equals_a_brute_force_image_free_branch(family, search, stream):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
     extra = {"greedy": {}, "beam": {"num_beams": 3}, "sequences": {"num_beams": 2, "num_return_sequences": 2}}[search]
+    if stream == "static cache":
+        extra["cache_implementation"] = "static"
     brute = BruteForceGuidance(model, family, inputs, gamma=3.0, beta=0.1)
+    cfg = hg.PAIConfig(alpha=0.0, gamma=3.0, beta=0.1, separate_stream=stream == "separate")
     with torch.no_grad():
         want = model.generate(**inputs, **GEN, **extra, logits_processor=LogitsProcessorList([brute]))
         plain = model.generate(**inputs, **GEN, **extra)
-        with hg.wrap(model, methods=hg.PAIConfig(alpha=0.0, use_cfg=True, gamma=3.0, beta=0.1)):
+        with hg.wrap(model, methods=cfg):
             got = model.generate(**inputs, **GEN, **extra)
     assert torch.equal(got, want)
     assert not torch.equal(got, plain)
 
 
+def test_default_is_amplification_and_guidance_as_run_officially():
+    cfg = hg.PAIConfig()
+    assert (cfg.alpha, cfg.use_cfg, cfg.gamma, cfg.beta, cfg.amplify_first_token) == (0.2, True, 1.1, 0.1, False)
+
+
+def first_step_logits(model, inputs, methods):
+    with hg.wrap(model, methods=methods), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=1, output_logits=True, return_dict_in_generate=True)
+    return out.logits[0]
+
+
+def test_with_guidance_the_first_token_forward_is_not_amplified_unless_asked():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=1, output_logits=True, return_dict_in_generate=True).logits[0]
+    # gamma 1: the guidance leaves the scores as they are, so the logits show the forward itself
+    guided = first_step_logits(model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.0))
+    assert torch.equal(guided, plain)
+    asked = first_step_logits(
+        model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.0, amplify_first_token=True)
+    )
+    alone = first_step_logits(model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, use_cfg=False))
+    assert torch.equal(asked, alone)
+    assert (alone - plain).abs().max() > 1e-4
+
+
+def test_gamma_one_returns_the_scores_unchanged_without_a_cutoff():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    sample = dict(max_new_tokens=8, do_sample=True, top_k=0)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        plain = model.generate(**inputs, **sample)
+        with hg.wrap(model, methods=hg.PAIConfig(alpha=0.0, gamma=1.0, beta=0.9)):
+            torch.manual_seed(3)
+            got = model.generate(**inputs, **sample)
+        # the cutoff alone (what gamma 1 would do if it still cut) changes these samples
+        cut = LogitsProcessorList([lambda ids, scores: contrast(scores, scores, 1.0, 0.0, beta=0.9)])
+        torch.manual_seed(3)
+        with_cut = model.generate(**inputs, **sample, logits_processor=cut)
+    assert torch.equal(got, plain)
+    assert not torch.equal(with_cut, plain)
+
+
 def test_guidance_with_amplification_runs_greedy_sampling_and_beam():
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava")
-    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.5, use_cfg=True)), torch.no_grad():
+    with hg.wrap(model, methods=hg.PAIConfig(alpha=0.5)), torch.no_grad():
         greedy = model.generate(**inputs, **GEN)
         beam = model.generate(**inputs, **GEN, num_beams=2)
         torch.manual_seed(0)
@@ -154,20 +205,22 @@ def test_guidance_math_by_hand():
     scores = torch.tensor([[2.0, 1.0, -3.0]])
     side = torch.tensor([[0.0, 1.0, 0.0]])
     s, u = torch.log_softmax(scores, -1), torch.log_softmax(side, -1)
-    got = log_prob_guidance(scores, side, gamma=2.0, beta=0.1)
+    got = contrast(scores, side, 2.0, 1.0, beta=0.1)
     assert torch.allclose(got[0, :2], (2 * (s - u) + u)[0, :2])
     assert got[0, 2] == float("-inf")  # s[2] < max(s) + ln 0.1
-    assert torch.allclose(log_prob_guidance(scores, side, gamma=1.0, beta=0.0), s)
+    assert torch.allclose(contrast(scores, side, 1.0, 0.0), s)
+    logits = contrast(scores, side, 2.0, 1.0, space="logits", beta=0.1)
+    assert torch.allclose(logits[0, :2], (2 * scores - side)[0, :2]) and logits[0, 2] == float("-inf")
 
 
 def test_guidance_keeps_ruled_out_tokens_out_even_at_gamma_zero():
     scores = torch.tensor([[2.0, float("-inf"), 0.0]])
-    got = log_prob_guidance(scores, torch.zeros(1, 3), gamma=0.0, beta=0.0)
+    got = contrast(scores, torch.zeros(1, 3), 0.0, -1.0)
     assert got[0, 1] == float("-inf") and not got.isnan().any()
 
 
 def test_guarded_forward_refuses_guidance_it_cannot_apply():
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava")
-    with hg.wrap(model, methods=hg.PAIConfig(use_cfg=True)) as guard, pytest.raises(ValueError, match="use generate"):
+    with hg.wrap(model, methods="pai") as guard, pytest.raises(ValueError, match="use generate"):
         guard.forward(**inputs)

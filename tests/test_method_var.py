@@ -19,7 +19,8 @@ TEST_VAR = dict(sink_dims=(5, 9), tau=1.8, rho=0.9, summ=0.2, p=0.3)
 class BruteForceVAR:
     """VAR written out literally: layer pre-hooks find sinks, an eager attention loops over (row, head, query)."""
 
-    def __init__(self, model, inputs, sink_dims, tau, p, rho, summ, first_layer=2):
+    def __init__(self, model, inputs, sink_dims, tau, p, rho, summ, first_layer=2, visual_rule=True):
+        self.visual_rule = visual_rule
         self.model, self.dims, self.tau, self.keep, self.rho, self.summ = model, list(sink_dims), tau, p, rho, summ
         self.first_layer = first_layer
         ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
@@ -28,6 +29,7 @@ class BruteForceVAR:
         self.image_end = [int(torch.nonzero(row).max()) + 1 for row in self.image]
         self.prompt_len = ids.shape[1]
         self.sinks = {}
+        self.text_only_layers = set()  # (row, layer) whose sinks are all text tokens
 
     def layer_input(self, layer_idx):
         def hook(module, args, kwargs):
@@ -52,6 +54,9 @@ class BruteForceVAR:
             sinks = torch.nn.functional.pad(self.sinks[layer], (0, kv_len - self.prompt_len))
             image = torch.nn.functional.pad(self.image, (0, kv_len - self.prompt_len))
             for b in range(a.shape[0]):
+                if self.visual_rule and not (image[b] & sinks[b]).any():  # text sinks only: left alone
+                    self.text_only_layers.add((b, layer))
+                    continue
                 for h in range(a.shape[1]):
                     for i in range(q_len):
                         if kv_len - q_len + i < self.image_end[b]:
@@ -101,6 +106,22 @@ def test_var_equals_the_brute_force_computation(family):
     torch.testing.assert_close(got_logits[real], want_logits[real], atol=1e-4, rtol=1e-4)
     assert torch.equal(got, want)
     assert not torch.equal(got, plain) or (got_logits - model(**inputs).logits).abs().max() > 1e-4
+
+
+def test_a_layer_whose_sinks_are_all_text_tokens_is_left_alone():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with torch.no_grad():
+        with BruteForceVAR(model, inputs, first_layer=1, **TEST_VAR) as brute:
+            want = model(**inputs).logits
+        with BruteForceVAR(model, inputs, first_layer=1, visual_rule=False, **TEST_VAR):
+            without_rule = model(**inputs).logits
+        with hg.wrap(model, methods=hg.VARConfig(**TEST_VAR, first_layer=1)) as guard:
+            got = guard.forward(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert brute.text_only_layers  # some (row, layer) has text sinks only
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    assert (without_rule[real] - want[real]).abs().max() > 1e-3  # the rule matters here
 
 
 def test_edited_attention_rows_still_sum_to_one():
@@ -155,3 +176,22 @@ def test_sink_dims_calibration_finds_planted_dimensions():
     assert sorted(result["sink_dims"]) == [7, 33]
     plain = build_model("llava")
     assert find_sink_dims(plain, torch.tensor([[1, 20, 21, 22, 23]]), tau=4.0)["sink_dims"] == []
+
+
+def backbone(model_type, hidden, layers, kv_heads, vocab):
+    """A stand-in adapter with a text backbone's identifying numbers."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type=model_type, hidden_size=hidden, vocab_size=vocab)
+    return SimpleNamespace(text_config=config, num_layers=layers, num_kv_heads=kv_heads)
+
+
+def test_the_sink_dimension_table_matches_only_its_own_backbones():
+    from halluguard.methods.var import known_sink_dims
+
+    assert known_sink_dims(backbone("llama", 4096, 32, 32, 32064)) == (1415, 2533)  # llava-1.5-7b-hf
+    assert known_sink_dims(backbone("llama", 4096, 32, 32, 32000)) == (1415, 2533)  # LLaMA-2-7B
+    assert known_sink_dims(backbone("llama", 5120, 40, 40, 32064)) == (2100, 4743)  # llava-1.5-13b-hf
+    assert known_sink_dims(backbone("qwen2_vl_text", 3584, 28, 4, 152064)) == (458, 2570)
+    assert known_sink_dims(backbone("llama", 4096, 32, 8, 128256)) is None  # LLaMA-3-8B: same width and depth
+    assert known_sink_dims(backbone("mistral", 4096, 32, 8, 32768)) is None

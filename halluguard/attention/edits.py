@@ -22,9 +22,12 @@ head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and i
 the per-head outputs ``o[b,h,last]`` before any head scale. Asking for reductions never changes
 the output.
 
-Head scales are applied after the statistics are reported, so a method may still set
-``head_scale`` on the edit it returned from its ``on_stats`` for the same call (VHR picks a
-layer's heads from that layer's own head outputs, then scales them).
+A call runs in two phases. First every method states its edit and the reductions it wants; the
+hook computes the attention of every stream's rows and hands the statistics to the state, which
+passes them to the methods (``Method.on_stats``). Then, for edits with ``head_scale_from_stats``,
+the state asks the method for the call's head scale (``Method.head_scale_from_stats``): VHR picks
+a layer's heads from that layer's own head outputs, in both of its streams, before the next layer
+runs. Head scales are applied after both phases, so statistics never see them.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class AttentionEdit:
     redistribution: Redistribution | None = None
     last_row_only: bool = False
     reductions: Reductions | None = None
+    head_scale_from_stats: bool = False  # phase two: ask the method for a (B, H) head scale after its stats
 
     @property
     def changes_probabilities(self) -> bool:

@@ -1,8 +1,8 @@
 """The single attention hook, registered in transformers' attention and mask interfaces.
 
 ``wrap`` selects ``"halluguard"`` as the attention implementation of the text backbone only and
-points every text attention module at its ``Guard``. For each call the hook asks the guard's
-current ``GuardState`` for edits:
+points every text attention module at its ``Guard``. For each call the hook asks the state of
+each stream in the forward (``Session.segments``: which rows belong to which stream) for edits:
 
 * no state (outside a guarded call) or no edits: the model's own attention runs (SDPA, or eager
   when the model was loaded with eager), so results are unchanged;
@@ -70,14 +70,13 @@ def base_attention(module: nn.Module, query, key, value, attention_mask, *, base
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _apply_head_scales(out: torch.Tensor, edits: list[AttentionEdit]) -> torch.Tensor:
-    """Scale head outputs ``out (B, Q, H, D)`` by every edit's ``head_scale (B, H)``."""
-    for edit in edits:
-        if edit.head_scale is not None:
-            scale = torch.ones(out.shape[0], out.shape[1], out.shape[2], 1, dtype=out.dtype, device=out.device)
-            rows = slice(-1, None) if edit.last_row_only else slice(None)
-            scale[:, rows] = edit.head_scale.to(out.dtype)[:, None, :, None]
-            out = out * scale
+def _apply_head_scales(out: torch.Tensor, scales: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
+    """Scale head outputs ``out (B, Q, H, D)`` by each ``(head_scale (B, H), last_row_only)``."""
+    for head_scale, last_row_only in scales:
+        scale = torch.ones(out.shape[0], out.shape[1], out.shape[2], 1, dtype=out.dtype, device=out.device)
+        rows = slice(-1, None) if last_row_only else slice(None)
+        scale[:, rows] = head_scale.to(device=out.device, dtype=out.dtype)[:, None, :, None]
+        out = out * scale
     return out
 
 
@@ -106,28 +105,61 @@ def halluguard_attention(
     """Attention function with the transformers interface signature (see module docstring)."""
     guard = getattr(module, GUARD_ATTRIBUTE, None)
     base = guard.base_attention if guard is not None else "sdpa"
-    state = guard.state if guard is not None else None
+    session = guard.session if guard is not None else None
     call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
-    if state is None:
+    if session is None:
         return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
 
-    call = state.describe_call(module.layer_idx, query, key)
-    requests = state.edits_for(call)
-    if not requests:
-        return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-    present = [name for name in _UNSUPPORTED if kwargs.get(name) is not None]
-    if present or kwargs.get("cache") is not None:
+    # phase one, per stream: edits and reductions of its rows
+    parts = []
+    for segment in session.segments:
+        rows = segment.rows
+        mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
+        q, k, v = query[rows], key[rows], value[rows]
+        call = segment.state.describe_call(module.layer_idx, q, k)
+        requests = segment.state.edits_for(call)
+        if requests:
+            out, weights, stats = _edited(module, q, k, v, mask, requests, base, call_kwargs)
+        else:
+            (out, weights), stats = base_attention(module, q, k, v, mask, base=base, **call_kwargs), []
+        parts.append((segment.state, call, requests, out, weights, stats))
+    # the statistics go to each stream's state, which hands them to its methods
+    for state, call, requests, _, _, stats in parts:
+        for (method, _), reported in zip(requests, stats):
+            if reported is not None:
+                state.deliver(call, method, reported)
+    # phase two: head scales, given with the edit or chosen from the statistics just delivered
+    outs = []
+    for state, call, requests, out, _, _ in parts:
+        scales = []
+        for method, edit in requests:
+            scale = state.late_head_scale(call, method) if edit.head_scale_from_stats else edit.head_scale
+            if scale is not None:
+                scales.append((scale, edit.last_row_only))
+        outs.append(_apply_head_scales(out, scales))
+    weights = [part[4] for part in parts]
+    if len(outs) == 1:
+        return outs[0], weights[0]
+    return torch.cat(outs), torch.cat(weights) if all(w is not None for w in weights) else None
+
+
+def _edited(module, query, key, value, attention_mask, requests, base, call_kwargs):
+    """Attention of one stream's rows with its edits (head scales aside): ``(out, weights, stats)``,
+    where ``stats`` holds each request's reductions (None where it asked for none)."""
+    present = [name for name in _UNSUPPORTED if call_kwargs.get(name) is not None]
+    if present or call_kwargs.get("cache") is not None:
         raise RuntimeError(f"halluguard cannot edit attention that uses {present or ['a paged cache']}")
-    if dropout and module.training:
+    if call_kwargs["dropout"] and module.training:
         raise RuntimeError("halluguard edits attention at inference only; call model.eval() first")
-
     edits = [edit for _, edit in requests]
     score_edits = [e for e in edits if e.changes_probabilities]
     q_len = query.shape[2]
+    is_causal = call_kwargs["is_causal"]
     # eager models receive a causal mask where sdpa_mask gives None; SDPA uses the module's flag
     causal = True if base == "eager" else (getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    scaling = call_kwargs["scaling"]
     reference = dict(
-        scaling=module.scaling if scaling is None else scaling, is_causal=causal, softcap=kwargs.get("softcap")
+        scaling=module.scaling if scaling is None else scaling, is_causal=causal, softcap=call_kwargs.get("softcap")
     )
     weights = None
     if score_edits:
@@ -138,7 +170,7 @@ def halluguard_attention(
         )
         if rows == q_len:
             out = edited
-            weights = probs.to(query.dtype) if kwargs.get("output_attentions") else None
+            weights = probs.to(query.dtype) if call_kwargs.get("output_attentions") else None
         else:
             out, _ = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
             out = torch.cat([out[:, :-rows], edited], dim=1)
@@ -149,13 +181,16 @@ def halluguard_attention(
             # statistics only: the model's own output stays; the last row's probabilities are recomputed
             mask = attention_mask[..., -1:, :] if attention_mask is not None else None
             _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, **reference)
-    for method, edit in requests:
+    stats: list[dict[str, torch.Tensor] | None] = []
+    for edit in edits:
+        reported = None
         if edit.reductions is not None:
-            stats = reduce_last_row(probs[:, :, -1], edit.reductions) if edit.reductions.needs_probabilities else {}
-            if edit.reductions.head_outputs:
-                stats["head_outputs"] = out[:, -1].float()
-            method.on_stats(state, call, stats)
-    return _apply_head_scales(out, edits), weights
+            reductions = edit.reductions
+            reported = reduce_last_row(probs[:, :, -1], reductions) if reductions.needs_probabilities else {}
+            if reductions.head_outputs:
+                reported["head_outputs"] = out[:, -1].float()
+        stats.append(reported)
+    return out, weights, stats
 
 
 AttentionInterface.register(HOOK_NAME, halluguard_attention)

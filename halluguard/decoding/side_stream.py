@@ -1,9 +1,9 @@
 """A second stream that follows ``generate`` token by token, with its own prompt and KV cache.
 
-Contrastive and guidance methods (PAI's image-free guidance, VCD, AvisC, DeCoRe) score every
-next token twice: once on the main stream, once on a variant of it (the prompt without the
-image, a noised image, masked heads). ``SideStream`` is that variant: it is fed the same
-generated tokens as each main row, one per step, and returns its next-token logits.
+A branch stream (see ``streams``) normally rides along the main forward as extra rows. When the
+cache cannot carry extra rows (a static or caller-supplied cache), or to measure the two-forward
+way side by side, the branch runs as a ``SideStream``: it is fed the same generated tokens as each
+main row, one per step, in a forward of its own, and returns its next-token logits.
 
 Rows are matched to the stream's previous rows by their generated tokens within each prompt's
 group of rows, so beam search's reordering and generate's row expansion (beams,
@@ -25,11 +25,20 @@ class SideStream:
     state). ``prompt`` holds the stream's prompt for the ``B`` prompts of the call: ``input_ids``,
     ``attention_mask`` (left padding), ``position_ids`` (2-D) and any other per-token inputs
     (token types), extended with their last column for generated tokens as ``generate`` does;
-    ``main_prompt_len`` is the main stream's prompt length (generated tokens start there).
+    ``main_prompt_len`` is the main stream's prompt length (generated tokens start there);
+    ``rows_per_prompt`` says how many consecutive prompt rows belong to one original prompt (rows
+    ``generate`` already expanded for beams or sequences: a row may take over another of its group).
     """
 
-    def __init__(self, forward: Callable[[dict], Any], prompt: dict[str, torch.Tensor], main_prompt_len: int):
+    def __init__(
+        self,
+        forward: Callable[[dict], Any],
+        prompt: dict[str, torch.Tensor],
+        main_prompt_len: int,
+        rows_per_prompt: int = 1,
+    ):
         self.forward = forward
+        self.rows_per_prompt = rows_per_prompt  # prompt rows already expanded by generate (beams, sequences)
         self.prompt = prompt
         self.main_prompt_len = main_prompt_len
         self.cache = None
@@ -52,23 +61,28 @@ class SideStream:
 
     # ---- internals ------------------------------------------------------------------------------
     def _start(self, generated: torch.Tensor) -> dict:
-        """Prompt rows expanded to the main rows (and any tokens generated before the first call)."""
+        """Prompt rows expanded to the main rows (and any tokens generated before the first call); the
+        prompt's other inputs (image tensors, encoder outputs) go to this first forward only."""
         rows = generated.shape[0]
-        batch = self.prompt["input_ids"].shape[0]
+        batch, width = self.prompt["input_ids"].shape
         if rows % batch:
             raise ValueError(f"{rows} generated rows do not extend the {batch} prompts of the side stream")
-        self.group = rows // batch
-        self.rows = {k: v.repeat_interleave(self.group, 0) for k, v in self.prompt.items() if k != "input_ids"}
-        return self._extend(generated, already=self.prompt["input_ids"].repeat_interleave(self.group, 0))
+        expand = rows // batch
+        self.group = expand * self.rows_per_prompt
+        per_row = {k: v for k, v in self.prompt.items() if k != "input_ids" and _is_per_token(k, v, batch, width)}
+        self.rows = {k: v.repeat_interleave(expand, _row_dim(k, v)) for k, v in per_row.items()}
+        first_only = {k: v for k, v in self.prompt.items() if k != "input_ids" and k not in per_row}
+        inputs = self._extend(generated, already=self.prompt["input_ids"].repeat_interleave(expand, 0))
+        return {**first_only, **inputs}
 
     def _extend(self, new: torch.Tensor, already: torch.Tensor | None = None) -> dict:
         """Inputs feeding ``new`` tokens (after ``already`` prompt tokens at the first call)."""
         n = new.shape[1]
         ids = new if already is None else torch.cat([already, new], dim=1)
         mask = torch.cat([self.rows["attention_mask"], self.rows["attention_mask"].new_ones(new.shape[0], n)], 1)
-        last = self.rows["position_ids"][:, -1:]
-        steps = torch.arange(1, n + 1, device=last.device, dtype=last.dtype)[None]
-        positions = torch.cat([self.rows["position_ids"], last + steps], 1)
+        last = self.rows["position_ids"][..., -1:]
+        steps = torch.arange(1, n + 1, device=last.device, dtype=last.dtype)
+        positions = torch.cat([self.rows["position_ids"], last + steps], -1)
         extras = {
             k: torch.cat([v, v[:, -1:].expand(-1, n)], 1)
             for k, v in self.rows.items()
@@ -78,7 +92,7 @@ class SideStream:
         inputs = {
             "input_ids": ids,
             "attention_mask": mask,
-            "position_ids": positions[:, -width:],
+            "position_ids": positions[..., -width:],
             **{k: v[:, -width:] for k, v in extras.items()},
         }
         self.rows.update(attention_mask=mask, position_ids=positions, **extras)
@@ -100,17 +114,16 @@ class SideStream:
             raise RuntimeError("a generated row matches none of the side stream's rows")
         index = same.to(torch.int8).argmax(1)
         self.cache.reorder_cache(index)
-        self.rows = {k: v.index_select(0, index) for k, v in self.rows.items()}
+        self.rows = {k: v.index_select(_row_dim(k, v), index) for k, v in self.rows.items()}
 
 
-def log_prob_guidance(scores: torch.Tensor, side_logits: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
-    """``gamma * (s - u) + u`` with ``s, u`` the log-softmax of the main scores and the side stream's
-    logits; tokens with ``s < max(s) + ln(beta)`` get ``-inf`` (``beta = 0`` keeps all)."""
-    s = torch.log_softmax(scores.float(), dim=-1)
-    u = torch.log_softmax(side_logits.float().to(s.device), dim=-1)
-    out = gamma * (s - u) + u
-    out = out.masked_fill(torch.isneginf(s), float("-inf"))  # tokens already ruled out stay out
-    if beta > 0:
-        cutoff = s.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(beta, device=s.device))
-        out = out.masked_fill(s < cutoff, float("-inf"))
-    return out.to(scores.dtype)
+def _row_dim(key: str, value: torch.Tensor) -> int:
+    """The batch-row dimension of a per-token input (M-RoPE positions are ``(K, rows, T)``)."""
+    return 1 if key == "position_ids" and value.dim() == 3 else 0
+
+
+def _is_per_token(key: str, value: object, rows: int, width: int) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return False
+    dim = _row_dim(key, value)
+    return value.dim() >= 2 and tuple(value.shape[dim : dim + 2]) == (rows, width)

@@ -29,8 +29,5 @@ class AVCConfig(MethodConfig):
         "zeros", "how the contrast branch masks non-blind image embeddings", choices=("zeros", "ones", "noise")
     )
 
-    def decoding_loop(self) -> str:
-        return "contrastive branch"
-
 
 register_method("avc", AVCConfig, None, "attentional vision calibration: contrast with blind-token view")

@@ -1,26 +1,29 @@
 """The interface every method implements.
 
-A method sees each guarded ``generate`` through a fresh ``GuardState``:
+A method sees each guarded ``generate`` through the ``GuardState`` of every stream it acts in.
+The flow is one-way: the guard's session and the attention hook report to the state, and only
+the state calls the method:
 
-* ``on_prompt(state)`` once, at the first forward, when the key groups are known;
-* ``attention_edit(state, call)`` for every attention call of the text backbone, returning an
+* ``new_call_state()`` once per stream and call: the method's typed per-call data (a dataclass;
+  ``state.data_of(self)`` returns it), never kept on the model or on the method;
+* ``on_prompt(state)`` at the stream's first forward, when its key groups are known;
+* ``streams(state, inputs)`` at the main stream's first forward: extra streams the method needs
+  (a ``Probe``: rows riding along the prompt's forward; a ``Branch``: a contrast stream that
+  follows the generation; see ``halluguard.decoding``);
+* ``attention_edit(state, call)`` for every attention call of the text backbone: an
   ``AttentionEdit`` (edits and reductions) or ``None``;
-* ``on_stats(state, call, stats)`` with the reductions it (or another method) asked for;
+* ``on_stats(state, call, stats)`` with the reductions it asked for; then, if its edit set
+  ``head_scale_from_stats``, ``head_scale_from_stats(state, call)`` for the call's head scale;
+* ``on_layer_input(state, layer_idx, hidden)`` before every decoder layer, for methods that set
+  ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection);
 * ``logits_processors(state)`` once per ``generate``, to act on the next-token scores;
-* ``on_layer_input(state, layer_idx, hidden_states)`` before every decoder layer, for methods
-  that set ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection);
-* ``probe_inputs(state, inputs)`` at the first forward: a method may return the inputs of one
-  extra forward (a *probe*, e.g. VHR's prompt paired with a text-only copy) that the guard runs
-  before the prompt's own forward, under a separate ``GuardState`` whose ``probe_of`` is the
-  method's name and with every method's edits active; ``after_probe(state, probe)`` then hands
-  what the probe collected to the call's state.
-
-Methods keep per-call data in ``state.scratch[self.name]`` (a dict), never on the model or on
-themselves, so concurrent models and successive calls never share it.
+* ``generate_loop(state)``: a method that owns the decoding loop returns it (a ``custom_generate``
+  callable, see ``halluguard.decoding.loops``); at most one method of a guard may.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import MethodConfig
@@ -48,30 +51,45 @@ class Method:
     def name(self) -> str:
         return self.config.name
 
-    def setup(self, adapter: "Adapter") -> None:
+    @property
+    def owns_loop(self) -> bool:
+        """True when the method provides its own decoding loop (it overrides ``generate_loop``)."""
+        return type(self).generate_loop is not Method.generate_loop
+
+    def setup(self, adapter: Adapter) -> None:
         """Called by ``wrap``: check that the model suits the method (raise ``ValueError`` if not)."""
 
-    def on_prompt(self, state: "GuardState") -> None:
-        """Called once per guarded call, at its first forward (``state.groups`` is set)."""
-
-    def attention_edit(self, state: "GuardState", call: "AttentionCall") -> "AttentionEdit | None":
+    def new_call_state(self) -> Any:
+        """The method's per-call data for one stream (a dataclass), or None if it keeps none."""
         return None
 
-    def on_stats(self, state: "GuardState", call: "AttentionCall", stats: "dict[str, torch.Tensor]") -> None:
-        """Reductions reported by an attention call."""
+    def on_prompt(self, state: GuardState) -> None:
+        """Called once per stream and call, at its first forward (``state.groups`` is set)."""
 
-    def logits_processors(self, state: "GuardState") -> list[Any]:
+    def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Any]:
+        """Extra streams (``Probe``/``Branch``) to run beside the main stream, given the inputs of the
+        main stream's first forward; called once per call."""
         return []
 
-    def on_layer_input(self, state: "GuardState", layer_idx: int, hidden_states: "torch.Tensor") -> None:
-        """The residual stream entering decoder layer ``layer_idx`` (only if ``reads_layer_inputs``)."""
-
-    def probe_inputs(self, state: "GuardState", inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """Inputs of an extra forward to run before the prompt's forward ``inputs``, or None."""
+    def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         return None
 
-    def after_probe(self, state: "GuardState", probe: "GuardState") -> None:
-        """Called after the probe forward, with its state."""
+    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
+        """Reductions reported by an attention call (phase one)."""
+
+    def head_scale_from_stats(self, state: GuardState, call: AttentionCall) -> torch.Tensor | None:
+        """Phase two, for an edit that set ``head_scale_from_stats``: the call's ``(B, H)`` head scale."""
+        return None
+
+    def logits_processors(self, state: GuardState) -> list[Any]:
+        return []
+
+    def on_layer_input(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """The residual stream entering decoder layer ``layer_idx`` (only if ``reads_layer_inputs``)."""
+
+    def generate_loop(self, state: GuardState) -> Callable[..., Any] | None:
+        """The decoding loop this method owns, as a ``generate(custom_generate=...)`` callable."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

@@ -37,8 +37,5 @@ class DeCoReConfig(MethodConfig):
         choices=("uniform", "zero_output"),
     )
 
-    def decoding_loop(self) -> str:
-        return "contrastive branch"
-
 
 register_method("decore", DeCoReConfig, None, "contrast with retrieval heads masked")

@@ -37,8 +37,5 @@ class LookbackConfig(MethodConfig):
         choices=("prompt", "image"),
     )
 
-    def decoding_loop(self) -> str | None:
-        return "chunk-guided decoding" if self.mode == "guide" else None
-
 
 register_method("lookback", LookbackConfig, None, "lookback-ratio classifier: detection and guided decoding")

@@ -35,8 +35,5 @@ class OPERAConfig(MethodConfig):
         low=0,
     )
 
-    def decoding_loop(self) -> str:
-        return "beam search with retrospection"
-
 
 register_method("opera", OPERAConfig, None, "over-trust penalty and retrospection in beam search")

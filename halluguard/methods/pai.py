@@ -1,25 +1,39 @@
 """PAI: paying more attention to image (Liu et al., ECCV 2024).
 
-In layers ``[start_layer, end_layer)``, for the last query row of every forward (the last prompt
-token at the prefill, the new token at each decode step), the pre-softmax logits on image keys
-become ``z + alpha * |z|``: positive logits grow by ``1 + alpha``, negative ones shrink by
-``1 - alpha``. Image keys are each row's own image tokens (from ``input_ids``), so batches with
-padding and several images are handled per row.
+Two parts, both on by default (the paper's method and the official run commands:
+``--use-attn --use-cfg --gamma 1.1``):
 
-With ``use_cfg=True`` (the official ``--use-cfg``), an image-free guidance branch also runs: a
-side stream fed the prompt without its image (image tokens and their delimiters removed, no
-amplification, its own KV cache) and the same generated tokens; with ``s`` and ``u`` the
-log-softmax of the main and image-free next-token scores, the scores become
-``gamma * (s - u) + u``, and tokens with ``s < max(s) + ln(beta)`` are cut (``-inf``). This costs
-a second forward per generated token. The guidance acts on the scores after the generation
-config's own processors (so, in beam search, on its log-probabilities). The image-free stream
-runs the plain model: no method acts in it (PAI's amplification is off there, as in the official
-code, and so is any composed method such as VHR, so ``u`` is the unguarded model's view).
+**Amplification.** In layers ``[start_layer, end_layer)``, for the last query row of a forward
+(the new token at each decode step), the pre-softmax logits on image keys become
+``z + alpha * |z|``: positive logits grow by ``1 + alpha``, negative ones shrink by ``1 - alpha``.
+Image keys are each row's own image tokens (from ``input_ids``), so batches with padding and
+several images are handled per row.
+
+**Image-free guidance** (``use_cfg``). A branch stream is fed the prompt without its image (image
+tokens and their delimiters removed; the plain model: no method acts in it, as in the official
+code, so ``u`` is the unguarded model's view) and the same generated tokens. With ``s`` and ``u``
+the log-softmax of the main and image-free next-token scores, the scores become
+``gamma * (s - u) + u`` and tokens with ``s < max(s) + ln(beta)`` are cut (``-inf``). The branch
+is prefilled at its own (short) length and then rides along every main forward as extra rows
+(``halluguard.decoding.streams.Branch``), so a step costs one forward; ``separate_stream`` runs
+it as a second forward per step instead (the official way; same scores). The guidance acts on
+the scores after the generation config's own processors (in beam search, on its log-probabilities).
+
+Where the official code and the paper differ, the code is followed, with options:
+
+* with guidance on, the official code does not amplify the forward that produces the first token
+  (its attention patch is skipped while the guidance flag is set, and the flag is cleared after
+  the first image-free pass), so amplification acts from the second token on;
+  ``amplify_first_token=True`` amplifies that forward too. Without guidance every forward is
+  amplified, the prompt's included;
+* with ``gamma = 1`` the official processor returns the scores unchanged, with no cutoff, and the
+  branch is not run at all here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor
@@ -27,7 +41,7 @@ from transformers import LogitsProcessor
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit
 from ..config import MethodConfig, param
-from ..decoding import SideStream, log_prob_guidance
+from ..decoding import Branch, contrast
 from ..registry import register_method
 from ..state import GuardState
 from .base import Method
@@ -36,20 +50,22 @@ from .base import Method
 @dataclasses.dataclass
 class PAIConfig(MethodConfig):
     name = "pai"
-    neutral_overrides = {"alpha": 0.0, "use_cfg": False}
+    neutral_overrides = {"alpha": 0.0, "gamma": 1.0}
 
     alpha: float = param(0.2, "amplification of image-key logits: z + alpha * |z|", low=0.0)
     start_layer: int = param(2, "first layer amplified", low=0)
     end_layer: int | None = param(
         None, "layer after the last one amplified; None = all layers", low=1, optional=True, kind=int
     )
-    use_cfg: bool = param(
-        False,
-        "add the image-free guidance branch (off by default, as in the official "
-        "argparse; the README runs enable it with gamma 1.1)",
-    )
-    gamma: float = param(1.1, "guidance strength gamma (README 1.1; CHAIR script 2.0)", low=0.0)
+    use_cfg: bool = param(True, "image-free guidance branch (the paper's method and the official run commands)")
+    gamma: float = param(1.1, "guidance strength gamma (README runs 1.1; CHAIR script 2.0; 1 = off)", low=0.0)
     beta: float = param(0.1, "plausibility cutoff s >= max(s) + ln(beta); 0 disables it", low=0.0, high=1.0)
+    amplify_first_token: bool = param(
+        False, "with guidance on, also amplify the forward that produces the first token (the official code does not)"
+    )
+    separate_stream: bool = param(
+        False, "run the image-free stream as its own forward per step (the official way) instead of extra rows"
+    )
 
     def validate(self) -> None:
         if self.end_layer is not None and self.end_layer <= self.start_layer:
@@ -57,12 +73,14 @@ class PAIConfig(MethodConfig):
                 f"PAIConfig.end_layer ({self.end_layer}) must be greater than start_layer ({self.start_layer})"
             )
 
-    def decoding_loop(self) -> str | None:
-        return "contrastive branch" if self.use_cfg else None
+    @property
+    def guided(self) -> bool:
+        """Whether the image-free branch runs (guidance on, and gamma != 1)."""
+        return self.use_cfg and self.gamma != 1.0
 
 
 class PAI(Method):
-    """Boost attention logits on image keys for the last query row (see the module docstring)."""
+    """Image-key logit amplification and image-free guidance (see the module docstring)."""
 
     config_cls = PAIConfig
 
@@ -79,29 +97,34 @@ class PAI(Method):
         state.require_left_padding("PAI")
 
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
-        if self.config.alpha == 0 or call.layer_idx not in self.layers:
+        cfg = self.config
+        if cfg.alpha == 0 or call.layer_idx not in self.layers:
             return None
+        if call.is_prefill and cfg.use_cfg and not cfg.amplify_first_token:
+            return None  # the official code leaves the first token's forward alone when guidance is on
         image = state.group_masks(call)["image"]
-        return AttentionEdit(key_boost=image.to(torch.float32) * self.config.alpha, last_row_only=True)
+        return AttentionEdit(key_boost=image.to(torch.float32) * cfg.alpha, last_row_only=True)
+
+    def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
+        if not self.config.guided:
+            return []
+        prompt = state.adapter.text_only_rows(state.with_2d_mask(inputs))
+        return [Branch(self, prompt, methods=(), separate=self.config.separate_stream)]
 
     def logits_processors(self, state: GuardState) -> list:
-        if not self.config.use_cfg:
-            return []
-        device = state.adapter.model.device
-        prompt = {k: v.to(device) for k, v in state.adapter.text_only_rows(state.call_inputs).items()}
-        side = state.side_state(f"{self.name}:image-free")
-        stream = SideStream(lambda inputs: state.run_side(side, inputs), prompt, state.prompt_len)
-        return [ImageFreeGuidance(stream, self.config.gamma, self.config.beta)]
+        return [ImageFreeGuidance(state, self)] if self.config.guided else []
 
 
 class ImageFreeGuidance(LogitsProcessor):
-    """``gamma * (s - u) + u`` with ``u`` from the image-free side stream (see the module docstring)."""
+    """``gamma * (s - u) + u`` with ``u`` from the image-free branch (see the module docstring)."""
 
-    def __init__(self, stream: SideStream, gamma: float, beta: float):
-        self.stream, self.gamma, self.beta = stream, gamma, beta
+    def __init__(self, state: GuardState, method: PAI):
+        self.state, self.method = state, method
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return log_prob_guidance(scores, self.stream.next_logits(input_ids), self.gamma, self.beta)
+        cfg = self.method.config
+        free = self.state.branch_logits(self.method, input_ids)
+        return contrast(scores, free, cfg.gamma, cfg.gamma - 1.0, space="log_probs", beta=cfg.beta).to(scores.dtype)
 
 
-register_method("pai", PAIConfig, PAI, "pay more attention to image: boost image-key attention logits")
+register_method("pai", PAIConfig, PAI, "pay more attention to image: image-key amplification and image-free guidance")

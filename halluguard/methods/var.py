@@ -3,7 +3,9 @@
 Sink tokens ``S_l = {j : max_{d in D_sink} |x_j[d]| / RMS(x_j) > tau}`` are read from the residual
 stream at prefill. For image-centric (head, query) pairs (image mass >= ``summ`` and visual-sink
 share of it <= ``rho``) the post-softmax mass on all sinks is scaled by ``p`` and the freed mass
-``(1 - p) * M_S`` goes to non-sink image tokens in proportion to their attention.
+``(1 - p) * M_S`` goes to non-sink image tokens in proportion to their attention. As in the
+official code, a layer is edited (for a row) only if at least one of its sinks is an image token:
+a layer whose only sinks are text tokens (BOS) is left alone.
 """
 
 from __future__ import annotations
@@ -19,18 +21,42 @@ from ..registry import register_method
 from ..state import GuardState
 from .base import Method
 
-# Massive-activation dimensions of known text backbones, keyed by
-# (text config model_type, hidden size, layers).
-KNOWN_SINK_DIMS: dict[tuple[str, int, int], tuple[int, ...]] = {
-    ("llama", 4096, 32): (1415, 2533),  # LLaMA-2-7B / Vicuna-7B (LLaVA-1.5-7B, LLaVA-NeXT-7B): official code
-    ("llama", 5120, 40): (2100, 4743),  # LLaMA-2-13B / Vicuna-13B (LLaVA-1.5-13B, LLaVA-NeXT-13B): official code
-    ("qwen2_vl_text", 3584, 28): (458, 2570),  # Qwen2-VL-7B: paper
-}
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """What identifies a text backbone for its sink dimensions: a different backbone of the same width
+    and depth (LLaMA-3-8B against LLaMA-2-7B) differs in vocabulary and key/value heads."""
+
+    model_type: str
+    hidden_size: int
+    layers: int
+    kv_heads: int
+    vocab_sizes: tuple[int, ...]  # the base vocabulary and the sizes LVLM checkpoints extend it to
+
+    def matches(self, adapter: Adapter) -> bool:
+        tc = adapter.text_config
+        return (
+            tc.model_type == self.model_type
+            and int(tc.hidden_size) == self.hidden_size
+            and adapter.num_layers == self.layers
+            and adapter.num_kv_heads == self.kv_heads
+            and int(tc.vocab_size) in self.vocab_sizes
+        )
+
+
+# Massive-activation dimensions of known text backbones.
+KNOWN_SINK_DIMS: tuple[tuple[Backbone, tuple[int, ...]], ...] = (
+    # LLaMA-2-7B / Vicuna-7B (LLaVA-1.5-7B, LLaVA-NeXT-7B): official code
+    (Backbone("llama", 4096, 32, 32, (32000, 32064)), (1415, 2533)),
+    # LLaMA-2-13B / Vicuna-13B (LLaVA-1.5-13B, LLaVA-NeXT-13B): official code
+    (Backbone("llama", 5120, 40, 40, (32000, 32064)), (2100, 4743)),
+    # Qwen2-VL-7B: paper
+    (Backbone("qwen2_vl_text", 3584, 28, 4, (152064,)), (458, 2570)),
+)
 
 
 def known_sink_dims(adapter: Adapter) -> tuple[int, ...] | None:
-    tc = adapter.text_config
-    return KNOWN_SINK_DIMS.get((tc.model_type, int(tc.hidden_size), adapter.num_layers))
+    return next((dims for backbone, dims in KNOWN_SINK_DIMS if backbone.matches(adapter)), None)
 
 
 @dataclasses.dataclass
@@ -76,6 +102,14 @@ class VARConfig(MethodConfig):
         return self.p if self.p_meaning == "kept" else 1.0 - self.p
 
 
+@dataclasses.dataclass
+class VARCall:
+    """VAR's data for one stream of a call."""
+
+    sinks: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (B, P) bool
+    image_end: torch.Tensor | None = None  # (B,) position after each row's last image token
+
+
 class VAR(Method):
     """Redistribute attention from sink tokens to image tokens in image-centric heads.
 
@@ -113,11 +147,12 @@ class VAR(Method):
                 f"VAR edits layers [{cfg.first_layer}, {last}): none in this {adapter.num_layers}-layer model"
             )
 
+    def new_call_state(self) -> VARCall:
+        return VARCall()
+
     def on_prompt(self, state: GuardState) -> None:
-        scratch = state.scratch[self.name]
-        scratch["sinks"] = {}
         ends = [max(end for _, end in spans) if spans else 0 for spans in state.image_spans]
-        scratch["image_end"] = torch.tensor(ends, device=state.groups.image.device)
+        state.data_of(self).image_end = torch.tensor(ends, device=state.groups.image.device)
 
     def sink_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """``max_{d in D_sink} |x_d| / RMS(x)`` per token of ``hidden (B, T, D)``."""
@@ -129,7 +164,7 @@ class VAR(Method):
         if layer_idx not in self.layers or not state.in_prefill:
             return
         groups = state.groups
-        sinks = state.scratch[self.name]["sinks"].setdefault(layer_idx, torch.zeros_like(groups.valid))
+        sinks = state.data_of(self).sinks.setdefault(layer_idx, torch.zeros_like(groups.valid))
         start = state.past_len
         stop = min(start + hidden.shape[1], groups.prompt_len)
         found = self.sink_scores(hidden[:, : stop - start]) > self.config.tau
@@ -138,15 +173,19 @@ class VAR(Method):
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         if call.layer_idx not in self.layers:
             return None
-        scratch = state.scratch[self.name]
-        sinks = scratch["sinks"].get(call.layer_idx)
-        if sinks is None or not bool(sinks.any()):
+        data = state.data_of(self)
+        sinks = data.sinks.get(call.layer_idx)
+        if sinks is None:
+            return None
+        # the official rule: a row's layer is edited only if one of its sinks is an image token
+        visual = (sinks & state.groups.image).any(-1)
+        if not bool(visual.any()):
             return None
         masks = state.group_masks(call)
         end = call.key_offset + call.kv_len
         source = torch.nn.functional.pad(sinks, (0, max(end - sinks.shape[1], 0)))[:, call.key_offset : end]
         queries = call.query_start + torch.arange(call.q_len, device=call.device)
-        eligible = queries[None, :] >= scratch["image_end"][:, None]
+        eligible = (queries[None, :] >= data.image_end[:, None]) & visual[:, None].to(call.device)
         cfg = self.config
         return AttentionEdit(
             redistribution=Redistribution(

@@ -21,8 +21,5 @@ class VCDConfig(MethodConfig):
     beta: float = param(0.1, "plausibility cutoff; 0 disables it", low=0.0, high=1.0)
     noise_step: int = param(500, "diffusion step of the image noise (of 1000)", low=0, high=999)
 
-    def decoding_loop(self) -> str:
-        return "contrastive branch"
-
 
 register_method("vcd", VCDConfig, None, "visual contrastive decoding with a noised image")

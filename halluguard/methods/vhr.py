@@ -12,20 +12,22 @@ Per layer ``l`` in the reinforced set and head ``i``, with ``A_li`` the head's o
 
 Selection happens layer by layer inside one forward: when layer ``l`` is measured, the layers
 before it are already reinforced, in both streams. The guard runs this as one extra forward at
-the first step (a *probe*): the prompt rows plus, as extra batch rows, the same prompts with the
-image removed (image tokens and the image-delimiter tokens the config names; left-padded, text
-positions counted from 0 as a separate text-only prompt would). At each reinforced layer the
-hook reports both streams' head outputs at the last position, VHR picks each row's heads, and
-the layer's output is scaled before the next layer runs. The real prompt forward then runs with
-those heads, and every later step reuses them: a fixed per-(row, head) output scale.
+the first step: the prompt's own forward carries, as extra batch rows (a *probe*, see
+``halluguard.decoding.streams``), the same prompts with the image removed (image tokens and the
+image-delimiter tokens the config names; left-padded, text positions counted from 0 as a separate
+text-only prompt would). At each reinforced layer the hook reports both streams' head outputs at
+the last position, VHR picks each row's heads, and the layer's output is scaled, in both streams,
+before the next layer runs. The probe rows are then dropped: the prompt rows of that forward are
+the reinforced prefill, and every later step reuses the heads (a fixed per-(row, head) output
+scale). The prompt phase costs one forward of twice the rows (about 2x a plain prefill); with a
+static or caller-supplied cache, which cannot take extra rows, the probe runs as its own forward
+before the prompt's (about 3x).
 
 **Which positions are scaled.** All positions, at the prompt and at every generated token: the
 prompt's keys and values then come from the reinforced model, so the cache is what the reinforced
-model would compute (the paper fixes the heads at the first step for this consistency). The probe
-scales all positions too, so the heads picked at layer ``l`` see exactly the states the real prompt
-forward has below ``l``, i.e. the same selection as running the two streams in lock-step inside
-that forward. The cost is one extra prompt forward with twice the rows; decoding costs one
-multiply per head output on the reinforced layers.
+model would compute (the paper fixes the heads at the first step for this consistency). The heads
+picked at layer ``l`` see the states of the reinforced layers below ``l`` in both streams (the two
+streams in lock-step). Decoding costs one multiply per head output on the reinforced layers.
 
 **Layers.** Default: layer 1 plus the last ``round(14 * L / 32)`` layers of an ``L``-layer text
 model (LLaVA-1.5-7B, ``L = 32``: ``[1, 18..31]``, the paper's choice); ``layers=[...]`` picks
@@ -48,6 +50,7 @@ import torch
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit, Reductions
 from ..config import MethodConfig, param
+from ..decoding.streams import Probe
 from ..registry import register_method
 from ..state import GuardState
 from .base import Method
@@ -119,6 +122,16 @@ def select_heads(vhd: torch.Tensor) -> torch.Tensor:
     return vhd > vhd.median(dim=-1, keepdim=True).values
 
 
+@dataclasses.dataclass
+class VHRCall:
+    """VHR's data for one call, shared by the main stream and its text-only probe."""
+
+    # layer -> (B, H) bool: the chosen heads
+    heads: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # layer -> "image" | "text" stream -> (B, H, D) head outputs, while the layer's heads are chosen
+    outputs: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+
 class VHR(Method):
     """Vision-aware head reinforcement (see the module docstring).
 
@@ -130,7 +143,9 @@ class VHR(Method):
     config_cls = VHRConfig
 
     def __init__(
-        self, config: VHRConfig | None = None, on_select: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None
+        self,
+        config: VHRConfig | None = None,
+        on_select: Callable[[int, torch.Tensor, torch.Tensor], Any] | None = None,
     ):
         super().__init__(config)
         self.on_select = on_select
@@ -162,24 +177,20 @@ class VHR(Method):
         if not self.layers:
             raise ValueError("VHR has no layer to reinforce")
 
-    # ---- selection (the probe) -----------------------------------------------------------------
-    def probe_inputs(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    def new_call_state(self) -> VHRCall:
+        return VHRCall()
+
+    # ---- selection: the text-only probe rides along the prompt's forward ------------------------
+    def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Probe]:
         if self.fixed is not None:
-            return None
+            return []
         state.require_left_padding("VHR's head selection")
         if state.past_len or state.seen_tokens != state.prompt_len:
             raise ValueError(
                 "VHR selects its heads from the whole prompt in one forward: a call that starts from "
                 "a filled cache or forwards the prompt in chunks is not supported"
             )
-        mask = inputs.get("attention_mask")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            # compiled/static caches hand the model a prepared (4-D or per-layer) mask: use the 2-D one
-            inputs = dict(inputs, attention_mask=state.groups.valid.long().to(inputs["input_ids"].device))
-        return state.adapter.with_text_only_rows(inputs)
-
-    def after_probe(self, state: GuardState, probe: GuardState) -> None:
-        state.scratch[self.name]["heads"] = probe.scratch[self.name].get("heads", {})
+        return [Probe(self, state.adapter.text_only_rows(state.with_2d_mask(inputs)))]
 
     def _scale(self, heads: torch.Tensor) -> torch.Tensor:
         return torch.where(heads, self.config.alpha, 1.0).to(torch.float32)
@@ -187,34 +198,32 @@ class VHR(Method):
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         if call.layer_idx not in self.layers:
             return None
-        scratch = state.scratch[self.name]
-        if state.probe_of == self.name:  # selecting: report head outputs; on_stats sets the scale
-            edit = AttentionEdit(reductions=Reductions(head_outputs=True))
-            scratch.setdefault("pending", {})[call.layer_idx] = edit
-            return edit
         if self.fixed is not None:
             heads = self.fixed[call.layer_idx].to(call.device)[None].expand(call.batch, -1)
-        else:
-            chosen = scratch.get("heads")
-            if chosen is None:  # another method's probe runs before VHR has chosen
-                return None
-            heads = chosen[call.layer_idx]
-            if heads.shape[0] != call.batch:
-                heads = heads.repeat_interleave(call.batch // heads.shape[0], dim=0)
+            return AttentionEdit(head_scale=self._scale(heads))
+        heads = state.data_of(self).heads.get(call.layer_idx)
+        if heads is None:  # selecting: report head outputs, then choose this layer's heads from them
+            return AttentionEdit(reductions=Reductions(head_outputs=True), head_scale_from_stats=True)
+        if heads.shape[0] != call.batch:
+            heads = heads.repeat_interleave(call.batch // heads.shape[0], dim=0)
         return AttentionEdit(head_scale=self._scale(heads.to(call.device)))
 
     def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
-        if state.probe_of != self.name:
-            return
-        outputs = stats["head_outputs"]  # (2B, H, D): prompt rows, then text-only rows
-        rows = outputs.shape[0] // 2
-        vhd = head_divergence(outputs[:rows], outputs[rows:], self.config.outlier_filter)
-        heads = select_heads(vhd)
-        scratch = state.scratch[self.name]
-        scratch.setdefault("heads", {})[call.layer_idx] = heads
-        scratch["pending"].pop(call.layer_idx).head_scale = self._scale(heads).repeat(2, 1)
-        if self.on_select is not None:
-            self.on_select(call.layer_idx, vhd, heads)
+        stream = "text" if state.role.is_probe_of(self) else "image"
+        state.data_of(self).outputs.setdefault(call.layer_idx, {})[stream] = stats["head_outputs"]
+
+    def head_scale_from_stats(self, state: GuardState, call: AttentionCall) -> torch.Tensor:
+        data = state.data_of(self)
+        layer = call.layer_idx
+        if layer not in data.heads:
+            outputs = data.outputs.pop(layer)
+            if "text" not in outputs:
+                raise RuntimeError("VHR's text-only probe did not run beside the prompt's forward")
+            vhd = head_divergence(outputs["image"], outputs["text"], self.config.outlier_filter)
+            data.heads[layer] = select_heads(vhd)
+            if self.on_select is not None:
+                self.on_select(layer, vhd, data.heads[layer])
+        return self._scale(data.heads[layer])
 
 
 register_method("vhr", VHRConfig, VHR, "vision-aware head reinforcement: scale vision-sensitive heads")

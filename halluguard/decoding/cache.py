@@ -1,0 +1,76 @@
+"""The KV cache of a guarded ``generate`` whose forwards carry extra stream rows.
+
+``RowGroupsCache`` is a ``DynamicCache`` whose rows are blocks of equal size: the main rows first,
+then the rows of each branch stream (see ``halluguard.decoding.session``), block ``g`` row ``i``
+following main row ``i``. ``generate`` only knows the main rows, so its batch operations (beam
+search's reordering, row expansion, selection) name main rows; here each is applied to every
+block alike, and the branch rows follow their main rows through beam search at the cost of one
+``index_select`` per layer, with no token matching and no recomputation.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class RowGroupsCache(DynamicCache):
+    """A ``DynamicCache`` of ``blocks`` row blocks; batch operations address the main (first) block."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks = 1
+
+    def _rows(self) -> int:
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                return layer.keys.shape[0]
+        return 0
+
+    def _every_block(self, index: torch.Tensor) -> torch.Tensor:
+        main = self._rows() // self.blocks
+        return torch.cat([index + b * main for b in range(self.blocks)])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(self._every_block(beam_idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(self._every_block(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        main = self._rows() // self.blocks
+        index = torch.arange(main).repeat_interleave(repeats)
+        super().batch_select_indices(self._every_block(index.to(self._device())))
+
+    def _device(self) -> torch.device:
+        for layer in self.layers:
+            if getattr(layer, "keys", None) is not None:
+                return layer.keys.device
+        return torch.device("cpu")
+
+    # ---- stream rows -------------------------------------------------------------------------------
+    def keep_first_rows(self, rows: int) -> None:
+        """Drop every row after the first ``rows`` (a probe's rows, after the prompt's forward)."""
+        DynamicCache.batch_select_indices(self, torch.arange(rows, device=self._device()))
+
+    def add_block(self, other: DynamicCache) -> None:
+        """Append ``other``'s rows as a new block, left-padded (with zeros) to this cache's length.
+
+        The padded slots are never attended to: the rows' attention mask marks them as padding."""
+        if len(other.layers) != len(self.layers):
+            raise ValueError("a stream's cache must have as many layers as the main cache")
+        for mine, theirs in zip(self.layers, other.layers):
+            pad = mine.keys.shape[-2] - theirs.keys.shape[-2]
+            if pad < 0:
+                raise ValueError("a branch stream's prompt cannot be longer than the main prompt")
+            keys = torch.nn.functional.pad(theirs.keys, (0, 0, pad, 0)).to(mine.keys.dtype)
+            values = torch.nn.functional.pad(theirs.values, (0, 0, pad, 0)).to(mine.values.dtype)
+            mine.keys = torch.cat([mine.keys, keys])
+            mine.values = torch.cat([mine.values, values])
+        self.blocks += 1
+
+    def drop_extra_blocks(self) -> None:
+        """Keep the main rows only (what ``generate``'s caller gets back)."""
+        if self.blocks > 1:
+            self.keep_first_rows(self._rows() // self.blocks)
+            self.blocks = 1

@@ -1,0 +1,257 @@
+"""One guarded call: its streams, and which rows of each forward belong to which stream.
+
+The guard makes a ``Session`` per guarded ``generate`` (or ``Guard.forward``) and drops it after.
+The model's forward pre-hook and post-hook report every forward to it:
+
+* before a forward, ``before_forward`` tells each stream's state where the forward starts, opens
+  the streams the methods ask for at the first forward (``Method.streams``), and adds the rows of
+  probes (first forward) and branches (later forwards) to the forward's inputs; ``segments`` then
+  lists, for the attention hook, which rows of the forward belong to which stream's state;
+* after it, ``after_forward`` takes the extra rows back out of the output (the caller sees only its
+  own rows), hands each branch its next-token logits, drops probe rows from the cache, and after
+  the prompt's forward joins each branch's prefilled cache to the main cache as extra rows.
+
+One guarded step then looks like this (a branch riding along; ``N`` main rows)::
+
+    generate ──> forward(N rows) ──pre-hook──> forward(N main + N branch rows)
+                                                  │  attention hook, per layer:
+                                                  │    segments: rows [0, N) main state, [N, 2N) branch state
+                                                  │    phase 1: edits + reductions -> states -> methods
+                                                  │    phase 2: head scales chosen from the statistics
+                 logits(N) <──post-hook── logits(2N): rows [N, 2N) -> branch.logits
+    logits processors (e.g. contrast with branch.logits) -> next token -> cache reorder (every block)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache
+
+from ..state import GuardState, StreamRole
+from .cache import RowGroupsCache
+from .side_stream import SideStream
+from .streams import Branch, BranchRun, Probe, per_token_inputs, positions_like
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..adapters import Adapter
+    from ..methods.base import Method
+
+
+@dataclasses.dataclass
+class Segment:
+    """Rows ``rows`` of the current forward belong to the stream whose state is ``state``."""
+
+    state: GuardState
+    rows: slice
+
+
+def cache_length(cache: Any) -> int:
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+class Session:
+    """The streams of one guarded call (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        methods: list[Method],
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        *,
+        for_generation: bool,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        self.main = GuardState(adapter, methods, input_ids, attention_mask, for_generation=for_generation)
+        self.main.session = self
+        self._call_rows = input_ids.shape[0] if input_ids is not None else None
+        self.segments: list[Segment] = [Segment(self.main, slice(None))]
+        self.branches: dict[Method, BranchRun] = {}
+        self._apart: list[Segment] | None = None  # segments of a forward the session runs itself
+        self._extra: list[tuple[Segment, Any]] = []  # extra rows of the current forward: (segment, probe or branch)
+        self._main_rows = 0
+
+    # ---- the model's forward pre-hook ------------------------------------------------------------
+    def before_forward(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """Record a forward; returns its inputs with stream rows added, or None to leave them."""
+        if self._apart is not None:
+            self._feed(self._apart, kwargs)
+            self.segments = self._apart
+            return None
+        ids = kwargs.get("input_ids")
+        tokens = ids if ids is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError("a guarded forward needs input_ids or inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        cache_len = cache_length(cache)
+        rows, new = tokens.shape[:2]
+        self._main_rows = rows
+        self.main.on_forward(ids, kwargs.get("attention_mask"), cache_len, new, rows)
+        self.segments = [Segment(self.main, slice(0, rows))]
+        self._extra = []
+        extra: list[tuple[GuardState, dict, Any]] = []
+        if self.main.forwards == 1:
+            for method in self.main.methods:
+                for spec in method.streams(self.main, kwargs):
+                    extra += self._open(spec, kwargs, cache)
+        else:
+            extra = [(run.state, run.step_rows(kwargs), run) for run in self.branches.values() if run.side is None]
+        if not extra:
+            return None
+        merged, start = dict(kwargs), rows
+        for state, inputs, stream in extra:
+            count = inputs["input_ids"].shape[0]
+            segment = Segment(state, slice(start, start + count))
+            state.on_forward(inputs["input_ids"], inputs.get("attention_mask"), cache_len, new, count)
+            self.segments.append(segment)
+            self._extra.append((segment, stream))
+            merged = self._merge_rows(merged, inputs, start)
+            start += count
+        return merged
+
+    def _open(self, spec: Any, kwargs: dict, cache: Any) -> list[tuple[GuardState, dict, Any]]:
+        """Start a stream a method asked for; returns the rows it adds to this forward."""
+        if isinstance(spec, Probe):
+            role = StreamRole("probe", spec.owner)
+            shared = {spec.owner: self.main.data_of(spec.owner)}
+            state = GuardState(self.adapter, self.methods, for_generation=False, role=role, shared_data=shared)
+            if cache is None or isinstance(cache, DynamicCache):  # rows can be added, then dropped
+                return [(state, spec.rows, spec)]
+            self._probe_apart(spec, state, kwargs, shared)
+            return []
+        if isinstance(spec, Branch):
+            if spec.owner in self.branches:
+                raise ValueError(f"{spec.owner.name} asked for two branches")
+            role = StreamRole("branch", spec.owner)
+            state = GuardState(self.adapter, list(spec.methods), for_generation=False, role=role)
+            run = BranchRun(spec, state, kwargs)
+            self.branches[spec.owner] = run
+            if isinstance(cache, RowGroupsCache) and not spec.separate:
+                self._prefill_branch(run)
+            else:  # the cache cannot carry extra rows: the branch runs its own forwards
+                run.side = SideStream(
+                    lambda inputs: self._run_apart([Segment(run.state, slice(None))], inputs),
+                    dict(spec.prompt),
+                    self.main.prompt_len,
+                    rows_per_prompt=self._main_rows // (self._call_rows or self._main_rows),
+                )
+            return []
+        raise TypeError(f"a method's streams() must return Probe or Branch objects, got {spec!r}")
+
+    def _probe_apart(self, spec: Probe, state: GuardState, kwargs: dict, shared: dict) -> None:
+        """A probe as its own forward before the prompt's (the main rows computed twice)."""
+        rows = self._main_rows
+        copy = GuardState(self.adapter, self.methods, for_generation=False, shared_data=shared)
+        inputs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "logits_to_keep")}
+        inputs = self._merge_rows(dict(inputs, use_cache=False), spec.rows, rows)
+        extra = spec.rows["input_ids"].shape[0]
+        self._run_apart([Segment(copy, slice(0, rows)), Segment(state, slice(rows, rows + extra))], inputs)
+
+    def _prefill_branch(self, run: BranchRun) -> None:
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        inputs = dict(run.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self._run_apart([Segment(run.state, slice(None))], inputs)
+        run.logits = out.logits[:, -1].float()
+        run.prefill_cache = cache  # joins the main cache after the prompt's forward
+
+    def _run_apart(self, segments: list[Segment], inputs: dict) -> Any:
+        """Run one forward of the model under ``segments`` (not the main stream), without gradients."""
+        previous, self._apart = self._apart, segments
+        try:
+            with torch.no_grad():
+                return self.model(**inputs)
+        finally:
+            self._apart = previous
+
+    def _feed(self, segments: list[Segment], kwargs: dict) -> None:
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        cache_len = cache_length(kwargs.get("past_key_values"))
+        for seg in segments:
+            rows = ids[seg.rows]
+            seg_mask = mask[seg.rows] if mask is not None and mask.dim() == 2 else None
+            seg.state.on_forward(rows, seg_mask, cache_len, ids.shape[1], rows.shape[0])
+
+    def _merge_rows(self, kwargs: dict, extra: dict, rows: int) -> dict:
+        """``kwargs`` (its first ``rows`` rows are the main rows) with the rows of ``extra`` appended."""
+        ids = kwargs["input_ids"]
+        count, new = extra["input_ids"].shape
+        merged = dict(kwargs)
+        merged["input_ids"] = torch.cat([ids, extra["input_ids"].to(ids.device)])
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            width = mask.shape[-1] if mask is not None else ids.shape[1] + cache_length(kwargs.get("past_key_values"))
+            mask = torch.ones(ids.shape[0], width, dtype=torch.long, device=ids.device)
+        merged["attention_mask"] = torch.cat([mask, extra["attention_mask"].to(mask)])
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            raise ValueError("stream rows need the main rows' position_ids")
+        theirs = positions_like(extra["position_ids"], positions).to(positions)
+        merged["position_ids"] = torch.cat([positions, theirs], dim=positions.dim() - 2)
+        theirs_per_token = per_token_inputs(extra, count, new)
+        for key, value in per_token_inputs(kwargs, ids.shape[0], ids.shape[1]).items():
+            other = theirs_per_token.get(key)
+            other = other.to(value) if other is not None else value.new_zeros((count, *value.shape[1:]))
+            merged[key] = torch.cat([value, other])
+        for key in self.adapter.row_image_inputs:
+            value = kwargs.get(key)
+            if isinstance(value, torch.Tensor) and value.shape[0] == rows:
+                merged[key] = torch.cat([value, value.new_zeros((count, *value.shape[1:]))])
+        return merged
+
+    # ---- the model's forward post-hook -----------------------------------------------------------
+    def after_forward(self, output: Any) -> Any:
+        """Take the stream rows out of ``output``; returns the output the caller sees, or None."""
+        if self._apart is not None:
+            return None
+        rows = self._main_rows
+        cache = getattr(output, "past_key_values", None)
+        if self._extra:
+            for segment, stream in self._extra:
+                if isinstance(stream, BranchRun):
+                    stream.logits = output.logits[segment.rows, -1].float()
+            if any(isinstance(stream, Probe) for _, stream in self._extra) and isinstance(cache, DynamicCache):
+                extra_rows = torch.arange(rows, device=output.logits.device)
+                DynamicCache.batch_select_indices(cache, extra_rows)  # probes only ride the prompt's forward
+            for key in ("logits", "hidden_states", "attentions"):
+                value = getattr(output, key, None)
+                if isinstance(value, torch.Tensor):
+                    output[key] = value[:rows]
+                elif isinstance(value, tuple):
+                    output[key] = tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value)
+        if self.main.forwards == 1:
+            for run in self.branches.values():
+                if run.prefill_cache is not None:
+                    cache.add_block(run.prefill_cache)
+                    run.prefill_cache = None
+                    run.state.position_offset = 0  # its keys now sit at the main cache's positions
+        self._extra = []
+        self.segments = [Segment(self.main, slice(None))]
+        return output
+
+    # ---- the decoder layers' pre-hooks -----------------------------------------------------------
+    def on_layer_input(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        for segment in self.segments:
+            for method in segment.state.methods:
+                if method.reads_layer_inputs:
+                    method.on_layer_input(segment.state, layer_idx, hidden[segment.rows])
+
+    # ---- for the methods -------------------------------------------------------------------------
+    def branch_logits(self, owner: Method, input_ids: torch.Tensor) -> torch.Tensor:
+        """The next-token logits ``(rows, vocab)`` of ``owner``'s branch for the main rows ``input_ids``."""
+        run = self.branches.get(owner)
+        if run is None:
+            raise RuntimeError(f"{owner.name} has no branch in this call")
+        return run.next_logits(input_ids)
+
+    def finish(self, cache: Any) -> None:
+        """After the call: the caller's cache holds the main rows only."""
+        if isinstance(cache, RowGroupsCache):
+            cache.drop_extra_blocks()

@@ -1,0 +1,185 @@
+"""The extension points of ``halluguard.decoding``: a toy loop owner and a toy branch-rows method.
+
+* ``GreedyLoop`` owns the decoding loop (a hand-written greedy loop given to ``generate`` as its
+  ``custom_generate``): it must give plain greedy's tokens, let attention methods act inside it,
+  and refuse to compose with another loop owner.
+* ``Echo`` asks for a branch stream whose prompt is the main prompt itself (image inputs
+  included, used at the branch's first forward only). Riding along the main forwards as extra
+  rows, its next-token logits must equal the main rows' at every step, through left padding,
+  beam search's reordering, several sequences per prompt and M-RoPE positions; run as its own
+  forwards (a static cache, or ``separate``), too.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import build_model, make_inputs
+from transformers import DynamicCache, LogitsProcessor
+
+import halluguard as hg
+from halluguard.decoding import Branch, RowGroupsCache
+
+GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+
+
+# ---- a loop owner ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GreedyLoopConfig(hg.MethodConfig):
+    name = "greedy-loop"
+
+
+class GreedyLoop(hg.Method):
+    """Owns the loop: prefill, then one token at a time with the cache, argmax of the processed scores."""
+
+    config_cls = GreedyLoopConfig
+
+    def __init__(self, name="greedy-loop"):
+        super().__init__(GreedyLoopConfig())
+        self.config = dataclasses.replace(self.config)
+        self.config.name = name
+        self.steps = 0
+
+    def generate_loop(self, state):
+        def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+            kwargs = {k: v for k, v in model_kwargs.items() if k not in ("synced_gpus", "streamer", "use_cache")}
+            mask = kwargs.pop("attention_mask")
+            cache = kwargs.pop("past_key_values")
+            positions = kwargs.pop("position_ids", None)
+            step_inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+            while True:
+                out = model(**step_inputs, past_key_values=cache, use_cache=True)
+                scores = logits_processor(input_ids, out.logits[:, -1].float())
+                token = scores.argmax(-1, keepdim=True)
+                input_ids = torch.cat([input_ids, token], 1)
+                self.steps += 1
+                if stopping_criteria(input_ids, scores).all():
+                    return input_ids
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                positions = positions[..., -1:] + 1
+                step_inputs = dict(input_ids=token, attention_mask=mask, position_ids=positions)
+
+        return loop
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_loop_owner_replaces_the_loop_and_gives_plain_greedy_tokens(family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    owner = GreedyLoop()
+    with torch.no_grad():
+        want = model.generate(**inputs, **GEN)
+        with hg.wrap(model, methods=[owner]):
+            got = model.generate(**inputs, **GEN)
+        assert owner.steps == GEN["max_new_tokens"]
+        # attention edits act inside the owner's loop: VHR with fixed heads, in the loop or not
+        vhr = hg.VHRConfig(fixed_heads={1: [0, 2], 2: [1]}, alpha=3.0)
+        with hg.wrap(model, methods=vhr):
+            want_vhr = model.generate(**inputs, **GEN)
+        with hg.wrap(model, methods=[GreedyLoop(), vhr]):
+            got_vhr = model.generate(**inputs, **GEN)
+    assert torch.equal(got, want)
+    assert torch.equal(got_vhr, want_vhr) and not torch.equal(want_vhr, want)
+
+
+def test_two_loop_owners_do_not_compose():
+    model = build_model("llava")
+    with pytest.raises(ValueError, match="cannot compose 'greedy-loop' with 'other-loop'.*decoding loop"):
+        hg.wrap(model, methods=[GreedyLoop(), GreedyLoop("other-loop")])
+    assert not hasattr(model, "_halluguard_guard")
+    assert GreedyLoop().owns_loop and hg.get_config("vhr") is not None and not _method("vhr").owns_loop
+
+
+def _method(name):
+    from halluguard import registry
+
+    return registry.entry(name).method_cls(hg.get_config(name))
+
+
+# ---- a branch stream ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class EchoConfig(hg.MethodConfig):
+    name = "echo"
+
+
+class Echo(hg.Method):
+    """A branch whose prompt is the main prompt; records (main scores, branch logits) at every step."""
+
+    config_cls = EchoConfig
+
+    def __init__(self, separate=False):
+        super().__init__(EchoConfig())
+        self.separate = separate
+        self.pairs = []
+
+    def streams(self, state, inputs):
+        skip = ("past_key_values", "use_cache", "logits_to_keep", "return_dict", "cache_position")
+        prompt = {k: v for k, v in state.with_2d_mask(inputs).items() if k not in skip}
+        return [Branch(self, prompt, separate=self.separate)]
+
+    def logits_processors(self, state):
+        method = self
+
+        class Record(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                method.pairs.append((scores.clone(), state.branch_logits(method, input_ids).clone()))
+                return scores
+
+        return [Record()]
+
+
+CASES = [
+    ("llava", {}, False),
+    ("llava", {"num_beams": 3}, False),
+    ("llava", {"num_beams": 2, "num_return_sequences": 2}, False),
+    ("qwen2_vl", {"num_beams": 2}, False),
+    ("gemma3", {}, False),
+    ("paligemma", {}, False),
+    ("llava_next", {"num_beams": 2}, True),
+    ("llava", {"cache_implementation": "static"}, False),
+]
+
+
+@pytest.mark.parametrize("family,extra,separate", CASES)
+def test_branch_rows_see_what_the_main_rows_see(family, extra, separate):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    echo = Echo(separate=separate)
+    with torch.no_grad():
+        want = model.generate(**inputs, **GEN, **extra)
+        with hg.wrap(model, methods=[echo]):
+            got = model.generate(**inputs, **GEN, **extra)
+    assert torch.equal(got, want)  # the branch rows never leak into the caller's rows
+    assert len(echo.pairs) == GEN["max_new_tokens"]
+    for scores, branch in echo.pairs:
+        if extra.get("num_beams"):  # beam search hands processors log-probabilities
+            branch = torch.log_softmax(branch, -1)
+        kept = torch.isfinite(scores)  # tokens an earlier processor ruled out (min_new_tokens: EOS)
+        if extra.get("num_beams"):
+            branch = branch - torch.logsumexp(branch.masked_fill(~kept, float("-inf")), -1, keepdim=True)
+            scores = scores - torch.logsumexp(scores, -1, keepdim=True)
+        torch.testing.assert_close(branch[kept], scores[kept], atol=1e-5, rtol=1e-5)
+
+
+def test_the_callers_cache_keeps_only_its_rows():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with hg.wrap(model, methods=[Echo()]), torch.no_grad():
+        out = model.generate(**inputs, **GEN, return_dict_in_generate=True)
+    assert out.past_key_values.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
+
+
+def test_row_groups_cache_applies_batch_operations_to_every_block():
+    cache = RowGroupsCache()
+    keys = torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 1).clone()
+    cache.update(keys, keys.clone(), 0)
+    branch = DynamicCache()
+    short = 10 + torch.arange(3.0)[:, None, None, None].expand(3, 1, 1, 1).clone()
+    branch.update(short, short.clone(), 0)
+    cache.add_block(branch)
+    layer = cache.layers[0]
+    assert layer.keys.shape == (6, 1, 2, 1) and layer.keys[3:, 0, 0, 0].tolist() == [0, 0, 0]  # left-padded
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert layer.keys[:, 0, 1, 0].tolist() == [2, 2, 0, 12, 12, 10]
+    cache.drop_extra_blocks()
+    assert layer.keys[:, 0, 1, 0].tolist() == [2, 2, 0]
