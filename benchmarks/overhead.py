@@ -1,12 +1,14 @@
-"""Decode overhead of each method against plain ``generate``, measured in the same run.
+"""What each method costs against plain ``generate``, prompt phase and per decoded token, in one run.
 
-    python benchmarks/overhead.py                                  # shipped test model: VHR, VAR, PAI
-    python benchmarks/overhead.py --methods pai --config '{"pai": {"use_cfg": true}}'   # PAI with guidance
+    python benchmarks/overhead.py                                   # shipped test model: VHR, VAR, PAI
+    python benchmarks/overhead.py --model synthetic-medium --batch 1 --methods vhr pai
+    python benchmarks/overhead.py --methods pai --config '{"pai": {"separate_stream": true}}'
     python benchmarks/overhead.py --model llava-hf/llava-1.5-7b-hf --methods pai var
 
-Every configuration generates the same batch with greedy decoding and a fixed number of new
-tokens; plain and guarded runs are interleaved and repeated, and the median time of each is
-reported with its ratio to plain. Timings are for reading, not for tests.
+For each method the same batch is generated greedily twice, with 1 new token (the prompt phase:
+the prefill and whatever a method adds to it) and with ``1 + N`` new tokens; the per-token decode
+time is the difference divided by ``N``. Plain and guarded runs alternate after a warm-up and the
+median of the repeats is reported with its ratio to plain. Timings are for reading, not for tests.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ import torch
 
 import halluguard as hg
 from halluguard.cli import method_configs
-from halluguard.eval.runner import build_prompt, load_model
 
 
-def inputs_for(model_spec: str, processor, batch: int):
-    if model_spec == "testbed":
+def load(spec: str, batch: int):
+    if spec == "synthetic-medium":
+        import synthetic
+
+        return synthetic.build(), synthetic.inputs(batch), "synthetic-medium (random, ~146M)"
+    from halluguard.eval.runner import build_prompt, load_model
+
+    model, processor, name = load_model(spec)
+    if spec == "testbed":
         from halluguard.testbed import world
 
         images = [s.render() for s in world.scenes("misleading", batch)]
@@ -33,21 +41,20 @@ def inputs_for(model_spec: str, processor, batch: int):
 
         images = [Image.new("RGB", (336, 336), (120 + 20 * i, 110, 100)) for i in range(batch)]
     prompts = [build_prompt(processor, "Please describe this image in detail.")] * batch
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    return model, dict(inputs.to(next(model.parameters()).device)), name
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def seconds(model, inputs, new_tokens: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="testbed")
+    parser.add_argument("--model", default="testbed", help="testbed, synthetic-medium, or a checkpoint")
     parser.add_argument("--methods", nargs="+", default=["vhr", "var", "pai"])
     parser.add_argument(
         "--config",
@@ -59,40 +66,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    model, processor, name = load_model(args.model)
-    inputs = inputs_for(args.model, processor, args.batch).to(next(model.parameters()).device)
-    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    model, inputs, name = load(args.model, args.batch)
     overrides = json.loads(args.config) if args.config else {}
-
-    def plain():
-        with torch.no_grad():
-            model.generate(**inputs, **settings)
-
-    plain()  # warm-up
+    seconds(model, inputs, 2)  # warm-up
     rows = []
     for spec in args.methods:
-        configs = method_configs(spec, json.dumps({n: overrides[n] for n in spec.split("+") if n in overrides}) or None)
-        guard = hg.wrap(model, processor, configs)
-        try:
-            guarded_times, plain_times = [], []
-            for _ in range(args.repeats):
-                guard.unwrap()
-                plain_times += timed(plain, 1)
-                guard = hg.wrap(model, processor, configs)
-                guarded_times += timed(plain, 1)
-        finally:
-            guard.unwrap()
-        p, g = statistics.median(plain_times), statistics.median(guarded_times)
-        rows.append((spec, p, g))
-    tokens = args.batch * args.new_tokens
+        chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
+        configs = method_configs(spec, json.dumps(chosen) if chosen else None)
+        times = {key: [] for key in ("plain prompt", "plain full", "prompt", "full")}
+        for _ in range(args.repeats):
+            times["plain prompt"].append(seconds(model, inputs, 1))
+            times["plain full"].append(seconds(model, inputs, 1 + args.new_tokens))
+            with hg.wrap(model, None, configs):
+                times["prompt"].append(seconds(model, inputs, 1))
+                times["full"].append(seconds(model, inputs, 1 + args.new_tokens))
+        m = {key: statistics.median(values) for key, values in times.items()}
+        plain_token = (m["plain full"] - m["plain prompt"]) / args.new_tokens
+        token = (m["full"] - m["prompt"]) / args.new_tokens
+        rows.append((spec, m["plain prompt"], m["prompt"], plain_token, token))
     print(
         f"model {name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
         f"median of {args.repeats}"
     )
-    print("| method | plain s | guarded s | ratio | guarded tokens/s |")
+    print("| method | prompt phase plain / guarded (s) | ratio | per token plain / guarded (ms) | ratio |")
     print("|---|---|---|---|---|")
-    for spec, p, g in rows:
-        print(f"| {spec} | {p:.3f} | {g:.3f} | {g / p:.2f}x | {tokens / g:.0f} |")
+    for spec, pp, gp, pt, gt in rows:
+        print(f"| {spec} | {pp:.3f} / {gp:.3f} | {gp / pp:.2f}x | {pt * 1e3:.1f} / {gt * 1e3:.1f} | {gt / pt:.2f}x |")
 
 
 if __name__ == "__main__":

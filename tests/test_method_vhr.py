@@ -127,13 +127,6 @@ def test_default_layers_follow_the_paper_at_32_layers_and_scale_with_depth():
     assert default_layers(1) == (0,)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_neutral_vhr_is_plain_generate(family):
-    model = build_model(family)
-    inputs, _ = make_inputs(model, family)
-    assert_guard_keeps_tokens(model, inputs, hg.VHRConfig.neutral(), GEN)
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
 def test_fixed_heads_equal_scaled_o_proj_columns(family):
     model = build_model(family)

@@ -54,7 +54,7 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
     if mask is None:
         if q_len == 1:
             return None
-        mask = causal_mask(q_len, kv_len, query.device)[None, None]
+        mask = causal_mask(q_len, kv_len, query.device, first_row=0)[None, None]  # SDPA's is_causal alignment
     if mask.dtype != torch.bool:
         return mask
     zero = torch.zeros((), dtype=query.dtype, device=query.device)
@@ -166,7 +166,13 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
         rows = q_len if any(not e.last_row_only for e in score_edits) else 1
         mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
         edited, probs = reference_attention(
-            query[:, :, -rows:], key, value, mask=mask, edits=[_for_rows(e, rows) for e in score_edits], **reference
+            query[:, :, -rows:],
+            key,
+            value,
+            mask=mask,
+            edits=[_for_rows(e, rows) for e in score_edits],
+            first_row=q_len - rows,
+            **reference,
         )
         if rows == q_len:
             out = edited
@@ -180,7 +186,7 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
         if any(e.reductions is not None and e.reductions.needs_probabilities for e in edits):
             # statistics only: the model's own output stays; the last row's probabilities are recomputed
             mask = attention_mask[..., -1:, :] if attention_mask is not None else None
-            _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, **reference)
+            _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, first_row=q_len - 1, **reference)
     stats: list[dict[str, torch.Tensor] | None] = []
     for edit in edits:
         reported = None

@@ -38,14 +38,25 @@ def _rows(edit: AttentionEdit, num_rows: int) -> slice:
     return slice(num_rows - 1, num_rows) if edit.last_row_only else slice(0, num_rows)
 
 
-def causal_mask(num_rows: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """(R, T) bool: the last ``R`` tokens of a ``T``-token sequence each see themselves and the past."""
-    rows = torch.arange(kv_len - num_rows, kv_len, device=device)[:, None]
+def causal_mask(num_rows: int, kv_len: int, device: torch.device, first_row: int | None = None) -> torch.Tensor:
+    """(R, T) bool: query row ``r`` sees keys ``j <= first_row + r``.
+
+    ``first_row`` is the key index of the first row. The default, ``T - R``, makes the rows the last
+    ``R`` tokens of the keys; a static cache's prompt forward has more key slots than tokens, and its
+    rows start at key 0 (SDPA's own causal alignment: row ``i`` of ``Q`` query rows sees keys
+    ``j <= i``), so the hook passes ``first_row = Q - R`` for the last ``R`` of its ``Q`` rows."""
+    start = kv_len - num_rows if first_row is None else first_row
+    rows = torch.arange(start, start + num_rows, device=device)[:, None]
     return torch.arange(kv_len, device=device)[None, :] <= rows
 
 
 def allowed_keys(
-    mask: torch.Tensor | None, is_causal: bool, num_rows: int, kv_len: int, device: torch.device
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    num_rows: int,
+    kv_len: int,
+    device: torch.device,
+    first_row: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean (.., R, T) mask of the keys each query row may see, or None for "all"."""
     if mask is not None:
@@ -53,7 +64,7 @@ def allowed_keys(
             return mask
         return mask > torch.finfo(mask.dtype).min / 2  # additive masks use dtype-min (or -inf) for "blocked"
     if is_causal and num_rows > 1:
-        return causal_mask(num_rows, kv_len, device)
+        return causal_mask(num_rows, kv_len, device, first_row)
     return None
 
 
@@ -107,12 +118,13 @@ def reference_attention(
     is_causal: bool = True,
     softcap: float | None = None,
     edits: Sequence[AttentionEdit] = (),
+    first_row: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Edited attention for the query rows given; see the module docstring for the math.
 
     ``mask`` is the model's mask for these rows: boolean ``(B, 1|H, R, T)`` (True = attend),
-    additive float, or None (then ``is_causal`` decides). Returns ``(output (B, R, H, D),
-    probabilities (B, H, R, T) in float32)``.
+    additive float, or None (then ``is_causal`` decides, the first row at key ``first_row``: see
+    ``causal_mask``). Returns ``(output (B, R, H, D), probabilities (B, H, R, T) in float32)``.
     """
     bsz, num_heads, num_rows, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -132,7 +144,7 @@ def reference_attention(
             scores = scores + torch.where(on_rows, _per_key(edit.key_boost, num_heads).float() * scores.abs(), 0.0)
         if edit.key_bias is not None:
             scores = scores + torch.where(on_rows, _per_key(edit.key_bias, num_heads).float(), 0.0)
-    allowed = allowed_keys(mask, is_causal, num_rows, kv_len, scores.device)
+    allowed = allowed_keys(mask, is_causal, num_rows, kv_len, scores.device, first_row)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -150,7 +150,9 @@ class Session:
         """A probe as its own forward before the prompt's (the main rows computed twice)."""
         rows = self._main_rows
         copy = GuardState(self.adapter, self.methods, for_generation=False, shared_data=shared)
-        inputs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "logits_to_keep")}
+        inputs = {
+            k: v for k, v in self.main.with_2d_mask(kwargs).items() if k not in ("past_key_values", "logits_to_keep")
+        }
         inputs = self._merge_rows(dict(inputs, use_cache=False), spec.rows, rows)
         extra = spec.rows["input_ids"].shape[0]
         self._run_apart([Segment(copy, slice(0, rows)), Segment(state, slice(rows, rows + extra))], inputs)
@@ -165,11 +167,12 @@ class Session:
     def _run_apart(self, segments: list[Segment], inputs: dict) -> Any:
         """Run one forward of the model under ``segments`` (not the main stream), without gradients."""
         previous, self._apart = self._apart, segments
+        current = self.segments
         try:
             with torch.no_grad():
                 return self.model(**inputs)
         finally:
-            self._apart = previous
+            self._apart, self.segments = previous, current
 
     def _feed(self, segments: list[Segment], kwargs: dict) -> None:
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
@@ -191,10 +194,14 @@ class Session:
             mask = torch.ones(ids.shape[0], width, dtype=torch.long, device=ids.device)
         merged["attention_mask"] = torch.cat([mask, extra["attention_mask"].to(mask)])
         positions = kwargs.get("position_ids")
-        if positions is None:
-            raise ValueError("stream rows need the main rows' position_ids")
-        theirs = positions_like(extra["position_ids"], positions).to(positions)
-        merged["position_ids"] = torch.cat([positions, theirs], dim=positions.dim() - 2)
+        if positions is None and not self.adapter.positions_from_ids:
+            # what the model does without position ids: the cache positions, for every row
+            past = cache_length(kwargs.get("past_key_values"))
+            positions = torch.arange(past, past + new, device=ids.device)[None].expand(ids.shape[0], -1)
+        if positions is not None:
+            theirs = positions_like(extra["position_ids"], positions).to(positions)
+            merged["position_ids"] = torch.cat([positions.expand(*positions.shape[:-2], rows, -1), theirs], -2)
+        # else: the model derives every row's positions from its ids (multimodal rotary positions)
         theirs_per_token = per_token_inputs(extra, count, new)
         for key, value in per_token_inputs(kwargs, ids.shape[0], ids.shape[1]).items():
             other = theirs_per_token.get(key)

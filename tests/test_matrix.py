@@ -1,0 +1,103 @@
+"""One matrix for every method that runs, on every supported family (PEFT's common-tester style).
+
+A method joins by being registered: the matrix takes ``list_methods(available_only=True)``. For
+each method x family:
+
+* its neutral config generates plain ``generate``'s tokens, greedy and beam search;
+* after a guarded generate with the method acting, ``unwrap`` restores the logits bit for bit;
+* a left-padded batch generates what its rows generate alone (method acting);
+* greedy, sampling and beam search all run (method acting).
+
+``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
+what every config of a method needs there besides its strength (the tiny models have no massive
+activations, so VAR needs sink dimensions named, and a low threshold finds sinks). The batch and
+decoding-mode checks are marked ``slow`` (``python -m pytest -m slow``, run in CI).
+"""
+
+import pytest
+import torch
+from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens
+from tiny_models import FAMILIES, build_model, make_inputs
+
+import halluguard as hg
+from halluguard import registry
+
+METHODS = hg.list_methods(available_only=True)
+ACTIVE = {
+    "vhr": dict(alpha=3.0),
+    "var": dict(sink_dims=(5, 9), tau=1.8, rho=0.9, p=0.3, first_layer=1),
+    "pai": dict(alpha=1.0, start_layer=0, gamma=2.0),
+}
+CONTEXT = {"var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1)}
+GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+CASES = [(m, f) for m in METHODS for f in FAMILIES]
+
+
+def active(name):
+    return hg.get_config(name, **ACTIVE.get(name, {}))
+
+
+def neutral(name):
+    return registry.entry(name).config_cls.neutral().replace(**CONTEXT.get(name, {}))
+
+
+def test_every_method_that_runs_has_active_settings_here():
+    assert set(METHODS) <= set(ACTIVE), f"add matrix settings for {sorted(set(METHODS) - set(ACTIVE))}"
+
+
+@pytest.mark.parametrize("name,family", CASES)
+def test_neutral_config_is_plain_generate(name, family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    assert_guard_keeps_tokens(model, inputs, neutral(name), GEN)
+
+
+@pytest.mark.parametrize("name,family", CASES)
+def test_unwrap_restores_logits_bit_for_bit(name, family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with hg.wrap(model, methods=active(name)) as guard:
+            guarded = guard.generate(**inputs, **GEN)
+        after = model(**inputs).logits
+    assert guarded.shape[1] == inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
+    assert torch.equal(before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,family", CASES)
+def test_a_left_padded_batch_equals_its_rows_alone(name, family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    with hg.wrap(model, methods=active(name)):
+        assert_batch_rows_equal_single_rows(model, inputs, family, GEN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,family", CASES)
+def test_greedy_sampling_and_beam_search_run(name, family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    width = inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
+    with hg.wrap(model, methods=active(name)), torch.no_grad():
+        greedy = model.generate(**inputs, **GEN)
+        beam = model.generate(**inputs, **GEN, num_beams=2)
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True)
+    for out in (greedy, beam, sampled):
+        assert out.shape == (inputs["input_ids"].shape[0], width)
+
+
+STATIC_FAMILIES = ["llava", "qwen2_vl", "gemma3", "paligemma"]
+
+
+@pytest.mark.parametrize("name,family", [(m, f) for m in METHODS for f in STATIC_FAMILIES])
+def test_neutral_config_with_a_static_cache_is_plain_generate(name, family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family, batch=1)  # unpadded: the prompt's forward gets no mask at all
+    static = dict(GEN, cache_implementation="static")
+    with torch.no_grad():
+        want = model.generate(**inputs, **static)
+        with hg.wrap(model, methods=neutral(name)):
+            assert torch.equal(model.generate(**inputs, **static), want)
