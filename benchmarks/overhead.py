@@ -45,11 +45,14 @@ def load(spec: str, batch: int):
     return model, dict(inputs.to(next(model.parameters()).device)), name
 
 
-def seconds(model, inputs, new_tokens: int) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def seconds(model, inputs, new_tokens: int, clock=time.perf_counter) -> float:
+    start = clock()
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -64,7 +67,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or the process's CPU time: with --threads 1, steady on a machine shared with other work",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, inputs, name = load(args.model, args.batch)
     overrides = json.loads(args.config) if args.config else {}
@@ -75,18 +88,18 @@ def main() -> None:
         configs = method_configs(spec, json.dumps(chosen) if chosen else None)
         times = {key: [] for key in ("plain prompt", "plain full", "prompt", "full")}
         for _ in range(args.repeats):
-            times["plain prompt"].append(seconds(model, inputs, 1))
-            times["plain full"].append(seconds(model, inputs, 1 + args.new_tokens))
+            times["plain prompt"].append(seconds(model, inputs, 1, clock))
+            times["plain full"].append(seconds(model, inputs, 1 + args.new_tokens, clock))
             with hg.wrap(model, None, configs):
-                times["prompt"].append(seconds(model, inputs, 1))
-                times["full"].append(seconds(model, inputs, 1 + args.new_tokens))
+                times["prompt"].append(seconds(model, inputs, 1, clock))
+                times["full"].append(seconds(model, inputs, 1 + args.new_tokens, clock))
         m = {key: statistics.median(values) for key, values in times.items()}
         plain_token = (m["plain full"] - m["plain prompt"]) / args.new_tokens
         token = (m["full"] - m["prompt"]) / args.new_tokens
         rows.append((spec, m["plain prompt"], m["prompt"], plain_token, token))
     print(
         f"model {name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}, {args.clock} clock"
     )
     print("| method | prompt phase plain / guarded (s) | ratio | per token plain / guarded (ms) | ratio |")
     print("|---|---|---|---|---|")

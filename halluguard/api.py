@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList
+from transformers import GenerationMixin, LogitsProcessorList
 
 from . import registry
 from .adapters import Adapter, adapter_for
 from .attention import GUARD_ATTRIBUTE, HOOK_NAME
+from .config import MethodConfig
 from .decoding import RowGroupsCache, Session
 from .methods.base import Method
 from .state import GuardState
@@ -227,6 +228,16 @@ def wrap(model: nn.Module, processor: Any = None, methods: Any = ()) -> Guard:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"wrap needs a transformers model, got {type(model).__name__}")
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(
+            f"wrap needs the model that generates (a ...ForConditionalGeneration), got {type(model).__name__}; "
+            "pass the outer model, not its inner model or language model"
+        )
+    if isinstance(processor, (str, MethodConfig, Method, list, tuple)):
+        raise TypeError(
+            f"wrap's second argument is the processor, got {processor!r}; pass methods by name: "
+            f"wrap(model, processor, methods={processor!r}) or wrap(model, methods={processor!r})"
+        )
     existing = getattr(model, GUARD_ATTRIBUTE, None)
     if existing is not None:
         raise ValueError(f"this model is already wrapped ({existing!r}); call unwrap() on that guard first")

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -92,6 +93,14 @@ class MethodConfig:
                 object.__setattr__(self, f.name, value)
             self._check_field(f, value)
         self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_validated", False):
+            raise AttributeError(
+                f"{type(self).__name__} is immutable once validated; make a changed copy with .replace({name}=...)"
+            )
+        object.__setattr__(self, name, value)
 
     def validate(self) -> None:
         """Cross-field checks; subclasses override and raise ``ValueError`` naming the fields."""
@@ -114,10 +123,15 @@ class MethodConfig:
             if value not in meta["choices"]:
                 raise ValueError(f"{where} is {value!r}; allowed: {_describe_range(meta)}")
             return
+        if isinstance(value, (tuple, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            numbers = [v for v in items if isinstance(v, float)]
+            if any(not math.isfinite(v) for v in numbers):
+                raise ValueError(f"{where} holds a non-finite number: {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low, high = meta["low"], meta["high"]
             bad = (
-                (isinstance(value, float) and math.isnan(value))
+                (isinstance(value, float) and not math.isfinite(value))
                 or (low is not None and (value <= low if meta["low_open"] else value < low))
                 or (high is not None and (value >= high if meta["high_open"] else value > high))
             )
@@ -136,6 +150,8 @@ class MethodConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
         """Build from ``to_dict`` output; unknown keys are an error, missing keys take defaults."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict needs a mapping of field names to values, got {data!r}")
         data = dict(data)
         method = data.pop("method", cls.name)
         if method != cls.name:

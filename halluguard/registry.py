@@ -75,7 +75,7 @@ def list_methods(available_only: bool = False) -> list[str]:
 
 def get_config(name: str, **overrides: Any) -> MethodConfig:
     """The config of method ``name`` with its paper defaults, some fields overridden."""
-    return entry(name).config_cls(**overrides)
+    return entry(name).config_cls.from_dict(overrides)
 
 
 def parse_methods(spec: Any) -> list[Any]:

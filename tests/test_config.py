@@ -136,3 +136,36 @@ def test_element_types_and_json_round_trip_of_nested_fields():
     cfg = hg.VHRConfig(fixed_heads={3: [1, 2]})
     assert cfg.fixed_heads == {3: (1, 2)}
     assert hg.VHRConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_api_misuse_is_refused_with_a_message_that_says_what_to_do():
+    model = build_model("llava")
+    with pytest.raises(TypeError, match="second argument is the processor.*methods='pai'"):
+        hg.wrap(model, "pai")
+    with pytest.raises(TypeError, match="ForConditionalGeneration.*not its inner model"):
+        hg.wrap(model.model, methods="pai")
+    assert not hasattr(model, "_halluguard_guard")
+    with pytest.raises(ValueError, match=r"no field\(s\) \['alpah'\]; fields: \[.*'alpha'"):
+        hg.get_config("pai", alpah=1)
+    with pytest.raises(TypeError, match="needs a mapping"):
+        hg.PAIConfig.from_dict(["alpha", 1])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_values_are_refused(value):
+    with pytest.raises(ValueError, match="PAIConfig.gamma"):
+        hg.PAIConfig(gamma=value)
+    with pytest.raises(ValueError, match="VHRConfig.alpha"):
+        hg.VHRConfig(alpha=value)
+    with pytest.raises(ValueError, match="non-finite"):
+        hg.VARConfig(sink_dims=(1, value))
+
+
+def test_configs_cannot_be_changed_after_validation():
+    cfg = hg.PAIConfig()
+    with pytest.raises(AttributeError, match=r"immutable.*\.replace\(alpha=...\)"):
+        cfg.alpha = -5.0
+    assert cfg.alpha == 0.2
+    assert cfg.replace(alpha=0.5).alpha == 0.5
+    with pytest.raises(ValueError, match="PAIConfig.alpha"):
+        cfg.replace(alpha=-1.0)

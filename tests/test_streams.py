@@ -29,15 +29,18 @@ class GreedyLoopConfig(hg.MethodConfig):
     name = "greedy-loop"
 
 
+@dataclasses.dataclass
+class OtherLoopConfig(GreedyLoopConfig):
+    name = "other-loop"
+
+
 class GreedyLoop(hg.Method):
     """Owns the loop: prefill, then one token at a time with the cache, argmax of the processed scores."""
 
     config_cls = GreedyLoopConfig
 
-    def __init__(self, name="greedy-loop"):
-        super().__init__(GreedyLoopConfig())
-        self.config = dataclasses.replace(self.config)
-        self.config.name = name
+    def __init__(self, config=None):
+        super().__init__(config)
         self.steps = 0
 
     def generate_loop(self, state):
@@ -85,7 +88,7 @@ def test_a_loop_owner_replaces_the_loop_and_gives_plain_greedy_tokens(family):
 def test_two_loop_owners_do_not_compose():
     model = build_model("llava")
     with pytest.raises(ValueError, match="cannot compose 'greedy-loop' with 'other-loop'.*decoding loop"):
-        hg.wrap(model, methods=[GreedyLoop(), GreedyLoop("other-loop")])
+        hg.wrap(model, methods=[GreedyLoop(), GreedyLoop(OtherLoopConfig())])
     assert not hasattr(model, "_halluguard_guard")
     assert GreedyLoop().owns_loop and hg.get_config("vhr") is not None and not _method("vhr").owns_loop
 
