@@ -139,7 +139,7 @@ class Session:
             else:  # the cache cannot carry extra rows: the branch runs its own forwards
                 run.side = SideStream(
                     lambda inputs: self._run_apart([Segment(run.state, slice(None))], inputs),
-                    dict(spec.prompt),
+                    dict(run.prompt),
                     self.main.prompt_len,
                     rows_per_prompt=self._main_rows // (self._call_rows or self._main_rows),
                 )

@@ -66,13 +66,34 @@ def positions_like(positions: torch.Tensor, main: torch.Tensor | None) -> torch.
     return positions
 
 
+def drop_padding_columns(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The prompt without its leading columns that are padding in every row (an image-free prompt
+    built at the main width is mostly padding): its prefill then costs what its length does."""
+    mask = prompt.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool(mask.any()):
+        return prompt
+    first = int(mask.bool().any(0).nonzero()[0])
+    if first == 0:
+        return prompt
+    rows, width = mask.shape
+    out = dict(prompt)
+    for key, value in prompt.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if key == "position_ids" and value.dim() == 3:
+            out[key] = value[..., first:]
+        elif value.dim() >= 2 and tuple(value.shape[:2]) == (rows, width):
+            out[key] = value[:, first:]
+    return out
+
+
 class BranchRun:
     """One branch during a call: its state, its prefill, and its rows at every step."""
 
     def __init__(self, spec: Branch, state: GuardState, main_inputs: dict[str, Any]):
         self.spec = spec
         self.state = state
-        prompt = dict(spec.prompt)
+        prompt = drop_padding_columns(dict(spec.prompt))
         self.rows, self.width = prompt["input_ids"].shape
         self.main_width = main_inputs["input_ids"].shape[1]
         if self.width > self.main_width:
