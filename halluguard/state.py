@@ -195,6 +195,16 @@ class GuardState:
             for method in self.methods:
                 method.on_prompt(self)
 
+    def requested_streams(self, inputs: dict[str, Any]) -> list[Any]:
+        """The extra streams this stream's methods ask for, given its first forward's inputs."""
+        return [spec for method in self.methods for spec in method.streams(self, inputs)]
+
+    def layer_input(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """Hand the residual stream entering a decoder layer to the methods that read it."""
+        for method in self.methods:
+            if method.reads_layer_inputs:
+                method.on_layer_input(self, layer_idx, hidden)
+
     # ---- used by the attention hook -------------------------------------------------------------
     def group_masks(self, call: AttentionCall) -> dict[str, torch.Tensor]:
         """Key-group masks for a call, computed once per forward and shared by its layers."""

@@ -186,3 +186,39 @@ def test_row_groups_cache_applies_batch_operations_to_every_block():
     assert layer.keys[:, 0, 1, 0].tolist() == [2, 2, 0, 12, 12, 10]
     cache.drop_extra_blocks()
     assert layer.keys[:, 0, 1, 0].tolist() == [2, 2, 0]
+
+
+# ---- what the streams cost: forwards and rows ---------------------------------------------------
+def count_forwards(model):
+    """Record (rows, width) of every model forward (registered after the guard's hook: sees the extra rows)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        seen.append(tuple(ids.shape))
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_vhr_selects_inside_the_prompts_own_forward():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    rows, width = inputs["input_ids"].shape
+    with hg.wrap(model, methods="vhr"), torch.no_grad():
+        seen, handle = count_forwards(model)
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        handle.remove()
+    assert seen == [(2 * rows, width), (rows, 1), (rows, 1)]  # no separate probe forward, no recomputed prompt
+
+
+def test_a_branch_costs_a_short_prefill_and_then_rides_along_each_step():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    rows, width = inputs["input_ids"].shape
+    text_width = int((inputs["input_ids"] != 500).logical_and(inputs["attention_mask"].bool()).sum(1).max())
+    with hg.wrap(model, methods="pai"), torch.no_grad():
+        seen, handle = count_forwards(model)
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        handle.remove()
+    # the image-free prefill at its own length, the prompt, then one forward of 2 x rows per step
+    assert seen == [(rows, text_width), (rows, width), (2 * rows, 1), (2 * rows, 1)]

@@ -99,9 +99,8 @@ class Session:
         self._extra = []
         extra: list[tuple[GuardState, dict, Any]] = []
         if self.main.forwards == 1:
-            for method in self.main.methods:
-                for spec in method.streams(self.main, kwargs):
-                    extra += self._open(spec, kwargs, cache)
+            for spec in self.main.requested_streams(kwargs):
+                extra += self._open(spec, kwargs, cache)
         else:
             extra = [(run.state, run.step_rows(kwargs), run) for run in self.branches.values() if run.side is None]
         if not extra:
@@ -246,9 +245,7 @@ class Session:
     # ---- the decoder layers' pre-hooks -----------------------------------------------------------
     def on_layer_input(self, layer_idx: int, hidden: torch.Tensor) -> None:
         for segment in self.segments:
-            for method in segment.state.methods:
-                if method.reads_layer_inputs:
-                    method.on_layer_input(segment.state, layer_idx, hidden[segment.rows])
+            segment.state.layer_input(layer_idx, hidden[segment.rows])
 
     # ---- for the methods -------------------------------------------------------------------------
     def branch_logits(self, owner: Method, input_ids: torch.Tensor) -> torch.Tensor:
