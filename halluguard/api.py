@@ -132,6 +132,7 @@ class Guard:
         self.session = Session(
             self.model, self.adapter, self.methods, ids, kwargs.get("attention_mask"), for_generation=for_generation
         )
+        self.session.main.call_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         try:
             yield self.session
         finally:

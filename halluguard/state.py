@@ -112,6 +112,9 @@ class GuardState:
         # longer cache left-padded, sees its keys at positions shifted by this many (see decoding.session).
         self.position_offset = 0
         self.session: Any = None  # the call's session (set on the main stream's state)
+        # the tensors the caller passed (pixel_values and the like: generate hands the model's forward
+        # encoder outputs instead, so a branch with its own image inputs builds them from these)
+        self.call_inputs: dict[str, torch.Tensor] = {}
         shared = shared_data or {}
         self._data: dict[Method, Any] = {m: shared[m] if m in shared else m.new_call_state() for m in self.methods}
         self._mask_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None

@@ -222,3 +222,45 @@ def test_a_branch_costs_a_short_prefill_and_then_rides_along_each_step():
         handle.remove()
     # the image-free prefill at its own length, the prompt, then one forward of 2 x rows per step
     assert seen == [(rows, text_width), (rows, width), (2 * rows, 1), (2 * rows, 1)]
+
+
+class BlankImage(hg.Method):
+    """A branch that sees the same prompt with a blank image: its own pixel values, at its first forward only."""
+
+    config_cls = EchoConfig
+
+    def __init__(self):
+        super().__init__(EchoConfig())
+        self.pairs = []
+
+    def streams(self, state, inputs):
+        keep = ("input_ids", "attention_mask", "position_ids")
+        prompt = {k: inputs[k] for k in keep}
+        prompt["pixel_values"] = torch.zeros_like(state.call_inputs["pixel_values"])
+        return [Branch(self, prompt)]
+
+    def logits_processors(self, state):
+        method = self
+
+        class Record(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                method.pairs.append((input_ids.clone(), state.branch_logits(method, input_ids).clone()))
+                return scores
+
+        return [Record()]
+
+
+def test_a_branch_brings_its_own_image_inputs_to_its_first_forward():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    blank = dict(inputs, pixel_values=torch.zeros_like(inputs["pixel_values"]))
+    method = BlankImage()
+    with torch.no_grad():
+        with hg.wrap(model, methods=[method]):
+            model.generate(**inputs, **GEN)
+        for input_ids, branch in method.pairs:  # the blank-image prompt run in full, every step
+            mask = torch.cat([blank["attention_mask"], torch.ones_like(input_ids[:, blank["input_ids"].shape[1] :])], 1)
+            want = model(input_ids=input_ids, attention_mask=mask, pixel_values=blank["pixel_values"]).logits[:, -1]
+            torch.testing.assert_close(branch, want, atol=1e-5, rtol=1e-5)
+        plain_image = model(**inputs).logits[:, -1]
+    assert (method.pairs[0][1] - plain_image).abs().max() > 1e-3  # the branch did see another image
