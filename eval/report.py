@@ -113,9 +113,11 @@ def build_chart(runs: list[dict], task: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [run_label(r) for r in runs]
-    if len({model_label(r) for r in runs}) > 1 or len({data_label(r) for r in runs}) > 1:
-        labels = [f"{run_label(r)}\n{model_label(r)}, {data_label(r)}" for r in runs]
+    models, datas = sorted({model_label(r) for r in runs}), sorted({data_label(r) for r in runs})
+    labels = [
+        "\n".join([run_label(r)] + [f(r) for f, seen in ((model_label, models), (data_label, datas)) if len(seen) > 1])
+        for r in runs
+    ]
     if task == "chair":
         series = {
             "CHAIR_s": [r["metrics"]["chair_s"] for r in runs],
@@ -131,7 +133,8 @@ def build_chart(runs: list[dict], task: str):
             k: [mean(r, key) for r in runs]
             for k, key in (("F1", "f1"), ("accuracy", "accuracy"), ("yes-ratio", "yes_ratio"))
         }
-    fig, ax = plt.subplots(figsize=(2.6 + 1.2 * len(runs) * len(series) / 2, 3.2))
+    lines = max(label.count("\n") for label in labels) + 1
+    fig, ax = plt.subplots(figsize=(2.6 + (0.6 + 0.4 * lines) * len(runs) * len(series) / 2, 3.0 + 0.25 * lines))
     width = 0.8 / len(series)
     for k, (name, values) in enumerate(series.items()):
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(runs))]
@@ -139,11 +142,11 @@ def build_chart(runs: list[dict], task: str):
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     top = max(max(v) for v in series.values())
     ax.set_ylim(0, max(top * 1.15, 1.0))  # room for the value labels
-    ax.set_xticks(range(len(runs)), labels)
+    ax.set_xticks(range(len(runs)), labels, fontsize=8)
     ax.set_ylabel("%")
-    data = ", ".join(sorted({f"{model_label(r)} on {data_label(r)}" for r in runs}))
     title = "CHAIR (lower is better)" if task == "chair" else "POPE (mean over splits)"
-    ax.set_title(f"{title}\n{data}", fontsize=9)
+    shared = [names[0] for names in (models, datas) if len(names) == 1]
+    ax.set_title(f"{title}: {', '.join(shared)}" if shared else title, fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return fig

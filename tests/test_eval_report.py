@@ -75,3 +75,20 @@ def test_unusable_runs_are_refused(tmp_path):
     (tmp_path / "b" / "results.json").write_text(json.dumps(pope_result()))
     with pytest.raises(ValueError, match="one task at a time"):
         report.report([tmp_path / "a", tmp_path / "b"])
+
+
+def test_chart_labels_say_what_differs_and_do_not_collide():
+    import matplotlib.pyplot as plt
+
+    runs = [chair_result(split=split, methods=methods) for split in ("misleading", "test") for methods in ((), ())]
+    runs += [chair_result(model="/models/other-llava", split="test")]
+    fig = report.build_chart(runs, "chair")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert [t.get_text() for t in ticks][-1] == "vanilla\nother-llava\ntestbed test"
+    boxes = [t.get_window_extent(renderer) for t in ticks]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert ax.get_title() == "CHAIR (lower is better)"  # nothing shared: the labels say it all
+    plt.close(fig)
