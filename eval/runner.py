@@ -249,10 +249,10 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
         model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype or "auto")
         processor = AutoProcessor.from_pretrained(spec)
         processor.tokenizer.padding_side = "left"
-        if device is None and torch.cuda.is_available():
-            from accelerate import PartialState
+    if device is None and torch.cuda.is_available():
+        from accelerate import PartialState
 
-            device = str(PartialState().device)  # under a launcher: this process's GPU
+        device = str(PartialState().device)  # under a launcher: this process's GPU
     if device:
         model.to(device)
     return model.eval(), processor, model_info(model, spec)

@@ -182,6 +182,11 @@ def check_eval_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--coco-images {args.coco_images}: no such folder")
         if args.task == "chair" and _given(args, "split"):
             raise UsageError("--split applies to the testbed dataset only (COCO CHAIR uses val2014 images)")
+        if args.task == "pope" and _given(args, "num_images"):
+            raise UsageError(
+                f"--num-images applies to the testbed dataset only ({args.dataset} questions come with their "
+                "images; --num-questions takes the first N per split)"
+            )
     if not args.do_sample:
         for option in ("temperature", "top_p"):
             if _given(args, option):
@@ -206,7 +211,7 @@ def _task(args: argparse.Namespace):
     return runner.PopeTask(
         dataset=args.dataset,
         splits=tuple(args.splits),
-        num_images=args.num_images,
+        num_images=args.num_images or 500,
         num_questions=args.num_questions,
         coco_images=args.coco_images,
         answer_rule=args.answer_rule,
@@ -317,8 +322,10 @@ def _add_eval_parsers(sub) -> None:
         p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
         p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")
         p.add_argument("--seed", type=int, default=0, help="run seed (rows derive theirs from it and their id)")
-        images_help = "images to caption" if task == "chair" else "testbed scenes (6 questions each)"
-        p.add_argument("--num-images", type=_count, default=500, help=images_help)
+        if task == "chair":
+            p.add_argument("--num-images", type=_count, default=500, help="images to caption")
+        else:
+            p.add_argument("--num-images", type=_count, help="testbed scenes, 6 questions each (default: 500)")
         p.add_argument(
             "--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's; fp32 for testbed)"
         )

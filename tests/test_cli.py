@@ -63,6 +63,7 @@ BAD_INPUTS = [
         "eval chair --dataset coco --coco-images {coco} --split test",
         "--split applies to the testbed",
     ),
+    ("--num-images with COCO POPE", "eval pope --dataset coco --coco-images {coco} --num-images 5", "--num-images app"),
     ("missing id file", "eval chair --dataset coco --coco-images {coco} --image-ids {tmp}/ids.txt", "neither 'opera'"),
     ("temperature without sampling", "eval chair --temperature 0.7", "--temperature applies only with --do-sample"),
     ("top-p without sampling", "eval pope --top-p 0.9", "--top-p applies only with --do-sample"),

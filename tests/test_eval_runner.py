@@ -245,3 +245,13 @@ def test_pope_cli_and_report(tmp_path, capsys):
     table = report([str(tmp_path / "vanilla"), str(tmp_path / "again")], chart=str(chart))
     assert table.count("| testbed | testbed | vanilla |") == 6
     assert chart.exists() and chart.stat().st_size > 1000
+
+
+def test_dtype_and_device_apply_to_the_test_model(tmp_path):
+    import torch
+
+    model, processor, info = runner.load_model("testbed", dtype="fp16", device="cpu")
+    assert model.dtype == torch.float16 and info.identity["dtype"] == "torch.float16"
+    task = runner.ChairTask(dataset="testbed", num_images=1)
+    results = runner.evaluate(task, model, processor, tmp_path / "run", settings=SETTINGS, info=info)
+    assert results["model_identity"]["dtype"] == "torch.float16" and results["metrics"]["n"] == 1
