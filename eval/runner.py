@@ -224,7 +224,8 @@ def looks_like_path(spec: str) -> bool:
 
 
 def load_model(spec: str, dtype: str = "auto", device: str | None = None):
-    """``(model, processor, ModelInfo)`` for ``"testbed"`` (the shipped model) or a hub id / local path."""
+    """``(model, processor, name)`` for ``"testbed"`` (the shipped model) or a hub id / local path;
+    ``model_info(model, name)`` gives its identity."""
     import torch
 
     if dtype not in DTYPES:
@@ -255,7 +256,7 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
         device = str(PartialState().device)  # under a launcher: this process's GPU
     if device:
         model.to(device)
-    return model.eval(), processor, model_info(model, spec)
+    return model.eval(), processor, spec
 
 
 def build_prompt(processor, text: str) -> str:

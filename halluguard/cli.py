@@ -254,7 +254,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method)
     shard = runner.launcher_shard()
-    model, processor, info = runner.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, processor, name = runner.load_model(args.model, dtype=args.dtype, device=args.device)
+    info = runner.model_info(model, name)
     from .api import wrap
 
     guard = wrap(model, processor, methods) if methods else None

@@ -19,7 +19,8 @@ SETTINGS = runner.RunSettings(runner.Decoding(max_new_tokens=12), batch_size=2)
 
 @pytest.fixture(scope="module")
 def testbed():
-    return runner.load_model("testbed")
+    model, processor, name = runner.load_model("testbed")
+    return model, processor, runner.model_info(model, name)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,8 @@ def test_pope_cli_and_report(tmp_path, capsys):
 def test_dtype_and_device_apply_to_the_test_model(tmp_path):
     import torch
 
-    model, processor, info = runner.load_model("testbed", dtype="fp16", device="cpu")
+    model, processor, name = runner.load_model("testbed", dtype="fp16", device="cpu")
+    info = runner.model_info(model, name)
     assert model.dtype == torch.float16 and info.identity["dtype"] == "torch.float16"
     task = runner.ChairTask(dataset="testbed", num_images=1)
     results = runner.evaluate(task, model, processor, tmp_path / "run", settings=SETTINGS, info=info)
