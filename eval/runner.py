@@ -762,8 +762,10 @@ def evaluate(
     info: ModelInfo | None = None,
     shard: Shard | None = None,
     overwrite: bool = False,
+    prepared: Prepared | None = None,
 ) -> dict | None:
     """Run ``task`` into ``out_dir`` (resuming it); the results on process 0, ``None`` elsewhere.
+    ``prepared``: the task's samples, if ``task_samples`` was called already.
 
     Raises :class:`EvalError` when the folder belongs to other settings or nothing could be scored.
     Failed rows (``results["failed"]``) leave the run incomplete (``results["complete"]`` false);
@@ -773,7 +775,7 @@ def evaluate(
     settings = settings or RunSettings(Decoding(task.default_max_new_tokens))
     info = info or model_info(model)
     shard = shard or Shard()
-    prepared = task_samples(task, settings.seed)
+    prepared = prepared or task_samples(task, settings.seed)
     identity = run_identity(task, settings, info, guard, processor, prepared.data_files)
     open_run_folder(out_dir, identity, shard, overwrite)
     desc = "CHAIR captions" if isinstance(task, ChairTask) else "POPE answers"

@@ -131,7 +131,10 @@ def method_configs(spec: str, overrides: str | None) -> list:
 
     names = [n.strip() for n in spec.split("+") if n.strip()]
     if overrides is None:
-        return [get_config(n) for n in names]
+        try:
+            return [get_config(n) for n in names]
+        except ValueError as err:
+            raise UsageError(f"--method: {err}") from None
     if not names:
         raise UsageError("--config needs --method (the method whose fields it sets)")
     path = Path(overrides)
@@ -253,6 +256,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method)
+    prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
     model, processor, name = runner.load_model(args.model, dtype=args.dtype, device=args.device)
     info = runner.model_info(model, name)
@@ -260,7 +264,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     guard = wrap(model, processor, methods) if methods else None
     try:
-        results = runner.evaluate(task, model, processor, out, guard, settings, info, shard, overwrite=args.overwrite)
+        results = runner.evaluate(
+            task, model, processor, out, guard, settings, info, shard, overwrite=args.overwrite, prepared=prepared
+        )
     finally:
         if guard is not None:
             guard.unwrap()
