@@ -688,13 +688,12 @@ def generate_rows(
         position=shard.rank,
         dynamic_ncols=True,
     )
-    with open(out_file, "a") as f:
+    with bar, open(out_file, "a") as f:  # the bar ends its line even when interrupted
         for batch in todo:
             rows = _produce(model, processor, generate, batch, settings)
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             bar.update(len(rows))
-    bar.close()
 
 
 def collect_rows(out_dir: Path, samples: list[Sample]) -> list[dict]:

@@ -204,3 +204,23 @@ def test_console_script_runs_from_elsewhere(tmp_path):
         env=env,
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "must be at least 1" in done.stderr
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from halluguard.eval import runner
+
+    produce, calls = runner._produce, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return produce(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_produce", interrupted)
+    argv = ["eval", "chair", "--num-images", "3", "--batch-size", "2", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "halluguard: interrupted; rerun the same command to resume"
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2  # the first batch is kept
+    monkeypatch.setattr(runner, "_produce", produce)
+    assert cli.main(argv) == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3
