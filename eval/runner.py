@@ -50,7 +50,6 @@ CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_DATASETS = ("coco", "testbed")
 POPE_DATASETS = (*pope_lib.DATASETS, "testbed")
 TESTBED_CHAIR_SPLITS = ("misleading", "test")
-IMAGE_ID_SOURCES = ("opera", "seeded")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
