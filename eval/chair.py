@@ -339,27 +339,64 @@ def gt_from_coco_annotations(
     return gt
 
 
-def read_records(path: str | Path) -> list[dict]:
+def read_records(path: str | Path, image_id_key: str = "image_id", caption_key: str = "caption") -> list[dict]:
     """Captions from JSON lines, a JSON list, or a JSON object holding a list under
-    ``captions``/``results``/``records``."""
+    ``captions``/``results``/``records``; each must be an object with an integer image id and a
+    caption string. Raises ``ValueError`` naming the line (or list item) of the first bad record."""
     text = Path(path).read_text()
     try:
         data = json.loads(text)
+        where = "item"
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(data, list):
-        return data
-    for key in ("captions", "results", "records"):
-        if isinstance(data.get(key), list):
-            return data[key]
-    return [data]
+        data, where = None, "line"
+    if data is None:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    else:
+        if isinstance(data, dict):
+            lists = [data[k] for k in ("captions", "results", "records") if isinstance(data.get(k), list)]
+            data = lists[0] if lists else [data]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected JSON lines, a JSON list or an object of records")
+        numbered = list(enumerate(data, 1))
+    records, seen = [], {}
+    for number, record in numbered:
+        place = f"{path}: {where} {number}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{place} is not an object with {image_id_key!r} and {caption_key!r}")
+        for key in (image_id_key, caption_key):
+            if key not in record:
+                raise ValueError(f"{place} has no {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+        if not isinstance(record[caption_key], str):
+            raise ValueError(f"{place}: {caption_key!r} is not a string")
+        try:
+            image_id = int(record[image_id_key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{place}: image id {record[image_id_key]!r} is not an integer") from None
+        if image_id in seen:
+            raise ValueError(
+                f"{place} repeats image {image_id} ({where} {seen[image_id]}); a file holds one caption per image"
+            )
+        seen[image_id] = number
+        records.append({**record, image_id_key: image_id, "_where": place})
+    if not records:
+        raise ValueError(f"{path} holds no captions")
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m halluguard.eval.chair", description="Score captions with CHAIR.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score a caption file and print the JSON result")
-    s.add_argument("file", help="JSON lines (or a JSON list) of {image_id, caption}")
+    s.add_argument(
+        "file",
+        help="JSON lines (or a JSON list) of {image_id, caption}, one caption per image (a repeated image is refused)",
+    )
     s.add_argument(
         "--coco-annotations",
         help="folder with instances_*.json (and captions_*.json) to build the "
@@ -367,19 +404,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--synonyms", help="synonym table (CHAIR format) for a non-COCO dataset")
     s.add_argument("--short", action="store_true", help="64-token regime: drop a last unfinished sentence")
-    s.add_argument("--normaliser", default="lemma", choices=sorted(NORMALISERS))
-    s.add_argument("--image-id-key", default="image_id")
-    s.add_argument("--caption-key", default="caption")
+    s.add_argument("--normaliser", default="lemma", choices=sorted(NORMALISERS), help="(default: lemma)")
+    s.add_argument("--image-id-key", default="image_id", help="(default: image_id)")
+    s.add_argument("--caption-key", default="caption", help="(default: caption)")
     s.add_argument("--details", action="store_true", help="include per-caption details")
     args = parser.parse_args(argv)
-    synonyms = Path(args.synonyms).read_text() if args.synonyms else None
-    gt = gt_from_coco_annotations(args.coco_annotations, synonyms, args.normaliser) if args.coco_annotations else None
-    if synonyms is not None and gt is None:
+    if args.synonyms and not args.coco_annotations:
         parser.error("--synonyms needs --coco-annotations (the ground truth of that dataset)")
-    chair = Chair(synonyms=synonyms, gt=gt, normaliser=args.normaliser, double_words=None if synonyms is None else {})
-    result = chair.score(
-        read_records(args.file), short=args.short, image_id_key=args.image_id_key, caption_key=args.caption_key
-    )
+    try:
+        records = read_records(args.file, args.image_id_key, args.caption_key)
+        synonyms = Path(args.synonyms).read_text() if args.synonyms else None
+        gt = None
+        if args.coco_annotations:
+            gt = gt_from_coco_annotations(args.coco_annotations, synonyms, args.normaliser)
+        double_words = None if synonyms is None else {}
+        chair = Chair(synonyms=synonyms, gt=gt, normaliser=args.normaliser, double_words=double_words)
+        for record in records:
+            if record[args.image_id_key] not in chair.gt:
+                raise ValueError(f"{record['_where']}: image {record[args.image_id_key]} has no ground-truth objects")
+        result = chair.score(records, short=args.short, image_id_key=args.image_id_key, caption_key=args.caption_key)
+    except (OSError, ValueError) as err:
+        message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.strerror else str(err)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 1
     if not args.details:
         result.pop("captions")
     json.dump(result, sys.stdout, indent=2)

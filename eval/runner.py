@@ -1,18 +1,34 @@
 """Run CHAIR and POPE: generate with any method composition, write rows as they come, resume.
 
-Each run lives in a folder (``--out``). Per-sample rows go to ``samples.jsonl`` (one file per
-process when sharded: ``samples.rank<r>.jsonl``), flushed after every batch; a rerun reads the
-rows already there and only generates the missing ones, so a killed run loses at most the batch in
-flight and its totals equal an uninterrupted run's. A missing or unreadable image becomes an error
-row, not a crash. ``results.json`` records the metrics with the model, method configs, decoding
-settings, data file hashes, image ids and package version.
+A run is described by a task (:class:`ChairTask` or :class:`PopeTask`: data, prompt, scoring) and
+:class:`Decoding` (generation settings) plus a batch size and a seed (:class:`RunSettings`), and it
+goes through one function per stage:
 
-Sharding: under ``accelerate launch``, process ``r`` of ``W`` takes every ``W``-th sample from
-``r``; process 0 waits for the others, merges the rows and scores.
+1. ``task_samples``: the samples (one per image or question) and what scoring needs;
+2. ``open_run_folder``: the run folder's ``run.json`` records a fingerprint of everything that shapes
+   a row (model identity and weights, methods with their full configs, decoding settings, prompt and
+   chat template, data files, seed, package version). A rerun resumes only when the fingerprint
+   matches; otherwise it stops and names what differs (``overwrite=True`` starts afresh). Batch size,
+   device, sample counts, POPE splits, the answer rule and the CHAIR short-regime scoring are not part of
+   it: they change which rows are scored or floating-point noise, not what a row means;
+3. ``generate_rows``: rows go to ``samples.jsonl`` (``samples.rank<r>.jsonl`` per process when
+   sharded), flushed after every batch; rows already there are kept, error rows (a missing or
+   unreadable image) are retried. Batches are cut from the whole sample list in order, so a batch
+   holds the same samples however the run is split or resumed, and each batch is seeded from the run
+   seed and its rows' ids; sampled runs (``do_sample``) generate one row at a time, so each row's draw
+   depends only on the run seed and its id. A resumed or sharded run therefore equals an uninterrupted
+   one-process run;
+4. ``score_chair`` / ``score_pope``: metrics over the rows that have an output;
+5. ``write_results``: ``results.json`` with the metrics, the failed rows (count and first reasons),
+   model, methods, decoding settings, data file hashes, image ids and version.
 
-Data sources: COCO (``--coco-images DIR`` with val2014 file names; ground truth and POPE questions
-are packaged) or the shipped test model's synthetic world (``--dataset testbed``; images are
-rendered on the fly).
+Sharding: under ``torchrun`` or ``accelerate launch``, process ``r`` of ``W`` takes every ``W``-th
+batch from ``r`` (on GPUs or, without CUDA, on CPU processes joined with gloo); process 0 waits for
+the others, merges the rows and scores.
+
+Data sources: COCO (``coco_images`` with val2014 file names; ground truth and POPE questions are
+packaged) or the shipped test model's synthetic world (``dataset="testbed"``; images are rendered
+on the fly).
 """
 
 from __future__ import annotations
@@ -20,19 +36,319 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
-from tqdm import tqdm
 
 from . import chair as chair_lib
 from . import pope as pope_lib
 
 CHAIR_PROMPT = "Please describe this image in detail."
+CHAIR_DATASETS = ("coco", "testbed")
+POPE_DATASETS = (*pope_lib.DATASETS, "testbed")
+TESTBED_CHAIR_SPLITS = ("misleading", "test")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.json"
+CAPTIONS_FILE = "chair_captions.json"
+ROW_FILES = "samples*.jsonl"
+FAILED_SHOWN = 5  # failed rows listed in results.json and on the console
+
+
+class EvalError(Exception):
+    """A run that cannot start, go on or be scored; the message says why and what to do."""
+
+
+# ---- settings ------------------------------------------------------------------------------------------
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """Generation settings (all of them shape a row)."""
+
+    max_new_tokens: int
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        _check(int(self.max_new_tokens) >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(int(self.num_beams) >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    decoding: Decoding
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChairTask:
+    """Caption images and score them with CHAIR."""
+
+    dataset: str = "coco"  # coco | testbed
+    num_images: int = 500
+    split: str = "misleading"  # testbed: the world's split
+    image_ids: str = "opera"  # coco: opera (the standard 500) | seeded | a file of ids
+    coco_images: str | None = None  # coco: folder of val2014 images
+    prompt: str = CHAIR_PROMPT
+    short: bool = False  # 64-token regime: drop a last unfinished sentence before scoring
+
+    name = "chair"
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        return 64 if self.short else 512
+
+    def __post_init__(self):
+        _check(self.dataset in CHAIR_DATASETS, f"unknown CHAIR dataset {self.dataset!r}; choose from {CHAIR_DATASETS}")
+        _check(int(self.num_images) >= 1, f"num_images must be >= 1, got {self.num_images}")
+        if self.dataset == "testbed":
+            _check(
+                self.split in TESTBED_CHAIR_SPLITS,
+                f"unknown testbed split {self.split!r}; choose from {', '.join(TESTBED_CHAIR_SPLITS)}",
+            )
+        else:
+            _check(bool(self.coco_images), "CHAIR on COCO needs coco_images (the folder of val2014 images)")
+        _check(bool(self.prompt.strip()), "the CHAIR prompt is empty")
+
+    @property
+    def data_label(self) -> str:
+        return f"testbed {self.split}" if self.dataset == "testbed" else "coco val2014"
+
+
+@dataclasses.dataclass(frozen=True)
+class PopeTask:
+    """Answer POPE yes/no questions; accuracy, precision, recall, F1 and yes-ratio per split."""
+
+    dataset: str = "coco"  # coco | aokvqa | gqa | testbed
+    splits: tuple[str, ...] = pope_lib.SPLITS
+    num_images: int = 500  # testbed: held-out scenes (6 questions each)
+    num_questions: int | None = None  # first N questions per split (None: all)
+    coco_images: str | None = None
+    answer_rule: str = "pope"
+    prompt_suffix: str = ""
+
+    name = "pope"
+    default_max_new_tokens = 10
+
+    def __post_init__(self):
+        object.__setattr__(self, "splits", tuple(self.splits))
+        _check(self.dataset in POPE_DATASETS, f"unknown POPE dataset {self.dataset!r}; choose from {POPE_DATASETS}")
+        _check(len(self.splits) >= 1, "no POPE split chosen")
+        for split in self.splits:
+            _check(split in pope_lib.SPLITS, f"unknown POPE split {split!r}; choose from {', '.join(pope_lib.SPLITS)}")
+        _check(len(set(self.splits)) == len(self.splits), f"a POPE split is named twice: {list(self.splits)}")
+        _check(int(self.num_images) >= 1, f"num_images must be >= 1, got {self.num_images}")
+        if self.num_questions is not None:
+            _check(
+                int(self.num_questions) >= 1, f"num_questions must be >= 1 (or None for all), got {self.num_questions}"
+            )
+        _check(
+            self.answer_rule in pope_lib.RULES,
+            f"unknown answer rule {self.answer_rule!r}; choose from {pope_lib.RULES}",
+        )
+        if self.dataset != "testbed":
+            _check(bool(self.coco_images), f"POPE on {self.dataset} needs coco_images (the images the questions name)")
+
+    @property
+    def data_label(self) -> str:
+        return self.dataset
+
+
+Task = ChairTask | PopeTask
+
+
+# ---- models --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str  # as the user named it: "testbed", a hub id or a path
+    identity: dict  # what makes its outputs: path or id, weights hash or revision, dtype
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over a model folder's files (names, sizes, and the first and last 16 MiB of each, so
+    all of a small file): weights, config, tokenizer and processor files; notes (``*.md``) excluded."""
+    digest = hashlib.sha256()
+    chunk = 16 << 20
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".md"):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}\n".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(chunk))
+            if size > 2 * chunk:
+                f.seek(size - chunk)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def model_info(model, name: str | None = None) -> ModelInfo:
+    """Identity of a loaded model: the hash of its local folder (wherever it lies), or hub id and revision."""
+    name = name or getattr(model, "name_or_path", None) or type(model).__name__
+    source = str(getattr(model, "name_or_path", "") or name)
+    identity: dict[str, Any] = {"class": type(model).__name__, "dtype": str(getattr(model, "dtype", ""))}
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        identity["files"] = folder_hash(folder)
+    else:
+        identity.update(id=source, revision=getattr(getattr(model, "config", None), "_commit_hash", None))
+    return ModelInfo(name, identity)
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
+
+
+def load_model(spec: str, dtype: str = "auto", device: str | None = None):
+    """``(model, processor, name)`` for ``"testbed"`` (the shipped model) or a hub id / local path;
+    ``model_info(model, name)`` gives its identity."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if device:
+        try:
+            target = torch.device(device)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"unknown device {device!r} ({err})") from None
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if spec == "testbed":
+        from ..testbed import load
+
+        model, processor = load(dtype=torch_dtype or torch.float32)
+    else:
+        if looks_like_path(spec) and not Path(spec).expanduser().exists():
+            raise EvalError(f"model path {spec} does not exist")
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype or "auto")
+        processor = AutoProcessor.from_pretrained(spec)
+        processor.tokenizer.padding_side = "left"
+    if device is None and torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device = str(PartialState().device)  # under a launcher: this process's GPU
+    if device:
+        model.to(device)
+    return model.eval(), processor, spec
+
+
+def build_prompt(processor, text: str) -> str:
+    """The model's chat prompt with one image and ``text`` (llava-style fallback without a template)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: <image>\n{text} ASSISTANT:"
+
+
+def method_record(guard) -> list[dict]:
+    return [m.config.to_dict() for m in guard.methods] if guard is not None else []
+
+
+def package_version() -> str:
+    from .._version import __version__
+
+    return __version__
+
+
+# ---- processes -------------------------------------------------------------------------------------------
+
+_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LAUNCH_HELP = (
+    "launch with `torchrun --nproc_per_node N -m halluguard.cli ...` or "
+    "`accelerate launch --multi_gpu --num_processes N -m halluguard.cli ...` (both also run on CPU)"
+)
+
+
+@dataclasses.dataclass
+class Shard:
+    """This process's place among the launched ones (rank 0 of 1 without a launcher)."""
+
+    rank: int = 0
+    world: int = 1
+    state: Any = None  # accelerate.PartialState when world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def _env_int(names: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None:
+            try:
+                return name, int(value)
+            except ValueError:
+                raise EvalError(f"cannot read the launcher's world: {name}={value!r} is not an integer") from None
+    return None
+
+
+def launcher_shard() -> Shard:
+    """The process world a launcher set up (torchrun, accelerate launch, mpirun), joined through
+    accelerate: NCCL on GPUs, gloo on CPU processes. Refuses a world it cannot read."""
+    world = _env_int(_WORLD_VARS)
+    rank = _env_int(_RANK_VARS)
+    if world is None:
+        if rank is not None:
+            raise EvalError(f"cannot read the launcher's world: {rank[0]} is set but no WORLD_SIZE; {LAUNCH_HELP}")
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") and "MASTER_ADDR" in os.environ:
+            raise EvalError(
+                "`accelerate launch --cpu --num_processes N` starts a single process on this machine "
+                f"(several CPU processes need mpirun); {LAUNCH_HELP}"
+            )
+        return Shard()
+    if world[1] < 1:
+        raise EvalError(f"cannot read the launcher's world: {world[0]}={world[1]}")
+    if world[1] == 1:
+        return Shard()
+    if rank is None:
+        raise EvalError(f"cannot read the launcher's world: {world[0]}={world[1]} but no RANK; {LAUNCH_HELP}")
+    if not 0 <= rank[1] < world[1]:
+        raise EvalError(f"cannot read the launcher's world: rank {rank[1]} of {world[1]}")
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if (state.process_index, state.num_processes) != (rank[1], world[1]):
+        raise EvalError(
+            f"the launcher set rank {rank[1]} of {world[1]}, but accelerate joined rank {state.process_index} "
+            f"of {state.num_processes}; {LAUNCH_HELP}"
+        )
+    return Shard(rank[1], world[1], state)
+
+
+# ---- samples ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -45,161 +361,13 @@ class Sample:
 
 
 @dataclasses.dataclass
-class Settings:
-    max_new_tokens: int
-    batch_size: int = 8
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
+class Prepared:
+    """What a task needs to generate and score: samples, scorer, data file hashes, image ids."""
 
-    def generate_kwargs(self) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-        return kwargs
-
-
-# ---- models ------------------------------------------------------------------------------------------
-
-
-def load_model(spec: str, dtype: str = "auto", device: str | None = None):
-    """``(model, processor, name)`` for ``"testbed"`` (the shipped model) or a hub id / local path."""
-    if spec == "testbed":
-        from ..testbed import load, path
-
-        model, processor = load()
-        return model, processor, str(path())
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    torch_dtype = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype)
-    if device is None and torch.cuda.is_available():
-        from accelerate import PartialState
-
-        device = PartialState().device  # under `accelerate launch`: this process's GPU
-    if device:
-        model.to(device)
-    processor = AutoProcessor.from_pretrained(spec)
-    processor.tokenizer.padding_side = "left"
-    return model.eval(), processor, spec
-
-
-def build_prompt(processor, text: str) -> str:
-    """The model's chat prompt with one image and ``text`` (llava-style fallback without a template)."""
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{text} ASSISTANT:"
-
-
-# ---- rows, resume, shards -----------------------------------------------------------------------------
-
-
-def read_rows(path: Path) -> dict[str, dict]:
-    """Rows already written (a torn last line from a killed run is ignored)."""
-    rows: dict[str, dict] = {}
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[row["key"]] = row
-    return rows
-
-
-def _rewrite_clean(path: Path, rows: dict[str, dict]) -> None:
-    """Drop a torn trailing line so appends start on a fresh line."""
-    if path.exists():
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-
-
-def generate_rows(
-    model,
-    processor,
-    samples: list[Sample],
-    out_file: Path,
-    settings: Settings,
-    guard=None,
-    desc: str = "generating",
-    position: int = 0,
-) -> dict[str, dict]:
-    """Generate the answer of every sample not yet in ``out_file``; returns all rows."""
-    done = read_rows(out_file)
-    _rewrite_clean(out_file, done)
-    todo = [s for s in samples if s.key not in done]
-    generate = guard.generate if guard is not None else model.generate
-    device = next(model.parameters()).device
-    bar = tqdm(
-        total=len(samples),
-        initial=len(samples) - len(todo),
-        desc=desc,
-        unit="sample",
-        position=position,
-        dynamic_ncols=True,
-    )
-    with open(out_file, "a") as f:
-        for start in range(0, len(todo), settings.batch_size):
-            batch, images, rows = [], [], []
-            for sample in todo[start : start + settings.batch_size]:
-                try:
-                    image = sample.load_image()
-                    image.load()
-                    images.append(image.convert("RGB"))
-                    batch.append(sample)
-                except Exception as err:  # a missing or corrupt image is an error row
-                    rows.append(
-                        {
-                            "key": sample.key,
-                            "image_id": sample.image_id,
-                            **sample.meta,
-                            "error": f"{type(err).__name__}: {err}",
-                        }
-                    )
-            if batch:
-                texts = [build_prompt(processor, s.prompt) for s in batch]
-                enc = processor(images=images, text=texts, return_tensors="pt", padding=True).to(device)
-                torch.manual_seed(settings.seed + start)
-                with torch.no_grad():
-                    ids = generate(**enc, **settings.generate_kwargs())
-                outputs = processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                rows += [
-                    {"key": s.key, "image_id": s.image_id, **s.meta, "output": o.strip()}
-                    for s, o in zip(batch, outputs)
-                ]
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-                done[row["key"]] = row
-            f.flush()
-            bar.update(len(rows))
-    bar.close()
-    return done
-
-
-def run_sharded(samples: list[Sample], out_dir: Path, work: Callable[[list[Sample], Path], Any]) -> list[dict] | None:
-    """Give each process its shard; on process 0 return all rows in sample order, elsewhere None."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    world, rank = state.num_processes, state.process_index
-    out_file = out_dir / ("samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
-    work(samples[rank::world], out_file)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    rows: dict[str, dict] = {}
-    for path in sorted(out_dir.glob("samples*.jsonl")):
-        rows.update(read_rows(path))
-    missing = [s.key for s in samples if s.key not in rows]
-    if missing:
-        raise RuntimeError(f"{len(missing)} samples have no row (first: {missing[:3]})")
-    return [rows[s.key] for s in samples]
-
-
-# ---- data --------------------------------------------------------------------------------------------------
+    samples: list[Sample]
+    data_files: dict[str, str]
+    image_ids: list
+    scorer: Any = None  # CHAIR: a chair.Chair
 
 
 def coco_file_name(image_id: int) -> str:
@@ -215,183 +383,54 @@ def _open_image(path: Path) -> Callable[[], Any]:
     return load
 
 
-def chair_image_ids(spec: str, count: int, seed: int, gt: dict) -> list[int]:
-    """``opera`` (the 500 standard ids), ``seeded`` (a seeded sample of val2014-like ids), or a file."""
-    if spec == "opera":
-        return chair_lib.opera_500_ids()[:count]
-    if spec == "seeded":
-        return random.Random(seed).sample(sorted(gt), count)
-    return [int(x) for x in Path(spec).read_text().split()][:count]
-
-
-def testbed_scenes(split: str, count: int, seed: int):
-    from ..testbed import world
-
-    return list(world.scenes(split, count, seed))
-
-
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def method_record(guard) -> list[dict]:
-    return [m.config.to_dict() for m in guard.methods] if guard is not None else []
+def chair_image_ids(spec: str, count: int, seed: int, gt: dict) -> list[int]:
+    """``opera`` (the 500 standard ids), ``seeded`` (a seeded sample of the ground truth's ids), or a
+    file of ids; every id must have ground truth."""
+    if spec == "opera":
+        ids = chair_lib.opera_500_ids()[:count]
+    elif spec == "seeded":
+        ids = random.Random(seed).sample(sorted(gt), min(count, len(gt)))
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise EvalError(f"image ids: {spec!r} is neither 'opera', 'seeded' nor a file of ids")
+        ids = []
+        for number, word in enumerate(path.read_text().split(), 1):
+            try:
+                ids.append(int(word))
+            except ValueError:
+                raise EvalError(f"{spec}: item {number} ({word!r}) is not an image id") from None
+        if not ids:
+            raise EvalError(f"{spec} holds no image ids")
+        if len(set(ids)) != len(ids):
+            raise EvalError(f"{spec} names an image twice (ids must be unique)")
+        ids = ids[:count]
+    unknown = [i for i in ids if i not in gt]
+    if unknown:
+        raise EvalError(f"{len(unknown)} image ids have no COCO-2014 ground truth (first: {unknown[:3]})")
+    return ids
 
 
-def package_version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-# ---- tasks -----------------------------------------------------------------------------------------------------
-
-
-def run_chair(
-    model,
-    processor,
-    model_name: str,
-    out_dir: Path,
-    guard=None,
-    *,
-    dataset: str = "coco",
-    coco_images: str | None = None,
-    image_ids: str = "opera",
-    num_images: int = 500,
-    seed: int = 0,
-    prompt: str = CHAIR_PROMPT,
-    settings: Settings | None = None,
-    short: bool = False,
-    split: str = "misleading",
-) -> dict | None:
-    """Caption ``num_images`` images and score them with CHAIR; returns the results on process 0."""
-    settings = settings or Settings(max_new_tokens=512)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data_files: dict[str, str] = {}
-    if dataset == "testbed":
+def chair_samples(task: ChairTask, seed: int) -> Prepared:
+    if task.dataset == "testbed":
         from ..testbed import world
 
-        scenes = testbed_scenes(split, num_images, seed)
-        samples = [Sample(str(s.image_id), s.image_id, s.render, prompt) for s in scenes]
+        scenes = list(world.scenes(task.split, task.num_images, seed))
+        samples = [Sample(str(s.image_id), s.image_id, s.render, task.prompt) for s in scenes]
         gt = {s.image_id: set(s.categories) for s in scenes}
         scorer = chair_lib.Chair(synonyms=world.synonyms_text(), gt=gt)
-        ids = [s.image_id for s in scenes]
-    else:
-        if not coco_images:
-            raise ValueError("CHAIR on COCO needs --coco-images DIR (the val2014 images)")
-        scorer = chair_lib.Chair()
-        ids = chair_image_ids(image_ids, num_images, seed, scorer.gt)
-        folder = Path(coco_images)
-        samples = [Sample(str(i), i, _open_image(folder / coco_file_name(i)), prompt) for i in ids]
-        data_files = {"synonyms.txt": sha256(chair_lib.COCO_SYNONYMS), "gt": sha256(chair_lib.COCO_GT)}
-
-    rows = run_sharded(
-        samples,
-        out_dir,
-        lambda shard, path: generate_rows(model, processor, shard, path, settings, guard, desc="CHAIR captions"),
-    )
-    if rows is None:
-        return None
-    good = [{"image_id": r["image_id"], "caption": r["output"]} for r in rows if "error" not in r]
-    scores = scorer.score(good, short=short) if good else {"n": 0}
-    per_caption = scores.pop("captions", [])
-    results = {
-        "task": "chair",
-        "dataset": dataset,
-        "split": split if dataset == "testbed" else "val2014",
-        "model": model_name,
-        "methods": method_record(guard),
-        "prompt": prompt,
-        "decoding": dataclasses.asdict(settings),
-        "short": short,
-        "metrics": scores,
-        "errors": [r for r in rows if "error" in r],
-        "image_ids": ids,
-        "data_files": data_files,
-        "version": package_version(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "chair_captions.json").write_text(json.dumps(per_caption, indent=1) + "\n")
-    return results
-
-
-def run_pope(
-    model,
-    processor,
-    model_name: str,
-    out_dir: Path,
-    guard=None,
-    *,
-    dataset: str = "coco",
-    splits: Iterable[str] = ("random", "popular", "adversarial"),
-    coco_images: str | None = None,
-    num_questions: int | None = None,
-    seed: int = 0,
-    rule: str = "pope",
-    suffix: str = "",
-    settings: Settings | None = None,
-    num_images: int = 500,
-) -> dict | None:
-    """Answer POPE questions and report accuracy, precision, recall, F1 and yes-ratio per split."""
-    settings = settings or Settings(max_new_tokens=10)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples: list[Sample] = []
-    data_files: dict[str, str] = {}
-    for split in splits:
-        if dataset == "testbed":
-            questions, loaders = testbed_pope(split, num_images, seed)
-        else:
-            path = pope_lib.question_file(dataset, split)
-            data_files[path.name] = sha256(path)
-            questions = pope_lib.read_questions(path)
-            if not coco_images:
-                raise ValueError(f"POPE on {dataset} needs --coco-images DIR (the images the questions name)")
-            loaders = {q["image"]: _open_image(Path(coco_images) / q["image"]) for q in questions}
-        if num_questions:
-            questions = questions[:num_questions]
-        for q in questions:
-            samples.append(
-                Sample(
-                    f"{split}/{q['question_id']}",
-                    q["image"],
-                    loaders[q["image"]],
-                    q["text"] + suffix,
-                    {"split": split, "question_id": q["question_id"], "label": q["label"], "question": q["text"]},
-                )
-            )
-
-    rows = run_sharded(
-        samples,
-        out_dir,
-        lambda shard, path: generate_rows(model, processor, shard, path, settings, guard, desc="POPE answers"),
-    )
-    if rows is None:
-        return None
-    metrics = {}
-    for split in splits:
-        mine = [r for r in rows if r["split"] == split and "error" not in r]
-        if not mine:
-            continue
-        predicted = [pope_lib.parse_answer(r["output"], rule, label=r["label"]) for r in mine]
-        metrics[split] = pope_lib.metrics(predicted, [r["label"] for r in mine], answers=[r["output"] for r in mine])
-    results = {
-        "task": "pope",
-        "dataset": dataset,
-        "model": model_name,
-        "methods": method_record(guard),
-        "answer_rule": rule,
-        "prompt_suffix": suffix,
-        "decoding": dataclasses.asdict(settings),
-        "metrics": metrics,
-        "errors": [r for r in rows if "error" in r],
-        "image_ids": sorted({str(r["image_id"]) for r in rows}),
-        "data_files": data_files,
-        "version": package_version(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        data_files = {"synonyms": hashlib.sha256(world.synonyms_text().encode()).hexdigest()}
+        return Prepared(samples, data_files, [s.image_id for s in scenes], scorer)
+    scorer = chair_lib.Chair()
+    ids = chair_image_ids(task.image_ids, task.num_images, seed, scorer.gt)
+    folder = Path(task.coco_images)
+    samples = [Sample(str(i), i, _open_image(folder / coco_file_name(i)), task.prompt) for i in ids]
+    data_files = {"synonyms.txt": sha256(chair_lib.COCO_SYNONYMS), "gt": sha256(chair_lib.COCO_GT)}
+    return Prepared(samples, data_files, ids, scorer)
 
 
 def testbed_pope(split: str, num_images: int, seed: int) -> tuple[list[dict], dict]:
@@ -400,11 +439,9 @@ def testbed_pope(split: str, num_images: int, seed: int) -> tuple[list[dict], di
 
     from ..testbed import world
 
-    scenes = testbed_scenes("test", num_images, seed)
+    scenes = list(world.scenes("test", num_images, seed))
     popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
-    rng = np.random.default_rng(
-        [seed, 17, world.SPLIT_SEEDS["test"], ("random", "popular", "adversarial").index(split)]
-    )
+    rng = np.random.default_rng([seed, 17, world.SPLIT_SEEDS["test"], pope_lib.SPLITS.index(split)])
     questions, loaders = [], {}
     for scene in scenes:
         name = world.file_name(scene)
@@ -414,21 +451,398 @@ def testbed_pope(split: str, num_images: int, seed: int) -> tuple[list[dict], di
     return questions, loaders
 
 
-def default_out_dir(task: str, model_name: str, methods: str) -> Path:
+def pope_samples(task: PopeTask, seed: int) -> Prepared:
+    samples: list[Sample] = []
+    data_files: dict[str, str] = {}
+    for split in task.splits:
+        if task.dataset == "testbed":
+            questions, loaders = testbed_pope(split, task.num_images, seed)
+        else:
+            path = pope_lib.question_file(task.dataset, split)
+            data_files[path.name] = sha256(path)
+            questions = pope_lib.read_questions(path)
+            loaders = {q["image"]: _open_image(Path(task.coco_images) / q["image"]) for q in questions}
+        for q in questions[: task.num_questions]:
+            meta = {"split": split, "question_id": q["question_id"], "label": q["label"], "question": q["text"]}
+            samples.append(
+                Sample(
+                    f"{split}/{q['question_id']}", q["image"], loaders[q["image"]], q["text"] + task.prompt_suffix, meta
+                )
+            )
+    return Prepared(samples, data_files, sorted({str(s.image_id) for s in samples}))
+
+
+def task_samples(task: Task, seed: int) -> Prepared:
+    prepared = chair_samples(task, seed) if isinstance(task, ChairTask) else pope_samples(task, seed)
+    if not prepared.samples:
+        raise EvalError(f"the {task.name.upper()} run has no samples ({task.data_label})")
+    return prepared
+
+
+# ---- the run folder: fingerprint, resume, overwrite ------------------------------------------------------
+
+
+def run_identity(task: Task, settings: RunSettings, info: ModelInfo, guard, processor, data_files: dict) -> dict:
+    """Everything that shapes a row; its hash is the run's fingerprint."""
+    return {
+        "task": task.name,
+        "dataset": task.dataset,
+        "model": info.identity,
+        "methods": {c["method"]: c for c in method_record(guard)},
+        "decoding": dataclasses.asdict(settings.decoding),
+        "prompt": task.prompt if isinstance(task, ChairTask) else task.prompt_suffix,
+        "prompt_template": build_prompt(processor, "{text}"),
+        "seed": settings.seed,
+        "data": data_files,
+        "version": package_version(),
+    }
+
+
+def fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def settings_diff(old: dict, new: dict, limit: int = 4) -> str:
+    """``"decoding.max_new_tokens: 512 -> 3; methods.pai.alpha: 0.5 -> 5.0"`` (the first ``limit``)."""
+    a, b = _flatten(old), _flatten(new)
+    names = [sorted(d.get("methods") or {}) for d in (old, new)]
+    if names[0] != names[1]:  # other methods: name them rather than list their fields
+        a = {k: v for k, v in a.items() if not k.startswith("methods")} | {"methods": "+".join(names[0]) or "none"}
+        b = {k: v for k, v in b.items() if not k.startswith("methods")} | {"methods": "+".join(names[1]) or "none"}
+    missing = object()
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    parts = [
+        f"{k}: {_short(a[k]) if k in a else '(none)'} -> {_short(b[k]) if k in b else '(none)'}"
+        for k in changed[:limit]
+    ]
+    if len(changed) > limit:
+        parts.append(f"and {len(changed) - limit} more")
+    return "; ".join(parts)
+
+
+def _owned_files(out_dir: Path) -> list[Path]:
+    return [p for p in (out_dir / RUN_FILE, out_dir / RESULTS_FILE, out_dir / CAPTIONS_FILE) if p.exists()] + sorted(
+        out_dir.glob(ROW_FILES)
+    )
+
+
+def open_run_folder(out_dir: Path, identity: dict, shard: Shard, overwrite: bool = False) -> None:
+    """Make sure ``out_dir`` belongs to these settings: create it, resume it, or (``overwrite``) clear
+    it; refuse rows made with other settings. Every process checks before process 0 writes."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"run folder {out_dir} is a file")
+    run_file = out_dir / RUN_FILE
+    if not overwrite and out_dir.is_dir():
+        hint = "pass --out DIR for a new run, or --overwrite to replace this one"
+        if run_file.exists():
+            try:
+                recorded = json.loads(run_file.read_text())
+                old = recorded["settings"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EvalError(f"{run_file} is unreadable; {hint}") from None
+            if recorded.get("fingerprint") != fingerprint(identity):
+                raise EvalError(
+                    f"{out_dir} holds rows made with other settings ({settings_diff(old, identity)}); {hint}"
+                )
+        elif any(out_dir.glob(ROW_FILES)):
+            raise EvalError(f"{out_dir} holds rows but no {RUN_FILE} (made by an older version?); {hint}")
+    shard.barrier()
+    if shard.main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                for path in _owned_files(out_dir):
+                    path.unlink()
+            record = {"fingerprint": fingerprint(identity), "settings": identity}
+            tmp = out_dir / f".{RUN_FILE}.tmp"
+            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            tmp.replace(run_file)
+        except OSError as err:
+            raise EvalError(f"cannot write the run folder {out_dir}: {err.strerror or err}") from None
+    shard.barrier()
+
+
+# ---- rows ------------------------------------------------------------------------------------------------
+
+
+def _better(old: dict | None, new: dict) -> bool:
+    """A row with an output beats an error row; otherwise the later one wins."""
+    return old is None or "error" in old or "error" not in new
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """Rows of one file (unparseable lines, such as a line torn by a kill, are skipped)."""
+    rows: dict[str, dict] = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("key"), str) and _better(rows.get(row["key"]), row):
+            rows[row["key"]] = row
+    return rows
+
+
+def read_all_rows(out_dir: Path) -> dict[str, dict]:
+    """Rows of every process's file in ``out_dir``."""
+    rows: dict[str, dict] = {}
+    for path in sorted(out_dir.glob(ROW_FILES)):
+        for key, row in read_rows(path).items():
+            if _better(rows.get(key), row):
+                rows[key] = row
+    return rows
+
+
+def row_file(out_dir: Path, shard: Shard) -> Path:
+    return out_dir / ("samples.jsonl" if shard.world == 1 else f"samples.rank{shard.rank}.jsonl")
+
+
+def row_seed(seed: int, key: str) -> int:
+    """The seed of a row (or of a batch, keys joined by ``|``): from the run seed and the row ids only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{key}".encode()).digest()[:8], "big") >> 1
+
+
+def batches(samples: list[Sample], settings: RunSettings) -> list[list[Sample]]:
+    """Batches cut from the whole sample list in order (one row each when sampling)."""
+    size = 1 if settings.decoding.do_sample else settings.batch_size
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def _same_sample(row: dict, sample: Sample) -> bool:
+    return row.get("image_id") == sample.image_id and all(row.get(k) == v for k, v in sample.meta.items())
+
+
+def _produce(model, processor, generate, batch: list[Sample], settings: RunSettings) -> list[dict]:
+    """Rows of one batch: an output per sample, or an error row when its image cannot be read."""
+    import torch
+
+    good, images, rows = [], [], []
+    for sample in batch:
+        try:
+            image = sample.load_image()
+            image.load()
+            images.append(image.convert("RGB"))
+            good.append(sample)
+        except Exception as err:  # a missing or corrupt image is an error row
+            rows.append(
+                {"key": sample.key, "image_id": sample.image_id, **sample.meta, "error": f"{type(err).__name__}: {err}"}
+            )
+    if good:
+        device = next(model.parameters()).device
+        enc = processor(
+            images=images, text=[build_prompt(processor, s.prompt) for s in good], return_tensors="pt", padding=True
+        )
+        torch.manual_seed(row_seed(settings.seed, "|".join(s.key for s in good)))
+        with torch.no_grad():
+            ids = generate(**enc.to(device), **settings.decoding.generate_kwargs())
+        outputs = processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        rows += [{"key": s.key, "image_id": s.image_id, **s.meta, "output": o.strip()} for s, o in zip(good, outputs)]
+    return rows
+
+
+def generate_rows(
+    model, processor, guard, samples: list[Sample], out_dir: Path, settings: RunSettings, shard: Shard, desc: str
+) -> None:
+    """Generate this process's batches that are not done yet (error rows are retried)."""
+    from tqdm import tqdm
+
+    done = read_all_rows(out_dir)
+    shard.barrier()  # every process has read before any rewrites its file
+    for sample in samples:
+        row = done.get(sample.key)
+        if row is not None and not _same_sample(row, sample):
+            raise EvalError(
+                f"row {sample.key!r} in {out_dir} was made for another sample; "
+                "pass --out DIR for a new run, or --overwrite to replace this one"
+            )
+    out_file = row_file(out_dir, shard)
+    mine = [b for i, b in enumerate(batches(samples, settings)) if i % shard.world == shard.rank]
+    todo = [[s for s in b if s.key not in done or "error" in done[s.key]] for b in mine]
+    todo = [b for b in todo if b]
+    kept = {k: r for k, r in read_rows(out_file).items() if "error" not in r}
+    out_file.write_text("".join(json.dumps(r) + "\n" for r in kept.values()))  # drop torn lines and errors
+    total = sum(len(b) for b in mine)
+    generate = guard.generate if guard is not None else model.generate
+    bar = tqdm(
+        total=total,
+        initial=total - sum(len(b) for b in todo),
+        desc=desc if shard.world == 1 else f"{desc} [{shard.rank}/{shard.world}]",
+        unit="sample",
+        position=shard.rank,
+        dynamic_ncols=True,
+    )
+    with bar, open(out_file, "a") as f:  # the bar ends its line even when interrupted
+        for batch in todo:
+            rows = _produce(model, processor, generate, batch, settings)
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            bar.update(len(rows))
+
+
+def collect_rows(out_dir: Path, samples: list[Sample]) -> list[dict]:
+    """Every sample's row, in sample order (process 0, after all processes finished)."""
+    rows = read_all_rows(out_dir)
+    missing = [s.key for s in samples if s.key not in rows]
+    if missing:
+        raise EvalError(f"{len(missing)} samples have no row in {out_dir} (first: {missing[:3]})")
+    return [rows[s.key] for s in samples]
+
+
+# ---- scoring and results ---------------------------------------------------------------------------------
+
+
+def failed_summary(rows: list[dict]) -> dict:
+    failed = [r for r in rows if "error" in r]
+    return {
+        "count": len(failed),
+        "first": [{"key": r["key"], "image_id": r["image_id"], "error": r["error"]} for r in failed[:FAILED_SHOWN]],
+    }
+
+
+def _nothing_scored(rows: list[dict], what: str) -> EvalError:
+    reasons = "; ".join(r["error"] for r in rows[:2] if "error" in r)
+    return EvalError(f"no {what} could be scored: all {len(rows)} rows failed ({reasons}); fix the data and rerun")
+
+
+def score_chair(task: ChairTask, prepared: Prepared, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """(CHAIR metrics, per-caption details) over the rows with a caption."""
+    good = [{"image_id": r["image_id"], "caption": r["output"]} for r in rows if "error" not in r]
+    if not good:
+        raise _nothing_scored(rows, "caption")
+    scores = prepared.scorer.score(good, short=task.short)
+    return scores, scores.pop("captions")
+
+
+def score_pope(task: PopeTask, rows: list[dict]) -> dict:
+    """Metrics per split over the rows with an answer (a split whose rows all failed is left out)."""
+    metrics = {}
+    for split in task.splits:
+        mine = [r for r in rows if r["split"] == split and "error" not in r]
+        if mine:
+            predicted = [pope_lib.parse_answer(r["output"], task.answer_rule, label=r["label"]) for r in mine]
+            metrics[split] = pope_lib.metrics(
+                predicted, [r["label"] for r in mine], answers=[r["output"] for r in mine]
+            )
+    if not metrics:
+        raise _nothing_scored(rows, "answer")
+    return metrics
+
+
+def write_results(out_dir: Path, results: dict, captions: list[dict] | None = None) -> None:
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if captions is not None:
+        (out_dir / CAPTIONS_FILE).write_text(json.dumps(captions, indent=1) + "\n")
+
+
+def evaluate(
+    task: Task,
+    model,
+    processor,
+    out_dir: str | Path,
+    guard=None,
+    settings: RunSettings | None = None,
+    info: ModelInfo | None = None,
+    shard: Shard | None = None,
+    overwrite: bool = False,
+    prepared: Prepared | None = None,
+) -> dict | None:
+    """Run ``task`` into ``out_dir`` (resuming it); the results on process 0, ``None`` elsewhere.
+    ``prepared``: the task's samples, if ``task_samples`` was called already.
+
+    Raises :class:`EvalError` when the folder belongs to other settings or nothing could be scored.
+    Failed rows (``results["failed"]``) leave the run incomplete (``results["complete"]`` false);
+    rerunning retries them.
+    """
+    out_dir = Path(out_dir)
+    settings = settings or RunSettings(Decoding(task.default_max_new_tokens))
+    info = info or model_info(model)
+    shard = shard or Shard()
+    prepared = prepared or task_samples(task, settings.seed)
+    identity = run_identity(task, settings, info, guard, processor, prepared.data_files)
+    open_run_folder(out_dir, identity, shard, overwrite)
+    desc = "CHAIR captions" if isinstance(task, ChairTask) else "POPE answers"
+    generate_rows(model, processor, guard, prepared.samples, out_dir, settings, shard, desc)
+    shard.barrier()
+    if not shard.main:
+        return None
+    rows = collect_rows(out_dir, prepared.samples)
+    captions = None
+    if isinstance(task, ChairTask):
+        metrics, captions = score_chair(task, prepared, rows)
+        task_fields = {"split": task.split if task.dataset == "testbed" else "val2014", "prompt": task.prompt}
+        task_fields.update(short=task.short, image_ids_from=task.image_ids if task.dataset == "coco" else "scenes")
+    else:
+        metrics = score_pope(task, rows)
+        task_fields = {
+            "splits": list(task.splits),
+            "answer_rule": task.answer_rule,
+            "prompt_suffix": task.prompt_suffix,
+        }
+    failed = failed_summary(rows)
+    results = {
+        "task": task.name,
+        "dataset": task.dataset,
+        **task_fields,
+        "model": info.name,
+        "model_identity": info.identity,
+        "methods": method_record(guard),
+        "decoding": dataclasses.asdict(settings.decoding),
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "processes": shard.world,
+        "metrics": metrics,
+        "samples": len(rows),
+        "failed": failed,
+        "complete": failed["count"] == 0,
+        "image_ids": prepared.image_ids,
+        "data_files": prepared.data_files,
+        "fingerprint": fingerprint(identity),
+        "version": package_version(),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    write_results(out_dir, results, captions)
+    return results
+
+
+def default_out_dir(task: Task, model_name: str, methods: str) -> Path:
+    """``runs/<task>-<data>-<model>-<methods>``, e.g. ``runs/chair-testbed-misleading-testbed-pai``."""
     name = Path(model_name.rstrip("/")).name or "model"
-    return Path("runs") / f"{task}-{name}-{methods.replace('+', '_') or 'vanilla'}"
+    data = task.data_label.replace(" ", "-")
+    return Path("runs") / f"{task.name}-{data}-{name}-{methods.replace('+', '_') or 'vanilla'}"
 
 
 __all__ = [
     "CHAIR_PROMPT",
+    "ChairTask",
+    "Decoding",
+    "EvalError",
+    "ModelInfo",
+    "PopeTask",
+    "RunSettings",
     "Sample",
-    "Settings",
+    "Shard",
     "build_prompt",
     "default_out_dir",
-    "generate_rows",
+    "evaluate",
+    "launcher_shard",
     "load_model",
+    "model_info",
     "read_rows",
-    "run_chair",
-    "run_pope",
-    "run_sharded",
+    "row_seed",
 ]

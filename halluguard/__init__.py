@@ -3,25 +3,67 @@
 guard = halluguard.wrap(model, processor, "vhr")    # model.generate is guarded from now on
 ...
 guard.unwrap()                                       # the model is exactly as before
+
+The names below are imported on first use, so ``import halluguard`` (and the console script's
+``--help``) does not load torch and transformers until a name that needs them is used.
 """
 
-from . import attention  # noqa: F401  (registers the "halluguard" attention and mask functions)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .adapters import supported_model_types
-from .api import Guard, wrap
-from .config import MethodConfig
-from .methods import (
-    AVCConfig,
-    DeCoReConfig,
-    LookbackConfig,
-    Method,
-    OPERAConfig,
-    PAIConfig,
-    VARConfig,
-    VCDConfig,
-    VHRConfig,
-)
-from .registry import get_config, list_methods, register_method
+
+_EXPORTS = {
+    "Guard": ".api",
+    "wrap": ".api",
+    "supported_model_types": ".adapters",
+    "MethodConfig": ".config",
+    "AVCConfig": ".methods",
+    "DeCoReConfig": ".methods",
+    "LookbackConfig": ".methods",
+    "Method": ".methods",
+    "OPERAConfig": ".methods",
+    "PAIConfig": ".methods",
+    "VARConfig": ".methods",
+    "VCDConfig": ".methods",
+    "VHRConfig": ".methods",
+    "get_config": ".registry",
+    "list_methods": ".registry",
+    "register_method": ".registry",
+}
+
+if TYPE_CHECKING:
+    from .adapters import supported_model_types
+    from .api import Guard, wrap
+    from .config import MethodConfig
+    from .methods import (
+        AVCConfig,
+        DeCoReConfig,
+        LookbackConfig,
+        Method,
+        OPERAConfig,
+        PAIConfig,
+        VARConfig,
+        VCDConfig,
+        VHRConfig,
+    )
+    from .registry import get_config, list_methods, register_method
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'halluguard' has no attribute {name!r}")
+    importlib.import_module(".attention", __name__)  # registers the "halluguard" attention and mask functions
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "AVCConfig",

@@ -1,18 +1,109 @@
-"""The ``halluguard`` console script."""
+"""The ``halluguard`` console script.
+
+Every user mistake is answered with one line on stderr and a non-zero exit (2 for a wrong command
+line, 1 for a run that failed); ``--debug`` shows the traceback instead. torch and transformers are
+imported only by the commands that need them, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from . import __version__
-from .adapters import ADAPTERS
-from .registry import entry, list_methods
+from ._version import __version__
+from .eval.pope import RULES as ANSWER_RULES
+from .eval.pope import SPLITS as POPE_SPLITS
+from .eval.runner import CHAIR_DATASETS, CHAIR_PROMPT, DTYPES, POPE_DATASETS
+from .eval.runner import TESTBED_CHAIR_SPLITS as TESTBED_SPLITS
+
+
+class UsageError(Exception):
+    """A command line that cannot run as given (exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or not action.option_strings or unset:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+# ---- methods and models -------------------------------------------------------------------------------
+
+
+def _command_exists(words: list[str]) -> bool:
+    """Whether ``halluguard <words...>`` names a command of this parser."""
+    parser: argparse.ArgumentParser = build_parser()
+    for word in words:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            return True
+        if word not in actions[0].choices:
+            return False
+        parser = actions[0].choices[word]
+    return not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+
+
+_COMMAND = re.compile(r"`halluguard ((?:[a-z][a-z-]*)(?: [a-z][a-z-]*)*)[^`]*`")
+
+
+def mark_missing_commands(text: str) -> str:
+    """``halluguard ...`` commands quoted in ``text`` that this version lacks get "(not shipped yet)"."""
+
+    def mark(match: re.Match) -> str:
+        words = match.group(1).split()
+        for n in range(len(words), 0, -1):
+            if _command_exists(words[:n]):
+                return match.group(0)
+        return f"{match.group(0)} (not shipped yet)"
+
+    return _COMMAND.sub(mark, text)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
+    from .registry import entry, list_methods
+
     names = [args.name] if args.name else list_methods()
     for name in names:
         item = entry(name)
@@ -20,29 +111,17 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         print(f"{name:10s} {item.summary}  [{status}]")
         if args.name or args.verbose:
             for field, default, doc in item.config_cls.describe():
-                print(f"    {field:22s} = {default!r:12s} {doc}")
+                print(f"    {field:22s} = {default!r:12s} {mark_missing_commands(doc)}")
             print(f"    neutral: {item.config_cls.neutral_overrides}")
     return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from .adapters import ADAPTERS
+
     for model_type, adapter in sorted(ADAPTERS.items()):
         print(f"{model_type:16s} {adapter.family}")
     return 0
-
-
-def _settings(args: argparse.Namespace, max_new_tokens: int):
-    from .eval.runner import Settings
-
-    return Settings(
-        max_new_tokens=args.max_new_tokens or max_new_tokens,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
 
 
 def method_configs(spec: str, overrides: str | None) -> list:
@@ -51,69 +130,153 @@ def method_configs(spec: str, overrides: str | None) -> list:
     from .registry import get_config
 
     names = [n.strip() for n in spec.split("+") if n.strip()]
-    if not overrides:
-        return [get_config(n) for n in names]
-    text = Path(overrides).read_text() if Path(overrides).is_file() else overrides
-    data = json.loads(text)
-    if not all(isinstance(v, dict) for v in data.values()) or not set(data) <= set(names):
+    if overrides is None:
+        try:
+            return [get_config(n) for n in names]
+        except ValueError as err:
+            raise UsageError(f"--method: {err}") from None
+    if not names:
+        raise UsageError("--config needs --method (the method whose fields it sets)")
+    path = Path(overrides)
+    text = path.read_text() if path.is_file() else overrides
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"file {path}" if path.is_file() else "text"
+        raise UsageError(f"--config: the {where} is not valid JSON ({err}) and names no file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config must be a JSON object of fields, got {type(data).__name__}")
+    per_method = data and set(data) <= set(names) and all(isinstance(v, dict) for v in data.values())
+    if not per_method:
         if len(names) != 1:
-            raise ValueError("with several methods, --config must map each method name to its fields")
+            raise UsageError(
+                f"with several methods, --config must map each method name ({', '.join(names)}) to its fields"
+            )
         data = {names[0]: data}
-    return [get_config(n, **data.get(n, {})) for n in names]
+    try:
+        return [get_config(n, **data.get(n, {})) for n in names]
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--config: {err}") from None
+
+
+# ---- eval --------------------------------------------------------------------------------------------
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name, None) is not None
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on other options and refuse options that do not apply."""
+    from .eval.runner import looks_like_path
+
+    if args.model != "testbed" and looks_like_path(args.model) and not Path(args.model).expanduser().exists():
+        raise UsageError(f"model path {args.model} does not exist")
+    testbed_data = args.dataset == "testbed" if args.dataset else args.model == "testbed"
+    args.dataset = args.dataset or ("testbed" if testbed_data else "coco")
+    if testbed_data:
+        for option in ("coco_images", "image_ids"):
+            if _given(args, option):
+                raise UsageError(f"--{option.replace('_', '-')} does not apply to the testbed dataset")
+    else:
+        if not args.coco_images:
+            raise UsageError(f"the {args.dataset} dataset needs --coco-images DIR (the COCO val2014 images)")
+        if not Path(args.coco_images).is_dir():
+            raise UsageError(f"--coco-images {args.coco_images}: no such folder")
+        if args.task == "chair" and _given(args, "split"):
+            raise UsageError("--split applies to the testbed dataset only (COCO CHAIR uses val2014 images)")
+        if args.task == "pope" and _given(args, "num_images"):
+            raise UsageError(
+                f"--num-images applies to the testbed dataset only ({args.dataset} questions come with their "
+                "images; --num-questions takes the first N per split)"
+            )
+    if not args.do_sample:
+        for option in ("temperature", "top_p"):
+            if _given(args, option):
+                raise UsageError(f"--{option.replace('_', '-')} applies only with --do-sample")
+    if args.config is not None and not args.method:
+        raise UsageError("--config needs --method (the method whose fields it sets)")
+
+
+def _task(args: argparse.Namespace):
+    from .eval import runner
+
+    if args.task == "chair":
+        return runner.ChairTask(
+            dataset=args.dataset,
+            num_images=args.num_images,
+            split=args.split or "misleading",
+            image_ids=args.image_ids or "opera",
+            coco_images=args.coco_images,
+            prompt=args.prompt,
+            short=args.short,
+        )
+    return runner.PopeTask(
+        dataset=args.dataset,
+        splits=tuple(args.splits),
+        num_images=args.num_images or 500,
+        num_questions=args.num_questions,
+        coco_images=args.coco_images,
+        answer_rule=args.answer_rule,
+        prompt_suffix=args.prompt_suffix,
+    )
+
+
+def _report_failed(results: dict) -> int:
+    failed = results["failed"]
+    if not failed["count"]:
+        return 0
+    reasons = "; ".join(f"{f['key']}: {f['error']}" for f in failed["first"][:3])
+    print(
+        f"halluguard: {failed['count']} of {results['samples']} rows failed ({reasons}); the scores cover the "
+        "others; rerun the same command to retry them",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .api import wrap
+    check_eval_args(args)
+    methods = method_configs(args.method, args.config)
     from .eval import runner
 
-    methods = method_configs(args.method or "", args.config)
+    try:
+        task = _task(args)
+        settings = runner.RunSettings(
+            runner.Decoding(
+                max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
+                num_beams=args.num_beams,
+                do_sample=args.do_sample,
+                temperature=args.temperature or 1.0,
+                top_p=args.top_p or 1.0,
+            ),
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method)
+    prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
+    shard = runner.launcher_shard()
     model, processor, name = runner.load_model(args.model, dtype=args.dtype, device=args.device)
-    out = Path(args.out) if args.out else runner.default_out_dir(f"{args.task}-{args.dataset}", name, args.method or "")
+    info = runner.model_info(model, name)
+    from .api import wrap
+
     guard = wrap(model, processor, methods) if methods else None
     try:
-        if args.task == "chair":
-            results = runner.run_chair(
-                model,
-                processor,
-                name,
-                out,
-                guard,
-                dataset=args.dataset,
-                coco_images=args.coco_images,
-                image_ids=args.image_ids,
-                num_images=args.num_images,
-                seed=args.seed,
-                prompt=args.prompt,
-                settings=_settings(args, 64 if args.short else 512),
-                short=args.short,
-                split=args.split,
-            )
-        else:
-            results = runner.run_pope(
-                model,
-                processor,
-                name,
-                out,
-                guard,
-                dataset=args.dataset,
-                splits=args.splits,
-                coco_images=args.coco_images,
-                num_questions=args.num_questions,
-                seed=args.seed,
-                rule=args.answer_rule,
-                suffix=args.prompt_suffix,
-                settings=_settings(args, 10),
-                num_images=args.num_images,
-            )
+        results = runner.evaluate(
+            task, model, processor, out, guard, settings, info, shard, overwrite=args.overwrite, prepared=prepared
+        )
     finally:
         if guard is not None:
             guard.unwrap()
-    if results is not None:
-        from .eval.report import chair_table, pope_table
+    if results is None:  # not process 0: it prints
+        return 0
+    from .eval.report import chair_table, pope_table
 
-        print((chair_table if args.task == "chair" else pope_table)([results]))
-        print(f"results: {out / 'results.json'}")
-    return 0
+    print((chair_table if args.task == "chair" else pope_table)([results]))
+    print(f"results: {out / 'results.json'}")
+    return _report_failed(results)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -125,54 +288,72 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaf(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return parser
+
+
 def _add_eval_parsers(sub) -> None:
-    ev = sub.add_parser("eval", help="CHAIR and POPE evaluation")
-    tasks = ev.add_subparsers(dest="task", required=True)
+    ev = sub.add_parser("eval", help="CHAIR and POPE evaluation", formatter_class=HelpFormatter)
+    tasks = ev.add_subparsers(dest="task", required=True, metavar="{chair,pope,report}")
     for task in ("chair", "pope"):
-        p = tasks.add_parser(task, help=f"run {task.upper()} with a method composition (or none)")
+        datasets = CHAIR_DATASETS if task == "chair" else POPE_DATASETS
+        p = _leaf(tasks, task, help=f"run {task.upper()} with a method composition (or none)")
         p.add_argument(
             "--model",
             default="testbed",
-            help="hub id or local path of a supported LVLM, or 'testbed' (the shipped test model; default)",
+            help="hub id or local path of a supported LVLM, or 'testbed' (the shipped test model)",
         )
         p.add_argument("--method", default="", help="method spec, e.g. 'pai' or 'pai+var' (default: none, vanilla)")
         p.add_argument("--config", help="JSON (or a JSON file) of config overrides, e.g. '{\"alpha\": 0.5}'")
         p.add_argument(
             "--dataset",
-            default=None,
-            help="coco (needs --coco-images) or testbed (the synthetic world); "
-            "POPE also aokvqa, gqa. Default: testbed for the test model, else coco",
+            choices=datasets,
+            help="coco (needs --coco-images) or testbed (the synthetic world)"
+            + ("; also aokvqa, gqa" if task == "pope" else "")
+            + " (default: testbed for the test model, else coco)",
         )
-        p.add_argument("--coco-images", help="folder of COCO val2014 images")
-        p.add_argument("--out", help="run folder (default runs/<task>-<dataset>-<model>-<method>); a rerun resumes")
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--max-new-tokens", type=int, default=None)
-        p.add_argument("--num-beams", type=int, default=1)
-        p.add_argument("--do-sample", action="store_true")
-        p.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--num-images", type=int, default=500)
-        p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-        p.add_argument("--device", default=None, help="e.g. cuda:0 (default: where the model loads)")
+        p.add_argument("--coco-images", metavar="DIR", help="folder of COCO val2014 images (COCO data only)")
+        p.add_argument(
+            "--out",
+            metavar="DIR",
+            help="run folder; a rerun with the same settings resumes it (default: runs/<task>-<data>-<model>-<method>)",
+        )
+        p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
+        p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
+        max_tokens = "512 (64 with --short)" if task == "chair" else "10"
+        p.add_argument("--max-new-tokens", type=_count, help=f"token limit per answer (default: {max_tokens})")
+        p.add_argument("--num-beams", type=_count, default=1, help="beam count")
+        p.add_argument("--do-sample", action="store_true", help="sample (one row at a time, seeded by row)")
+        p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
+        p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")
+        p.add_argument("--seed", type=int, default=0, help="run seed (rows derive theirs from it and their id)")
+        if task == "chair":
+            p.add_argument("--num-images", type=_count, default=500, help="images to caption")
+        else:
+            p.add_argument("--num-images", type=_count, help="testbed scenes, 6 questions each (default: 500)")
+        p.add_argument(
+            "--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's; fp32 for testbed)"
+        )
+        p.add_argument("--device", help="e.g. cpu or cuda:0 (default: the GPU under a launcher, else CPU)")
         p.set_defaults(func=_cmd_eval)
         if task == "chair":
+            p.add_argument("--short", action="store_true", help="64-token regime: drop a last unfinished sentence")
             p.add_argument(
-                "--short", action="store_true", help="64-token regime: 64 tokens, drop a last unfinished sentence"
+                "--image-ids",
+                help="COCO: 'opera' (the standard 500), 'seeded' (a seeded sample), or a file of ids (default: opera)",
             )
-            p.add_argument(
-                "--image-ids", default="opera", help="'opera' (the standard 500), 'seeded', or a file of ids"
-            )
-            p.add_argument("--prompt", default="Please describe this image in detail.")
-            p.add_argument("--split", default="misleading", help="testbed split: test or misleading")
+            p.add_argument("--prompt", default=CHAIR_PROMPT, help="caption prompt")
+            p.add_argument("--split", choices=TESTBED_SPLITS, help="testbed split (default: misleading)")
         else:
-            p.add_argument("--splits", nargs="+", default=["random", "popular", "adversarial"])
-            p.add_argument("--num-questions", type=int, default=None, help="first N questions per split")
-            p.add_argument("--answer-rule", default="pope", choices=["pope", "opera", "vcd"])
-            p.add_argument("--prompt-suffix", default="", help="text appended to each question")
-    rep = tasks.add_parser("report", help="compare runs: markdown table and bar chart")
+            p.add_argument("--splits", nargs="+", choices=POPE_SPLITS, default=list(POPE_SPLITS), help="POPE splits")
+            p.add_argument("--num-questions", type=_count, help="first N questions per split (default: all)")
+            p.add_argument("--answer-rule", default="pope", choices=ANSWER_RULES, help="yes/no parsing rule")
+            p.add_argument("--prompt-suffix", default="", help="text appended to each question (default: none)")
+    rep = _leaf(tasks, "report", help="compare runs: markdown table and bar chart")
     rep.add_argument("runs", nargs="+", help="run folders (or results.json files)")
-    rep.add_argument("--chart", help="save a bar chart (PNG) here")
+    rep.add_argument("--chart", metavar="PNG", help="save a bar chart here")
     rep.set_defaults(func=_cmd_report)
 
 
@@ -185,40 +366,65 @@ def _cmd_calibrate_sink_dims(args: argparse.Namespace) -> int:
 def _add_calibrate_parsers(sub) -> None:
     cal = sub.add_parser("calibrate", help="offline calibration for methods that need model-specific data")
     tools = cal.add_subparsers(dest="tool", required=True)
-    dims = tools.add_parser("sink-dims", help="massive-activation dimensions of the text backbone (for VAR)")
+    dims = _leaf(tools, "sink-dims", help="massive-activation dimensions of the text backbone (for VAR)")
     dims.add_argument("--model", required=True, help="hub id or local path, or 'testbed'")
     dims.add_argument("--out", help="save the result as JSON here")
     dims.add_argument("--tau", type=float, default=20.0, help="score threshold (VAR's tau)")
-    dims.add_argument("--top", type=int, default=2, help="how many dimensions to keep at most")
+    dims.add_argument("--top", type=_count, default=2, help="how many dimensions to keep at most")
     dims.set_defaults(func=_cmd_calibrate_sink_dims)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="halluguard", description="Decoding-time hallucination mitigation for HuggingFace vision-language models."
+    parser = Parser(
+        prog="halluguard",
+        description="Decoding-time hallucination mitigation for HuggingFace vision-language models.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"halluguard {__version__}")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    methods = sub.add_parser("methods", help="list the methods and their configuration fields")
+    methods = _leaf(sub, "methods", help="list the methods and their configuration fields")
     methods.add_argument("name", nargs="?", help="show one method's fields")
     methods.add_argument("-v", "--verbose", action="store_true", help="show every method's fields")
     methods.set_defaults(func=_cmd_methods)
-    models = sub.add_parser("models", help="list the supported model types (config.model_type)")
+    models = _leaf(sub, "models", help="list the supported model types (config.model_type)")
     models.set_defaults(func=_cmd_models)
     _add_eval_parsers(sub)
     _add_calibrate_parsers(sub)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    message = text[0] if text else type(err).__name__
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        message = f"{err.filename}: {err.strerror}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "func", None) is _cmd_eval and args.dataset is None:
-        args.dataset = "testbed" if args.model == "testbed" else "coco"
+    debug = getattr(args, "debug", False)
     try:
         return args.func(args)
-    except ValueError as err:
-        print(f"halluguard: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("halluguard: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except UsageError as err:
+        if debug:
+            raise
+        print(f"halluguard: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if debug:
+            raise
+        from .eval.runner import EvalError
+
+        known = isinstance(err, (EvalError, ValueError, OSError))
+        prefix = "" if known else f"{type(err).__name__}: "
+        hint = "" if known else " (--debug shows the traceback)"
+        print(f"halluguard: error: {prefix}{_one_line(err)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -144,6 +144,48 @@ def test_cli_prints_scores(tmp_path, capsys):
     assert out["chair_i"] == 100.0 and out["n"] == 1
 
 
+GOOD = '{"image_id": 9, "caption": "A cat."}'
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "holds no captions"),
+        ("\n  \n", "holds no captions"),
+        ("[]", "holds no captions"),
+        (f'{GOOD}\n\n{{"image_id": 10, "caption": "A dog."\n', "line 3 is not valid JSON"),
+        (f'{GOOD}\n{{"image_id": 10}}\n', "line 2 has no 'caption' (keys: image_id)"),
+        (f'{GOOD}\n{{"caption": "A dog."}}\n', "line 2 has no 'image_id'"),
+        (f"{GOOD}\n[1, 2]\n", "line 2 is not an object"),
+        (f'{GOOD}\n{{"image_id": "nine", "caption": "x"}}\n', "line 2: image id 'nine' is not an integer"),
+        (f'{GOOD}\n{{"image_id": 10, "caption": null}}\n', "line 2: 'caption' is not a string"),
+        (f'{GOOD}\n{{"image_id": 10, "caption": "x"}}\n{GOOD}\n', "line 3 repeats image 9 (line 1)"),
+        (f"[{GOOD}, {GOOD}]", "item 2 repeats image 9 (item 1)"),
+        (f'{GOOD}\n{{"image_id": 1, "caption": "x"}}\n', "line 2: image 1 has no ground-truth objects"),
+    ],
+)
+def test_score_cli_answers_a_bad_caption_file_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "caps.jsonl"
+    path.write_text(content)
+    assert chair.main(["score", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert message in captured.err and str(path) in captured.err
+
+
+def test_score_cli_missing_file(tmp_path, capsys):
+    assert chair.main(["score", str(tmp_path / "nope.jsonl")]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_score_cli_scores_a_valid_file_with_blank_lines(tmp_path, capsys):
+    path = tmp_path / "caps.jsonl"
+    path.write_text(f'{GOOD}\n\n{{"image_id": 25, "caption": "A giraffe."}}\n')
+    assert chair.main(["score", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 2 and out["mentions"] == 2
+
+
 @pytest.mark.parametrize(
     "text, pope_rule, opera_rule",
     [
