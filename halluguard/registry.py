@@ -1,12 +1,14 @@
 """The method registry: the one place that maps a method name to its config and implementation.
 
-Each method module calls :func:`register_method` once, at import. ``wrap`` resolves names,
+``halluguard.methods.configs`` calls :func:`register_method` once per method (a method defined
+elsewhere registers itself the same way). ``wrap`` resolves names,
 ``"a+b"`` compositions and config objects through this table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .config import MethodConfig
@@ -19,24 +21,36 @@ if TYPE_CHECKING:
 class MethodEntry:
     name: str
     config_cls: type[MethodConfig]
-    method_cls: "type[Method] | None"  # None: the config is defined, the implementation is not shipped yet
+    # the Method class, its import path "module:Class" (imported on first use), or None: the config is
+    # defined, the implementation is not shipped yet
+    implementation: type[Method] | str | None
     summary: str
 
     @property
     def available(self) -> bool:
-        return self.method_cls is not None
+        return self.implementation is not None
+
+    @property
+    def method_cls(self) -> type[Method] | None:
+        if isinstance(self.implementation, str):
+            module, _, name = self.implementation.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.implementation
 
 
 _REGISTRY: dict[str, MethodEntry] = {}
 
 
-def register_method(name: str, config_cls: type[MethodConfig], method_cls: "type[Method] | None", summary: str) -> None:
-    """Register a method under ``name``. Called once per method module."""
+def register_method(
+    name: str, config_cls: type[MethodConfig], implementation: type[Method] | str | None, summary: str
+) -> None:
+    """Register a method under ``name``: its config class and its ``Method`` class (or the import path
+    ``"module:Class"`` of one, imported on first use; None while only the config exists)."""
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
     if config_cls.name != name:
         raise ValueError(f"{config_cls.__name__}.name is {config_cls.name!r}, expected {name!r}")
-    _REGISTRY[name] = MethodEntry(name, config_cls, method_cls, summary)
+    _REGISTRY[name] = MethodEntry(name, config_cls, implementation, summary)
 
 
 # Pairs of decoding-loop owners whose combination is defined and tested (none yet).

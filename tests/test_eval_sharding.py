@@ -54,6 +54,7 @@ def raw_keys(out: Path) -> list[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_two_killed_and_resumed_processes_equal_one(tmp_path, capsys):
     assert cli.main([*POPE, "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from probes import Probe, assert_batch_rows_equal_single_rows, reference_everywhere, stats_only
-from tiny_models import FAMILIES, build_model, make_inputs
+from tiny_models import build_model, family_params, make_inputs
 
 import halluguard as hg
 from halluguard.attention import GUARD_ATTRIBUTE, AttentionEdit, Reductions
@@ -34,7 +34,7 @@ def generate(model, inputs, **kwargs):
         return model.generate(**inputs, **GEN, **kwargs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_hook_reference_path_matches_sdpa(family):
     model, inputs = model_and_inputs(family)
     want = logits(model, inputs)
@@ -48,7 +48,7 @@ def test_hook_reference_path_matches_sdpa(family):
     assert torch.equal(plain, want)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_wrap_unwrap_restores_the_model_bit_for_bit(family):
     model, inputs = model_and_inputs(family)
     before = logits(model, inputs)
@@ -70,7 +70,7 @@ def test_wrap_unwrap_restores_the_model_bit_for_bit(family):
     assert not any(hasattr(m, GUARD_ATTRIBUTE) for m in model.modules())
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 @pytest.mark.parametrize("methods", ["none", "reference", "stats"])
 def test_greedy_and_beam_tokens_identical_without_edits(family, methods):
     model, inputs = model_and_inputs(family)

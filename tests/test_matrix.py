@@ -11,13 +11,14 @@ each method x family:
 ``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
 what every config of a method needs there besides its strength (the tiny models have no massive
 activations, so VAR needs sink dimensions named, and a low threshold finds sinks). The batch and
-decoding-mode checks are marked ``slow`` (``python -m pytest -m slow``, run in CI).
+decoding-mode checks, and every check on the families outside ``CORE_FAMILIES``, are marked ``slow``
+(``python -m pytest -m slow``, run in CI).
 """
 
 import pytest
 import torch
 from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens
-from tiny_models import FAMILIES, build_model, make_inputs
+from tiny_models import FAMILIES, build_model, family_params, make_inputs
 
 import halluguard as hg
 from halluguard import registry
@@ -30,7 +31,7 @@ ACTIVE = {
 }
 CONTEXT = {"var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1)}
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-CASES = [(m, f) for m in METHODS for f in FAMILIES]
+CASES = [case for m in METHODS for case in family_params(FAMILIES, m)]
 
 
 def active(name):

@@ -3,7 +3,17 @@
 import pytest
 import torch
 from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens
-from tiny_models import BOI, EOI, FAMILIES, IMAGE, VISION_END, VISION_START, build_model, make_inputs, row_inputs
+from tiny_models import (
+    BOI,
+    EOI,
+    IMAGE,
+    VISION_END,
+    VISION_START,
+    build_model,
+    family_params,
+    make_inputs,
+    row_inputs,
+)
 
 import halluguard as hg
 from halluguard.adapters import adapter_for
@@ -256,7 +266,7 @@ def test_vhr_composes_with_attention_edits():
     assert out.shape[1] == inputs["input_ids"].shape[1] + 6
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_vhr_var_and_pai_guidance_run_together_on_every_family(family):
     """VHR's probe, VAR's redistribution (a low sink threshold on two dimensions) and PAI's
     image-free side stream together: greedy, sampling and beam search."""

@@ -215,6 +215,18 @@ _CONFIGS: dict[str, tuple[str, str, dict]] = {
 }
 
 FAMILIES: tuple[str, ...] = tuple(_CONFIGS)
+# The families every quick run covers (Llama with CLIP, M-RoPE, sliding-window + bidirectional
+# image attention); sweeps over all families mark the others ``slow`` (CI runs those too).
+CORE_FAMILIES: tuple[str, ...] = ("llava", "qwen2_vl", "gemma3")
+
+
+def family_params(families=FAMILIES, *prefix):
+    """``pytest.param``s over families (each after ``prefix`` values), non-core ones marked slow."""
+    import pytest
+
+    marks = lambda family: () if family in CORE_FAMILIES else (pytest.mark.slow,)
+    return [pytest.param(*prefix, family, marks=marks(family)) for family in families]
+
 
 # Families whose rows may hold more than one image.
 MULTI_IMAGE_FAMILIES: tuple[str, ...] = (

@@ -1,14 +1,17 @@
-"""Methods: one module per method, each with its config dataclass and one registration."""
+"""Methods: every method's settings and registration in ``configs``; one implementation module per
+method (``vhr``, ``var``, ``pai``), imported when the method is first used."""
 
-from .avc import AVCConfig
 from .base import Method
-from .decore import DeCoReConfig
-from .lookback import LookbackConfig
-from .opera import OPERAConfig
-from .pai import PAIConfig
-from .var import VARConfig
-from .vcd import VCDConfig
-from .vhr import VHRConfig
+from .configs import (
+    AVCConfig,
+    DeCoReConfig,
+    LookbackConfig,
+    OPERAConfig,
+    PAIConfig,
+    VARConfig,
+    VCDConfig,
+    VHRConfig,
+)
 
 __all__ = [
     "AVCConfig",

@@ -32,7 +32,6 @@ Where the official code and the paper differ, the code is followed, with options
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -40,43 +39,10 @@ from transformers import LogitsProcessor
 
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit
-from ..config import MethodConfig, param
 from ..decoding import Branch, contrast
-from ..registry import register_method
 from ..state import GuardState
 from .base import Method
-
-
-@dataclasses.dataclass
-class PAIConfig(MethodConfig):
-    name = "pai"
-    neutral_overrides = {"alpha": 0.0, "gamma": 1.0}
-
-    alpha: float = param(0.2, "amplification of image-key logits: z + alpha * |z|", low=0.0)
-    start_layer: int = param(2, "first layer amplified", low=0)
-    end_layer: int | None = param(
-        None, "layer after the last one amplified; None = all layers", low=1, optional=True, kind=int
-    )
-    use_cfg: bool = param(True, "image-free guidance branch (the paper's method and the official run commands)")
-    gamma: float = param(1.1, "guidance strength gamma (README runs 1.1; CHAIR script 2.0; 1 = off)", low=0.0)
-    beta: float = param(0.1, "plausibility cutoff s >= max(s) + ln(beta); 0 disables it", low=0.0, high=1.0)
-    amplify_first_token: bool = param(
-        False, "with guidance on, also amplify the forward that produces the first token (the official code does not)"
-    )
-    separate_stream: bool = param(
-        False, "run the image-free stream as its own forward per step (the official way) instead of extra rows"
-    )
-
-    def validate(self) -> None:
-        if self.end_layer is not None and self.end_layer <= self.start_layer:
-            raise ValueError(
-                f"PAIConfig.end_layer ({self.end_layer}) must be greater than start_layer ({self.start_layer})"
-            )
-
-    @property
-    def guided(self) -> bool:
-        """Whether the image-free branch runs (guidance on, and gamma != 1)."""
-        return self.use_cfg and self.gamma != 1.0
+from .configs import PAIConfig
 
 
 class PAI(Method):
@@ -125,6 +91,3 @@ class ImageFreeGuidance(LogitsProcessor):
         cfg = self.method.config
         free = self.state.branch_logits(self.method, input_ids)
         return contrast(scores, free, cfg.gamma, cfg.gamma - 1.0, space="log_probs", beta=cfg.beta).to(scores.dtype)
-
-
-register_method("pai", PAIConfig, PAI, "pay more attention to image: image-key amplification and image-free guidance")
