@@ -26,6 +26,8 @@ On ``misleading`` scenes (an anchor ``A`` drawn without its partner ``B``):
    small on the first and positive on the second.
 4. **attention saturation**: over (layer, head, caption step), the share that puts less than 1% or
    more than 99% of its attention on the image, and the number of heads that always do.
+5. **faint detection** (worlds with a ``faint`` split): how often captions name a faint partner when
+   it is drawn at each of several visibility ranges (``FAINT_SWEEP``).
 """
 
 from __future__ import annotations
@@ -251,17 +253,49 @@ def caption_analysis(world, scorer: Scorer, model, processor, count: int, seed: 
     }
 
 
+FAINT_SWEEP = ((0.16, 0.3), (0.05, 0.12), (0.03, 0.05), (0.01, 0.03))
+
+
+def faint_detection(world, model, processor, count: int, seed: int, ranges=FAINT_SWEEP) -> dict:
+    """Percent of ``faint``-split captions that name the partner, with faint partners drawn at each
+    visibility range (worlds with a ``faint`` split and ``VISIBILITY`` levels only)."""
+    saved = world.VISIBILITY["faint"]
+    out = {}
+    try:
+        for lo, hi in ranges:
+            world.VISIBILITY["faint"] = (lo, hi)
+            scenes = list(world.scenes("faint", count, seed))
+            captions = greedy_captions(model, processor, [s.render() for s in scenes])
+            out[f"{lo:g}-{hi:g}"] = partner_named(world, scenes, captions)
+    finally:
+        world.VISIBILITY["faint"] = saved
+    return out
+
+
+def partner_named(world, scenes, captions) -> float:
+    """Percent of captions that name the partner of the scene's anchor."""
+    synonyms = {s: c for c, syns in world.SYNONYMS.items() for s in syns}
+    named = []
+    for scene, caption in zip(scenes, captions):
+        anchor = next(a for a in world.PAIRS if a in scene.categories)
+        named.append(world.PAIRS[anchor] in {synonyms.get(w.strip(".,")) for w in caption.lower().split()})
+    return 100.0 * float(np.mean(named))
+
+
 def run(model_dir: str | None = None, world_path: str | None = None, count: int = 100, seed: int = 0) -> dict:
     world = load_world(world_path)
     model, processor = load_model(model_dir)
     scorer = Scorer(model, processor)
     misleading = list(world.scenes("misleading", count, seed))
-    return {
+    results = {
         "model": str(model_dir or "shipped"),
         "count": count,
         "p_partner": p_partner(world, scorer, misleading),
         **caption_analysis(world, scorer, model, processor, count, seed),
     }
+    if "faint" in getattr(world, "SPLIT_SEEDS", {}) and hasattr(world, "VISIBILITY"):
+        results["faint_partner_named"] = faint_detection(world, model, processor, count, seed)
+    return results
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -330,6 +364,11 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         + " | ".join(f"{r['heads_always_on_image']} / {r['heads_never_on_image']} of {r['heads']}" for _, r in results)
         + " |"
     )
+    sweeps = [r.get("faint_partner_named") for _, r in results]
+    if any(sweeps):
+        lines += ["", "Faint-split partners named, by the faint partners' visibility (share of colour kept):", "", head]
+        for key in next(s for s in sweeps if s):
+            lines.append(f"| {key} | " + " | ".join(f"{s[key]:.0f}%" if s and key in s else "-" for s in sweeps) + " |")
     return "\n".join(lines) + "\n"
 
 
