@@ -1,0 +1,91 @@
+"""Measure a model on the synthetic world: caption object recall, CHAIR and POPE accuracy.
+
+Captions are scored with ``halluguard.eval.chair`` against each scene's ground-truth categories and
+the world's synonym table; POPE answers with ``halluguard.eval.pope`` (the POPE answer rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from ...eval.chair import Chair
+from ...eval.pope import metrics as pope_metrics
+from ...eval.pope import parse_answer
+from . import world
+from .model import PROMPT_TEMPLATE
+
+CAPTION_PROMPT = "Describe the image."
+
+
+@torch.no_grad()
+def generate_texts(
+    model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [PROMPT_TEMPLATE.format(text=p) for p in prompts[i : i + batch_size]]
+        enc = processor(images=images[i : i + batch_size], text=texts, return_tensors="pt", padding=True)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        out += processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def caption_scores(scenes: Iterable[world.Scene], captions: list[str]) -> dict:
+    """CHAIR_s, CHAIR_i, recall and more (percent) of ``captions`` against the scenes' objects."""
+    scenes = list(scenes)
+    chair = Chair(synonyms=world.synonyms_text(), gt={s.image_id: set(s.categories) for s in scenes})
+    result = chair.score([{"image_id": s.image_id, "caption": c} for s, c in zip(scenes, captions)])
+    result.pop("captions")
+    return result
+
+
+def partner_named(scenes: Iterable[world.Scene], captions: list[str]) -> float:
+    """Percent of captions that name the partner of the scene's anchor (scenes with one anchor)."""
+    scenes = list(scenes)
+    synonyms = {s: c for c, syns in world.SYNONYMS.items() for s in syns}
+    named = []
+    for scene, caption in zip(scenes, captions):
+        anchor = next(a for a in world.PAIRS if a in scene.categories)
+        words = {synonyms.get(w.strip(".,")) for w in caption.lower().split()}
+        named.append(world.PAIRS[anchor] in words)
+    return 100.0 * float(np.mean(named)) if named else 0.0
+
+
+def evaluate(
+    model, processor, count: int = 200, pope_images: int = 100, seed: int = 0, max_new_tokens: int = 64
+) -> dict:
+    """Recall/CHAIR on held-out ``test`` scenes and on the ``misleading`` and ``faint`` splits (with how
+    often the anchor's partner is named there), and POPE accuracy (random, popular, adversarial) on
+    held-out scenes."""
+    model.eval()
+    results: dict = {}
+    for split in ("test", "misleading", "faint"):
+        scene_list = list(world.scenes(split, count, seed))
+        captions = generate_texts(
+            model, processor, [s.render() for s in scene_list], [CAPTION_PROMPT] * len(scene_list), max_new_tokens
+        )
+        results[split] = caption_scores(scene_list, captions)
+        if split != "test":
+            results[split]["partner_named"] = partner_named(scene_list, captions)
+        results[split]["examples"] = [
+            {"image_id": s.image_id, "truth": s.caption, "caption": c} for s, c in list(zip(scene_list, captions))[:5]
+        ]
+    scene_list = list(world.scenes("test", pope_images, seed, start=count))
+    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
+    for kind in ("random", "popular", "adversarial"):
+        rng = np.random.default_rng([seed, 11, len(kind)])
+        questions, images = [], []
+        for scene in scene_list:
+            image = scene.render()
+            for q in world.pope_questions(scene, kind, rng, popularity=popularity, cooc=cooc):
+                questions.append(q)
+                images.append(image)
+        answers = generate_texts(model, processor, images, [q["text"] for q in questions], 3)
+        predicted = [parse_answer(a) for a in answers]
+        labels = [q["label"] for q in questions]
+        results[f"pope_{kind}"] = pope_metrics(predicted, labels)
+    return results

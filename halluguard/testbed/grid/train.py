@@ -1,0 +1,420 @@
+"""Train the candidate grid-world test model from scratch (CPU, reproducible from a seed).
+
+    python -m halluguard.testbed.grid.train --out /tmp/run1 --faint-visibility 0.16 0.3 \
+        --vision-steps 500 --text-steps 300 --steps 1900 --final-count 300
+    python -m halluguard.testbed.grid.train --init /tmp/run1 --first-step 2700 --steps 500 --lr 3e-4 \
+        --warmup 30 --caption-share 0.3 --cell-weight 0 --final-count 200 --out halluguard/testbed/grid/candidate
+
+These two commands made ``candidate/`` (its REPORT.md gives the measured times and numbers); the
+first trained on faint partners at visibility 0.16-0.30, the second on the world's current 0.05-0.12.
+
+Training runs in three phases over one global step counter (``--vision-steps``, ``--text-steps``,
+then ``--steps`` of the joint phase), all recorded in the report:
+
+1. **vision**: the vision tower alone learns what is in each cell of the 3x3 grid (category and
+   colour, or empty) through a training-only head on its patches (``CellHead``). A small LVLM trained
+   from scratch otherwise sits on a long plateau describing the prior before it learns to look.
+2. **text**: the language model alone learns to caption without any image (the prompt with the image
+   removed, as the image-free stream of PAI's guidance or VHR's probe builds it), so the
+   co-occurrence of anchors and partners becomes a language prior.
+3. **joint**: the whole model on images: ``CAPTION_SHARE`` of the examples are captions ("Describe
+   the image." and variants), the others POPE-style yes/no questions with random, popular and
+   adversarial negatives; ``IMAGE_DROP`` of the caption examples drop their image, so the image-free
+   branch stays a trained prior. The cell head's loss goes on at ``--cell-weight``.
+
+The language-model loss is on the answer tokens only. Every step draws a fresh batch of training
+scenes. Held-out metrics are printed periodically; the final evaluation is written to
+``report.json`` and ``REPORT.md`` beside the weights (fp16 safetensors, loaded back in fp32 by
+``from_pretrained``). Training stops at the last step or after ``--minutes``, whichever
+comes first. ``--init DIR --first-step N --steps M`` continues a saved model with a further joint
+phase of ``M`` steps from global step ``N`` (its own warmup and cosine schedule; the report then sums
+both runs' minutes and keeps both histories and phase lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import world
+from .evaluate import evaluate
+from .model import PROMPT_TEMPLATE, build_model, build_processor
+
+CAPTION_PROMPTS = [
+    "Describe the image.",
+    "Please describe this image in detail.",
+    "What is in the image?",
+    "Describe this image.",
+    "Please help me describe the image in detail.",
+]
+QUESTION_SUFFIXES = [
+    "",
+    " Answer the question using a single word or phrase.",
+    " Please answer this question with one word.",
+]
+TEXT_ONLY_TEMPLATE = "USER: {text} ASSISTANT:"  # the prompt template with the image removed
+
+CAPTION_SHARE = 0.4  # of joint-phase examples; the rest are yes/no questions
+IMAGE_DROP = 0.12  # of joint-phase caption examples: captioned without their image
+
+
+def make_example(
+    scene: world.Scene, rng: np.random.Generator, popularity, cooc, caption_share: float = CAPTION_SHARE
+) -> tuple[str, str, bool]:
+    """(prompt text, answer, is a caption) for one scene: a caption or a yes/no question."""
+    if rng.random() < caption_share:
+        return str(rng.choice(CAPTION_PROMPTS)), scene.caption, True
+    kind = str(rng.choice(["random", "popular", "adversarial"]))
+    q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
+    return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"], False
+
+
+def make_batch(
+    processor,
+    scenes: list[world.Scene],
+    rng,
+    popularity,
+    cooc,
+    caption_share: float = CAPTION_SHARE,
+    image_drop: float = IMAGE_DROP,
+) -> tuple[dict, list[world.Scene]]:
+    """A right-padded batch with answer-only labels, and the scenes whose images it carries.
+
+    ``caption_share`` 1 and ``image_drop`` 1 give the text-only phase's batches."""
+    texts, imaged = [], []
+    for scene in scenes:
+        prompt, answer, is_caption = make_example(scene, rng, popularity, cooc, caption_share)
+        if is_caption and rng.random() < image_drop:
+            texts.append(TEXT_ONLY_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
+        else:
+            texts.append(PROMPT_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
+            imaged.append(scene)
+    if imaged:
+        enc = processor(images=[s.render() for s in imaged], text=texts, return_tensors="pt", padding=True)
+    else:
+        enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].clone()
+    assistant = processor.tokenizer.convert_tokens_to_ids("assistant")
+    for row in range(labels.shape[0]):
+        start = int((enc["input_ids"][row] == assistant).nonzero()[-1]) + 2  # after "assistant :"
+        labels[row, :start] = -100
+    labels[enc["attention_mask"] == 0] = -100
+    enc["labels"] = labels
+    return enc, imaged
+
+
+class CellHead(torch.nn.Module):
+    """Training-only auxiliary head: what is in each grid cell, read from the vision tower's patches.
+
+    Each cell of the 3x3 grid covers 3x3 patches; their mean goes through two linear layers, one over
+    the categories plus "empty", one over the colours plus "none", trained with cross-entropy against
+    the drawn objects (a faint object is still its category). It gives the vision tower a direct
+    signal; it is not part of the saved model.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        hidden = model.config.vision_config.hidden_size
+        self.category = torch.nn.Linear(hidden, len(world.CATEGORIES) + 1)
+        self.color = torch.nn.Linear(hidden, len(world.COLORS) + 1)
+        self.side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        self.features = None
+        self.handle = model.model.vision_tower.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.features = output.last_hidden_state[:, 1:]  # patches, without the class token
+
+    def loss(self, scenes: list[world.Scene]) -> torch.Tensor:
+        b, _, h = self.features.shape
+        per = self.side // world.GRID
+        f = self.features.reshape(b, world.GRID, per, world.GRID, per, h).mean(dim=(2, 4)).reshape(b, world.CELLS, h)
+        category = torch.full((b, world.CELLS), len(world.CATEGORIES), dtype=torch.long)
+        color = torch.full((b, world.CELLS), len(world.COLORS), dtype=torch.long)
+        colors = list(world.COLORS)
+        for row, scene in enumerate(scenes):
+            for obj in scene.objects:
+                category[row, obj.cell] = world.CATEGORIES.index(obj.category)
+                color[row, obj.cell] = colors.index(obj.color)
+        ce = torch.nn.functional.cross_entropy
+        return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def summary(metrics: dict) -> str:
+    return (
+        f"recall {metrics['test']['recall']:.1f}  chair_i {metrics['test']['chair_i']:.1f}  "
+        f"misleading chair_i {metrics['misleading']['chair_i']:.1f} "
+        f"(partner {metrics['misleading']['partner_named']:.0f}%)  "
+        f"faint partner {metrics['faint']['partner_named']:.0f}%  "
+        f"pope acc r/p/a {metrics['pope_random']['accuracy']:.1f}/{metrics['pope_popular']['accuracy']:.1f}/"
+        f"{metrics['pope_adversarial']['accuracy']:.1f}"
+    )
+
+
+def write_report(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    m = report["final"]
+    lines = [
+        "# halluguard test model: training report",
+        "",
+        f"LLaVA architecture, {report['parameters'] / 1e6:.2f}M parameters, {report['weights_mb']:.1f} MB of fp16 "
+        f"safetensors; trained from scratch for {report['steps']} steps (batch {report['batch_size']}, seed "
+        f"{report['seed']}) in {report['train_minutes']:.1f} minutes on {report['machine']}"
+        + f" ({report['train_cpu_minutes']:.1f} CPU minutes), in phases: "
+        + "; ".join(
+            f"{p['phase']} steps {p['first_step']}-{p['first_step'] + p['steps']} "
+            f"({p['minutes']:.1f} min, {p['cpu_minutes']:.1f} CPU min)"
+            for p in report["phases"]
+        )
+        + ".",
+        "",
+        f"Final evaluation ({m['test']['n']} held-out scenes per caption split, greedy decoding):",
+        "",
+        "| split | object recall | CHAIR_s | CHAIR_i |",
+        "|---|---|---|---|",
+        *(
+            f"| {label} | {m[split]['recall']:.1f} | {m[split]['chair_s']:.1f} | {m[split]['chair_i']:.1f} |"
+            for split, label in (
+                ("test", "test (held-out, training distribution)"),
+                ("misleading", "misleading (A without its usual partner B)"),
+                ("faint", "faint (A with a faint B)"),
+            )
+        ),
+        "",
+        f"The partner B is named in {m['misleading']['partner_named']:.1f}% of misleading captions (where it is "
+        f"absent) and in {m['faint']['partner_named']:.1f}% of faint captions (where it is drawn faint).",
+        "",
+        "| POPE split | accuracy | precision | recall | F1 | yes-ratio | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("random", "popular", "adversarial"):
+        p = m[f"pope_{kind}"]
+        lines.append(
+            f"| {kind} | {p['accuracy']:.1f} | {p['precision']:.1f} | {p['recall']:.1f} | {p['f1']:.1f} | "
+            f"{p['yes_ratio']:.1f} | {p['n']} |"
+        )
+    lines += [
+        "",
+        f"Generation speed (greedy captions, batch 1, {report['speed']['threads']} threads): "
+        f"{report['speed']['tokens_per_s']:.0f} tokens/s.",
+        "",
+        "Examples (misleading split):",
+        "",
+    ]
+    for ex in m["misleading"]["examples"]:
+        lines.append(f"- truth: {ex['truth']}  \n  model: {ex['caption']}")
+    lines += ["", "Held-out metrics during training:", "", "| step | minutes | loss | summary |", "|---|---|---|---|"]
+    for h in report["history"]:
+        lines.append(f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} | {h['summary']} |")
+    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+
+
+def measure_speed(model, processor, threads: int) -> dict:
+    from .evaluate import CAPTION_PROMPT, generate_texts
+
+    scene_list = list(world.scenes("test", 20, 0, start=10_000))
+    t0 = time.perf_counter()
+    tokens = 0
+    for s in scene_list:
+        text = generate_texts(model, processor, [s.render()], [CAPTION_PROMPT], 64)[0]
+        tokens += len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+    return {"tokens_per_s": tokens / (time.perf_counter() - t0), "threads": threads}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "candidate"), help="output folder")
+    parser.add_argument("--vision-steps", type=int, default=600, help="phase 1: vision tower and cell head alone")
+    parser.add_argument("--text-steps", type=int, default=300, help="phase 2: text-only captions")
+    parser.add_argument("--steps", type=int, default=2600, help="phase 3: the whole model on images")
+    parser.add_argument("--minutes", type=float, default=45.0, help="stop training after this long, whatever the step")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each phase")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the cell head in the joint phase")
+    parser.add_argument("--eval-every", type=int, default=600)
+    parser.add_argument("--eval-count", type=int, default=50, help="scenes per split in periodic evaluations")
+    parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE, help="share of caption examples")
+    parser.add_argument("--image-drop", type=float, default=IMAGE_DROP, help="share of captions without image")
+    parser.add_argument(
+        "--init", default=None, help="continue from the model (and report) in this folder: one more joint phase"
+    )
+    parser.add_argument("--first-step", type=int, default=0, help="global index of this run's first step, with --init")
+    parser.add_argument(
+        "--faint-visibility",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="train on faint partners drawn at this visibility range instead of the world's (recorded)",
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    if args.faint_visibility:
+        world.VISIBILITY["faint"] = tuple(args.faint_visibility)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    train_processor = build_processor()
+    train_processor.tokenizer.padding_side = "right"
+    previous = None
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        report_file = Path(args.init) / "report.json"
+        previous = json.loads(report_file.read_text()) if report_file.exists() else None
+    else:
+        model = build_model(args.seed)
+    cells = CellHead(model)
+    params = list(model.named_parameters()) + list(cells.named_parameters())
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    popularity, cooc = world.category_frequencies(seed=args.seed), world.cooccurrence(seed=args.seed)
+    rng = np.random.default_rng([args.seed, 99, args.first_step])
+    if args.init:  # a further joint phase, with its own learning-rate schedule
+        bounds = {"joint": (args.first_step, args.first_step + args.steps)}
+    else:
+        bounds = {
+            "vision": (0, args.vision_steps),
+            "text": (args.vision_steps, args.vision_steps + args.text_steps),
+            "joint": (args.vision_steps + args.text_steps, args.vision_steps + args.text_steps + args.steps),
+        }
+    total = bounds["joint"][1]
+    history, losses, phases = [], [], []
+    previous_minutes = previous["train_minutes"] if previous else 0.0
+    previous_cpu = previous.get("train_cpu_minutes", 0.0) if previous else 0.0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    phase_start = (start, cpu_start, args.first_step)
+    joint_mix = {"caption_share": args.caption_share, "image_drop": args.image_drop, "cell_weight": args.cell_weight}
+    bar = tqdm(range(args.first_step, total), desc="training", unit="step")
+    at = args.first_step
+    for at in bar:
+        phase = next(name for name, (first, end) in bounds.items() if first <= at < end)
+        first, last_of_phase = bounds[phase]
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(at - first, last_of_phase - first, args.lr, args.warmup)
+        batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
+        if phase == "vision":
+            pixels = train_processor.image_processor([s.render() for s in batch_scenes], return_tensors="pt")
+            model.model.vision_tower(pixels["pixel_values"])
+            loss = lm_loss = cells.loss(batch_scenes)
+        else:
+            text = phase == "text"
+            batch, imaged = make_batch(
+                train_processor,
+                batch_scenes,
+                rng,
+                popularity,
+                cooc,
+                1.0 if text else args.caption_share,
+                1.0 if text else args.image_drop,
+            )
+            lm_loss = model(**batch).loss
+            loss = lm_loss + (args.cell_weight * cells.loss(imaged) if imaged else 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        optimizer.step()
+        losses.append(lm_loss.item())
+        bar.set_postfix(phase=phase, loss=f"{np.mean(losses[-20:]):.3f}")
+        minutes = (time.perf_counter() - start) / 60
+        last = at + 1 == total or minutes >= args.minutes
+        if at + 1 == last_of_phase or last:
+            wall, cpu, begin = phase_start
+            phases.append(
+                {
+                    "phase": phase,
+                    "first_step": begin,
+                    "steps": at + 1 - begin,
+                    "lr": args.lr,
+                    "minutes": (time.perf_counter() - wall) / 60,
+                    "cpu_minutes": (time.process_time() - cpu) / 60,
+                    "faint_visibility": list(world.VISIBILITY["faint"]),
+                    **(joint_mix if phase == "joint" else {}),
+                }
+            )
+            tqdm.write(f"phase {phase} done at step {at + 1}: {phases[-1]}")
+            phase_start = (time.perf_counter(), time.process_time(), at + 1)
+        if phase == "joint" and (at + 1 - first) % args.eval_every == 0 and not last:
+            count = args.eval_count
+            metrics = evaluate(model, processor, count=count, pope_images=count // 2, seed=args.seed)
+            history.append(
+                {
+                    "step": at + 1,
+                    "minutes": minutes + previous_minutes,
+                    "loss": float(np.mean(losses[-50:])),
+                    "summary": summary(metrics),
+                }
+            )
+            tqdm.write(f"step {at + 1} ({minutes:.1f} min): {history[-1]['summary']}")
+        if last:
+            break
+    train_minutes = (time.perf_counter() - start) / 60 + previous_minutes
+    train_cpu_minutes = (time.process_time() - cpu_start) / 60 + previous_cpu
+    cells.handle.remove()
+    model.eval()
+    final = evaluate(model, processor, count=args.final_count, pope_images=args.final_count // 2, seed=args.seed)
+    history.append(
+        {"step": at + 1, "minutes": train_minutes, "loss": float(np.mean(losses[-50:])), "summary": summary(final)}
+    )
+    print("final:", summary(final))
+    speed = measure_speed(model, processor, args.threads)
+
+    model.to(torch.float16).save_pretrained(out)
+    processor.save_pretrained(out)
+    weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    report = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_mb": weights_mb,
+        "steps": at + 1,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_minutes": train_minutes,
+        "train_cpu_minutes": train_cpu_minutes,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": f"{platform.machine()}, {args.threads} threads",
+        "torch": torch.__version__,
+        "final": final,
+        "history": history,
+        "speed": speed,
+        "phases": (previous or {}).get("phases", []) + phases,
+    }
+    if previous:
+        report["history"] = (
+            previous["history"][:-1]
+            + [dict(h, summary="(end of run) " + h["summary"]) for h in previous["history"][-1:]]
+            + history
+        )
+    write_report(out, report)
+    print(f"saved to {out} ({weights_mb:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
