@@ -264,3 +264,14 @@ def test_a_branch_brings_its_own_image_inputs_to_its_first_forward():
             torch.testing.assert_close(branch, want, atol=1e-5, rtol=1e-5)
         plain_image = model(**inputs).logits[:, -1]
     assert (method.pairs[0][1] - plain_image).abs().max() > 1e-3  # the branch did see another image
+
+
+def test_a_forward_asked_for_a_tuple_gets_its_own_rows_back():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with hg.wrap(model, methods="vhr") as guard, torch.no_grad():
+        as_output = guard.forward(**inputs)
+        as_tuple = guard.forward(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], as_output.logits) and as_tuple[0].shape[0] == inputs["input_ids"].shape[0]
+    assert as_output.past_key_values.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]

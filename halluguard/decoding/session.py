@@ -78,6 +78,7 @@ class Session:
         self._apart: list[Segment] | None = None  # segments of a forward the session runs itself
         self._extra: list[tuple[Segment, Any]] = []  # extra rows of the current forward: (segment, probe or branch)
         self._main_rows = 0
+        self._wants_tuple = False
 
     # ---- the model's forward pre-hook ------------------------------------------------------------
     def before_forward(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -105,7 +106,9 @@ class Session:
             extra = [(run.state, run.step_rows(kwargs), run) for run in self.branches.values() if run.side is None]
         if not extra:
             return None
-        merged, start = dict(kwargs), rows
+        # the extra rows are taken out of a ModelOutput; a caller who asked for a tuple gets one back
+        self._wants_tuple = kwargs.get("return_dict") is False
+        merged, start = dict(kwargs, return_dict=True), rows
         for state, inputs, stream in extra:
             count = inputs["input_ids"].shape[0]
             segment = Segment(state, slice(start, start + count))
@@ -224,14 +227,16 @@ class Session:
                 if isinstance(stream, BranchRun):
                     stream.logits = output.logits[segment.rows, -1].float()
             if any(isinstance(stream, Probe) for _, stream in self._extra) and isinstance(cache, DynamicCache):
-                extra_rows = torch.arange(rows, device=output.logits.device)
-                DynamicCache.batch_select_indices(cache, extra_rows)  # probes only ride the prompt's forward
+                main_rows = torch.arange(rows, device=output.logits.device)
+                DynamicCache.batch_select_indices(cache, main_rows)  # probes only ride the prompt's forward
             for key in ("logits", "hidden_states", "attentions"):
                 value = getattr(output, key, None)
                 if isinstance(value, torch.Tensor):
                     output[key] = value[:rows]
                 elif isinstance(value, tuple):
                     output[key] = tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value)
+            if self._wants_tuple:
+                output = output.to_tuple()
         if self.main.forwards == 1:
             for run in self.branches.values():
                 if run.prefill_cache is not None:
