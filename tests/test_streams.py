@@ -275,3 +275,12 @@ def test_a_forward_asked_for_a_tuple_gets_its_own_rows_back():
     assert isinstance(as_tuple, tuple)
     assert torch.equal(as_tuple[0], as_output.logits) and as_tuple[0].shape[0] == inputs["input_ids"].shape[0]
     assert as_output.past_key_values.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
+
+
+def test_contrast_entropy_by_hand():
+    from halluguard.decoding import entropy
+
+    uniform = torch.zeros(2, 8)
+    one_hot = torch.tensor([[0.0, float("-inf"), float("-inf")]])
+    assert torch.allclose(entropy(uniform), torch.full((2, 1), float(torch.log(torch.tensor(8.0)))))
+    assert entropy(one_hot).item() == 0.0 and not entropy(one_hot).isnan().any()

@@ -6,7 +6,8 @@ the world's synonym table; POPE answers with ``halluguard.eval.pope`` (the POPE 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -34,39 +35,50 @@ def generate_texts(
     return out
 
 
-def caption_scores(scenes: Iterable[world.Scene], captions: list[str]) -> dict:
+def caption_scores(scenes: Iterable[world.Scene], captions: list[str], world_module: ModuleType = world) -> dict:
     """CHAIR_s, CHAIR_i, recall and more (percent) of ``captions`` against the scenes' objects."""
     scenes = list(scenes)
-    chair = Chair(synonyms=world.synonyms_text(), gt={s.image_id: set(s.categories) for s in scenes})
+    chair = Chair(synonyms=world_module.synonyms_text(), gt={s.image_id: set(s.categories) for s in scenes})
     result = chair.score([{"image_id": s.image_id, "caption": c} for s, c in zip(scenes, captions)])
     result.pop("captions")
     return result
 
 
 def evaluate(
-    model, processor, count: int = 200, pope_images: int = 100, seed: int = 0, max_new_tokens: int = 48
+    model,
+    processor,
+    count: int = 200,
+    pope_images: int = 100,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    world_module: ModuleType = world,
+    splits: tuple[str, ...] = ("test", "misleading"),
+    split_extras: Callable[[str, list, list[str]], dict] | None = None,
 ) -> dict:
-    """Recall/CHAIR on held-out ``test`` scenes, CHAIR on ``misleading`` scenes, and POPE accuracy
-    (random, popular, adversarial) on held-out scenes."""
+    """Recall/CHAIR on the caption ``splits`` (held-out ``test`` scenes, ``misleading`` scenes, ...) and
+    POPE accuracy (random, popular, adversarial) on held-out scenes of ``world_module``;
+    ``split_extras(split, scenes, captions)`` adds a world's own measures to a split's results."""
     model.eval()
     results: dict = {}
-    for split in ("test", "misleading"):
-        scene_list = list(world.scenes(split, count, seed))
+    for split in splits:
+        scene_list = list(world_module.scenes(split, count, seed))
         captions = generate_texts(
             model, processor, [s.render() for s in scene_list], [CAPTION_PROMPT] * len(scene_list), max_new_tokens
         )
-        results[split] = caption_scores(scene_list, captions)
+        results[split] = caption_scores(scene_list, captions, world_module)
+        if split_extras is not None:
+            results[split].update(split_extras(split, scene_list, captions))
         results[split]["examples"] = [
             {"image_id": s.image_id, "truth": s.caption, "caption": c} for s, c in list(zip(scene_list, captions))[:5]
         ]
-    scene_list = list(world.scenes("test", pope_images, seed, start=count))
-    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
+    scene_list = list(world_module.scenes("test", pope_images, seed, start=count))
+    popularity, cooc = world_module.category_frequencies(seed=seed), world_module.cooccurrence(seed=seed)
     for kind in ("random", "popular", "adversarial"):
         rng = np.random.default_rng([seed, 11, len(kind)])
         questions, images = [], []
         for scene in scene_list:
             image = scene.render()
-            for q in world.pope_questions(scene, kind, rng, popularity=popularity, cooc=cooc):
+            for q in world_module.pope_questions(scene, kind, rng, popularity=popularity, cooc=cooc):
                 questions.append(q)
                 images.append(image)
         answers = generate_texts(model, processor, images, [q["text"] for q in questions], 3)

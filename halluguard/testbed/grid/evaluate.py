@@ -1,46 +1,18 @@
-"""Measure a model on the synthetic world: caption object recall, CHAIR and POPE accuracy.
-
-Captions are scored with ``halluguard.eval.chair`` against each scene's ground-truth categories and
-the world's synonym table; POPE answers with ``halluguard.eval.pope`` (the POPE answer rule).
-"""
+"""Measure a candidate grid-world model: the shipped evaluation (``halluguard.testbed.evaluate``) on
+this world, with the ``faint`` split and how often an anchor's partner is named where it is absent
+(``misleading``) or drawn faint (``faint``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import numpy as np
-import torch
 
-from ...eval.chair import Chair
-from ...eval.pope import metrics as pope_metrics
-from ...eval.pope import parse_answer
+from .. import evaluate as shared
+from ..evaluate import CAPTION_PROMPT, generate_texts
 from . import world
-from .model import PROMPT_TEMPLATE
 
-CAPTION_PROMPT = "Describe the image."
-
-
-@torch.no_grad()
-def generate_texts(
-    model, processor, images, prompts: list[str], max_new_tokens: int, batch_size: int = 64
-) -> list[str]:
-    """Greedy answers, batched with left padding."""
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [PROMPT_TEMPLATE.format(text=p) for p in prompts[i : i + batch_size]]
-        enc = processor(images=images[i : i + batch_size], text=texts, return_tensors="pt", padding=True)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        out += processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-def caption_scores(scenes: Iterable[world.Scene], captions: list[str]) -> dict:
-    """CHAIR_s, CHAIR_i, recall and more (percent) of ``captions`` against the scenes' objects."""
-    scenes = list(scenes)
-    chair = Chair(synonyms=world.synonyms_text(), gt={s.image_id: set(s.categories) for s in scenes})
-    result = chair.score([{"image_id": s.image_id, "caption": c} for s, c in zip(scenes, captions)])
-    result.pop("captions")
-    return result
+__all__ = ["CAPTION_PROMPT", "evaluate", "generate_texts", "partner_named"]
 
 
 def partner_named(scenes: Iterable[world.Scene], captions: list[str]) -> float:
@@ -61,31 +33,18 @@ def evaluate(
     """Recall/CHAIR on held-out ``test`` scenes and on the ``misleading`` and ``faint`` splits (with how
     often the anchor's partner is named there), and POPE accuracy (random, popular, adversarial) on
     held-out scenes."""
-    model.eval()
-    results: dict = {}
-    for split in ("test", "misleading", "faint"):
-        scene_list = list(world.scenes(split, count, seed))
-        captions = generate_texts(
-            model, processor, [s.render() for s in scene_list], [CAPTION_PROMPT] * len(scene_list), max_new_tokens
-        )
-        results[split] = caption_scores(scene_list, captions)
-        if split != "test":
-            results[split]["partner_named"] = partner_named(scene_list, captions)
-        results[split]["examples"] = [
-            {"image_id": s.image_id, "truth": s.caption, "caption": c} for s, c in list(zip(scene_list, captions))[:5]
-        ]
-    scene_list = list(world.scenes("test", pope_images, seed, start=count))
-    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
-    for kind in ("random", "popular", "adversarial"):
-        rng = np.random.default_rng([seed, 11, len(kind)])
-        questions, images = [], []
-        for scene in scene_list:
-            image = scene.render()
-            for q in world.pope_questions(scene, kind, rng, popularity=popularity, cooc=cooc):
-                questions.append(q)
-                images.append(image)
-        answers = generate_texts(model, processor, images, [q["text"] for q in questions], 3)
-        predicted = [parse_answer(a) for a in answers]
-        labels = [q["label"] for q in questions]
-        results[f"pope_{kind}"] = pope_metrics(predicted, labels)
-    return results
+
+    def partner(split: str, scenes: list, captions: list[str]) -> dict:
+        return {} if split == "test" else {"partner_named": partner_named(scenes, captions)}
+
+    return shared.evaluate(
+        model,
+        processor,
+        count,
+        pope_images,
+        seed,
+        max_new_tokens,
+        world_module=world,
+        splits=("test", "misleading", "faint"),
+        split_extras=partner,
+    )
