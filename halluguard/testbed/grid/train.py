@@ -117,8 +117,10 @@ class CellHead(torch.nn.Module):
 
     Each cell of the 3x3 grid covers 3x3 patches; their mean goes through two linear layers, one over
     the categories plus "empty", one over the colours plus "none", trained with cross-entropy against
-    the drawn objects (a faint object is still its category). It gives the vision tower a direct
-    signal; it is not part of the saved model.
+    the drawn objects. Cells holding a faint object are left out of the loss: a head trained to
+    report them makes a detector far better than the captions alone would (the first candidate found
+    94% of faint partners). It gives the vision tower a direct signal; it is not part of the saved
+    model.
     """
 
     def __init__(self, model):
@@ -142,8 +144,11 @@ class CellHead(torch.nn.Module):
         colors = list(world.COLORS)
         for row, scene in enumerate(scenes):
             for obj in scene.objects:
-                category[row, obj.cell] = world.CATEGORIES.index(obj.category)
-                color[row, obj.cell] = colors.index(obj.color)
+                if obj.faint:  # not supervised: faint objects are learnt from the captions alone
+                    category[row, obj.cell] = color[row, obj.cell] = -100
+                else:
+                    category[row, obj.cell] = world.CATEGORIES.index(obj.category)
+                    color[row, obj.cell] = colors.index(obj.color)
         ce = torch.nn.functional.cross_entropy
         return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
 

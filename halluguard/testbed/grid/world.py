@@ -92,8 +92,10 @@ PAIR_PROBABILITY = 0.9
 PARTNER_ALONE_PROBABILITY = 0.35  # a sampled partner category is kept without its anchor
 # visibility of a partner drawn with its anchor (share of its colour kept against the background):
 # one of three levels, equally likely; faint partners are also small
-VISIBILITY = {"clear": (1.0, 1.0), "dim": (0.45, 0.7), "faint": (0.05, 0.12)}
+VISIBILITY = {"clear": (1.0, 1.0), "dim": (0.45, 0.7), "faint": (0.04, 0.14)}
 FAINT_BELOW = 0.35  # an object drawn at less than this visibility counts as faint
+PIXEL_NOISE = 6.0  # std of per-pixel background noise (0-255 scale)
+CLUTTER = 14.0  # std of smooth background blotches about an object's size (0-255 scale)
 SPLIT_SEEDS = {"train": 1, "test": 2, "misleading": 3, "faint": 4}
 
 
@@ -305,39 +307,50 @@ def outline(obj: Obj) -> list[tuple[float, float]]:
     raise ValueError(f"unknown category {c!r}")
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj, color: tuple[int, int, int], background: tuple[int, int, int]) -> None:
+def _draw_mask(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+    """Paint the object's shape as 255 on an ``L`` mask (0 elsewhere)."""
     (cx, cy), r, c = obj.center, obj.radius, obj.category
     box = (cx - r, cy - r, cx + r, cy + r)
     if c == "circle":
-        draw.ellipse(box, fill=color)
+        draw.ellipse(box, fill=255)
     elif c == "ring":
-        draw.ellipse(box, outline=color, width=max(3, int(r * 0.35)))
+        draw.ellipse(box, outline=255, width=max(3, int(r * 0.35)))
     elif c == "moon":
-        draw.ellipse(box, fill=color)
+        draw.ellipse(box, fill=255)
         off = r * 0.55
-        draw.ellipse((cx - r + off, cy - r - off * 0.3, cx + r + off, cy + r - off * 0.3), fill=background)
+        draw.ellipse((cx - r + off, cy - r - off * 0.3, cx + r + off, cy + r - off * 0.3), fill=0)
     elif c == "heart":
         rr = r * 0.5
-        draw.ellipse((cx - r, cy - r * 0.75, cx - r + 2 * rr, cy - r * 0.75 + 2 * rr), fill=color)
-        draw.ellipse((cx + r - 2 * rr, cy - r * 0.75, cx + r, cy - r * 0.75 + 2 * rr), fill=color)
-        draw.polygon([(cx - r * 0.97, cy - r * 0.15), (cx + r * 0.97, cy - r * 0.15), (cx, cy + r)], fill=color)
+        draw.ellipse((cx - r, cy - r * 0.75, cx - r + 2 * rr, cy - r * 0.75 + 2 * rr), fill=255)
+        draw.ellipse((cx + r - 2 * rr, cy - r * 0.75, cx + r, cy - r * 0.75 + 2 * rr), fill=255)
+        draw.polygon([(cx - r * 0.97, cy - r * 0.15), (cx + r * 0.97, cy - r * 0.15), (cx, cy + r)], fill=255)
     else:
-        draw.polygon(outline(obj), fill=color)
+        draw.polygon(outline(obj), fill=255)
 
 
 def render(scene: Scene) -> Image.Image:
-    """The RGB image of a scene (deterministic)."""
+    """The RGB image of a scene (deterministic).
+
+    The background is a flat colour with per-pixel noise (``PIXEL_NOISE``) and smooth blotches
+    (``CLUTTER``); each object is painted over it with opacity equal to its visibility, so a faint
+    object is a weak tint of the same noisy background, not a flat patch in it."""
     rng = np.random.default_rng(scene.noise_seed)
     bg = np.array(scene.background, dtype=np.float32)
-    noise = rng.normal(0, 6, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
-    base = np.clip(bg + noise, 0, 255).astype(np.uint8)
-    image = Image.fromarray(base, "RGB")
-    draw = ImageDraw.Draw(image)
-    # moons first: their cut-out is painted in the background colour and must not erase a neighbour
-    for obj in sorted(scene.objects, key=lambda o: o.category != "moon"):
-        color = obj.visibility * np.array(COLORS[obj.color], dtype=np.float32) + (1 - obj.visibility) * bg
-        _draw(draw, obj, tuple(int(v) for v in color), scene.background)
-    return image
+    noise = rng.normal(0, PIXEL_NOISE, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    if CLUTTER:
+        coarse = rng.normal(0, CLUTTER, size=(GRID * 2, GRID * 2, 3)).astype(np.float32)
+        smooth = [
+            np.asarray(Image.fromarray(coarse[..., k], "F").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+            for k in range(3)
+        ]
+        noise = noise + np.stack(smooth, axis=-1)
+    pixels = bg + noise
+    for obj in scene.objects:
+        mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        _draw_mask(ImageDraw.Draw(mask), obj)
+        alpha = obj.visibility * (np.asarray(mask, dtype=np.float32)[..., None] / 255.0)
+        pixels = pixels * (1 - alpha) + alpha * np.array(COLORS[obj.color], dtype=np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
 # ---- questions ------------------------------------------------------------------------------------------
