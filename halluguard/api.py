@@ -70,6 +70,10 @@ class Guard:
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.model.register_forward_hook(self._after_forward),
         ]
+        if any(m.edits_input_embeds for m in self.methods):
+            self._handles.append(
+                self.adapter.decoder().register_forward_pre_hook(self._before_decoder, with_kwargs=True)
+            )
         if any(m.reads_layer_inputs for m in self.methods):
             self._handles += [
                 layer.register_forward_pre_hook(functools.partial(self._before_layer, i), with_kwargs=True)
@@ -118,6 +122,13 @@ class Guard:
             return None
         return self.session.after_forward(output)
 
+    def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        embeds = kwargs.get("inputs_embeds")
+        if self.session is None or embeds is None:
+            return None
+        edited = self.session.on_input_embeds(embeds)
+        return None if edited is embeds else (args, dict(kwargs, inputs_embeds=edited))
+
     def _before_layer(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.session is not None:
             self.session.on_layer_input(layer_idx, args[0] if args else kwargs["hidden_states"])
@@ -156,6 +167,8 @@ class Guard:
                 kwargs["custom_generate"] = loops[0]
             if self._default_cache(kwargs):
                 kwargs["past_key_values"] = RowGroupsCache(config=self.model.config.get_text_config(decoder=True))
+            else:
+                self._check_beams_apart(kwargs)
             cache = kwargs.get("past_key_values")
             try:
                 return self._original_generate(*args, **kwargs)
@@ -172,13 +185,30 @@ class Guard:
             return False
         return kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False
 
+    def _check_beams_apart(self, kwargs: dict) -> None:
+        """Refuse beam search where a contrast branch would run apart (a static or caller-supplied
+        cache): it is fed the main rows' tokens forward by forward and cannot follow the beams'
+        reordering, which the default cache's row blocks do."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        contrastive = [m.name for m in self.methods if m.edits_next_logits]
+        if beams > 1 and contrastive:
+            raise ValueError(
+                f"{', '.join(contrastive)} with beam search needs generate's default cache (the contrast "
+                "branch rides along as cache rows that follow the beams); with a static or caller-supplied "
+                "cache the branch runs apart and cannot follow them: drop cache_implementation/past_key_values "
+                "or use greedy or sampling"
+            )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """One guarded forward pass over a prompt (a prefill), e.g. to score answers directly."""
         self._check_wrapped()
         if not self.methods:
             return self.model(*args, **kwargs)
         with self._call(args, kwargs, for_generation=False) as session:
-            acting = [m.name for m in self.methods if m.logits_processors(session.main) or m.owns_loop]
+            acting = [
+                m.name for m in self.methods if m.logits_processors(session.main) or m.owns_loop or m.edits_next_logits
+            ]
             if acting:
                 raise ValueError(
                     f"{', '.join(acting)} act(s) on next-token scores or own the decoding loop (e.g. PAI's "

@@ -58,7 +58,14 @@ COMPOSABLE_LOOP_OWNERS: frozenset[frozenset[str]] = frozenset()
 
 
 def check_composition(methods: list[Method]) -> None:
-    """Refuse compositions that are not defined: two methods that each own the decoding loop."""
+    """Refuse compositions that are not defined: two methods that each own the decoding loop, or two
+    contrastive methods (each would contrast the other's already contrasted logits)."""
+    contrastive = [m.name for m in methods if m.edits_next_logits]
+    if len(contrastive) > 1:
+        raise ValueError(
+            f"cannot compose {' and '.join(repr(n) for n in contrastive)}: each contrasts the next-token "
+            "logits with its own branch, and no combination of two contrasts is defined"
+        )
     owners = [m for m in methods if m.owns_loop]
     for i, a in enumerate(owners):
         for b in owners[i + 1 :]:

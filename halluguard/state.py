@@ -198,6 +198,26 @@ class GuardState:
             for method in self.methods:
                 method.on_prompt(self)
 
+    def set_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Name the stream's whole prompt before its first forward (a stream whose first forward
+        feeds only the prompt's last token, its other tokens already in the cache)."""
+        self._set_prompt(input_ids, attention_mask)
+
+    def edit_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The text backbone's input embeddings of this stream's rows, after the methods' edits."""
+        for method in self.methods:
+            if method.edits_input_embeds:
+                edited = method.edit_input_embeds(self, embeds)
+                embeds = embeds if edited is None else edited
+        return embeds
+
+    def adjust_next_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next-token logits ``(rows, vocab)`` after the methods that change them, in order."""
+        for method in self.methods:
+            if method.edits_next_logits:
+                logits = method.next_token_logits(self, logits)
+        return logits
+
     def requested_streams(self, inputs: dict[str, Any]) -> list[Any]:
         """The extra streams this stream's methods ask for, given its first forward's inputs."""
         return [spec for method in self.methods for spec in method.streams(self, inputs)]
@@ -247,8 +267,10 @@ class GuardState:
         """Hand ``method`` the statistics it asked ``call`` for."""
         method.on_stats(self, call, stats)
 
-    def branch_logits(self, owner: Method, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``(rows, vocab)`` of ``owner``'s branch stream for the main rows ``input_ids``."""
+    def branch_logits(self, owner: Method, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``(rows, vocab)`` of ``owner``'s branch stream: for the main rows
+        ``input_ids`` (from a logits processor), or, without them, those of the forward that just
+        ran (from ``Method.next_token_logits``)."""
         if self.session is None:
             raise RuntimeError("this state belongs to no guarded call")
         return self.session.branch_logits(owner, input_ids)

@@ -10,7 +10,8 @@ each method x family:
 
 ``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
 what every config of a method needs there besides its strength (the tiny models have no massive
-activations, so VAR needs sink dimensions named, and a low threshold finds sinks). The batch and
+activations, so VAR needs sink dimensions named, and a low threshold finds sinks; DeCoRe needs
+retrieval heads). The batch and
 decoding-mode checks, and every check on the families outside ``CORE_FAMILIES``, are marked ``slow``
 (``python -m pytest -m slow``, run in CI).
 """
@@ -24,12 +25,19 @@ import halluguard as hg
 from halluguard import registry
 
 METHODS = hg.list_methods(available_only=True)
+RETRIEVAL_HEADS = {"0-0": [0.9, 1.0], "1-1": [0.8], "0-2": [0.5], "1-3": [0.1]}  # the official file format
 ACTIVE = {
     "vhr": dict(alpha=3.0),
     "var": dict(sink_dims=(5, 9), tau=1.8, rho=0.9, p=0.3, first_layer=1),
     "pai": dict(alpha=1.0, start_layer=0, gamma=2.0),
+    "vcd": dict(alpha=1.0),
+    "avc": dict(alpha=1.0),
+    "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
 }
-CONTEXT = {"var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1)}
+CONTEXT = {
+    "var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1),
+    "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
+}
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 CASES = [case for m in METHODS for case in family_params(FAMILIES, m)]
 

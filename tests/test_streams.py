@@ -220,8 +220,8 @@ def test_a_branch_costs_a_short_prefill_and_then_rides_along_each_step():
         seen, handle = count_forwards(model)
         model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         handle.remove()
-    # the image-free prefill at its own length, the prompt, then one forward of 2 x rows per step
-    assert seen == [(rows, text_width), (rows, width), (2 * rows, 1), (2 * rows, 1)]
+    # the prompt, then the image-free prefill at its own length, then one forward of 2 x rows per step
+    assert seen == [(rows, width), (rows, text_width), (2 * rows, 1), (2 * rows, 1)]
 
 
 class BlankImage(hg.Method):

@@ -8,6 +8,7 @@ several images, variable-length AnyRes grids), never from constants.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -90,6 +91,25 @@ class Adapter:
     def image_spans(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
         """Per row, the half-open ``(start, end)`` ranges of consecutive image tokens."""
         return [mask_to_spans(row) for row in self.image_mask(input_ids)]
+
+    def image_slices(self, inputs: dict) -> list[slice]:
+        """The slices of ``pixel_values`` (along its first dimension) that hold one image each, in
+        order: one index per image here (LLaVA, Gemma 3; LLaVA-NeXT's AnyRes patches and Idefics'
+        tiles sit under their image's index)."""
+        pixels = inputs.get("pixel_values")
+        return [slice(i, i + 1) for i in range(pixels.shape[0])] if isinstance(pixels, torch.Tensor) else []
+
+    def encode_images(self, image_inputs: dict, input_ids: torch.Tensor, rows: int) -> dict:
+        """The ``mm_encoder_outputs`` that ``generate`` hands the model's first forward for these image
+        inputs (the caller's, one set per prompt of ``input_ids``), for ``rows`` forward rows (prompts
+        repeated for beams or several sequences, as ``generate`` repeats them)."""
+        encode = self.model.base_model.get_image_features
+        names = [n for n in inspect.signature(encode).parameters if n != "kwargs" and n in image_inputs]
+        outputs = {"image": encode(**{n: image_inputs[n] for n in names}, return_dict=True)}
+        expand = rows // input_ids.shape[0]
+        if expand > 1:
+            outputs = self.model._expand_multimodal_outputs(input_ids, outputs, expand_size=expand, inputs_embeds=None)
+        return outputs
 
     # ---- text-only stream ---------------------------------------------------------------------
     def image_and_marker_mask(self, input_ids: torch.Tensor) -> torch.Tensor:

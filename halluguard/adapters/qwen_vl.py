@@ -6,6 +6,8 @@ ids (the start/end markers are text). Rotary positions are 3-D (M-RoPE), which d
 indices: key ``j`` of the cache is still token ``j`` of the row.
 """
 
+import torch
+
 from .base import Adapter
 
 
@@ -15,3 +17,12 @@ class QwenVLAdapter(Adapter):
     visual_token_fields = ("image_token_id", "video_token_id")
     image_marker_fields = ("vision_start_token_id", "vision_end_token_id")
     positions_from_ids = True
+
+    def image_slices(self, inputs: dict) -> list[slice]:
+        """``pixel_values`` holds every image's flattened patches in a row: ``t * h * w`` rows per image
+        (``image_grid_thw``)."""
+        grid = inputs.get("image_grid_thw")
+        if not isinstance(grid, torch.Tensor):
+            return super().image_slices(inputs)
+        ends = grid.prod(-1).cumsum(0).tolist()
+        return [slice(start, end) for start, end in zip([0, *ends[:-1]], ends)]

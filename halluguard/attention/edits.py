@@ -12,14 +12,19 @@ Edits (each optional; tensors are per batch row and broadcast as documented):
 * ``redistribution``: after the softmax, move a share of the mass on a source key set to a
   target key set, proportionally to the target's current attention; row sums are preserved.
 * ``head_scale`` ``(B, H)``: ``o[b,h,i] *= scale[b,h]`` (the per-head output before ``o_proj``).
+* ``query_scale`` ``(B, H)``: ``q[b,h,i] *= scale[b,h]`` before the scores; a zero makes the head's
+  scores all 0, so it attends uniformly to the keys its mask allows and outputs their mean value
+  (DeCoRe's masked retrieval heads, as the official code masks them). It costs nothing extra: the
+  model's own attention runs on the scaled queries.
 
 ``last_row_only`` restricts all edits of this object to the last query row of the call (at
 decode there is one row; at prefill it is the last prompt token).
 
 Reductions (``Reductions``) are reported for the last query row of a call, to the method that
 asked, computed on the final (edited) attention: the mass per head on named key groups, the
-head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum, and
-the per-head outputs ``o[b,h,last]`` before any head scale. Asking for reductions never changes
+head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum, the
+head-mean row ``mean_h a[b,h,last,j]`` over all keys, and the per-head outputs ``o[b,h,last]``
+before any head scale. Asking for reductions never changes
 the output.
 
 A call runs in two phases. First every method states its edit and the reductions it wants; the
@@ -65,15 +70,17 @@ class Reductions:
     group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
     headmax_from_key: int | None = None  # report max_h a over cache keys [headmax_from_key, T) and its full sum
     head_outputs: bool = False  # report o[b, h, last] (B, H, D) in float32, before head scales
+    head_mean_row: bool = False  # report mean_h a[b, h, last, :] (B, T) in float32
 
     @property
     def needs_probabilities(self) -> bool:
-        return bool(self.group_masses) or self.headmax_from_key is not None
+        return bool(self.group_masses) or self.headmax_from_key is not None or self.head_mean_row
 
 
 @dataclasses.dataclass
 class AttentionEdit:
     head_scale: torch.Tensor | None = None  # (B, H)
+    query_scale: torch.Tensor | None = None  # (B, H)
     key_bias: torch.Tensor | None = None  # (B, T) or (B, H, T)
     key_boost: torch.Tensor | None = None  # (B, T) or (B, H, T)
     redistribution: Redistribution | None = None
@@ -83,7 +90,8 @@ class AttentionEdit:
 
     @property
     def changes_probabilities(self) -> bool:
-        """True when the edit changes attention probabilities (not only the head outputs)."""
+        """True when the edit changes attention probabilities beyond what the model's own attention
+        computes from (scaled) queries: score edits and redistributions."""
         return self.key_bias is not None or self.key_boost is not None or self.redistribution is not None
 
 

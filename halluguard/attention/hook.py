@@ -6,6 +6,7 @@ each stream in the forward (``Session.segments``: which rows belong to which str
 
 * no state (outside a guarded call) or no edits: the model's own attention runs (SDPA, or eager
   when the model was loaded with eager), so results are unchanged;
+* query scales (DeCoRe's uniform heads) scale the queries first, whatever else runs;
 * per-head output scales and reductions only: the base attention runs, its output is scaled,
   and (for probability statistics) the last row's probabilities are recomputed (the output is
   untouched); head outputs are reported before the scales are applied;
@@ -152,6 +153,12 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
     if call_kwargs["dropout"] and module.training:
         raise RuntimeError("halluguard edits attention at inference only; call model.eval() first")
     edits = [edit for _, edit in requests]
+    for edit in edits:
+        if edit.query_scale is not None:  # first: scores, statistics and the output all see these queries
+            scale = torch.ones(query.shape[:3] + (1,), dtype=query.dtype, device=query.device)
+            rows = slice(-1, None) if edit.last_row_only else slice(None)
+            scale[:, :, rows] = edit.query_scale.to(device=query.device, dtype=query.dtype)[:, :, None, None]
+            query = query * scale
     score_edits = [e for e in edits if e.changes_probabilities]
     q_len = query.shape[2]
     is_causal = call_kwargs["is_causal"]

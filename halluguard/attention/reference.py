@@ -105,6 +105,8 @@ def reduce_last_row(probs_last: torch.Tensor, reductions: Reductions) -> dict[st
         head_max = probs_last.amax(dim=1)  # (B, T)
         stats["headmax_row"] = head_max[:, reductions.headmax_from_key :]
         stats["headmax_sum"] = head_max.sum(-1)
+    if reductions.head_mean_row:
+        stats["head_mean_row"] = probs_last.float().mean(dim=1)
     return stats
 
 

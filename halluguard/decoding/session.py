@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from ..state import GuardState, StreamRole
 from .cache import RowGroupsCache
 from .side_stream import SideStream
-from .streams import Branch, BranchRun, Probe, per_token_inputs, positions_like
+from .streams import Branch, BranchRun, Probe, per_token_inputs, positions_like, split_last_token
 
 if TYPE_CHECKING:
     from torch import nn
@@ -79,6 +79,7 @@ class Session:
         self._extra: list[tuple[Segment, Any]] = []  # extra rows of the current forward: (segment, probe or branch)
         self._main_rows = 0
         self._wants_tuple = False
+        self._history: torch.Tensor | None = None
 
     # ---- the model's forward pre-hook ------------------------------------------------------------
     def before_forward(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -95,7 +96,10 @@ class Session:
         cache_len = cache_length(cache)
         rows, new = tokens.shape[:2]
         self._main_rows = rows
+        self._wants_tuple = kwargs.get("return_dict") is False
         self.main.on_forward(ids, kwargs.get("attention_mask"), cache_len, new, rows)
+        if ids is not None:  # every token the main rows were fed (branches run apart follow it)
+            self._history = ids if self.main.forwards == 1 else torch.cat([self._history, ids], 1)
         self.segments = [Segment(self.main, slice(0, rows))]
         self._extra = []
         extra: list[tuple[GuardState, dict, Any]] = []
@@ -107,7 +111,6 @@ class Session:
         if not extra:
             return None
         # the extra rows are taken out of a ModelOutput; a caller who asked for a tuple gets one back
-        self._wants_tuple = kwargs.get("return_dict") is False
         merged, start = dict(kwargs, return_dict=True), rows
         for state, inputs, stream in extra:
             count = inputs["input_ids"].shape[0]
@@ -133,14 +136,17 @@ class Session:
             if spec.owner in self.branches:
                 raise ValueError(f"{spec.owner.name} asked for two branches")
             role = StreamRole("branch", spec.owner)
-            state = GuardState(self.adapter, list(spec.methods), for_generation=False, role=role)
+            shared = {
+                m: self.main.data_of(m) for m in spec.methods if m.shares_data_with_branches and m in self.methods
+            }
+            state = GuardState(self.adapter, list(spec.methods), for_generation=False, role=role, shared_data=shared)
             run = BranchRun(spec, state, kwargs)
             self.branches[spec.owner] = run
             if isinstance(cache, RowGroupsCache) and not spec.separate:
-                self._prefill_branch(run)
+                run.pending = True  # prefilled after the prompt's forward, then its cache joins the main one
             else:  # the cache cannot carry extra rows: the branch runs its own forwards
                 run.side = SideStream(
-                    lambda inputs: self._run_apart([Segment(run.state, slice(None))], inputs),
+                    lambda inputs: self._side_forward(run, inputs),
                     dict(run.prompt),
                     self.main.prompt_len,
                     rows_per_prompt=self._main_rows // (self._call_rows or self._main_rows),
@@ -159,12 +165,34 @@ class Session:
         extra = spec.rows["input_ids"].shape[0]
         self._run_apart([Segment(copy, slice(0, rows)), Segment(state, slice(rows, rows + extra))], inputs)
 
-    def _prefill_branch(self, run: BranchRun) -> None:
+    def _prefill_branch(self, run: BranchRun) -> DynamicCache:
+        """Prefill a branch's prompt apart (after the main prompt's forward); returns its cache."""
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        inputs = dict(run.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out = self._run_apart([Segment(run.state, slice(None))], inputs)
+        out = self._branch_prefill(run, dict(run.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1))
         run.logits = out.logits[:, -1].float()
-        run.prefill_cache = cache  # joins the main cache after the prompt's forward
+        return cache
+
+    def _side_forward(self, run: BranchRun, inputs: dict) -> Any:
+        """One forward of a branch that runs apart (its first one is its prefill)."""
+        if run.side is not None and run.side.cache is None:
+            return self._branch_prefill(run, inputs)
+        return self._run_apart([Segment(run.state, slice(None))], inputs)
+
+    def _branch_prefill(self, run: BranchRun, inputs: dict) -> Any:
+        """The branch's first forward; with ``shares_prompt_cache``, its prompt but the last token runs
+        first under a plain state (no method acts), then the last token under the branch's state."""
+        if not run.spec.shares_prompt_cache:
+            return self._run_apart([Segment(run.state, slice(None))], inputs)
+        width = run.prompt["input_ids"].shape[1]
+        if inputs["input_ids"].shape[1] != width:
+            raise RuntimeError(f"{run.spec.owner.name}: the branch must start at the first step of generation")
+        prefix, last = split_last_token(inputs)
+        plain = GuardState(self.adapter, [], for_generation=False)
+        plain.position_offset = run.state.position_offset
+        out = self._run_apart([Segment(plain, slice(None))], prefix)
+        last["past_key_values"] = inputs.get("past_key_values") or out.past_key_values
+        run.state.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))
+        return self._run_apart([Segment(run.state, slice(None))], last)
 
     def _run_apart(self, segments: list[Segment], inputs: dict) -> Any:
         """Run one forward of the model under ``segments`` (not the main stream), without gradients."""
@@ -222,6 +250,7 @@ class Session:
             return None
         rows = self._main_rows
         cache = getattr(output, "past_key_values", None)
+        changed = bool(self._extra)
         if self._extra:
             for segment, stream in self._extra:
                 if isinstance(stream, BranchRun):
@@ -235,16 +264,32 @@ class Session:
                     output[key] = value[:rows]
                 elif isinstance(value, tuple):
                     output[key] = tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value)
-            if self._wants_tuple:
-                output = output.to_tuple()
-        if self.main.forwards == 1:
-            for run in self.branches.values():
-                if run.prefill_cache is not None:
-                    cache.add_block(run.prefill_cache)
-                    run.prefill_cache = None
-                    run.state.position_offset = 0  # its keys now sit at the main cache's positions
         self._extra = []
         self.segments = [Segment(self.main, slice(None))]
+        for run in self.branches.values():
+            if run.pending:  # after the prompt's forward: prefill apart, then ride along as rows
+                cache.add_block(self._prefill_branch(run))
+                run.pending = False
+                run.state.position_offset = 0  # its keys now sit at the main cache's positions
+            elif run.side is not None and run.spec.owner.edits_next_logits:
+                run.logits = run.side.next_logits(self._history)
+        if self.main.for_generation and any(m.edits_next_logits for m in self.methods):
+            output = self._adjust_next_logits(output)
+            changed = True
+        if self._wants_tuple and changed and not isinstance(output, tuple):
+            output = output.to_tuple()
+        return output if changed else None
+
+    def _adjust_next_logits(self, output: Any) -> Any:
+        """The methods' change of the main rows' next-token logits, in the output itself: ``generate``'s
+        processors and warpers then act on the changed logits (the official contrastive samplers'
+        order: contrast first, then temperature, top-k, top-p)."""
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        adjusted = logits.clone()
+        adjusted[:, -1] = self.main.adjust_next_logits(logits[:, -1].float()).to(logits.dtype)
+        if isinstance(output, tuple):
+            return (adjusted, *output[1:])
+        output["logits"] = adjusted
         return output
 
     # ---- the decoder layers' pre-hooks -----------------------------------------------------------
@@ -252,9 +297,20 @@ class Session:
         for segment in self.segments:
             segment.state.layer_input(layer_idx, hidden[segment.rows])
 
+    def on_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The text backbone's input embeddings, after each stream's methods edited their rows."""
+        parts, changed = [], False
+        for segment in self.segments:
+            rows = embeds[segment.rows]
+            edited = segment.state.edit_input_embeds(rows)
+            changed = changed or edited is not rows
+            parts.append(edited)
+        return torch.cat(parts) if changed else embeds
+
     # ---- for the methods -------------------------------------------------------------------------
-    def branch_logits(self, owner: Method, input_ids: torch.Tensor) -> torch.Tensor:
-        """The next-token logits ``(rows, vocab)`` of ``owner``'s branch for the main rows ``input_ids``."""
+    def branch_logits(self, owner: Method, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-token logits ``(rows, vocab)`` of ``owner``'s branch for the main rows ``input_ids``
+        (or, without them, those of the forward that just ran)."""
         run = self.branches.get(owner)
         if run is None:
             raise RuntimeError(f"{owner.name} has no branch in this call")

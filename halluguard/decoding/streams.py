@@ -43,10 +43,39 @@ class Probe:
 
 @dataclasses.dataclass
 class Branch:
+    """A contrast stream: ``prompt`` (model inputs, one row per main row), the ``methods`` acting in it
+    (none: the plain model). It is prefilled after the main prompt's forward, so what the methods
+    learnt there (VHR's heads, AvisC's blind tokens) can shape it. ``separate`` runs it as its own
+    forward per step (the two-forward way) even when its rows could ride along. With
+    ``shares_prompt_cache`` the prompt's tokens except the last are run by the plain model (DeCoRe's
+    official choice: the masked branch starts from the unmasked prompt cache); the branch's methods
+    act from the last prompt token on."""
+
     owner: Method
-    prompt: dict[str, Any]  # model inputs of the branch prompt, one row per main row
-    methods: Sequence[Method] = ()  # methods acting in the branch (none: the plain model)
-    separate: bool = False  # run as its own forward per step (the two-forward way) even when rows could ride
+    prompt: dict[str, Any]
+    methods: Sequence[Method] = ()
+    separate: bool = False
+    shares_prompt_cache: bool = False
+
+
+def split_last_token(prompt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``prompt`` as two forwards: all tokens but the last (with the image inputs), then the last one
+    (its attention mask still covers the whole prompt)."""
+    ids = prompt["input_ids"]
+    rows, width = ids.shape
+    if width < 2:
+        raise ValueError("a prompt of one token cannot be split before its last token")
+    prefix, last = {}, {}
+    for key, value in prompt.items():
+        if key == "attention_mask" and isinstance(value, torch.Tensor):
+            prefix[key], last[key] = value[:, :-1], value
+        elif key == "position_ids" and isinstance(value, torch.Tensor):
+            prefix[key], last[key] = value[..., :-1], value[..., -1:]
+        elif isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (rows, width):
+            prefix[key], last[key] = value[:, :-1], value[:, -1:]
+        else:  # image inputs and flags: the prefix holds every image token
+            prefix[key] = value
+    return prefix, last
 
 
 def per_token_inputs(inputs: dict[str, Any], rows: int, width: int) -> dict[str, torch.Tensor]:
@@ -113,7 +142,7 @@ class BranchRun:
         self.state.position_offset = self.main_width - self.width
         self.logits: torch.Tensor | None = None  # (rows, vocab): next-token logits of the latest step
         self.side: SideStream | None = None  # set when the branch runs as its own forwards
-        self.prefill_cache: Any = None  # its prompt's cache, until it joins the main cache
+        self.pending = False  # rows mode: to be prefilled after the main prompt's forward
         # the branch rows' mask, left-padded to the main width, and last positions (rows mode)
         self.mask = torch.nn.functional.pad(mask, (self.main_width - self.width, 0))
         self.last_position = self.prompt["position_ids"][..., -1:]
@@ -128,9 +157,9 @@ class BranchRun:
         self.last_position = positions[..., -1:]
         return {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions}
 
-    def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.side is not None:
+    def next_logits(self, input_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.side is not None and input_ids is not None:
             return self.side.next_logits(input_ids)
-        if self.logits is None or self.logits.shape[0] != input_ids.shape[0]:
+        if self.logits is None or (input_ids is not None and self.logits.shape[0] != input_ids.shape[0]):
             raise RuntimeError(f"{self.spec.owner.name}: the branch rows lost step with generate")
         return self.logits

@@ -16,7 +16,12 @@ the state calls the method:
   ``head_scale_from_stats``, ``head_scale_from_stats(state, call)`` for the call's head scale;
 * ``on_layer_input(state, layer_idx, hidden)`` before every decoder layer, for methods that set
   ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection);
-* ``logits_processors(state)`` once per ``generate``, to act on the next-token scores;
+* ``edit_input_embeds(state, embeds)`` on the text backbone's input embeddings of the streams the
+  method acts in, for methods that set ``edits_input_embeds`` (AvisC's blind-token view);
+* ``next_token_logits(state, logits)``: the main rows' next-token logits as the model returns
+  them, before ``generate``'s processors and warpers (contrastive decoding: VCD, AvisC, DeCoRe);
+* ``logits_processors(state)`` once per ``generate``, to act on the next-token scores after
+  ``generate``'s own processors (PAI's guidance);
 * ``generate_loop(state)``: a method that owns the decoding loop returns it (a ``custom_generate``
   callable, see ``halluguard.decoding.loops``); at most one method of a guard may.
 """
@@ -39,6 +44,14 @@ if TYPE_CHECKING:
 class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     reads_layer_inputs: ClassVar[bool] = False
+    edits_input_embeds: ClassVar[bool] = False
+    # an attention-level method also acts in the contrast branches of other methods (VCD's noised
+    # image, AvisC's blind view, DeCoRe's masked heads), so that both sides of a contrast differ
+    # only in what the contrast is about
+    acts_in_branches: ClassVar[bool] = False
+    # a branch stream shares this method's per-call data with the main stream (VHR's heads, chosen
+    # in the main stream, are reinforced in the branch too) instead of starting its own
+    shares_data_with_branches: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -50,6 +63,11 @@ class Method:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def edits_next_logits(self) -> bool:
+        """True when the method changes the next-token logits (it overrides ``next_token_logits``)."""
+        return type(self).next_token_logits is not Method.next_token_logits
 
     @property
     def owns_loop(self) -> bool:
@@ -80,6 +98,16 @@ class Method:
     def head_scale_from_stats(self, state: GuardState, call: AttentionCall) -> torch.Tensor | None:
         """Phase two, for an edit that set ``head_scale_from_stats``: the call's ``(B, H)`` head scale."""
         return None
+
+    def edit_input_embeds(self, state: GuardState, embeds: torch.Tensor) -> torch.Tensor | None:
+        """The text backbone's input embeddings ``(rows, T, d)`` of a forward of ``state``'s stream,
+        edited, or None to leave them (only if ``edits_input_embeds``)."""
+        return None
+
+    def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
+        """The main rows' next-token logits ``(rows, vocab)``, changed (float32); called after every
+        forward of a guarded ``generate``, before its processors."""
+        return logits
 
     def logits_processors(self, state: GuardState) -> list[Any]:
         return []

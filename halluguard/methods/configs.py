@@ -2,8 +2,8 @@
 
 A config dataclass per method (fields declared with ``param``: default, documentation, allowed
 values; ``neutral_overrides``: where the method changes nothing). The implementations live in one
-module per method (``vhr``, ``var``, ``pai``) and are imported when a method is first used, so
-listing methods and their settings (``halluguard methods``) loads neither torch nor transformers.
+module per method (``vhr``, ``var``, ``pai``, ``vcd``, ``avc``, ``decore``) and are imported when a
+method is first used, so listing methods and their settings (``halluguard methods``) loads neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -137,15 +137,7 @@ class PAIConfig(MethodConfig):
 
 @dataclasses.dataclass
 class AVCConfig(MethodConfig):
-    """AvisC (AVC): attentional vision calibration (Woo et al., ACL Findings 2025).
-
-    At prefill the layers holding the top ``layer_gamma`` share of image attention give a per-token
-    image-attention profile ``g``; "blind" tokens have ``g >= mean(g) + lamb * std(g)``. A contrast
-    branch sees only the blind tokens (the others' embeddings masked) and the logits are combined as
-    ``(1 + alpha) * l - alpha * l_blind`` under the plausibility cutoff ``l >= max(l) + ln(beta)``.
-
-    The implementation is not shipped yet.
-    """
+    """Settings of ``avc`` (AvisC; the method and its math: ``halluguard.methods.avc``)."""
 
     name = "avc"
     neutral_overrides = {"alpha": 0.0, "beta": 0.0}
@@ -157,31 +149,30 @@ class AVCConfig(MethodConfig):
     alpha: float = param(1.0, "contrast strength: (1 + alpha) * l - alpha * l_blind", low=0.0)
     beta: float = param(0.1, "plausibility cutoff l >= max(l) + ln(beta); 0 disables it", low=0.0, high=1.0)
     masking_scheme: str = param(
-        "zeros", "how the contrast branch masks non-blind image embeddings", choices=("zeros", "ones", "noise")
+        "zeros",
+        "what replaces the non-blind image embeddings in the contrast branch: 0, 1, or N(0, 1) noise",
+        choices=("zeros", "ones", "noise"),
+    )
+    separate_stream: bool = param(
+        False, "run the contrast branch as its own forward per step (the official way) instead of extra rows"
     )
 
 
 @dataclasses.dataclass
 class DeCoReConfig(MethodConfig):
-    """DeCoRe: decoding by contrasting retrieval heads (Gema et al., 2024).
-
-    A second branch runs with the retrieval heads masked; the next-token scores are
-    ``(1 + a_t) * log p_base - a_t * log p_masked`` with ``a_t`` the entropy of ``p_base`` (or a
-    constant), decoded greedily.
-
-    The implementation is not shipped yet.
-    """
+    """Settings of ``decore`` (the method and its math: ``halluguard.methods.decore``)."""
 
     name = "decore"
     neutral_overrides = {"alpha_mode": "static", "alpha": 0.0}
 
     retrieval_heads: str | None = param(
         None,
-        "JSON of retrieval heads ({'layer-head': scores}, the official format)",
+        "JSON of retrieval heads ({'layer-head': [scores]}, the official format; "
+        "`halluguard calibrate retrieval-heads` makes one), or that object itself",
         optional=True,
-        kind=str,
+        kind=(str, dict),
     )
-    num_retrieval_heads: int = param(50, "K: the top-K retrieval heads are masked", low=1)
+    num_retrieval_heads: int = param(50, "K: the top-K retrieval heads by mean score are masked", low=0)
     alpha_mode: str = param(
         "entropy", "'entropy' (a_t = entropy of the base distribution) or 'static'", choices=("entropy", "static")
     )
@@ -192,6 +183,12 @@ class DeCoReConfig(MethodConfig):
         "uniform",
         "'uniform' (official code: zero query, head output = mean of V) or 'zero_output' (paper: head output set to 0)",
         choices=("uniform", "zero_output"),
+    )
+    masked_prefill: bool = param(
+        False, "mask the heads over the whole prompt too (the official code shares the unmasked prompt cache)"
+    )
+    separate_stream: bool = param(
+        False, "run the masked branch as its own forward per step (the official way) instead of extra rows"
     )
 
 
@@ -261,27 +258,27 @@ class OPERAConfig(MethodConfig):
 
 @dataclasses.dataclass
 class VCDConfig(MethodConfig):
-    """VCD: visual contrastive decoding (Leng et al., CVPR 2024).
-
-    A second branch sees the image with forward-diffusion noise at step ``noise_step``; logits are
-    ``(1 + alpha) * l - alpha * l_noisy`` under the cutoff ``l >= max(l) + ln(beta)``.
-
-    The implementation is not shipped yet.
-    """
+    """Settings of ``vcd`` (the method and its math: ``halluguard.methods.vcd``)."""
 
     name = "vcd"
     neutral_overrides = {"alpha": 0.0, "beta": 0.0}
 
-    alpha: float = param(1.0, "contrast strength", low=0.0)
-    beta: float = param(0.1, "plausibility cutoff; 0 disables it", low=0.0, high=1.0)
+    alpha: float = param(1.0, "contrast strength: (1 + alpha) * l - alpha * l_noised", low=0.0)
+    beta: float = param(0.1, "plausibility cutoff l >= max(l) + ln(beta); 0 disables it", low=0.0, high=1.0)
     noise_step: int = param(500, "diffusion step of the image noise (of 1000)", low=0, high=999)
+    noise_seed: int = param(0, "seed of each image's noise (the same image gets the same noise in any batch)")
+    separate_stream: bool = param(
+        False, "run the noised-image branch as its own forward per step (the official way) instead of extra rows"
+    )
 
 
 register_method("vhr", VHRConfig, "halluguard.methods.vhr:VHR", "vision-aware head reinforcement")
 register_method("var", VARConfig, "halluguard.methods.var:VAR", "visual attention sink redistribution")
 register_method("pai", PAIConfig, "halluguard.methods.pai:PAI", "image-key amplification and image-free guidance")
-register_method("avc", AVCConfig, None, "attentional vision calibration: contrast with blind-token view")
-register_method("decore", DeCoReConfig, None, "contrast with retrieval heads masked")
+register_method(
+    "avc", AVCConfig, "halluguard.methods.avc:AVC", "attentional vision calibration: contrast with blind-token view"
+)
+register_method("decore", DeCoReConfig, "halluguard.methods.decore:DeCoRe", "contrast with retrieval heads masked")
 register_method("lookback", LookbackConfig, None, "lookback-ratio classifier: detection and guided decoding")
 register_method("opera", OPERAConfig, None, "over-trust penalty and retrospection in beam search")
-register_method("vcd", VCDConfig, None, "visual contrastive decoding with a noised image")
+register_method("vcd", VCDConfig, "halluguard.methods.vcd:VCD", "visual contrastive decoding with a noised image")

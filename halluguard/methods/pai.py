@@ -49,6 +49,7 @@ class PAI(Method):
     """Image-key logit amplification and image-free guidance (see the module docstring)."""
 
     config_cls = PAIConfig
+    acts_in_branches = True  # amplification only: the guidance branch is PAI's own
 
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config

@@ -79,6 +79,7 @@ class VAR(Method):
     """
 
     config_cls = VARConfig
+    acts_in_branches = True
     reads_layer_inputs = True
 
     def setup(self, adapter: Adapter) -> None:

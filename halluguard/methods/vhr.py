@@ -100,6 +100,8 @@ class VHR(Method):
     """
 
     config_cls = VHRConfig
+    acts_in_branches = True
+    shares_data_with_branches = True  # the branch reinforces the heads chosen in the main stream
 
     def __init__(
         self,

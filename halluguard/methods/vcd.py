@@ -1,0 +1,87 @@
+"""VCD: visual contrastive decoding (Leng et al., CVPR 2024).
+
+A contrast branch sees the same prompt with its image distorted by forward-diffusion noise at step
+``t = noise_step`` (500 of 1000 by default, the official code's)::
+
+    x_t = sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * eps,    eps ~ N(0, I),
+    abar_t = prod_{s <= t} (1 - beta_s),    beta_s = sigmoid(linspace(-6, 6, 1000))_s * (5e-3 - 1e-5) + 1e-5,
+
+on the processor's normalised pixel tensor (as the official code adds it after CLIP's
+normalisation; ``abar_500 = 0.745``). With ``l`` and ``l'`` the next-token logits of the image and of
+the noised image, the logits become
+
+    (1 + alpha) * l - alpha * l',   with tokens where l < max(l) + ln(beta) set to -inf,
+
+before ``generate``'s processors and warpers (the official sampler's order). Official runs sample
+(``do_sample=True``); greedy and beam search work too (beam search with the default cache).
+
+Where the official code and ours differ: the official noise is drawn from torch's global generator
+per call; here each image's noise comes from a generator seeded with ``noise_seed``, so an image
+gets the same noise alone or in any batch (results do not depend on batch composition). The
+official code runs the branch as a second forward per step; here it rides along as extra rows of
+the main forward (``separate_stream=True``: the official way, same results).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapters import Adapter
+from ..decoding import Branch, contrast
+from ..state import GuardState
+from .configs import VCDConfig
+from .contrastive import ContrastMethod, nan_rows_to, same_prompt
+
+NUM_STEPS = 1000
+
+
+def noise_level(step: int) -> float:
+    """``abar_step`` of the official sigmoid schedule (``step`` in ``[0, 1000)``)."""
+    betas = torch.sigmoid(torch.linspace(-6, 6, NUM_STEPS, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    return float(torch.cumprod(1 - betas, 0)[step])
+
+
+def add_diffusion_noise(pixels: torch.Tensor, step: int, images: list[slice], seed: int) -> torch.Tensor:
+    """``pixels`` with the forward-diffusion noise of ``step``; each image slice of the first dimension
+    draws its noise from its own generator seeded with ``seed``."""
+    abar = noise_level(step)
+    noised = pixels.float().clone()
+    for part in images or [slice(None)]:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        eps = torch.randn(noised[part].shape, generator=gen, dtype=torch.float32).to(noised.device)
+        noised[part] = abar**0.5 * noised[part] + (1 - abar) ** 0.5 * eps
+    return noised.to(pixels.dtype)
+
+
+class VCD(ContrastMethod):
+    """Visual contrastive decoding (see the module docstring)."""
+
+    config_cls = VCDConfig
+
+    def setup(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    def make_branch(self, state: GuardState, inputs: dict[str, Any]) -> Branch:
+        cfg = self.config
+        prompt = same_prompt(state, inputs)
+        # generate encodes the caller's images before the first forward (mm_encoder_outputs); the
+        # branch gets the encoding of the noised images instead
+        images = dict(state.call_inputs) if "mm_encoder_outputs" in prompt else prompt
+        pixels = images.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor):
+            raise ValueError("VCD noises the prompt's image: the call has no pixel_values")
+        noised = add_diffusion_noise(pixels, cfg.noise_step, state.adapter.image_slices(images), cfg.noise_seed)
+        if "mm_encoder_outputs" in prompt:
+            images["pixel_values"] = noised
+            ids = state.call_inputs.get("input_ids", prompt["input_ids"])
+            prompt["mm_encoder_outputs"] = state.adapter.encode_images(images, ids, prompt["input_ids"].shape[0])
+        else:
+            prompt["pixel_values"] = noised
+        return Branch(self, prompt, self.branch_methods(state), separate=cfg.separate_stream)
+
+    def combine(self, state: GuardState, logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        other = nan_rows_to(other, logits)
+        return contrast(logits, other, 1.0 + cfg.alpha, cfg.alpha, space="logits", beta=cfg.beta)
