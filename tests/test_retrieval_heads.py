@@ -1,5 +1,5 @@
 """Retrieval-head calibration: a copy head planted by hand is found and ranked first, the heads file
-round-trips through the loader, format mistakes are named.
+round-trips through the loader, format mistakes are named, and the CLI writes the official format.
 
 The planted model is a tiny LLaVA whose text backbone is set by hand (all other attention outputs
 and MLPs zeroed) into a two-layer induction circuit over 32 token ids with one-hot codes:
@@ -23,6 +23,7 @@ import pytest
 import torch
 from tiny_models import BOS, CORE_FAMILIES, build_model
 
+from halluguard import cli
 from halluguard.calibrate import retrieval_heads as rh
 
 CODED = list(range(10, 42))  # token ids with a one-hot code
@@ -212,6 +213,37 @@ def test_check_heads():
     for heads in ([(4, 0)], [(0, 8)], [(0, 0), (-1, 2)]):
         with pytest.raises(ValueError, match=r"outside this model \(4 layers x 8 heads\)"):
             rh.check_heads(heads, num_layers=4, num_heads=8)
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def test_cli_writes_the_official_format_for_the_testbed(tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    argv = ["calibrate", "retrieval-heads", "--model", "testbed", "--out", str(out), "--trials", "2"]
+    argv += ["--haystack-length", "30", "--needle-length", "4", "--min-copy-accuracy", "0"]
+    assert cli.main(argv) == 0
+    text = out.read_text()
+    assert text.count("\n") == 1  # one line, as the official files
+    heads = json.loads(text)
+    assert list(heads) == [f"{layer}-{head}" for layer in range(4) for head in range(4)]
+    assert all(len(scores) == 2 and all(s in (0, 0.25, 0.5, 0.75, 1) for s in scores) for scores in heads.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["heads.json"]  # no temporary file left
+    printed = capsys.readouterr().out
+    assert "2 of 2 trials recorded" in printed and f"saved: {out}" in printed
+    top = rh.ranked_heads(heads)[0]
+    assert f"top heads (layer-head: mean score): {top[0]}-{top[1]}: {top[2]:.3f}" in printed
+    assert cli.main(argv) == 0 and out.read_text() == text  # seeded: the same file again
+
+
+def test_cli_failures_give_one_line(tmp_path, capsys):
+    base = ["calibrate", "retrieval-heads", "--model", "testbed", "--out", str(tmp_path / "h.json")]
+    assert cli.main(base + ["--trials", "1", "--haystack-length", "20", "--needle-length", "4"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("halluguard: error: the model copied the needle in none of 1 trials")
+    assert cli.main(base + ["--haystack-length", "5000"]) == 1
+    assert "above testbed's 256-token context; use at most" in capsys.readouterr().err
+    assert not (tmp_path / "h.json").exists()
 
 
 @pytest.mark.parametrize("family", CORE_FAMILIES)  # Llama, M-RoPE, sliding window + soft-capping

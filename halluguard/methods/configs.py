@@ -177,7 +177,8 @@ class DeCoReConfig(MethodConfig):
 
     retrieval_heads: str | None = param(
         None,
-        "JSON of retrieval heads ({'layer-head': scores}, the official format)",
+        "JSON of retrieval heads ({'layer-head': scores}, the official format; "
+        "`halluguard calibrate retrieval-heads` computes one)",
         optional=True,
         kind=str,
     )
