@@ -215,6 +215,22 @@ def test_check_heads():
             rh.check_heads(heads, num_layers=4, num_heads=8)
 
 
+RERUN = (
+    "rerun `halluguard calibrate retrieval-heads --model testbed --min-copy-accuracy 0 "
+    "--out halluguard/testbed/model/retrieval_heads.json`"
+)
+
+
+def test_the_test_model_ships_a_heads_file_of_its_shape():
+    from halluguard.testbed import path
+
+    text = json.loads((path() / "config.json").read_text())["text_config"]
+    layers, heads = text["num_hidden_layers"], text["num_attention_heads"]
+    data = json.loads((path() / "retrieval_heads.json").read_text())
+    assert len(data) == layers * heads, RERUN
+    rh.check_heads(rh.load_retrieval_heads(data, 50), layers, heads)
+
+
 # ---- command line -----------------------------------------------------------------------------------------
 
 
