@@ -363,6 +363,34 @@ def _cmd_calibrate_sink_dims(args: argparse.Namespace) -> int:
     return sink_dims(args.model, args.out, args.tau, args.top)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _cmd_calibrate_retrieval_heads(args: argparse.Namespace) -> int:
+    from .calibrate.retrieval_heads import check_out_path, main
+
+    try:
+        check_out_path(args.out)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return main(
+        args.model,
+        args.out,
+        trials=args.trials,
+        haystack_length=args.haystack_length,
+        needle_length=args.needle_length,
+        seed=args.seed,
+        min_copy_accuracy=args.min_copy_accuracy,
+    )
+
+
 def _add_calibrate_parsers(sub) -> None:
     cal = sub.add_parser("calibrate", help="offline calibration for methods that need model-specific data")
     tools = cal.add_subparsers(dest="tool", required=True)
@@ -372,6 +400,28 @@ def _add_calibrate_parsers(sub) -> None:
     dims.add_argument("--tau", type=float, default=20.0, help="score threshold (VAR's tau)")
     dims.add_argument("--top", type=_count, default=2, help="how many dimensions to keep at most")
     dims.set_defaults(func=_cmd_calibrate_sink_dims)
+    heads = _leaf(
+        tools,
+        "retrieval-heads",
+        help="retrieval heads of the text backbone (for DeCoRe), in the official Retrieval_Head JSON format",
+    )
+    heads.add_argument("--model", required=True, help="hub id or local path, or 'testbed'")
+    heads.add_argument("--out", required=True, help="write the JSON here ({'layer-head': [score per trial]})")
+    heads.add_argument("--trials", type=_count, default=20, help="needle-in-a-haystack trials")
+    heads.add_argument(
+        "--haystack-length",
+        type=_count,
+        help="random haystack tokens per trial (default: 1000, or less to fit the model's context)",
+    )
+    heads.add_argument("--needle-length", type=_count, default=16, help="needle tokens to copy")
+    heads.add_argument("--seed", type=int, default=0, help="seed of the haystacks, needles and depths")
+    heads.add_argument(
+        "--min-copy-accuracy",
+        type=_fraction,
+        default=0.5,
+        help="record a trial only if the model copies more than this share of the needle; 0 records every trial",
+    )
+    heads.set_defaults(func=_cmd_calibrate_retrieval_heads)
 
 
 def build_parser() -> argparse.ArgumentParser:

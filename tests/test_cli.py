@@ -34,6 +34,8 @@ def finished_run(tmp_path):
     return str(out)
 
 
+HEADS = "calibrate retrieval-heads --model testbed --out {tmp}/h.json"
+
 # (case, argv, message): {coco}, {tmp} and {run} are filled in per test.
 BAD_INPUTS = [
     ("zero images", "eval chair --num-images 0", "argument --num-images: must be at least 1, got 0"),
@@ -92,6 +94,24 @@ BAD_INPUTS = [
     ("no command", "", "the following arguments are required: command"),
     ("methods: unknown name", "methods nosuch", "unknown method 'nosuch'"),
     ("sink-dims: missing model", "calibrate sink-dims --model {tmp}/none", "model path {tmp}/none does not exist"),
+    ("retrieval-heads: no --out", "calibrate retrieval-heads --model testbed", "required: --out"),
+    ("retrieval-heads: zero trials", f"{HEADS} --trials 0", "argument --trials: must be at least 1, got 0"),
+    ("retrieval-heads: zero haystack", f"{HEADS} --haystack-length 0", "argument --haystack-length: must be at"),
+    ("retrieval-heads: negative needle", f"{HEADS} --needle-length -3", "argument --needle-length: must be at"),
+    ("retrieval-heads: seed not a number", f"{HEADS} --seed x", "argument --seed: invalid int value"),
+    ("retrieval-heads: accuracy 1", f"{HEADS} --min-copy-accuracy 1", "--min-copy-accuracy: must be in [0, 1), got 1"),
+    ("retrieval-heads: accuracy < 0", f"{HEADS} --min-copy-accuracy -0.1", "--min-copy-accuracy: must be in [0, 1)"),
+    ("retrieval-heads: --out a folder", "calibrate retrieval-heads --model testbed --out {tmp}", "is a folder"),
+    (
+        "retrieval-heads: --out in a missing folder",
+        "calibrate retrieval-heads --model testbed --out {tmp}/no/h.json",
+        "the folder {tmp}/no does not exist",
+    ),
+    (
+        "retrieval-heads: missing model",
+        "calibrate retrieval-heads --model {tmp}/none --out {tmp}/h.json",
+        "model path {tmp}/none does not exist",
+    ),
 ]
 
 

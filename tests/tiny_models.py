@@ -246,13 +246,18 @@ _QWEN_SIZES = [(32, 48), (48, 32), (32, 32)]
 _QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def build_model(family: str, seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def build_model(
+    family: str, seed: int = 0, attn_implementation: str = "sdpa", text_overrides: dict | None = None
+) -> torch.nn.Module:
     """Tiny random-weight ``family`` model (fp32, eval, CPU); the text decoder uses
-    ``attn_implementation``, the vision tower ``sdpa``. Deterministic given ``seed``."""
+    ``attn_implementation``, the vision tower ``sdpa``. Deterministic given ``seed``.
+    ``text_overrides`` replaces fields of the text backbone's config (sizes, RoPE, ...)."""
     if family not in _CONFIGS:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     model_cls, config_cls, kwargs = _CONFIGS[family]
-    config = getattr(transformers, config_cls)(**copy.deepcopy(kwargs))
+    kwargs = copy.deepcopy(kwargs)
+    kwargs["text_config"].update(text_overrides or {})
+    config = getattr(transformers, config_cls)(**kwargs)
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
