@@ -3,7 +3,8 @@
 A config dataclass per method (fields declared with ``param``: default, documentation, allowed
 values; ``neutral_overrides``: where the method changes nothing). The implementations live in one
 module per method (``vhr``, ``var``, ``pai``, ``vcd``, ``avc``, ``decore``) and are imported when a
-method is first used, so listing methods and their settings (``halluguard methods``) loads neither torch nor transformers.
+method is first used, so listing methods and their settings (``halluguard methods``) loads neither
+torch nor transformers.
 """
 
 from __future__ import annotations
