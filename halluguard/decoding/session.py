@@ -180,15 +180,19 @@ class Session:
 
     def _branch_prefill(self, run: BranchRun, inputs: dict) -> Any:
         """The branch's first forward; with ``shares_prompt_cache``, its prompt but the last token runs
-        first under a plain state (no method acts), then the last token under the branch's state."""
+        first without the branch's owner (the other methods of the branch act, with the branch's own
+        per-call data), then the last token under the branch's state."""
         if not run.spec.shares_prompt_cache:
             return self._run_apart([Segment(run.state, slice(None))], inputs)
         width = run.prompt["input_ids"].shape[1]
         if inputs["input_ids"].shape[1] != width:
             raise RuntimeError(f"{run.spec.owner.name}: the branch must start at the first step of generation")
         prefix, last = split_last_token(inputs)
-        plain = GuardState(self.adapter, [], for_generation=False)
+        others = [m for m in run.state.methods if m is not run.spec.owner]
+        shared = {m: run.state.data_of(m) for m in others}
+        plain = GuardState(self.adapter, others, for_generation=False, role=run.state.role, shared_data=shared)
         plain.position_offset = run.state.position_offset
+        plain.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))  # the whole prompt, as the branch's
         out = self._run_apart([Segment(plain, slice(None))], prefix)
         last["past_key_values"] = inputs.get("past_key_values") or out.past_key_values
         run.state.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))

@@ -47,9 +47,9 @@ class Branch:
     (none: the plain model). It is prefilled after the main prompt's forward, so what the methods
     learnt there (VHR's heads, AvisC's blind tokens) can shape it. ``separate`` runs it as its own
     forward per step (the two-forward way) even when its rows could ride along. With
-    ``shares_prompt_cache`` the prompt's tokens except the last are run by the plain model (DeCoRe's
-    official choice: the masked branch starts from the unmasked prompt cache); the branch's methods
-    act from the last prompt token on."""
+    ``shares_prompt_cache`` the owner acts from the prompt's last token on: the tokens before it are
+    run by the branch's other methods alone (DeCoRe's official choice: the masked branch starts from
+    the unmasked prompt cache)."""
 
     owner: Method
     prompt: dict[str, Any]
