@@ -4,11 +4,14 @@
     python benchmarks/overhead.py --model synthetic-medium --batch 1 --methods vhr pai
     python benchmarks/overhead.py --methods pai --config '{"pai": {"separate_stream": true}}'
     python benchmarks/overhead.py --model llava-hf/llava-1.5-7b-hf --methods pai var
+    python benchmarks/overhead.py --model synthetic-medium --methods vcd vcd@separate   # rows vs two forwards
 
 For each method the same batch is generated greedily twice, with 1 new token (the prompt phase:
 the prefill and whatever a method adds to it) and with ``1 + N`` new tokens; the per-token decode
 time is the difference divided by ``N``. Plain and guarded runs alternate after a warm-up and the
-median of the repeats is reported with its ratio to plain. Timings are for reading, not for tests.
+median of the repeats is reported with its ratio to plain. A spec ending in ``@separate`` runs the
+methods' branch streams as their own forwards (``separate_stream``: the official two-forward way).
+Timings are for reading, not for tests.
 """
 
 from __future__ import annotations
@@ -82,10 +85,20 @@ def main() -> None:
     model, inputs, name = load(args.model, args.batch)
     overrides = json.loads(args.config) if args.config else {}
     seconds(model, inputs, 2)  # warm-up
-    rows = []
+    print(
+        f"model {name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}, {args.clock} clock"
+    )
+    print("| method | prompt phase plain / guarded (s) | ratio | per token plain / guarded (ms) | ratio |")
+    print("|---|---|---|---|---|", flush=True)
     for spec in args.methods:
-        chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
-        configs = method_configs(spec, json.dumps(chosen) if chosen else None)
+        names, _, variant = spec.partition("@")
+        chosen = {n: overrides[n] for n in names.split("+") if n in overrides}
+        configs = method_configs(names, json.dumps(chosen) if chosen else None)
+        if variant == "separate":
+            configs = [c.replace(separate_stream=True) if hasattr(c, "separate_stream") else c for c in configs]
+        elif variant:
+            parser.error(f"unknown variant @{variant} (known: @separate)")
         times = {key: [] for key in ("plain prompt", "plain full", "prompt", "full")}
         for _ in range(args.repeats):
             times["plain prompt"].append(seconds(model, inputs, 1, clock))
@@ -96,15 +109,11 @@ def main() -> None:
         m = {key: statistics.median(values) for key, values in times.items()}
         plain_token = (m["plain full"] - m["plain prompt"]) / args.new_tokens
         token = (m["full"] - m["prompt"]) / args.new_tokens
-        rows.append((spec, m["plain prompt"], m["prompt"], plain_token, token))
-    print(
-        f"model {name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats}, {args.clock} clock"
-    )
-    print("| method | prompt phase plain / guarded (s) | ratio | per token plain / guarded (ms) | ratio |")
-    print("|---|---|---|---|---|")
-    for spec, pp, gp, pt, gt in rows:
-        print(f"| {spec} | {pp:.3f} / {gp:.3f} | {gp / pp:.2f}x | {pt * 1e3:.1f} / {gt * 1e3:.1f} | {gt / pt:.2f}x |")
+        pp, gp, pt, gt = m["plain prompt"], m["prompt"], plain_token, token
+        print(
+            f"| {spec} | {pp:.3f} / {gp:.3f} | {gp / pp:.2f}x | {pt * 1e3:.1f} / {gt * 1e3:.1f} | {gt / pt:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -155,6 +155,7 @@ class Guard:
         self._check_wrapped()
         if not self.methods:
             return self._original_generate(*args, **kwargs)
+        kwargs = self._with_method_defaults(kwargs)
         with self._call(args, kwargs, for_generation=True) as session:
             state = session.main
             processors = [p for m in self.methods for p in m.logits_processors(state)]
@@ -174,6 +175,14 @@ class Guard:
                 return self._original_generate(*args, **kwargs)
             finally:
                 session.finish(cache)
+
+    def _with_method_defaults(self, kwargs: dict) -> dict:
+        """``kwargs`` with the methods' ``generation_defaults`` (the official runs' decoding, e.g. VCD's
+        sampling) when the caller chose none of them and gave no generation config."""
+        defaults = {k: v for m in self.methods for k, v in m.generation_defaults.items()}
+        if not defaults or "generation_config" in kwargs or any(k in kwargs for k in defaults):
+            return kwargs
+        return {**kwargs, **defaults}
 
     def _default_cache(self, kwargs: dict) -> bool:
         """Whether ``generate`` would make its default dynamic cache (then the guard makes one whose

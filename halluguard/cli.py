@@ -138,11 +138,15 @@ def method_configs(spec: str, overrides: str | None) -> list:
     if not names:
         raise UsageError("--config needs --method (the method whose fields it sets)")
     path = Path(overrides)
-    text = path.read_text() if path.is_file() else overrides
+    try:
+        is_file = path.is_file()
+    except OSError:  # JSON text too long to be a file name
+        is_file = False
+    text = path.read_text() if is_file else overrides
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        where = f"file {path}" if path.is_file() else "text"
+        where = f"file {path}" if is_file else "text"
         raise UsageError(f"--config: the {where} is not valid JSON ({err}) and names no file") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config must be a JSON object of fields, got {type(data).__name__}")

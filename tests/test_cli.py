@@ -244,3 +244,13 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2  # the first batch is kept
     monkeypatch.setattr(runner, "_produce", produce)
     assert cli.main(argv) == 0 and len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def test_config_json_longer_than_a_file_name_is_read_as_json():
+    from halluguard.cli import method_configs
+
+    heads = {f"{layer}-{head}": [1.0 / (1 + layer + head)] for layer in range(12) for head in range(12)}
+    text = json.dumps({"decore": {"retrieval_heads": heads, "num_retrieval_heads": 5}})
+    assert len(text) > 300
+    (config,) = method_configs("decore", text)
+    assert config.num_retrieval_heads == 5 and config.retrieval_heads == heads

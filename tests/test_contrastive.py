@@ -249,3 +249,17 @@ def test_vcd_noise_follows_the_official_schedule_and_each_image_gets_its_own_dra
     assert torch.equal(both[1:3], alone)
     eps = (both - 0.7448**0.5 * pixels) / (1 - 0.7448) ** 0.5
     assert abs(float(eps.std()) - 1.0) < 0.15
+
+
+@pytest.mark.parametrize("name", ["vcd", "avc"])
+def test_vcd_and_avisc_sample_by_default_as_their_official_runs(name):
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with torch.no_grad(), hg.wrap(model, methods=name):
+        torch.manual_seed(0)
+        default = model.generate(**inputs, max_new_tokens=4)
+        torch.manual_seed(0)
+        sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=0)
+        greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(default, sampled)
+    assert not torch.equal(default, greedy)

@@ -20,7 +20,9 @@ the next-token logits of the main rows and of the branch:
 
 before ``generate``'s processors and warpers (the official sampler's order; the branch's logits are
 replaced by the main ones for a row where they hold a NaN, as the official code does). The
-official runs sample (``do_sample=True``, temperature 1, top-p 1); greedy and beam search work too.
+official runs sample (temperature 1, no top-k, top-p 1): a guarded ``generate`` given none of
+``do_sample`` and ``top_k`` (nor a generation config) samples that way; ``do_sample=False`` decodes
+greedily, and beam search works too (with the default cache).
 
 Where the official code (``avisc_utils/avisc_sample.py``) and ours differ:
 
@@ -82,6 +84,7 @@ class AVC(ContrastMethod):
     """Attentional vision calibration (see the module docstring)."""
 
     config_cls = AVCConfig
+    generation_defaults = {"do_sample": True, "top_k": 0}  # the official runs sample (temperature 1, top-p 1)
     edits_input_embeds = True
     shares_data_with_branches = True
 

@@ -52,6 +52,9 @@ class Method:
     # a branch stream shares this method's per-call data with the main stream (VHR's heads, chosen
     # in the main stream, are reinforced in the branch too) instead of starting its own
     shares_data_with_branches: ClassVar[bool] = False
+    # generate arguments the method's official runs use, applied when the caller sets none of them
+    # (neither these arguments nor a generation_config)
+    generation_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()

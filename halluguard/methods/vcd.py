@@ -12,8 +12,10 @@ the noised image, the logits become
 
     (1 + alpha) * l - alpha * l',   with tokens where l < max(l) + ln(beta) set to -inf,
 
-before ``generate``'s processors and warpers (the official sampler's order). Official runs sample
-(``do_sample=True``); greedy and beam search work too (beam search with the default cache).
+before ``generate``'s processors and warpers (the official sampler's order). The official runs
+sample (temperature 1, no top-k, top-p 1): a guarded ``generate`` given none of ``do_sample`` and
+``top_k`` (nor a generation config) samples that way; ``do_sample=False`` decodes greedily, and
+beam search works too (with the default cache).
 
 Where the official code and ours differ: the official noise is drawn from torch's global generator
 per call; here each image's noise comes from a generator seeded with ``noise_seed``, so an image
@@ -59,6 +61,7 @@ class VCD(ContrastMethod):
     """Visual contrastive decoding (see the module docstring)."""
 
     config_cls = VCDConfig
+    generation_defaults = {"do_sample": True, "top_k": 0}  # the official runs sample (temperature 1, top-p 1)
 
     def setup(self, adapter: Adapter) -> None:
         self.adapter = adapter
