@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from halluguard.adapters import adapter_for
@@ -46,7 +47,7 @@ def test_image_dropped_caption_rows_are_the_prompt_the_image_free_stream_builds(
     assert int((text_only["input_ids"] == model.config.image_token_id).sum()) == 0
 
 
-def test_cell_head_targets_every_drawn_object():
+def test_cell_head_targets_every_clearly_drawn_object_and_leaves_faint_ones_out():
     model = grid_model.build_model()
     head = train.CellHead(model)
     processor = grid_model.build_processor()
@@ -56,6 +57,20 @@ def test_cell_head_targets_every_drawn_object():
     loss = head.loss(scenes)
     assert torch.isfinite(loss) and loss.item() > 0
     assert head.features.shape[1] == (world.IMAGE_SIZE // grid_model.PATCH_SIZE) ** 2
+    # a faint object's cell carries no target: its features cannot change the loss
+    with torch.no_grad():
+        per = head.side // world.GRID
+        row, obj = next((r, o) for r, s in enumerate(scenes) for o in s.objects if o.faint)
+        r, c = divmod(obj.cell, world.GRID)
+        poked = head.features.clone().reshape(len(scenes), world.GRID, per, world.GRID, per, -1)
+        poked[row, r, :, c] += 5.0
+        head.features = poked.reshape(head.features.shape)
+        assert head.loss(scenes).item() == pytest.approx(loss.item(), abs=1e-6)
+        clear = next(o for o in scenes[row].objects if not o.faint)
+        r, c = divmod(clear.cell, world.GRID)
+        poked[row, r, :, c] += 5.0
+        head.features = poked.reshape(head.features.shape)
+        assert head.loss(scenes).item() != pytest.approx(loss.item(), abs=1e-3)
 
 
 def test_the_candidate_report_records_its_phases_and_budget():
