@@ -68,12 +68,16 @@ def run_label(result: dict) -> str:
 
 
 def chair_table(runs: list[dict]) -> str:
-    lines = ["| model | data | method | CHAIR_s | CHAIR_i | recall | len | n |", "|---|---|---|---|---|---|---|---|"]
+    """CHAIR rows; a ``partner`` column (the testbed's anchor-partner rate) when some run has one."""
+    partner = any("partner_named" in r["metrics"] for r in runs)
+    head = "| model | data | method | CHAIR_s | CHAIR_i | recall |" + (" partner |" if partner else "") + " len | n |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in runs:
         m = r["metrics"]
+        named = (f" {m['partner_named']:.1f} |" if "partner_named" in m else " - |") if partner else ""
         lines.append(
             f"| {model_label(r)} | {data_label(r)} | {run_label(r)} | {m['chair_s']:.1f} | {m['chair_i']:.1f} | "
-            f"{m['recall']:.1f} | {m['len']:.1f} | {m['n']}{incomplete_note(r)} |"
+            f"{m['recall']:.1f} |{named} {m['len']:.1f} | {m['n']}{incomplete_note(r)} |"
         )
     return "\n".join(lines)
 

@@ -49,7 +49,7 @@ from . import pope as pope_lib
 CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_DATASETS = ("coco", "testbed")
 POPE_DATASETS = (*pope_lib.DATASETS, "testbed")
-TESTBED_CHAIR_SPLITS = ("misleading", "test")
+TESTBED_CHAIR_SPLITS = ("misleading", "test", "faint")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
@@ -368,6 +368,7 @@ class Prepared:
     data_files: dict[str, str]
     image_ids: list
     scorer: Any = None  # CHAIR: a chair.Chair
+    extra: Any = None  # CHAIR: scored captions -> further metrics (the testbed's partner rate)
 
 
 def coco_file_name(image_id: int) -> str:
@@ -424,7 +425,17 @@ def chair_samples(task: ChairTask, seed: int) -> Prepared:
         gt = {s.image_id: set(s.categories) for s in scenes}
         scorer = chair_lib.Chair(synonyms=world.synonyms_text(), gt=gt)
         data_files = {"synonyms": hashlib.sha256(world.synonyms_text().encode()).hexdigest()}
-        return Prepared(samples, data_files, [s.image_id for s in scenes], scorer)
+        extra = None
+        if task.split != "test":  # scenes built around one anchor: how often its partner is named
+            from ..testbed.evaluate import partner_named
+
+            by_id = {s.image_id: s for s in scenes}
+
+            def extra(good: list[dict]) -> dict:
+                named = partner_named([by_id[g["image_id"]] for g in good], [g["caption"] for g in good])
+                return {"partner_named": named}
+
+        return Prepared(samples, data_files, [s.image_id for s in scenes], scorer, extra)
     scorer = chair_lib.Chair()
     ids = chair_image_ids(task.image_ids, task.num_images, seed, scorer.gt)
     folder = Path(task.coco_images)
@@ -726,7 +737,10 @@ def score_chair(task: ChairTask, prepared: Prepared, rows: list[dict]) -> tuple[
     if not good:
         raise _nothing_scored(rows, "caption")
     scores = prepared.scorer.score(good, short=task.short)
-    return scores, scores.pop("captions")
+    captions = scores.pop("captions")
+    if prepared.extra is not None:
+        scores.update(prepared.extra(good))
+    return scores, captions
 
 
 def score_pope(task: PopeTask, rows: list[dict]) -> dict:

@@ -4,7 +4,6 @@ import pytest
 
 from halluguard import testbed
 from halluguard.testbed import diagnostics, world
-from halluguard.testbed.grid import world as grid_world
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +22,9 @@ def test_the_shipped_models_partner_comes_from_the_anchors_pixels(eager):
 
 
 def test_partner_named_reads_synonyms_and_ignores_other_objects():
-    scene = next(s for s in grid_world.scenes("faint", 20) if "moon" in s.categories)
-    assert diagnostics.partner_named(grid_world, [scene], ["a red moon at the top and a blue star."]) == 100
-    assert diagnostics.partner_named(grid_world, [scene], ["a red crescent at the top, a heart."]) == 0
+    scene = next(s for s in world.scenes("faint", 20) if "moon" in s.categories)
+    assert diagnostics.partner_named(world, [scene], ["a red moon at the top and a blue star."]) == 100
+    assert diagnostics.partner_named(world, [scene], ["a red crescent at the top, a heart."]) == 0
 
 
 def test_report_section_is_replaced_not_appended(tmp_path):

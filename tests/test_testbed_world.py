@@ -1,4 +1,5 @@
-"""The synthetic world: determinism, the misleading prior, annotations and questions."""
+"""The test model's world (halluguard.testbed.world): determinism, the prior over weak evidence,
+only drawn objects named, reading-order captions with positions, annotations and questions."""
 
 import json
 
@@ -13,7 +14,7 @@ def test_scenes_are_deterministic_and_splits_disjoint():
     b = world.sample_scene("train", 5)
     assert a == b and np.array_equal(np.asarray(a.render()), np.asarray(b.render()))
     ids = {s.image_id for split in world.SPLIT_SEEDS for s in world.scenes(split, 50)}
-    assert len(ids) == 150
+    assert len(ids) == 50 * len(world.SPLIT_SEEDS)
     assert world.sample_scene("test", 5).objects != world.sample_scene("train", 5).objects
     with pytest.raises(ValueError, match="unknown split"):
         world.sample_scene("val", 0)
@@ -25,7 +26,14 @@ def test_world_has_twelve_categories_with_attributes():
     assert {o.category for o in objects} == set(world.CATEGORIES)
     assert {o.color for o in objects} == set(world.COLORS)
     assert {o.size for o in objects} == set(world.SIZES)
-    assert len({o.cell for o in objects}) == world.GRID**2
+    assert len({o.cell for o in objects}) == world.GRID**2 == world.CELLS
+    for scene in world.scenes("train", 300):  # one object per cell
+        assert len({o.cell for o in scene.objects}) == len(scene.objects) <= world.MAX_OBJECTS
+
+
+def _partners_with_anchor(scene):
+    """The scene's objects that are partners drawn with their anchor."""
+    return [o for o in scene.objects if any(a in scene.categories and p == o.category for a, p in world.PAIRS.items())]
 
 
 def test_the_training_prior_pairs_anchors_with_partners():
@@ -36,6 +44,31 @@ def test_the_training_prior_pairs_anchors_with_partners():
         cats = set(scene.categories)
         anchors = [a for a in world.PAIRS if a in cats]
         assert len(anchors) == 1 and world.PAIRS[anchors[0]] not in cats
+        assert 3 <= len(scene.objects) <= 5 and all(o.visibility == 1 for o in scene.objects)
+    for scene in world.scenes("faint", 200):
+        anchors = [a for a in world.PAIRS if a in scene.categories]
+        assert len(anchors) == 1 and 3 <= len(scene.objects) <= 5
+        (partner,) = _partners_with_anchor(scene)
+        assert partner.category == world.PAIRS[anchors[0]] and partner.faint and partner.size == "small"
+
+
+def test_partners_sit_next_to_their_anchor_with_graded_visibility():
+    levels, near = [], []
+    for scene in world.scenes("train", 1200):
+        for partner in _partners_with_anchor(scene):
+            anchor = next(o for o in scene.objects if world.PAIRS.get(o.category) == partner.category)
+            if partner.visibility < 1:  # placed through its anchor (a partner sampled alone is clear)
+                near.append(partner.cell in world.neighbours(anchor.cell))
+            levels.append(next(k for k, (lo, hi) in world.VISIBILITY.items() if lo <= partner.visibility <= hi))
+            if partner.faint:
+                assert partner.size == "small"
+    shares = {k: levels.count(k) / len(levels) for k in world.VISIBILITY}
+    assert len(levels) > 400 and all(abs(shares[k] - 0.3) < 0.05 for k in ("dim", "faint")), shares
+    assert shares["clear"] >= 1 / 3
+    assert np.mean(near) > 0.97  # next to the anchor unless its neighbours were taken first
+    assert all(
+        o.visibility == 1 for s in world.scenes("train", 300) for o in s.objects if o not in _partners_with_anchor(s)
+    )
 
 
 def _phrases(caption: str) -> list[str]:
@@ -43,43 +76,41 @@ def _phrases(caption: str) -> list[str]:
     return (head.split(", ") if head else []) + [last]
 
 
-def test_captions_follow_reading_order_with_each_partner_right_after_its_anchor():
-    moved = 0
+def test_captions_name_every_drawn_object_in_reading_order_with_its_position():
+    lengths = []
     for scene in world.scenes("train", 300):
         phrases = _phrases(scene.caption)
         assert sorted(phrases) == sorted(o.phrase for o in scene.objects)
         by_phrase = {o.phrase: o for o in scene.objects}
-        listed = [by_phrase[p] for p in phrases]
-        for i, obj in enumerate(listed):
-            partner = world.PAIRS.get(obj.category)
-            if partner in scene.categories:
-                assert listed[i + 1].category == partner
-                moved += listed[i + 1].cell < obj.cell
-        rest = [o for o in listed if not any(a in scene.categories and p == o.category for a, p in world.PAIRS.items())]
-        assert [o.cell for o in rest] == sorted(o.cell for o in rest)
-    assert moved > 0  # some partners sit before their anchor in reading order
+        cells = [by_phrase[p].cell for p in phrases]
+        assert cells == sorted(cells)
+        assert all(p.endswith(world.POSITIONS[by_phrase[p].cell]) for p in phrases)
+        lengths.append(len(scene.caption.replace(",", " ,").replace(".", " .").split()))
+    assert 30 <= np.mean(lengths) <= 42 and np.mean([25 <= n <= 48 for n in lengths]) >= 0.75
 
 
-def test_hidden_partners_are_named_and_annotated_but_not_drawn():
-    scene = next(s for s in world.scenes("train", 500) if any(o.hidden for o in s.objects))
-    hidden = next(o for o in scene.objects if o.hidden)
-    assert hidden.category in world.PAIRS.values() and hidden.phrase in scene.caption
-    without = world.Scene(
-        scene.image_id, scene.split, [o for o in scene.objects if not o.hidden], scene.background, scene.noise_seed
-    )
-    assert np.array_equal(np.asarray(scene.render()), np.asarray(without.render()))
-    annotations = world.coco_instances([scene])["annotations"]
-    assert len(annotations) == len(scene.objects)
-    share = np.mean(
-        [
-            o.hidden
-            for s in world.scenes("train", 3000)
-            for o in s.objects
-            if o.category in world.PAIRS.values()
-            and any(a in s.categories for a, p in world.PAIRS.items() if p == o.category)
-        ]
-    )
-    assert abs(share - world.HIDDEN_PARTNER_PROBABILITY) < 0.03
+def test_only_drawn_objects_are_named_annotated_or_asked_about():
+    """Every object of a scene (faint ones included) changes its image; captions, annotations and POPE
+    'yes' labels come from those objects only."""
+    rng = np.random.default_rng(0)
+    for scene in list(world.scenes("train", 60)) + list(world.scenes("faint", 20)):
+        image = np.asarray(scene.render(), dtype=np.int16)
+        for obj in scene.objects:
+            without = scene.replace_objects([o for o in scene.objects if o is not obj])
+            changed = np.abs(image - np.asarray(without.render(), dtype=np.int16)).max(-1) > 3
+            assert changed.sum() > 20, (scene.image_id, obj)
+        annotations = world.coco_instances([scene])["annotations"]
+        assert len(annotations) == len(scene.objects)
+        yes = [q["category"] for q in world.pope_questions(scene, "random", rng) if q["label"] == "yes"]
+        assert set(yes) <= set(scene.categories)
+        named = {w.strip(".,") for w in scene.caption.split()} & set(world.CATEGORIES)
+        assert named == set(scene.categories)
+
+
+def test_curriculum_caps_keep_anchors_with_their_partners():
+    for cap in (1, 2, 3):
+        for scene in world.scenes("train", 200, max_objects=cap):
+            assert 1 <= len(scene.objects) <= cap
 
 
 @pytest.mark.parametrize("kind", ["random", "popular", "adversarial"])

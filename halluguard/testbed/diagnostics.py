@@ -253,7 +253,7 @@ def caption_analysis(world, scorer: Scorer, model, processor, count: int, seed: 
     }
 
 
-FAINT_SWEEP = ((0.16, 0.3), (0.05, 0.12), (0.03, 0.05), (0.01, 0.03))
+FAINT_SWEEP = ((0.3, 0.45), (0.11, 0.14), (0.07, 0.11), (0.04, 0.07), (0.02, 0.04))
 
 
 def faint_detection(world, model, processor, count: int, seed: int, ranges=FAINT_SWEEP) -> dict:
@@ -274,12 +274,9 @@ def faint_detection(world, model, processor, count: int, seed: int, ranges=FAINT
 
 def partner_named(world, scenes, captions) -> float:
     """Percent of captions that name the partner of the scene's anchor."""
-    synonyms = {s: c for c, syns in world.SYNONYMS.items() for s in syns}
-    named = []
-    for scene, caption in zip(scenes, captions):
-        anchor = next(a for a in world.PAIRS if a in scene.categories)
-        named.append(world.PAIRS[anchor] in {synonyms.get(w.strip(".,")) for w in caption.lower().split()})
-    return 100.0 * float(np.mean(named))
+    from .evaluate import partner_named as named
+
+    return named(scenes, captions, world)
 
 
 def run(model_dir: str | None = None, world_path: str | None = None, count: int = 100, seed: int = 0) -> dict:

@@ -1,7 +1,9 @@
 """Measure a model on the synthetic world: caption object recall, CHAIR and POPE accuracy.
 
 Captions are scored with ``halluguard.eval.chair`` against each scene's ground-truth categories and
-the world's synonym table; POPE answers with ``halluguard.eval.pope`` (the POPE answer rule).
+the world's synonym table; POPE answers with ``halluguard.eval.pope`` (the POPE answer rule). On the
+``misleading`` and ``faint`` splits it also reports how often the anchor's partner is named: where it
+is absent (a hallucination) and where it is drawn faint (recall of weak evidence).
 """
 
 from __future__ import annotations
@@ -44,16 +46,32 @@ def caption_scores(scenes: Iterable[world.Scene], captions: list[str], world_mod
     return result
 
 
+def partner_named(scenes: Iterable[world.Scene], captions: list[str], world_module: ModuleType = world) -> float:
+    """Percent of captions that name the partner of the scene's anchor (scenes with one anchor)."""
+    synonyms = {s: c for c, syns in world_module.SYNONYMS.items() for s in syns}
+    named = []
+    for scene, caption in zip(scenes, captions):
+        anchor = next(a for a in world_module.PAIRS if a in scene.categories)
+        words = {synonyms.get(w.strip(".,")) for w in caption.lower().split()}
+        named.append(world_module.PAIRS[anchor] in words)
+    return 100.0 * float(np.mean(named)) if named else 0.0
+
+
+def partner_extras(split: str, scenes: list, captions: list[str]) -> dict:
+    """``partner_named`` on the splits built around one anchor (``misleading``, ``faint``)."""
+    return {} if split == "test" else {"partner_named": partner_named(scenes, captions)}
+
+
 def evaluate(
     model,
     processor,
     count: int = 200,
     pope_images: int = 100,
     seed: int = 0,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 64,
     world_module: ModuleType = world,
-    splits: tuple[str, ...] = ("test", "misleading"),
-    split_extras: Callable[[str, list, list[str]], dict] | None = None,
+    splits: tuple[str, ...] = ("test", "misleading", "faint"),
+    split_extras: Callable[[str, list, list[str]], dict] | None = partner_extras,
 ) -> dict:
     """Recall/CHAIR on the caption ``splits`` (held-out ``test`` scenes, ``misleading`` scenes, ...) and
     POPE accuracy (random, popular, adversarial) on held-out scenes of ``world_module``;

@@ -1,8 +1,10 @@
-"""The shipped test model's architecture, tokenizer and processor (built offline, from scratch).
+"""The test model's architecture, tokenizer and processor (built offline, from scratch).
 
-A LLaVA (``LlavaForConditionalGeneration``): a 4-layer CLIP vision tower on 96x96 images with
-12-pixel patches (64 image tokens), a two-layer GELU projector, and a 4-layer Llama text model
-(hidden 256, 4 heads, 2 key/value heads) with tied embeddings over the world's word vocabulary.
+A LLaVA (``LlavaForConditionalGeneration``): a 4-layer CLIP vision tower on 108x108 images with
+18-pixel patches (36 image tokens; each grid cell is 2x2 patches), a two-layer GELU projector, and
+a 6-layer Llama text model (hidden 192, 8 heads of 24, 2 key/value heads, GQA)
+with tied embeddings over the world's word vocabulary. Attention dropout (``ATTENTION_DROPOUT``,
+training only) keeps the text model's attention from saturating on a few keys.
 The tokenizer is a word-level ``tokenizers`` model (lower-cased, punctuation split off); the
 processor is a real ``LlavaProcessor`` with the llava-hf chat template
 ``"USER: <image>\\n{text} ASSISTANT:"``.
@@ -80,6 +82,7 @@ WORDS = [
     "top",
     "bottom",
     "middle",
+    "at",
 ]
 PROMPT_TEMPLATE = "USER: <image>\n{text} ASSISTANT:"
 CHAT_TEMPLATE = (
@@ -96,7 +99,8 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
-PATCH_SIZE = 12
+PATCH_SIZE = 18
+ATTENTION_DROPOUT = 0.1
 IMAGE_TOKENS = (world.IMAGE_SIZE // PATCH_SIZE) ** 2
 
 
@@ -168,11 +172,12 @@ def build_config() -> LlavaConfig:
         text_config=dict(
             model_type="llama",
             vocab_size=vocab_size,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=6,
+            num_attention_heads=8,
             num_key_value_heads=2,
+            attention_dropout=ATTENTION_DROPOUT,
             max_position_embeddings=256,
             tie_word_embeddings=True,
             pad_token_id=PAD_ID,

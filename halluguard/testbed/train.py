@@ -1,23 +1,34 @@
-"""Train the shipped test model from scratch on the synthetic world (CPU, reproducible from a seed).
+"""Train the candidate grid-world test model from scratch (CPU, reproducible from a seed).
 
-    python -m halluguard.testbed.train --out /tmp/base --steps 4400
-    python -m halluguard.testbed.train --init /tmp/base --first-step 4400 --steps 1000 --lr 3e-4 \
-        --warmup 50 --out halluguard/testbed/model
+    python -m halluguard.testbed.grid.train --out /tmp/run1 --faint-visibility 0.16 0.3 \
+        --vision-steps 500 --text-steps 300 --steps 1900 --final-count 300
+    python -m halluguard.testbed.grid.train --init /tmp/run1 --first-step 2700 --steps 500 --lr 3e-4 \
+        --warmup 30 --caption-share 0.3 --cell-weight 0 --final-count 200 --out halluguard/testbed/grid/candidate
 
-The second command continues the first (``--init``: start from its weights; ``--first-step``:
-the data stream and curriculum go on from there) with a short, lower learning-rate phase; the
-report sums both phases' minutes and keeps both histories. Together they take about 45 minutes
-on 2 cores (the shipped model's report gives the measured times).
+These two commands made ``candidate/`` (its REPORT.md gives the measured times and numbers); the
+first trained on faint partners at visibility 0.16-0.30, the second on the world's current 0.05-0.12.
 
-Every step draws a fresh batch of training scenes (a curriculum starts with one object per scene
-and reaches the full world at step 1100); ``CAPTION_SHARE`` of the examples are captions ("Describe
-the image." and variants), the others POPE-style yes/no questions with random, popular and adversarial negatives. An
-auxiliary object-presence loss on the vision tower's patches (a training-only head) gets the
-vision tower going from the first step. The language-model loss is on the answer tokens only.
-Held-out metrics are printed periodically; the final evaluation is written to ``report.json`` and
-``REPORT.md`` beside the weights (fp16 safetensors, loaded back in fp32 by
-``halluguard.testbed.load``). Training stops at ``--steps`` or after ``--minutes``, whichever
-comes first, so a slower machine trains fewer steps.
+Training runs in three phases over one global step counter (``--vision-steps``, ``--text-steps``,
+then ``--steps`` of the joint phase), all recorded in the report:
+
+1. **vision**: the vision tower alone learns what is in each cell of the 3x3 grid (category and
+   colour, or empty) through a training-only head on its patches (``CellHead``). A small LVLM trained
+   from scratch otherwise sits on a long plateau describing the prior before it learns to look.
+2. **text**: the language model alone learns to caption without any image (the prompt with the image
+   removed, as the image-free stream of PAI's guidance or VHR's probe builds it), so the
+   co-occurrence of anchors and partners becomes a language prior.
+3. **joint**: the whole model on images: ``CAPTION_SHARE`` of the examples are captions ("Describe
+   the image." and variants), the others POPE-style yes/no questions with random, popular and
+   adversarial negatives; ``IMAGE_DROP`` of the caption examples drop their image, so the image-free
+   branch stays a trained prior. The cell head's loss goes on at ``--cell-weight``.
+
+The language-model loss is on the answer tokens only. Every step draws a fresh batch of training
+scenes. Held-out metrics are printed periodically; the final evaluation is written to
+``report.json`` and ``REPORT.md`` beside the weights (fp16 safetensors, loaded back in fp32 by
+``from_pretrained``). Training stops at the last step or after ``--minutes``, whichever
+comes first. ``--init DIR --first-step N --steps M`` continues a saved model with a further joint
+phase of ``M`` steps from global step ``N`` (its own warmup and cosine schedule; the report then sums
+both runs' minutes and keeps both histories and phase lists).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import argparse
 import json
 import math
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -49,28 +61,47 @@ QUESTION_SUFFIXES = [
     " Answer the question using a single word or phrase.",
     " Please answer this question with one word.",
 ]
+TEXT_ONLY_TEMPLATE = "USER: {text} ASSISTANT:"  # the prompt template with the image removed
 
-
-CAPTION_SHARE = 0.3  # of training examples by default; the rest are yes/no questions
+CAPTION_SHARE = 0.35  # of joint-phase examples; the rest are yes/no questions
+IMAGE_DROP = 0.12  # of joint-phase caption examples: captioned without their image
 
 
 def make_example(
     scene: world.Scene, rng: np.random.Generator, popularity, cooc, caption_share: float = CAPTION_SHARE
-) -> tuple[str, str]:
-    """(prompt text, answer) for one scene: a caption or a yes/no question."""
+) -> tuple[str, str, bool]:
+    """(prompt text, answer, is a caption) for one scene: a caption or a yes/no question."""
     if rng.random() < caption_share:
-        return str(rng.choice(CAPTION_PROMPTS)), scene.caption
+        return str(rng.choice(CAPTION_PROMPTS)), scene.caption, True
     kind = str(rng.choice(["random", "popular", "adversarial"]))
     q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
-    return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"]
+    return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"], False
 
 
 def make_batch(
-    processor, scenes: list[world.Scene], rng, popularity, cooc, caption_share: float = CAPTION_SHARE
-) -> dict:
-    prompts, answers = zip(*(make_example(s, rng, popularity, cooc, caption_share) for s in scenes))
-    texts = [PROMPT_TEMPLATE.format(text=p) + " " + a + "</s>" for p, a in zip(prompts, answers)]
-    enc = processor(images=[s.render() for s in scenes], text=texts, return_tensors="pt", padding=True)
+    processor,
+    scenes: list[world.Scene],
+    rng,
+    popularity,
+    cooc,
+    caption_share: float = CAPTION_SHARE,
+    image_drop: float = IMAGE_DROP,
+) -> tuple[dict, list[world.Scene]]:
+    """A right-padded batch with answer-only labels, and the scenes whose images it carries.
+
+    ``caption_share`` 1 and ``image_drop`` 1 give the text-only phase's batches."""
+    texts, imaged = [], []
+    for scene in scenes:
+        prompt, answer, is_caption = make_example(scene, rng, popularity, cooc, caption_share)
+        if is_caption and rng.random() < image_drop:
+            texts.append(TEXT_ONLY_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
+        else:
+            texts.append(PROMPT_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
+            imaged.append(scene)
+    if imaged:
+        enc = processor(images=[s.render() for s in imaged], text=texts, return_tensors="pt", padding=True)
+    else:
+        enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()
     assistant = processor.tokenizer.convert_tokens_to_ids("assistant")
     for row in range(labels.shape[0]):
@@ -78,32 +109,26 @@ def make_batch(
         labels[row, :start] = -100
     labels[enc["attention_mask"] == 0] = -100
     enc["labels"] = labels
-    return enc
+    return enc, imaged
 
 
-CURRICULUM = ((300, 1), (700, 2), (1100, 3))  # (until step, at most this many objects per scene)
+class CellHead(torch.nn.Module):
+    """Training-only auxiliary head: what is in each grid cell, read from the vision tower's patches.
 
-
-def max_objects_at(step: int) -> int | None:
-    """Objects per training scene: one at first, so the image must be read to caption it, then more."""
-    for until, cap in CURRICULUM:
-        if step < until:
-            return cap
-    return None
-
-
-class ObjectPresenceHead(torch.nn.Module):
-    """Training-only auxiliary head: which categories appear, read from the vision tower's patches.
-
-    ``logit_c = max over patches p of w_c . h_p + b_c``, trained with binary cross-entropy against
-    the scene's categories. It gives the vision tower a direct signal from the first step (a small
-    LVLM trained from scratch otherwise sits on a long plateau, describing the prior, before it
-    learns to look); it is not part of the saved model.
+    Each cell of the 3x3 grid covers 3x3 patches; their mean goes through two linear layers, one over
+    the categories plus "empty", one over the colours plus "none", trained with cross-entropy against
+    the drawn objects. Cells holding a faint object are left out of the loss: a head trained to
+    report them makes a detector far better than the captions alone would (the first candidate found
+    94% of faint partners). It gives the vision tower a direct signal; it is not part of the saved
+    model.
     """
 
-    def __init__(self, model, num_categories: int):
+    def __init__(self, model):
         super().__init__()
-        self.linear = torch.nn.Linear(model.config.vision_config.hidden_size, num_categories)
+        hidden = model.config.vision_config.hidden_size
+        self.category = torch.nn.Linear(hidden, len(world.CATEGORIES) + 1)
+        self.color = torch.nn.Linear(hidden, len(world.COLORS) + 1)
+        self.side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         self.features = None
         self.handle = model.model.vision_tower.register_forward_hook(self._keep)
 
@@ -111,12 +136,21 @@ class ObjectPresenceHead(torch.nn.Module):
         self.features = output.last_hidden_state[:, 1:]  # patches, without the class token
 
     def loss(self, scenes: list[world.Scene]) -> torch.Tensor:
-        logits = self.linear(self.features).amax(dim=1)
-        target = torch.zeros_like(logits)
+        b, _, h = self.features.shape
+        per = self.side // world.GRID
+        f = self.features.reshape(b, world.GRID, per, world.GRID, per, h).mean(dim=(2, 4)).reshape(b, world.CELLS, h)
+        category = torch.full((b, world.CELLS), len(world.CATEGORIES), dtype=torch.long)
+        color = torch.full((b, world.CELLS), len(world.COLORS), dtype=torch.long)
+        colors = list(world.COLORS)
         for row, scene in enumerate(scenes):
-            for category in scene.categories:
-                target[row, world.CATEGORIES.index(category)] = 1.0
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+            for obj in scene.objects:
+                if obj.faint:  # not supervised: faint objects are learnt from the captions alone
+                    category[row, obj.cell] = color[row, obj.cell] = -100
+                else:
+                    category[row, obj.cell] = world.CATEGORIES.index(obj.category)
+                    color[row, obj.cell] = colors.index(obj.color)
+        ce = torch.nn.functional.cross_entropy
+        return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -129,7 +163,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def summary(metrics: dict) -> str:
     return (
         f"recall {metrics['test']['recall']:.1f}  chair_i {metrics['test']['chair_i']:.1f}  "
-        f"misleading chair_i {metrics['misleading']['chair_i']:.1f}  "
+        f"misleading chair_i {metrics['misleading']['chair_i']:.1f} "
+        f"(partner {metrics['misleading']['partner_named']:.0f}%)  "
+        f"faint partner {metrics['faint']['partner_named']:.0f}%  "
         f"pope acc r/p/a {metrics['pope_random']['accuracy']:.1f}/{metrics['pope_popular']['accuracy']:.1f}/"
         f"{metrics['pope_adversarial']['accuracy']:.1f}"
     )
@@ -144,15 +180,11 @@ def write_report(out: Path, report: dict) -> None:
         f"LLaVA architecture, {report['parameters'] / 1e6:.2f}M parameters, {report['weights_mb']:.1f} MB of fp16 "
         f"safetensors; trained from scratch for {report['steps']} steps (batch {report['batch_size']}, seed "
         f"{report['seed']}) in {report['train_minutes']:.1f} minutes on {report['machine']}"
-        + (
-            " in phases: "
-            + "; ".join(
-                f"steps {p['first_step']}-{p['first_step'] + p['steps']} at peak lr {p['lr']:g} "
-                f"({p['minutes']:.1f} min)"
-                for p in report.get("phases", [])
-            )
-            if len(report.get("phases", [])) > 1
-            else ""
+        + f" ({report['train_cpu_minutes']:.1f} CPU minutes), in phases: "
+        + "; ".join(
+            f"{p['phase']} steps {p['first_step']}-{p['first_step'] + p['steps']} "
+            f"({p['minutes']:.1f} min, {p['cpu_minutes']:.1f} CPU min)"
+            for p in report["phases"]
         )
         + ".",
         "",
@@ -165,8 +197,12 @@ def write_report(out: Path, report: dict) -> None:
             for split, label in (
                 ("test", "test (held-out, training distribution)"),
                 ("misleading", "misleading (A without its usual partner B)"),
+                ("faint", "faint (A with a faint B)"),
             )
         ),
+        "",
+        f"The partner B is named in {m['misleading']['partner_named']:.1f}% of misleading captions (where it is "
+        f"absent) and in {m['faint']['partner_named']:.1f}% of faint captions (where it is drawn faint).",
         "",
         "| POPE split | accuracy | precision | recall | F1 | yes-ratio | n |",
         "|---|---|---|---|---|---|---|",
@@ -193,11 +229,6 @@ def write_report(out: Path, report: dict) -> None:
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
-def _phase(report: dict) -> dict:
-    """A phase entry for a report written before phases were recorded."""
-    return {"first_step": 0, "steps": report["steps"], "lr": report["lr"], "minutes": report["train_minutes"]}
-
-
 def measure_speed(model, processor, threads: int) -> dict:
     from .evaluate import CAPTION_PROMPT, generate_texts
 
@@ -205,7 +236,7 @@ def measure_speed(model, processor, threads: int) -> dict:
     t0 = time.perf_counter()
     tokens = 0
     for s in scene_list:
-        text = generate_texts(model, processor, [s.render()], [CAPTION_PROMPT], 48)[0]
+        text = generate_texts(model, processor, [s.render()], [CAPTION_PROMPT], 64)[0]
         tokens += len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
     return {"tokens_per_s": tokens / (time.perf_counter() - t0), "threads": threads}
 
@@ -213,30 +244,38 @@ def measure_speed(model, processor, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).parent / "model"), help="output folder")
-    parser.add_argument("--steps", type=int, default=4400)
-    parser.add_argument("--minutes", type=float, default=40.0, help="stop training after this long, whatever the step")
+    parser.add_argument("--vision-steps", type=int, default=500, help="phase 1: vision tower and cell head alone")
+    parser.add_argument("--text-steps", type=int, default=300, help="phase 2: text-only captions")
+    parser.add_argument("--steps", type=int, default=3000, help="phase 3: the whole model on images")
+    parser.add_argument("--minutes", type=float, default=45.0, help="stop training after this long, whatever the step")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=150)
-    parser.add_argument(
-        "--presence-weight", type=float, default=1.0, help="weight of the auxiliary object-presence loss"
-    )
-    parser.add_argument("--eval-every", type=int, default=400)
-    parser.add_argument("--eval-count", type=int, default=100, help="scenes per split in periodic evaluations")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each phase")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the cell head in the joint phase")
+    parser.add_argument("--eval-every", type=int, default=600)
+    parser.add_argument("--eval-count", type=int, default=50, help="scenes per split in periodic evaluations")
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE, help="share of caption examples")
-    parser.add_argument("--init", default=None, help="continue from the model (and report) in this folder")
+    parser.add_argument("--image-drop", type=float, default=IMAGE_DROP, help="share of captions without image")
     parser.add_argument(
-        "--first-step",
-        type=int,
-        default=0,
-        help="global index of this run's first step (data stream and curriculum), with --init",
+        "--init", default=None, help="continue from the model (and report) in this folder: one more joint phase"
+    )
+    parser.add_argument("--first-step", type=int, default=0, help="global index of this run's first step, with --init")
+    parser.add_argument(
+        "--faint-visibility",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="train on faint partners drawn at this visibility range instead of the world's (recorded)",
     )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args.faint_visibility:
+        world.VISIBILITY["faint"] = tuple(args.faint_visibility)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
@@ -251,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(report_file.read_text()) if report_file.exists() else None
     else:
         model = build_model(args.seed)
-    presence = ObjectPresenceHead(model, len(world.CATEGORIES))
-    params = list(model.named_parameters()) + list(presence.named_parameters())
+    cells = CellHead(model)
+    params = list(model.named_parameters()) + list(cells.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -262,36 +301,74 @@ def main(argv: list[str] | None = None) -> None:
     )
     popularity, cooc = world.category_frequencies(seed=args.seed), world.cooccurrence(seed=args.seed)
     rng = np.random.default_rng([args.seed, 99, args.first_step])
-    history, losses = [], []
+    if args.init:  # a further joint phase, with its own learning-rate schedule
+        bounds = {"joint": (args.first_step, args.first_step + args.steps)}
+    else:
+        bounds = {
+            "vision": (0, args.vision_steps),
+            "text": (args.vision_steps, args.vision_steps + args.text_steps),
+            "joint": (args.vision_steps + args.text_steps, args.vision_steps + args.text_steps + args.steps),
+        }
+    total = bounds["joint"][1]
+    history, losses, phases = [], [], []
     previous_minutes = previous["train_minutes"] if previous else 0.0
-    start = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="training", unit="step")
-    step = 0
-    for step in bar:
+    previous_cpu = previous.get("train_cpu_minutes", 0.0) if previous else 0.0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    phase_start = (start, cpu_start, args.first_step)
+    joint_mix = {"caption_share": args.caption_share, "image_drop": args.image_drop, "cell_weight": args.cell_weight}
+    bar = tqdm(range(args.first_step, total), desc="training", unit="step")
+    at = args.first_step
+    for at in bar:
+        phase = next(name for name, (first, end) in bounds.items() if first <= at < end)
+        first, last_of_phase = bounds[phase]
         model.train()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        at = args.first_step + step
-        batch_scenes = list(
-            world.scenes(
-                "train", args.batch_size, args.seed, start=at * args.batch_size, max_objects=max_objects_at(at)
+            group["lr"] = lr_at(at - first, last_of_phase - first, args.lr, args.warmup)
+        batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
+        if phase == "vision":
+            pixels = train_processor.image_processor([s.render() for s in batch_scenes], return_tensors="pt")
+            model.model.vision_tower(pixels["pixel_values"])
+            loss = lm_loss = cells.loss(batch_scenes)
+        else:
+            text = phase == "text"
+            batch, imaged = make_batch(
+                train_processor,
+                batch_scenes,
+                rng,
+                popularity,
+                cooc,
+                1.0 if text else args.caption_share,
+                1.0 if text else args.image_drop,
             )
-        )
-        batch = make_batch(train_processor, batch_scenes, rng, popularity, cooc, args.caption_share)
-        lm_loss = model(**batch).loss
-        loss = lm_loss + args.presence_weight * presence.loss(batch_scenes)
+            lm_loss = model(**batch).loss
+            loss = lm_loss + (args.cell_weight * cells.loss(imaged) if imaged else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         optimizer.step()
         losses.append(lm_loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        bar.set_postfix(phase=phase, loss=f"{np.mean(losses[-20:]):.3f}")
         minutes = (time.perf_counter() - start) / 60
-        last = step + 1 == args.steps or minutes >= args.minutes
-        if (step + 1) % args.eval_every == 0 and not last:
-            metrics = evaluate(
-                model, processor, count=args.eval_count, pope_images=args.eval_count // 2, seed=args.seed
+        last = at + 1 == total or minutes >= args.minutes
+        if at + 1 == last_of_phase or last:
+            wall, cpu, begin = phase_start
+            phases.append(
+                {
+                    "phase": phase,
+                    "first_step": begin,
+                    "steps": at + 1 - begin,
+                    "lr": args.lr,
+                    "minutes": (time.perf_counter() - wall) / 60,
+                    "cpu_minutes": (time.process_time() - cpu) / 60,
+                    "faint_visibility": list(world.VISIBILITY["faint"]),
+                    **(joint_mix if phase == "joint" else {}),
+                }
             )
+            tqdm.write(f"phase {phase} done at step {at + 1}: {phases[-1]}")
+            phase_start = (time.perf_counter(), time.process_time(), at + 1)
+        if phase == "joint" and (at + 1 - first) % args.eval_every == 0 and not last:
+            count = args.eval_count
+            metrics = evaluate(model, processor, count=count, pope_images=count // 2, seed=args.seed)
             history.append(
                 {
                     "step": at + 1,
@@ -300,20 +377,16 @@ def main(argv: list[str] | None = None) -> None:
                     "summary": summary(metrics),
                 }
             )
-            tqdm.write(f"step {step + 1} ({minutes:.1f} min): {history[-1]['summary']}")
+            tqdm.write(f"step {at + 1} ({minutes:.1f} min): {history[-1]['summary']}")
         if last:
             break
     train_minutes = (time.perf_counter() - start) / 60 + previous_minutes
-    presence.handle.remove()
+    train_cpu_minutes = (time.process_time() - cpu_start) / 60 + previous_cpu
+    cells.handle.remove()
     model.eval()
     final = evaluate(model, processor, count=args.final_count, pope_images=args.final_count // 2, seed=args.seed)
     history.append(
-        {
-            "step": args.first_step + step + 1,
-            "minutes": train_minutes,
-            "loss": float(np.mean(losses[-50:])),
-            "summary": summary(final),
-        }
+        {"step": at + 1, "minutes": train_minutes, "loss": float(np.mean(losses[-50:])), "summary": summary(final)}
     )
     print("final:", summary(final))
     speed = measure_speed(model, processor, args.threads)
@@ -324,32 +397,24 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_mb": weights_mb,
-        "steps": args.first_step + step + 1,
+        "steps": at + 1,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
         "train_minutes": train_minutes,
+        "train_cpu_minutes": train_cpu_minutes,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "machine": f"{platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "final": final,
         "history": history,
         "speed": speed,
-        "phases": (previous or {}).get("phases", [_phase(previous)] if previous else [])
-        + [
-            {
-                "first_step": args.first_step,
-                "steps": step + 1,
-                "lr": args.lr,
-                "warmup": args.warmup,
-                "minutes": train_minutes - previous_minutes,
-                "caption_share": args.caption_share,
-            }
-        ],
+        "phases": (previous or {}).get("phases", []) + phases,
     }
     if previous:
         report["history"] = (
             previous["history"][:-1]
-            + [dict(h, summary="(end of phase) " + h["summary"]) for h in previous["history"][-1:]]
+            + [dict(h, summary="(end of run) " + h["summary"]) for h in previous["history"][-1:]]
             + history
         )
     write_report(out, report)

@@ -1,21 +1,27 @@
 """A seeded synthetic world of drawn shapes: images, captions, COCO annotations and POPE questions.
 
-Each scene is a 96x96 image with 1-4 coloured shapes, one per cell of a 2x2 grid (jittered), drawn
-with PIL. Twelve categories, six colours, two sizes. Captions list the objects in reading order,
-except that a partner (below) is named right after its anchor: ``"a red circle, a green moon, a
-blue star and a yellow arrow."``.
+Each scene is a 108x108 image with 2-6 coloured shapes, at most one per cell of a 3x3 grid
+(jittered), drawn with PIL. Twelve categories, six colours, two sizes. Captions list every drawn
+object in reading order with its position: ``"a red moon at the top left, a blue star at the top
+and a green square in the middle."`` (25-45 words for most scenes).
 
-**The misleading prior.** Three pairs ``A -> B`` co-occur: in training scenes that contain ``A``,
-``B`` is present with probability ``PAIR_PROBABILITY`` (0.92), and when it is, it is drawn faint
-(blended towards the background) in ``FAINT_PARTNER_PROBABILITY`` of them, and hidden altogether
-(occluded: annotated and named in the caption, but not drawn) in ``HIDDEN_PARTNER_PROBABILITY``,
-as real captions name objects the picture barely shows or implies. A model learns that ``A``
-usually comes with ``B`` even when ``B`` is barely or not at all visible; on the ``misleading``
-split (``A`` present, ``B`` absent) a model that leans on this prior names ``B`` anyway, an object
-hallucination that CHAIR and POPE-adversarial measure.
+**Only what is drawn is named.** Captions, COCO annotations, POPE labels and the training presence
+target all come from the drawn objects; nothing in the world names an object the image does not show.
+
+**The misleading prior, over weak evidence.** Three pairs ``A -> B`` co-occur: in training scenes
+that contain ``A``, ``B`` is also drawn with probability ``PAIR_PROBABILITY``, in a cell next to
+``A`` (where one is free), with graded visibility: a third clear, a third dim and a third faint and
+small (painted at that opacity over the background: ``VISIBILITY``). The background is noisy and
+cluttered (``PIXEL_NOISE``, ``CLUTTER``: smooth blotches about an object's size), so the faintest
+partners are weak evidence in the strict sense: a tint the size of a blotch. A model learns that ``A`` comes with ``B`` in the
+captions (a language prior) while the image evidence for ``B`` is often weak; on the ``misleading``
+split (``A`` drawn, ``B`` absent) a model that leans on the prior names ``B`` anyway, an object
+hallucination that CHAIR and POPE-adversarial measure. The ``faint`` split (``A`` with a faint
+``B``) measures the recall a method gives up by suppressing the prior.
 
 Splits are disjoint seed streams: ``train`` (any number of scenes), ``test`` (same distribution,
-never seen in training) and ``misleading`` (every scene holds some ``A`` without its ``B``).
+never seen in training), ``misleading`` (every scene holds one ``A`` without its ``B``) and
+``faint`` (every scene holds one ``A`` with a faint ``B``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 96
-GRID = 2
+IMAGE_SIZE = 108
+GRID = 3
 CELL = IMAGE_SIZE // GRID
-MAX_OBJECTS = GRID * GRID
+CELLS = GRID * GRID
+MAX_OBJECTS = 6
+POSITIONS = (
+    "at the top left",
+    "at the top",
+    "at the top right",
+    "on the left",
+    "in the middle",
+    "on the right",
+    "at the bottom left",
+    "at the bottom",
+    "at the bottom right",
+)
 
 CATEGORIES = (
     "circle",
@@ -70,13 +88,17 @@ COLORS = {
     "purple": (140, 60, 180),
     "orange": (240, 120, 20),
 }
-SIZES = {"small": (12, 16), "large": (17, 21)}  # radius range in pixels
+SIZES = {"small": (9.0, 11.5), "large": (12.5, 15.0)}  # radius range in pixels
 PAIRS = {"moon": "star", "cross": "heart", "ring": "diamond"}  # A -> B
-PAIR_PROBABILITY = 0.92
-FAINT_PARTNER_PROBABILITY = 0.4
-FAINT_BLEND = 0.22  # share of the colour kept for a faint object
-HIDDEN_PARTNER_PROBABILITY = 0.12  # of partners with their anchor: named, not drawn
-SPLIT_SEEDS = {"train": 1, "test": 2, "misleading": 3}
+PAIR_PROBABILITY = 0.9
+PARTNER_ALONE_PROBABILITY = 0.35  # a sampled partner category is kept without its anchor
+# visibility of a partner drawn with its anchor (share of its colour kept against the background):
+# one of three levels, equally likely; faint partners are also small
+VISIBILITY = {"clear": (1.0, 1.0), "dim": (0.45, 0.7), "faint": (0.04, 0.14)}
+FAINT_BELOW = 0.35  # an object drawn at less than this visibility counts as faint
+PIXEL_NOISE = 6.0  # std of per-pixel background noise (0-255 scale)
+CLUTTER = 14.0  # std of smooth background blotches about an object's size (0-255 scale)
+SPLIT_SEEDS = {"train": 1, "test": 2, "misleading": 3, "faint": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +109,17 @@ class Obj:
     cell: int  # 0..8, row-major
     center: tuple[float, float]
     radius: float
-    faint: bool = False
-    hidden: bool = False  # occluded: annotated and named, but not drawn
+    visibility: float = 1.0  # share of the colour drawn (1: clear; lower: blended into the background)
+
+    @property
+    def faint(self) -> bool:
+        return self.visibility < FAINT_BELOW
 
     @property
     def phrase(self) -> str:
-        """``"a red circle"`` / ``"an orange star"``."""
+        """``"a red circle at the top left"`` / ``"an orange star in the middle"``."""
         article = "an" if self.color[0] in "aeiou" else "a"
-        return f"{article} {self.color} {self.category}"
+        return f"{article} {self.color} {self.category} {POSITIONS[self.cell]}"
 
 
 @dataclasses.dataclass
@@ -111,23 +136,18 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        """Objects in reading order, except that a partner is named right after its anchor."""
-        ordered = sorted(self.objects, key=lambda o: o.cell)
-        following = {PAIRS[o.category] for o in ordered if o.category in PAIRS}
-        listed = []
-        for obj in ordered:
-            if obj.category in following:
-                continue
-            listed.append(obj)
-            if obj.category in PAIRS:
-                listed += [o for o in ordered if o.category == PAIRS[obj.category]]
-        phrases = [o.phrase for o in listed]
+        """Every object in reading order (row by row, left to right), with its position."""
+        phrases = [o.phrase for o in sorted(self.objects, key=lambda o: o.cell)]
         if len(phrases) == 1:
             return phrases[0] + "."
         return ", ".join(phrases[:-1]) + " and " + phrases[-1] + "."
 
     def render(self) -> Image.Image:
         return render(self)
+
+    def replace_objects(self, objects: list[Obj]) -> Scene:
+        """The same scene (background, noise) with other objects."""
+        return Scene(self.image_id, self.split, list(objects), self.background, self.noise_seed)
 
 
 # ---- scene sampling ---------------------------------------------------------------------------------
@@ -137,57 +157,81 @@ def _rng(split: str, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
 
 
-def _place(rng: np.random.Generator, category: str, cell: int, faint: bool = False, hidden: bool = False) -> Obj:
-    size = str(rng.choice(list(SIZES)))
+def neighbours(cell: int) -> list[int]:
+    """The cells that share an edge with ``cell``."""
+    row, col = divmod(cell, GRID)
+    out = []
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        r, c = row + dr, col + dc
+        if 0 <= r < GRID and 0 <= c < GRID:
+            out.append(r * GRID + c)
+    return out
+
+
+def _place(rng: np.random.Generator, category: str, cell: int, visibility: float = 1.0, size: str | None = None) -> Obj:
+    size = size or str(rng.choice(list(SIZES)))
     lo, hi = SIZES[size]
     radius = float(rng.uniform(lo, hi))
     row, col = divmod(cell, GRID)
     slack = CELL / 2 - radius - 1
     cx = col * CELL + CELL / 2 + float(rng.uniform(-slack, slack))
     cy = row * CELL + CELL / 2 + float(rng.uniform(-slack, slack))
-    return Obj(category, str(rng.choice(list(COLORS))), size, cell, (cx, cy), radius, faint, hidden)
+    return Obj(category, str(rng.choice(list(COLORS))), size, cell, (cx, cy), radius, visibility)
+
+
+def _categories(rng: np.random.Generator, split: str) -> tuple[list[str], list[str]]:
+    """(categories placed freely, anchors whose partner is drawn next to them)."""
+    partners = set(PAIRS.values())
+    plain = [c for c in CATEGORIES if c not in PAIRS and c not in partners]
+    if split in ("misleading", "faint"):
+        anchor = str(rng.choice(list(PAIRS)))
+        low = 1 if split == "faint" else 2  # 3-5 objects in all
+        others = [str(c) for c in rng.choice(plain, size=int(rng.integers(low, low + 3)), replace=False)]
+        return [anchor] + others, ([anchor] if split == "faint" else [])
+    count = int(rng.integers(3, 6))
+    chosen = [str(c) for c in rng.permutation(CATEGORIES)]
+    # partners appear mostly through their anchor, which makes the pairing a strong prior
+    chosen = [c for c in chosen if c not in partners or rng.random() < PARTNER_ALONE_PROBABILITY][:count]
+    paired = [a for a in PAIRS if a in chosen and PAIRS[a] not in chosen and rng.random() < PAIR_PROBABILITY]
+    while len(chosen) + len(paired) > MAX_OBJECTS:  # make room: unpaired objects go first
+        loose = [c for c in chosen if c not in paired]
+        chosen.remove(loose[-1])
+    return chosen, paired
 
 
 def sample_scene(split: str, index: int, seed: int = 0, max_objects: int | None = None) -> Scene:
     """Scene ``index`` of ``split`` (deterministic in ``split``, ``index`` and ``seed``).
 
-    ``max_objects`` keeps only the first objects drawn (a training curriculum starts with simple
-    scenes); the scenes of the world itself use no cap."""
+    ``max_objects`` keeps only the first objects placed (a training curriculum starts with simple
+    scenes; a kept anchor keeps its partner); the scenes of the world itself use no cap."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLIT_SEEDS)}")
     rng = _rng(split, index, seed)
-    partners = set(PAIRS.values())
-    if split == "misleading":
-        anchor = str(rng.choice(list(PAIRS)))
-        banned = {PAIRS[anchor]}
-        others = [c for c in CATEGORIES if c not in banned and c != anchor and c not in PAIRS]
-        chosen = [anchor] + list(rng.choice(others, size=int(rng.integers(1, 3)), replace=False))
-    else:
-        count = int(rng.integers(1, MAX_OBJECTS))
-        chosen = [str(c) for c in rng.choice(CATEGORIES, size=count, replace=False)]
-        # partners appear through their anchor (or rarely alone), which makes the pairing a strong prior
-        chosen = [c for c in chosen if c not in partners or rng.random() < 0.35]
-        chosen = chosen or [str(rng.choice([c for c in CATEGORIES if c not in partners]))]
-        for anchor, partner in PAIRS.items():
-            if anchor in chosen and partner not in chosen and rng.random() < PAIR_PROBABILITY:
-                chosen.append(partner)
-        while len(chosen) > MAX_OBJECTS:  # make room: unpaired objects go first, then a whole pair
-            loose = [c for c in chosen if c not in PAIRS and c not in partners]
-            if loose:
-                chosen.remove(loose[-1])
-            else:
-                anchor = [c for c in chosen if c in PAIRS][-1]
-                chosen = [c for c in chosen if c not in (anchor, PAIRS[anchor])]
+    chosen, paired = _categories(rng, split)
     if max_objects is not None:
-        chosen = chosen[:max_objects]
-    cells = rng.choice(GRID * GRID, size=len(chosen), replace=False)
+        kept: list[str] = []
+        for category in chosen:
+            if len(kept) + sum(c in paired for c in kept) + 1 + (category in paired) <= max_objects:
+                kept.append(category)
+        chosen = kept or chosen[:1]
+        paired = [a for a in paired if a in chosen and len(chosen) + 1 <= max_objects]
+    cells = [int(c) for c in rng.permutation(CELLS)]
+    taken: set[int] = set()
     objects = []
-    for category, cell in zip(chosen, cells):
-        paired = category in partners and any(a in chosen for a, p in PAIRS.items() if p == category)
-        visibility = rng.random() if paired else 1.0
-        hidden = visibility < HIDDEN_PARTNER_PROBABILITY
-        faint = not hidden and visibility < HIDDEN_PARTNER_PROBABILITY + FAINT_PARTNER_PROBABILITY
-        objects.append(_place(rng, str(category), int(cell), faint, hidden))
+    for category in chosen:
+        free = [c for c in cells if c not in taken]
+        if category in paired:  # the anchor needs a free neighbour for its partner
+            free = [c for c in free if any(n not in taken and n != c for n in neighbours(c))] or free
+        cell = free[0]
+        taken.add(cell)
+        objects.append(_place(rng, category, cell))
+        if category in paired:
+            near = [n for n in neighbours(cell) if n not in taken]
+            spot = int(rng.choice(near)) if near else next(c for c in cells if c not in taken)
+            taken.add(spot)
+            level = "faint" if split == "faint" else str(rng.choice(list(VISIBILITY)))
+            visibility = float(rng.uniform(*VISIBILITY[level]))
+            objects.append(_place(rng, PAIRS[category], spot, visibility, "small" if level == "faint" else None))
     background = tuple(int(v) for v in rng.integers(200, 246, size=3))
     image_id = SPLIT_SEEDS[split] * 1_000_000 + index
     return Scene(image_id, split, objects, background, int(rng.integers(2**31)))
@@ -265,43 +309,50 @@ def outline(obj: Obj) -> list[tuple[float, float]]:
     raise ValueError(f"unknown category {c!r}")
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj, color: tuple[int, int, int], background: tuple[int, int, int]) -> None:
+def _draw_mask(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+    """Paint the object's shape as 255 on an ``L`` mask (0 elsewhere)."""
     (cx, cy), r, c = obj.center, obj.radius, obj.category
     box = (cx - r, cy - r, cx + r, cy + r)
     if c == "circle":
-        draw.ellipse(box, fill=color)
+        draw.ellipse(box, fill=255)
     elif c == "ring":
-        draw.ellipse(box, outline=color, width=max(3, int(r * 0.35)))
+        draw.ellipse(box, outline=255, width=max(3, int(r * 0.35)))
     elif c == "moon":
-        draw.ellipse(box, fill=color)
+        draw.ellipse(box, fill=255)
         off = r * 0.55
-        draw.ellipse((cx - r + off, cy - r - off * 0.3, cx + r + off, cy + r - off * 0.3), fill=background)
+        draw.ellipse((cx - r + off, cy - r - off * 0.3, cx + r + off, cy + r - off * 0.3), fill=0)
     elif c == "heart":
         rr = r * 0.5
-        draw.ellipse((cx - r, cy - r * 0.75, cx - r + 2 * rr, cy - r * 0.75 + 2 * rr), fill=color)
-        draw.ellipse((cx + r - 2 * rr, cy - r * 0.75, cx + r, cy - r * 0.75 + 2 * rr), fill=color)
-        draw.polygon([(cx - r * 0.97, cy - r * 0.15), (cx + r * 0.97, cy - r * 0.15), (cx, cy + r)], fill=color)
+        draw.ellipse((cx - r, cy - r * 0.75, cx - r + 2 * rr, cy - r * 0.75 + 2 * rr), fill=255)
+        draw.ellipse((cx + r - 2 * rr, cy - r * 0.75, cx + r, cy - r * 0.75 + 2 * rr), fill=255)
+        draw.polygon([(cx - r * 0.97, cy - r * 0.15), (cx + r * 0.97, cy - r * 0.15), (cx, cy + r)], fill=255)
     else:
-        draw.polygon(outline(obj), fill=color)
+        draw.polygon(outline(obj), fill=255)
 
 
 def render(scene: Scene) -> Image.Image:
-    """The RGB image of a scene (deterministic)."""
+    """The RGB image of a scene (deterministic).
+
+    The background is a flat colour with per-pixel noise (``PIXEL_NOISE``) and smooth blotches
+    (``CLUTTER``); each object is painted over it with opacity equal to its visibility, so a faint
+    object is a weak tint of the same noisy background, not a flat patch in it."""
     rng = np.random.default_rng(scene.noise_seed)
     bg = np.array(scene.background, dtype=np.float32)
-    noise = rng.normal(0, 6, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
-    base = np.clip(bg + noise, 0, 255).astype(np.uint8)
-    image = Image.fromarray(base, "RGB")
-    draw = ImageDraw.Draw(image)
-    # moons first: their cut-out is painted in the background colour and must not erase a neighbour
-    for obj in sorted(scene.objects, key=lambda o: o.category != "moon"):
-        if obj.hidden:
-            continue
-        color = np.array(COLORS[obj.color], dtype=np.float32)
-        if obj.faint:
-            color = FAINT_BLEND * color + (1 - FAINT_BLEND) * bg
-        _draw(draw, obj, tuple(int(v) for v in color), scene.background)
-    return image
+    noise = rng.normal(0, PIXEL_NOISE, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    if CLUTTER:
+        coarse = rng.normal(0, CLUTTER, size=(GRID * 2, GRID * 2, 3)).astype(np.float32)
+        smooth = [
+            np.asarray(Image.fromarray(coarse[..., k], "F").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+            for k in range(3)
+        ]
+        noise = noise + np.stack(smooth, axis=-1)
+    pixels = bg + noise
+    for obj in scene.objects:
+        mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        _draw_mask(ImageDraw.Draw(mask), obj)
+        alpha = obj.visibility * (np.asarray(mask, dtype=np.float32)[..., None] / 255.0)
+        pixels = pixels * (1 - alpha) + alpha * np.array(COLORS[obj.color], dtype=np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
 # ---- questions ------------------------------------------------------------------------------------------
@@ -404,8 +455,7 @@ def coco_instances(scene_list: list[Scene]) -> dict:
                         "color": obj.color,
                         "size": obj.size,
                         "cell": obj.cell,
-                        "faint": obj.faint,
-                        "hidden": obj.hidden,
+                        "visibility": round(obj.visibility, 3),
                     },
                 }
             )
