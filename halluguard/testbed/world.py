@@ -13,10 +13,10 @@ that contain ``A``, ``B`` is also drawn with probability ``PAIR_PROBABILITY``, i
 ``A`` (where one is free), with graded visibility: a third clear, a third dim and a third faint and
 small (painted at that opacity over the background: ``VISIBILITY``). The background is noisy and
 cluttered (``PIXEL_NOISE``, ``CLUTTER``: smooth blotches about an object's size), so the faintest
-partners are weak evidence in the strict sense: a tint the size of a blotch. A model learns that ``A`` comes with ``B`` in the
-captions (a language prior) while the image evidence for ``B`` is often weak; on the ``misleading``
-split (``A`` drawn, ``B`` absent) a model that leans on the prior names ``B`` anyway, an object
-hallucination that CHAIR and POPE-adversarial measure. The ``faint`` split (``A`` with a faint
+partners are weak evidence in the strict sense: a tint the size of a blotch. A model learns that
+``A`` comes with ``B`` in the captions (a language prior) while the image evidence for ``B`` is often
+weak; on the ``misleading`` split (``A`` drawn, ``B`` absent) a model that leans on the prior names
+``B`` anyway, an object hallucination that CHAIR and POPE-adversarial measure. The ``faint`` split (``A`` with a faint
 ``B``) measures the recall a method gives up by suppressing the prior.
 
 Splits are disjoint seed streams: ``train`` (any number of scenes), ``test`` (same distribution,
