@@ -65,6 +65,10 @@ TEXT_ONLY_TEMPLATE = "USER: {text} ASSISTANT:"  # the prompt template with the i
 
 CAPTION_SHARE = 0.4  # of joint-phase examples; the rest are yes/no questions
 IMAGE_DROP = 0.12  # of joint-phase caption examples: captioned without their image
+# negatives of yes/no questions: popular and adversarial negatives are each scene's top absent
+# categories, a narrow set; random ones cover every category, so most questions draw them (with a
+# third each, the first model said yes to 43% of random absent categories)
+QUESTION_KINDS = {"random": 0.7, "popular": 0.15, "adversarial": 0.15}
 
 
 def make_example(
@@ -73,7 +77,7 @@ def make_example(
     """(prompt text, answer, is a caption) for one scene: a caption or a yes/no question."""
     if rng.random() < caption_share:
         return str(rng.choice(CAPTION_PROMPTS)), scene.caption, True
-    kind = str(rng.choice(["random", "popular", "adversarial"]))
+    kind = str(rng.choice(list(QUESTION_KINDS), p=list(QUESTION_KINDS.values())))
     q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
     return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"], False
 
@@ -315,7 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     previous_cpu = previous.get("train_cpu_minutes", 0.0) if previous else 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
     phase_start = (start, cpu_start, args.first_step)
-    joint_mix = {"caption_share": args.caption_share, "image_drop": args.image_drop, "cell_weight": args.cell_weight}
+    joint_mix = {
+        "caption_share": args.caption_share,
+        "image_drop": args.image_drop,
+        "cell_weight": args.cell_weight,
+        "question_kinds": dict(QUESTION_KINDS),
+    }
     bar = tqdm(range(args.first_step, total), desc="training", unit="step")
     at = args.first_step
     for at in bar:
@@ -361,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                     "minutes": (time.perf_counter() - wall) / 60,
                     "cpu_minutes": (time.process_time() - cpu) / 60,
                     "faint_visibility": list(world.VISIBILITY["faint"]),
+                    "pair_probability": world.PAIR_PROBABILITY,
                     **(joint_mix if phase == "joint" else {}),
                 }
             )
