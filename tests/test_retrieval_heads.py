@@ -23,7 +23,7 @@ import pytest
 import torch
 from tiny_models import BOS, CORE_FAMILIES, build_model
 
-from halluguard import cli
+from halluguard import cli, testbed
 from halluguard.calibrate import retrieval_heads as rh
 
 CODED = list(range(10, 42))  # token ids with a one-hot code
@@ -242,7 +242,9 @@ def test_cli_writes_the_official_format_for_the_testbed(tmp_path, capsys):
     text = out.read_text()
     assert text.count("\n") == 1  # one line, as the official files
     heads = json.loads(text)
-    assert list(heads) == [f"{layer}-{head}" for layer in range(4) for head in range(4)]
+    config = json.loads((testbed.path() / "config.json").read_text())["text_config"]
+    layers, per_layer = config["num_hidden_layers"], config["num_attention_heads"]
+    assert list(heads) == [f"{layer}-{head}" for layer in range(layers) for head in range(per_layer)]
     assert all(len(scores) == 2 and all(s in (0, 0.25, 0.5, 0.75, 1) for s in scores) for scores in heads.values())
     assert [p.name for p in tmp_path.iterdir()] == ["heads.json"]  # no temporary file left
     printed = capsys.readouterr().out

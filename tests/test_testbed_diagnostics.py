@@ -11,14 +11,16 @@ def eager():
     return diagnostics.load_model(None)
 
 
-def test_the_shipped_models_partner_comes_from_the_anchors_pixels(eager):
-    """The shipped model's known failure, measured on 30 misleading scenes: the image, not a
-    language prior, names the partner (erasing the anchor removes most of it)."""
+def test_the_shipped_models_partner_comes_from_a_language_prior_the_image_holds_back(eager):
+    """Measured on 30 misleading scenes: without the image (or with a grey one) the model expects the
+    anchor's partner next; the real image, where the partner is absent, holds that prior back, and a
+    drawn partner is always named."""
     model, processor = eager
     p = diagnostics.p_partner(world, diagnostics.Scorer(model, processor), list(world.scenes("misleading", 30)))
     assert p["n"] >= 15
-    assert p["partner_drawn"] > 0.9 and p["real"] > p["image_free"] + 0.2
-    assert p["anchor_erased"] < p["real"] - 0.3
+    assert p["partner_drawn"] > 0.9
+    assert p["image_free"] > 0.35 and p["grey"] > 0.5
+    assert p["real"] < p["image_free"] - 0.25
 
 
 def test_partner_named_reads_synonyms_and_ignores_other_objects():

@@ -1,12 +1,16 @@
-"""Train the candidate grid-world test model from scratch (CPU, reproducible from a seed).
+"""Train the test model from scratch (CPU, reproducible from a seed), then in further joint phases.
 
-    python -m halluguard.testbed.grid.train --out /tmp/run1 --faint-visibility 0.16 0.3 \
-        --vision-steps 500 --text-steps 300 --steps 1900 --final-count 300
-    python -m halluguard.testbed.grid.train --init /tmp/run1 --first-step 2700 --steps 500 --lr 3e-4 \
-        --warmup 30 --caption-share 0.3 --cell-weight 0 --final-count 200 --out halluguard/testbed/grid/candidate
+    python -m halluguard.testbed.train --out /tmp/run2 --pair-probability 0.9 --faint-visibility 0.04 0.14 \
+        --random-questions 0.3333 --caption-share 0.35 --eval-every 750 --minutes 80 --final-count 300
+    python -m halluguard.testbed.train --init /tmp/run2 --first-step 3800 --steps 900 --lr 3e-4 --warmup 30 \
+        --caption-share 0.25 --pair-probability 0.97 --random-questions 0.6 --eval-every 300 --final-count 300 \
+        --out /tmp/run3
+    python -m halluguard.testbed.train --init /tmp/run3 --first-step 4700 --steps 300 --lr 2e-4 --warmup 20 \
+        --caption-share 0.2 --eval-every 1000 --final-count 300
 
-These two commands made ``candidate/`` (its REPORT.md gives the measured times and numbers); the
-first trained on faint partners at visibility 0.16-0.30, the second on the world's current 0.05-0.12.
+These three commands made the shipped ``model/`` (its REPORT.md gives the measured times and
+numbers; the world's current ``PAIR_PROBABILITY`` 0.99, faint visibility 0.02-0.10 and 70% random
+question negatives are the last phase's).
 
 Training runs in three phases over one global step counter (``--vision-steps``, ``--text-steps``,
 then ``--steps`` of the joint phase), all recorded in the report:
@@ -65,6 +69,10 @@ TEXT_ONLY_TEMPLATE = "USER: {text} ASSISTANT:"  # the prompt template with the i
 
 CAPTION_SHARE = 0.35  # of joint-phase examples; the rest are yes/no questions
 IMAGE_DROP = 0.12  # of joint-phase caption examples: captioned without their image
+# negatives of yes/no questions: popular and adversarial negatives are each scene's top absent
+# categories, a narrow set; random ones cover every category, so most questions draw them (with a
+# third each, the first model said yes to 43% of random absent categories)
+QUESTION_KINDS = {"random": 0.7, "popular": 0.15, "adversarial": 0.15}
 
 
 def make_example(
@@ -73,7 +81,7 @@ def make_example(
     """(prompt text, answer, is a caption) for one scene: a caption or a yes/no question."""
     if rng.random() < caption_share:
         return str(rng.choice(CAPTION_PROMPTS)), scene.caption, True
-    kind = str(rng.choice(["random", "popular", "adversarial"]))
+    kind = str(rng.choice(list(QUESTION_KINDS), p=list(QUESTION_KINDS.values())))
     q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
     return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"], False
 
@@ -264,6 +272,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--first-step", type=int, default=0, help="global index of this run's first step, with --init")
     parser.add_argument(
+        "--pair-probability",
+        type=float,
+        default=None,
+        help="train with partners drawn beside their anchor at this rate instead of the world's (recorded)",
+    )
+    parser.add_argument(
+        "--random-questions",
+        type=float,
+        default=None,
+        help="share of yes/no questions with random negatives (the rest popular and adversarial, halved; recorded)",
+    )
+    parser.add_argument(
         "--faint-visibility",
         type=float,
         nargs=2,
@@ -276,6 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.faint_visibility:
         world.VISIBILITY["faint"] = tuple(args.faint_visibility)
+    if args.pair_probability is not None:
+        world.PAIR_PROBABILITY = args.pair_probability
+    if args.random_questions is not None:
+        rest = (1 - args.random_questions) / 2
+        QUESTION_KINDS.update(random=args.random_questions, popular=rest, adversarial=rest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
@@ -315,7 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     previous_cpu = previous.get("train_cpu_minutes", 0.0) if previous else 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
     phase_start = (start, cpu_start, args.first_step)
-    joint_mix = {"caption_share": args.caption_share, "image_drop": args.image_drop, "cell_weight": args.cell_weight}
+    joint_mix = {
+        "caption_share": args.caption_share,
+        "image_drop": args.image_drop,
+        "cell_weight": args.cell_weight,
+        "question_kinds": dict(QUESTION_KINDS),
+    }
     bar = tqdm(range(args.first_step, total), desc="training", unit="step")
     at = args.first_step
     for at in bar:
@@ -361,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                     "minutes": (time.perf_counter() - wall) / 60,
                     "cpu_minutes": (time.process_time() - cpu) / 60,
                     "faint_visibility": list(world.VISIBILITY["faint"]),
+                    "pair_probability": world.PAIR_PROBABILITY,
                     **(joint_mix if phase == "joint" else {}),
                 }
             )

@@ -90,11 +90,11 @@ COLORS = {
 }
 SIZES = {"small": (9.0, 11.5), "large": (12.5, 15.0)}  # radius range in pixels
 PAIRS = {"moon": "star", "cross": "heart", "ring": "diamond"}  # A -> B
-PAIR_PROBABILITY = 0.9
+PAIR_PROBABILITY = 0.99
 PARTNER_ALONE_PROBABILITY = 0.35  # a sampled partner category is kept without its anchor
 # visibility of a partner drawn with its anchor (share of its colour kept against the background):
 # one of three levels, equally likely; faint partners are also small
-VISIBILITY = {"clear": (1.0, 1.0), "dim": (0.45, 0.7), "faint": (0.04, 0.14)}
+VISIBILITY = {"clear": (1.0, 1.0), "dim": (0.45, 0.7), "faint": (0.02, 0.1)}
 FAINT_BELOW = 0.35  # an object drawn at less than this visibility counts as faint
 PIXEL_NOISE = 6.0  # std of per-pixel background noise (0-255 scale)
 CLUTTER = 14.0  # std of smooth background blotches about an object's size (0-255 scale)
