@@ -34,6 +34,16 @@ def test_tables_name_the_model_and_the_data():
     assert "| llava-hf/llava-1.5-7b-hf | coco | vanilla | random | 85.0 |" in table
 
 
+def test_a_partner_column_appears_when_a_run_has_the_testbed_partner_rate():
+    plain = report.chair_table([chair_result()])
+    assert "partner" not in plain
+    with_partner = chair_result()
+    with_partner["metrics"]["partner_named"] = 26.0
+    table = report.chair_table([with_partner, chair_result(split="test")]).splitlines()
+    assert table[0].split(" | ")[6] == "partner" and table[1].count("|") == table[0].count("|")
+    assert "| 70.0 | 26.0 | 12.0 |" in table[2] and "| 70.0 | - | 12.0 |" in table[3]
+
+
 @pytest.mark.parametrize("task", ["chair", "pope"])
 @pytest.mark.parametrize("count", [1, 3, 6])
 def test_the_chart_legend_covers_no_bar(task, count):

@@ -66,6 +66,7 @@ def test_chair_run_records_everything(testbed, tmp_path):
     results = run(testbed, tmp_path / "run")
     m = results["metrics"]
     assert m["n"] == 4 and 0 <= m["chair_i"] <= 100 and m["recall"] > 0
+    assert m["partner_named"] in (0, 25, 50, 75, 100)  # the misleading split: is the absent partner named?
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["model"] == "testbed" and saved["split"] == "misleading" and saved["complete"]
     assert saved["decoding"]["max_new_tokens"] == 12 and saved["failed"] == {"count": 0, "first": []}
