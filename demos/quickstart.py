@@ -66,7 +66,7 @@ def main() -> None:
         "processor; default: the shipped test model)",
     )
     parser.add_argument("--image", help="image file for --model")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
 
     if args.model:
