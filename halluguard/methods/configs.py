@@ -173,7 +173,7 @@ class DeCoReConfig(MethodConfig):
         optional=True,
         kind=(str, dict),
     )
-    num_retrieval_heads: int = param(50, "K: the top-K retrieval heads by mean score are masked", low=0)
+    num_retrieval_heads: int = param(50, "K: the top-K retrieval heads by mean score are masked (0: none)", low=0)
     alpha_mode: str = param(
         "entropy", "'entropy' (a_t = entropy of the base distribution) or 'static'", choices=("entropy", "static")
     )
