@@ -98,8 +98,10 @@ class Session:
         self._main_rows = rows
         self._wants_tuple = kwargs.get("return_dict") is False
         self.main.on_forward(ids, kwargs.get("attention_mask"), cache_len, new, rows)
-        if ids is not None:  # every token the main rows were fed (branches run apart follow it)
-            self._history = ids if self.main.forwards == 1 else torch.cat([self._history, ids], 1)
+        if self.main.forwards == 1:  # every token the main rows were fed, for branches run apart
+            self._history = ids
+        elif ids is not None and any(run.side is not None for run in self.branches.values()):
+            self._history = torch.cat([self._history, ids], 1)
         self.segments = [Segment(self.main, slice(0, rows))]
         self._extra = []
         extra: list[tuple[GuardState, dict, Any]] = []
@@ -194,7 +196,7 @@ class Session:
         plain.position_offset = run.state.position_offset
         plain.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))  # the whole prompt, as the branch's
         out = self._run_apart([Segment(plain, slice(None))], prefix)
-        last["past_key_values"] = inputs.get("past_key_values") or out.past_key_values
+        last["past_key_values"] = out.past_key_values  # the cache it was given, or the one it made
         run.state.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))
         return self._run_apart([Segment(run.state, slice(None))], last)
 

@@ -45,10 +45,9 @@ import torch
 
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit, Reductions
-from ..decoding import Branch, contrast
 from ..state import GuardState
 from .configs import AVCConfig
-from .contrastive import ContrastMethod, nan_rows_to, same_prompt
+from .contrastive import ContrastMethod
 
 
 def select_layers(masses: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -91,13 +90,12 @@ class AVC(ContrastMethod):
     def new_call_state(self) -> AVCCall:
         return AVCCall()
 
-    def make_branch(self, state: GuardState, inputs: dict[str, Any]) -> Branch:
+    def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
         if state.seen_tokens != state.prompt_len:
             raise ValueError(
                 "AvisC reads the whole prompt's attention in one forward: chunked prefill is not supported"
             )
-        prompt = same_prompt(state, inputs)
-        return Branch(self, prompt, self.branch_methods(state, self), separate=self.config.separate_stream)
+        return super().branch_prompt(state, inputs)
 
     # ---- the main stream's prompt forward: attention rows of the last prompt token ---------------
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
@@ -142,8 +140,3 @@ class AVC(ContrastMethod):
         else:
             fill = torch.randn_like(embeds)
         return torch.where(masked[..., None], fill, embeds)
-
-    def combine(self, state: GuardState, logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        other = nan_rows_to(other, logits)
-        return contrast(logits, other, 1.0 + cfg.alpha, cfg.alpha, space="logits", beta=cfg.beta)

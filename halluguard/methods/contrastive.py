@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..decoding import Branch
+from ..decoding import Branch, contrast
 from ..state import GuardState
 from .base import Method
 
@@ -56,23 +56,39 @@ class ContrastMethod(Method):
         """Whether the branch runs (a method at its neutral strength runs no branch)."""
         return self.config.alpha != 0
 
-    def branch_methods(self, state: GuardState, *own: Method) -> tuple[Method, ...]:
-        """``own`` (the methods that make the branch what it is), then the guard's methods that act in
-        contrast branches."""
-        return (*own, *(m for m in state.methods if m is not self and m.acts_in_branches))
+    def branch_methods(self, state: GuardState) -> tuple[Method, ...]:
+        """The method itself (for the edits that make the branch what it is: AvisC's embeddings,
+        DeCoRe's heads), then the guard's methods that act in contrast branches."""
+        return (self, *(m for m in state.methods if m is not self and m.acts_in_branches))
 
-    def make_branch(self, state: GuardState, inputs: dict[str, Any]) -> Branch:
-        raise NotImplementedError
+    def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The branch's prompt: the main prompt (VCD replaces its image)."""
+        return same_prompt(state, inputs)
+
+    def shares_prompt_cache(self) -> bool:
+        """Whether the branch starts from the unmasked prompt (DeCoRe's official choice)."""
+        return False
 
     def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
         if not self.is_active():
             return []
         state.require_left_padding(self.name)
-        return [self.make_branch(state, inputs)]
+        branch = Branch(
+            self,
+            self.branch_prompt(state, inputs),
+            self.branch_methods(state),
+            separate=self.config.separate_stream,
+            shares_prompt_cache=self.shares_prompt_cache(),
+        )
+        return [branch]
 
     def combine(self, state: GuardState, logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """The contrasted logits from the main ``logits`` and the branch's ``other`` (``(rows, vocab)``)."""
-        raise NotImplementedError
+        """The contrasted logits from the main ``logits`` and the branch's ``other`` (``(rows, vocab)``):
+        VCD's and AvisC's ``(1 + alpha) l - alpha l_other`` on logits under the cutoff ``beta``, the
+        branch's rows that hold a NaN replaced by the main ones (as the official samplers do)."""
+        cfg = self.config
+        other = nan_rows_to(other, logits)
+        return contrast(logits, other, 1.0 + cfg.alpha, cfg.alpha, space="logits", beta=cfg.beta)
 
     def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
         if not self.is_active():

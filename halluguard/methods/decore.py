@@ -32,17 +32,16 @@ prompt cache is recomputed rather than copied: the prompt phase costs one more p
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit
 from ..calibrate.retrieval_heads import check_heads, load_retrieval_heads
-from ..decoding import Branch, contrast, entropy
+from ..decoding import contrast, entropy
 from ..state import GuardState
 from .configs import DeCoReConfig
-from .contrastive import ContrastMethod, same_prompt
+from .contrastive import ContrastMethod
 
 
 class DeCoRe(ContrastMethod):
@@ -64,7 +63,6 @@ class DeCoRe(ContrastMethod):
         else:
             heads = load_retrieval_heads(cfg.retrieval_heads, cfg.num_retrieval_heads)
             check_heads(heads, adapter.num_layers, adapter.num_heads)
-        self.heads = heads
         self.per_layer: dict[int, torch.Tensor] = {}
         for layer, head in heads:
             mask = self.per_layer.setdefault(layer, torch.zeros(adapter.num_heads, dtype=torch.bool))
@@ -74,15 +72,8 @@ class DeCoRe(ContrastMethod):
         cfg = self.config
         return not (cfg.alpha_mode == "static" and cfg.alpha == 0)
 
-    def make_branch(self, state: GuardState, inputs: dict[str, Any]) -> Branch:
-        cfg = self.config
-        return Branch(
-            self,
-            same_prompt(state, inputs),
-            self.branch_methods(state, self),
-            separate=cfg.separate_stream,
-            shares_prompt_cache=not cfg.masked_prefill,
-        )
+    def shares_prompt_cache(self) -> bool:
+        return not self.config.masked_prefill
 
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         if state.role.kind != "branch" or state.role.owner is not self:

@@ -30,11 +30,9 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter
-from ..decoding import Branch, contrast
 from ..state import GuardState
 from .configs import VCDConfig
-from .contrastive import ContrastMethod, nan_rows_to, same_prompt
+from .contrastive import ContrastMethod, same_prompt
 
 NUM_STEPS = 1000
 
@@ -63,10 +61,7 @@ class VCD(ContrastMethod):
     config_cls = VCDConfig
     generation_defaults = {"do_sample": True, "top_k": 0}  # the official runs sample (temperature 1, top-p 1)
 
-    def setup(self, adapter: Adapter) -> None:
-        self.adapter = adapter
-
-    def make_branch(self, state: GuardState, inputs: dict[str, Any]) -> Branch:
+    def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
         prompt = same_prompt(state, inputs)
         # generate encodes the caller's images before the first forward (mm_encoder_outputs); the
@@ -82,9 +77,4 @@ class VCD(ContrastMethod):
             prompt["mm_encoder_outputs"] = state.adapter.encode_images(images, ids, prompt["input_ids"].shape[0])
         else:
             prompt["pixel_values"] = noised
-        return Branch(self, prompt, self.branch_methods(state), separate=cfg.separate_stream)
-
-    def combine(self, state: GuardState, logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        other = nan_rows_to(other, logits)
-        return contrast(logits, other, 1.0 + cfg.alpha, cfg.alpha, space="logits", beta=cfg.beta)
+        return prompt
