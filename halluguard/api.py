@@ -162,6 +162,12 @@ class Guard:
             if processors:
                 kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])
             loops = [loop for m in self.methods if (loop := m.generate_loop(state)) is not None]
+            if loops and processors:
+                raise ValueError(
+                    "a method of this guard owns the decoding loop, and another acts through a logits processor "
+                    "with its own stream (e.g. PAI's guidance), which that loop's rows cannot carry: turn it off "
+                    "(e.g. PAIConfig(use_cfg=False))"
+                )
             if loops:
                 if kwargs.get("custom_generate") is not None:
                     raise ValueError("a method of this guard owns the decoding loop; custom_generate cannot be given")

@@ -202,6 +202,11 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError("--config needs --method (the method whose fields it sets)")
 
 
+def _method_beams(methods: list) -> int:
+    """The beam count a method runs with when none is given (a beam-search method's own), else 1."""
+    return next((int(cfg.num_beams) for cfg in methods if getattr(cfg, "num_beams", None)), 1)
+
+
 def _task(args: argparse.Namespace):
     from .eval import runner
 
@@ -249,7 +254,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         settings = runner.RunSettings(
             runner.Decoding(
                 max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
-                num_beams=args.num_beams,
+                num_beams=args.num_beams or _method_beams(methods),
                 do_sample=args.do_sample,
                 temperature=args.temperature or 1.0,
                 top_p=args.top_p or 1.0,
@@ -328,7 +333,7 @@ def _add_eval_parsers(sub) -> None:
         p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
         max_tokens = "512 (64 with --short)" if task == "chair" else "10"
         p.add_argument("--max-new-tokens", type=_count, help=f"token limit per answer (default: {max_tokens})")
-        p.add_argument("--num-beams", type=_count, default=1, help="beam count")
+        p.add_argument("--num-beams", type=_count, help="beam count (default: 1, or the method's own, e.g. OPERA's 5)")
         p.add_argument("--do-sample", action="store_true", help="sample (one row at a time, seeded by row)")
         p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
         p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")

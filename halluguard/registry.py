@@ -67,6 +67,11 @@ def check_composition(methods: list[Method]) -> None:
             "logits with its own branch, and no combination of two contrasts is defined"
         )
     owners = [m for m in methods if m.owns_loop]
+    if owners and contrastive:
+        raise ValueError(
+            f"cannot compose {owners[0].name!r} with {contrastive[0]!r}: {owners[0].name} runs its own decoding "
+            "loop, whose rows a contrast branch cannot follow"
+        )
     for i, a in enumerate(owners):
         for b in owners[i + 1 :]:
             if frozenset((a.name, b.name)) not in COMPOSABLE_LOOP_OWNERS:

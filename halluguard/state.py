@@ -52,6 +52,11 @@ class KeyGroups:
             self.image.repeat_interleave(factor, 0), self.valid.repeat_interleave(factor, 0), self.prompt_len
         )
 
+    def select_rows(self, index: torch.Tensor) -> KeyGroups:
+        """The groups of rows ``index`` (a loop that forwards a subset or repeats of the rows)."""
+        index = index.to(self.image.device)
+        return KeyGroups(self.image[index], self.valid[index], self.prompt_len)
+
     def masks(self, kv_len: int, key_offset: int, seen: int) -> dict[str, torch.Tensor]:
         """Masks ``(B, kv_len)`` of each group for keys at positions ``key_offset + j``, of which only
         positions below ``seen`` (tokens processed so far) hold a token."""
@@ -118,6 +123,10 @@ class GuardState:
         shared = shared_data or {}
         self._data: dict[Method, Any] = {m: shared[m] if m in shared else m.new_call_state() for m in self.methods}
         self._mask_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # rows chosen by a decoding loop (``select_rows``): forward row i is row ``row_index[i]`` of the
+        # layout the prompt's forward had (``_prompt_rows``: its groups and image spans)
+        self.row_index: torch.Tensor | None = None
+        self._prompt_rows: tuple[KeyGroups, list] | None = None
         if input_ids is not None:
             self._set_prompt(input_ids, attention_mask)
 
@@ -197,6 +206,29 @@ class GuardState:
         if first:
             for method in self.methods:
                 method.on_prompt(self)
+
+    def select_rows(self, index: torch.Tensor | None) -> None:
+        """Make the next forwards' rows the rows ``index`` of the prompt forward's layout (a decoding
+        loop that runs some rows, or each row several times; ``None``: that layout again). Methods
+        map their per-row data with ``rows_of``."""
+        if self._prompt_rows is None:
+            if self.groups is None:
+                raise RuntimeError("select_rows needs the prompt's forward first")
+            self._prompt_rows = (self.groups, self.image_spans)
+        groups, spans = self._prompt_rows
+        self.row_index = None if index is None else index.to(groups.image.device)
+        if index is None:
+            self.groups, self.image_spans = groups, spans
+        else:
+            self.groups = groups.select_rows(self.row_index)
+            self.image_spans = [spans[i] for i in self.row_index.tolist()]
+        self._mask_cache = None
+
+    def rows_of(self, per_row: torch.Tensor) -> torch.Tensor:
+        """``per_row`` (made at the prompt's forward, one entry per row) for the current forward's rows."""
+        if self.row_index is None:
+            return per_row
+        return per_row[self.row_index.to(per_row.device)]
 
     def set_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Name the stream's whole prompt before its first forward (a stream whose first forward

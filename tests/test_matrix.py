@@ -6,7 +6,8 @@ each method x family:
 * its neutral config generates plain ``generate``'s tokens, greedy and beam search;
 * after a guarded generate with the method acting, ``unwrap`` restores the logits bit for bit;
 * a left-padded batch generates what its rows generate alone (method acting);
-* greedy, sampling and beam search all run (method acting).
+* greedy, sampling and beam search all run (method acting), or are refused with a clear error
+  (``BEAM_ONLY``: a method that is a beam search refuses greedy search and sampling).
 
 ``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
 what every config of a method needs there besides its strength (the tiny models have no massive
@@ -33,7 +34,10 @@ ACTIVE = {
     "vcd": dict(alpha=1.0),
     "avc": dict(alpha=1.0),
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
+    "opera": dict(scale_factor=50.0),
 }
+# methods that are a beam search: greedy and sampling are refused with a clear error
+BEAM_ONLY = {"opera"}
 CONTEXT = {
     "var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1),
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
@@ -58,7 +62,13 @@ def test_every_method_that_runs_has_active_settings_here():
 def test_neutral_config_is_plain_generate(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
-    assert_guard_keeps_tokens(model, inputs, neutral(name), GEN)
+    if name not in BEAM_ONLY:
+        assert_guard_keeps_tokens(model, inputs, neutral(name), GEN)
+        return
+    with torch.no_grad():
+        want = model.generate(**inputs, **GEN, num_beams=3)
+        with hg.wrap(model, methods=neutral(name)):
+            assert torch.equal(model.generate(**inputs, **GEN, num_beams=3), want)
 
 
 @pytest.mark.parametrize("name,family", CASES)
@@ -80,7 +90,7 @@ def test_a_left_padded_batch_equals_its_rows_alone(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
     with hg.wrap(model, methods=active(name)):
-        assert_batch_rows_equal_single_rows(model, inputs, family, GEN)
+        assert_batch_rows_equal_single_rows(model, inputs, family, dict(GEN, num_beams=2) if name in BEAM_ONLY else GEN)
 
 
 @pytest.mark.slow
@@ -90,8 +100,15 @@ def test_greedy_sampling_and_beam_search_run(name, family):
     inputs, _ = make_inputs(model, family)
     width = inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
     with hg.wrap(model, methods=active(name)), torch.no_grad():
-        greedy = model.generate(**inputs, **GEN)
         beam = model.generate(**inputs, **GEN, num_beams=2)
+        if name in BEAM_ONLY:
+            with pytest.raises(ValueError, match="num_beams=1"):
+                model.generate(**inputs, **GEN, num_beams=1)
+            with pytest.raises(ValueError, match="sampling"):
+                model.generate(**inputs, max_new_tokens=4, do_sample=True)
+            assert beam.shape == (inputs["input_ids"].shape[0], width)
+            return
+        greedy = model.generate(**inputs, **GEN)
         torch.manual_seed(0)
         sampled = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True)
     for out in (greedy, beam, sampled):
@@ -109,4 +126,8 @@ def test_neutral_config_with_a_static_cache_is_plain_generate(name, family):
     with torch.no_grad():
         want = model.generate(**inputs, **static)
         with hg.wrap(model, methods=neutral(name)):
+            if name in BEAM_ONLY:  # it crops and reorders a dynamic cache
+                with pytest.raises(ValueError, match="dynamic cache"):
+                    model.generate(**inputs, **static, num_beams=2)
+                return
             assert torch.equal(model.generate(**inputs, **static), want)

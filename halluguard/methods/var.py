@@ -134,6 +134,7 @@ class VAR(Method):
         sinks = data.sinks.get(call.layer_idx)
         if sinks is None:
             return None
+        sinks = state.rows_of(sinks)
         # the official rule: a row's layer is edited only if one of its sinks is an image token
         visual = (sinks & state.groups.image).any(-1)
         if not bool(visual.any()):
@@ -142,7 +143,7 @@ class VAR(Method):
         end = call.key_offset + call.kv_len
         source = torch.nn.functional.pad(sinks, (0, max(end - sinks.shape[1], 0)))[:, call.key_offset : end]
         queries = call.query_start + torch.arange(call.q_len, device=call.device)
-        eligible = (queries[None, :] >= data.image_end[:, None]) & visual[:, None].to(call.device)
+        eligible = (queries[None, :] >= state.rows_of(data.image_end)[:, None]) & visual[:, None].to(call.device)
         cfg = self.config
         return AttentionEdit(
             redistribution=Redistribution(

@@ -165,6 +165,7 @@ class VHR(Method):
         heads = state.data_of(self).heads.get(call.layer_idx)
         if heads is None:  # selecting: report head outputs, then choose this layer's heads from them
             return AttentionEdit(reductions=Reductions(head_outputs=True), head_scale_from_stats=True)
+        heads = state.rows_of(heads)
         if heads.shape[0] != call.batch:
             heads = heads.repeat_interleave(call.batch // heads.shape[0], dim=0)
         return AttentionEdit(head_scale=self._scale(heads.to(call.device)))

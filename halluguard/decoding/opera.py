@@ -1,0 +1,531 @@
+"""OPERA's beam search: a decoding loop (``custom_generate``) with look-ahead and rollback.
+
+The scores are ``halluguard.methods.opera``'s; this module runs the search. The prompt's forward
+runs once for the whole batch; each sample's beams are then searched one sample after another on
+their own rows of the cache (a rollback crops one sample's cache, never another's). The beam
+bookkeeping (finished hypotheses, length penalty, early stopping, stopping criteria) is
+transformers' own beam search, called step by step, so with the penalty off and no rollback the
+search is transformers' beam search exactly.
+
+One step of a sample with ``B`` beams and ``N`` candidates (the cache holds ``B`` rows)::
+
+    logits (B, V) --top N--> candidates (B*N) --one forward, cache rows repeated N times-->
+        per candidate: head-max row of the chosen layer (hook), next-token logits, its cache row
+    penalised candidate scores --log_softmax, processors, beam search--> B winners (B of B*N)
+    the winners' cache rows and logits are the next step's: no forward is repeated
+
+A rollback restores the search as it stood at an earlier position (kept for the last
+``window_size`` steps), crops the cache to the longest prefix all restored beams still share,
+forwards the rest of their response (one forward of ``B`` rows), and decodes that position again
+from the full vocabulary; the tokens chosen there are then fed as in plain beam search.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
+
+from .session import cache_length
+
+if TYPE_CHECKING:
+    from ..methods.opera import OPERA
+    from ..state import GuardState
+
+# generate's inputs that hold one entry per token (the last dimension); all others are the prompt's
+PER_TOKEN_INPUTS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+
+
+def _row_dim(key: str, value: torch.Tensor) -> int:
+    return 1 if key == "position_ids" and value.dim() == 3 else 0  # multimodal rotary positions: (k, B, T)
+
+
+def decode_inputs(model_kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The inputs decode steps need, for rows ``rows``: the per-token tensors and the settings (the
+    prompt's image inputs are already in the cache)."""
+    out = {}
+    for key, value in model_kwargs.items():
+        if key == "past_key_values":
+            continue
+        if isinstance(value, torch.Tensor):
+            if key in PER_TOKEN_INPUTS:
+                out[key] = value.index_select(_row_dim(key, value), rows.to(value.device))
+        else:
+            out[key] = value
+    return out
+
+
+def trim_inputs(inputs: dict[str, Any], length: int) -> dict[str, Any]:
+    """``inputs`` with every per-token tensor cut to the first ``length`` tokens."""
+    return {
+        k: v[..., :length] if k in PER_TOKEN_INPUTS and isinstance(v, torch.Tensor) else v for k, v in inputs.items()
+    }
+
+
+@dataclasses.dataclass
+class BeamTensors:
+    """transformers' beam-search state for one sample (batch 1): running beams and finished ones."""
+
+    running_sequences: torch.Tensor  # (1, B, max_length)
+    running_beam_scores: torch.Tensor  # (1, B)
+    running_beam_indices: torch.Tensor  # (1, B, max_length - prompt)
+    sequences: torch.Tensor
+    beam_scores: torch.Tensor
+    beam_indices: torch.Tensor
+    is_sent_finished: torch.Tensor
+    early_stop_unsatisfied: torch.Tensor
+    hits: torch.Tensor  # (1, 2B): the last step's candidates that met a stopping criterion
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """The search of one sample at the start of a step (what a rollback restores)."""
+
+    beams: BeamTensors
+    columns: torch.Tensor  # (B, step): the beams' column log-products
+    num_scores: int
+
+
+class SampleSearch:
+    """OPERA's beam search over one sample's ``B`` beams (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: OPERA,
+        state: GuardState,
+        sample: int,
+        prompt_ids: torch.Tensor,
+        logits: torch.Tensor,
+        cache: DynamicCache,
+        inputs: dict[str, Any],
+        generation_config: Any,
+        logits_processor: Any,
+        stopping_criteria: Any,
+    ):
+        cfg = generation_config
+        self.model, self.method, self.state, self.sample = model, method, state, sample
+        self.config = method.config
+        self.num_beams = cfg.num_beams
+        self.candidates = min(self.config.num_attn_candidates, logits.shape[-1])
+        self.logits, self.cache, self.inputs = logits, cache, inputs
+        self.processor, self.stopping = logits_processor, stopping_criteria
+        self.cfg = cfg
+        self.prompt_len = prompt_ids.shape[1]
+        self.cur_len = self.prompt_len
+        device = prompt_ids.device
+        eos = cfg._eos_token_tensor
+        self.beams_to_keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * self.num_beams
+        self.top_num_beam_mask = torch.arange(self.beams_to_keep, device=device) < self.num_beams
+        fill = (cfg._pad_token_tensor or eos[0]) if eos is not None else -1
+        self.fill_value = int(fill) if not isinstance(fill, int) else fill
+        B, max_length = self.num_beams, cfg.max_length
+        running = torch.full((1, B, max_length), self.fill_value, dtype=torch.int64, device=device)
+        running[:, :, : self.prompt_len] = prompt_ids[None]
+        scores = torch.zeros((1, B), dtype=torch.float, device=device)
+        scores[:, 1:] = -1e9
+        indices = torch.full((1, B, max_length - self.prompt_len), -1, dtype=torch.int32, device=device)
+        self.beams = BeamTensors(
+            running_sequences=running,
+            running_beam_scores=scores,
+            running_beam_indices=indices,
+            sequences=running.clone(),
+            beam_scores=torch.full((1, B), -1e9, dtype=torch.float, device=device),
+            beam_indices=indices.clone(),
+            is_sent_finished=torch.zeros((1, B), dtype=torch.bool, device=device),
+            early_stop_unsatisfied=torch.ones((1, 1), dtype=torch.bool, device=device),
+            hits=torch.zeros((1, self.beams_to_keep), dtype=torch.bool, device=device),
+        )
+        self.beam_rows = torch.arange(B, device=device)  # the cache row of each beam
+        self.columns = torch.zeros((B, 0), device=logits.device)  # per beam: log prod of each column
+        self.pending: torch.Tensor | None = None  # parents of tokens chosen but not yet fed (plain steps)
+        self.scores: list[torch.Tensor] = []
+        self.raw_logits: list[torch.Tensor] = []
+        # retrospection: per step the beams' summary locations, snapshots, choices, rejections, rollbacks
+        self.locations: list[torch.Tensor] = []
+        self.snapshots: collections.deque[tuple[int, Snapshot]] = collections.deque(maxlen=self.config.window_size + 1)
+        self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rejected: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.rollbacks: collections.Counter[int] = collections.Counter()
+
+    # ---- forwards ----------------------------------------------------------------------------------
+    def _forward(self, rows: torch.Tensor, ids: torch.Tensor, new: int, inputs: dict[str, Any]) -> Any:
+        """Forward the last ``new`` tokens of ``ids`` on cache rows ``rows`` (reordered in one select)."""
+        if not torch.equal(rows, torch.arange(cache_rows(self.cache), device=rows.device)):
+            DynamicCache.batch_select_indices(self.cache, rows.to(cache_device(self.cache)))
+        prompt_rows = self.sample * self.num_beams + torch.zeros_like(rows)  # a sample's rows share its prompt
+        self.state.select_rows(prompt_rows)
+        inputs = {k: v for k, v in inputs.items() if k != "past_key_values"}
+        model_inputs = self.model.prepare_inputs_for_generation(
+            ids, next_sequence_length=new, past_key_values=self.cache, **inputs
+        )
+        return self.model(**model_inputs, return_dict=True)
+
+    def _sequences(self) -> torch.Tensor:
+        return self.beams.running_sequences[0, :, : self.cur_len]
+
+    def _feed_pending(self) -> None:
+        """Feed the tokens a plain step chose (rollback steps, and every step of plain beam search)."""
+        parents = self.pending
+        self.pending = None
+        collect = not self.method.neutral
+        self.method.collect(self.state, self.cur_len - 1 - self.prompt_len if collect else None)
+        out = self._forward(self.beam_rows[parents], self._sequences(), 1, self.inputs)
+        self.inputs = self.model._update_model_kwargs_for_generation(out, self.inputs)
+        self.cache = out.past_key_values
+        self.beam_rows = torch.arange(self.num_beams, device=self.beam_rows.device)
+        self.logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        if collect:
+            history = self.columns[parents.to(self.columns.device)]
+            _, _, self.columns = self.method.penalties(self.state, history, history.shape[1])
+
+    def _look_ahead(self, candidates: torch.Tensor) -> Any:
+        """Forward every beam's candidates as ``B * N`` rows; returns the output."""
+        N = self.candidates
+        step = self.cur_len - self.prompt_len
+        self.method.collect(self.state, step)
+        ids = torch.cat([self._sequences().repeat_interleave(N, 0), candidates.reshape(-1, 1)], 1)
+        rows = torch.arange(self.num_beams * N, device=ids.device) // N
+        inputs = {
+            k: v.index_select(_row_dim(k, v), rows.to(v.device)) if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v
+            for k, v in self.inputs.items()
+        }
+        return self._forward(self.beam_rows.repeat_interleave(N), ids, 1, inputs)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Choose the next token of every beam; returns True when the search is over."""
+        if self.pending is not None:
+            self._feed_pending()
+        step = self.cur_len - self.prompt_len
+        if self.method.neutral:
+            return self._select(self.logits, None)
+        if self.config.retrospection:
+            self.snapshots.append((step, Snapshot(self.beams, self.columns, len(self.scores))))
+        logits = self.logits
+        candidates = logits.topk(self.candidates, dim=-1).indices  # (B, N): the raw logits' top N
+        out = self._look_ahead(candidates)
+        self.inputs = self.model._update_model_kwargs_for_generation(out, self.inputs)
+        self.cache = out.past_key_values
+        history = self.columns.repeat_interleave(self.candidates, 0)
+        penalty, loc, columns = self.method.penalties(self.state, history, step)
+        B, N = self.num_beams, self.candidates
+        event: dict[str, Any] = {
+            "sample": self.sample,
+            "step": step,
+            "candidates": candidates,
+            "penalty": penalty.view(B, N),
+            "location": loc.view(B, N),
+            "sequences": self._sequences(),
+            "rows": self.state.data_of(self.method).rows,
+            "sums": self.state.data_of(self.method).sums,
+            "from_key": self.state.data_of(self.method).from_key,
+            "kept": len(self.snapshots),
+        }
+        if self.config.retrospection:
+            target = self._retrospect(loc.view(B, N), step)
+            if target is not None:
+                event["rollback"] = target
+                self._emit(event)
+                return self._roll_back(target)
+        scores = logits.gather(1, candidates) - self.config.penalty_weights * penalty.view(B, N).to(logits)
+        edited = torch.full_like(logits, float("-inf")).scatter(1, candidates, scores)
+        done = self._select(edited, logits, candidates=candidates, lookahead=out, columns=columns)
+        event["chosen"] = self.chosen.get(step)
+        self._emit(event)
+        return done
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.method.on_step is not None:
+            self.method.on_step(event)
+
+    def _select(
+        self,
+        edited: torch.Tensor,
+        raw: torch.Tensor | None,
+        candidates: torch.Tensor | None = None,
+        lookahead: Any = None,
+        columns: torch.Tensor | None = None,
+    ) -> bool:
+        """transformers' beam-search step on the scores ``edited`` (B, V); then the chosen beams' cache
+        rows: the look-ahead rows of their candidates, or (plain step) fed at the next step."""
+        model, b, B = self.model, self.beams, self.num_beams
+        log_probs = nn.functional.log_softmax(edited, dim=-1)
+        log_probs = self.processor(self._sequences(), log_probs)
+        if self.cfg.return_dict_in_generate and self.cfg.output_scores:
+            self.scores.append(log_probs.clone())
+        if self.cfg.return_dict_in_generate and self.cfg.output_logits:
+            self.raw_logits.append((raw if raw is not None else self.logits).clone())
+        accumulated = (log_probs + b.running_beam_scores[0, :, None]).reshape(1, -1)
+        topk_log_probs, topk_sequences, topk_indices = model._get_top_k_continuations(
+            accumulated_log_probs=accumulated,
+            running_sequences=b.running_sequences,
+            running_beam_indices=b.running_beam_indices,
+            cur_len=self.cur_len,
+            decoder_prompt_len=self.prompt_len,
+            do_sample=False,
+            beams_to_keep=self.beams_to_keep,
+            num_beams=B,
+            batch_size=1,
+        )
+        all_scores = tuple(self.scores) if self.cfg.output_scores else None
+        hits = self.stopping(topk_sequences[0, :, : self.cur_len + 1], all_scores).view(1, -1)
+        running, running_scores, running_indices = model._get_running_beams_for_next_iteration(
+            topk_log_probs=topk_log_probs,
+            topk_running_sequences=topk_sequences,
+            topk_running_beam_indices=topk_indices,
+            next_token_hits_stopping_criteria=hits,
+            num_beams=B,
+        )
+        sequences, beam_scores, beam_indices, finished = model._update_finished_beams(
+            sequences=b.sequences,
+            topk_running_sequences=topk_sequences,
+            beam_scores=b.beam_scores,
+            topk_log_probs=topk_log_probs,
+            beam_indices=b.beam_indices,
+            topk_running_beam_indices=topk_indices,
+            is_early_stop_heuristic_unsatisfied=b.early_stop_unsatisfied,
+            is_sent_finished=b.is_sent_finished,
+            next_token_hits_stopping_criteria=hits,
+            top_num_beam_mask=self.top_num_beam_mask,
+            num_beams=B,
+            cur_len=self.cur_len,
+            decoder_prompt_len=self.prompt_len,
+            length_penalty=self.cfg.length_penalty,
+            early_stopping=self.cfg.early_stopping,
+        )
+        step = self.cur_len - self.prompt_len
+        parents = running_indices[0, :, step].long()
+        tokens = running[0, :, self.cur_len]
+        self.chosen[step] = (parents, tokens)
+        self.cur_len += 1
+        unsatisfied = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=b.early_stop_unsatisfied,
+            running_beam_scores=running_scores,
+            beam_scores=beam_scores,
+            is_sent_finished=finished,
+            cur_len=self.cur_len,
+            max_length=self.cfg.max_length,
+            decoder_prompt_len=self.prompt_len,
+            early_stopping=self.cfg.early_stopping,
+            length_penalty=self.cfg.length_penalty,
+        )
+        self.beams = BeamTensors(running, running_scores, running_indices, sequences, beam_scores, beam_indices,
+                                 finished, unsatisfied, hits)  # fmt: skip
+        if lookahead is None:
+            self.pending = parents
+        else:  # the winners' look-ahead rows: parent beam p, candidate n is row p * N + n
+            N = self.candidates
+            match = candidates[parents] == tokens[:, None]
+            winners = parents * N + match.int().argmax(-1)  # a dead beam (score -inf) may hold a non-candidate
+            self.beam_rows = winners
+            self.logits = lookahead.logits[winners.to(lookahead.logits.device), -1].to(copy=True, dtype=torch.float32)
+            self.columns = columns[winners.to(columns.device)]
+        return not model._beam_search_has_unfinished_sequences(unsatisfied, finished, hits, self.cfg.early_stopping)
+
+    # ---- retrospection -------------------------------------------------------------------------------
+    def _retrospect(self, locs: torch.Tensor, step: int) -> int | None:
+        """Record this step's summary locations; the position to roll back to, if any."""
+        per_beam, summary = self._locations(locs)
+        self.locations.append(per_beam)
+        history = torch.stack(self.locations, -1)  # (B, steps)
+        if summary < 10 or not bool(((history == summary).sum(-1) > self.config.threshold).all()):
+            return None
+        target = summary + 1
+        if self.rollbacks[target] >= self.candidates:
+            target = summary
+            if self.rollbacks[target] >= self.candidates:
+                return None
+        if step + 1 - target > self.config.window_size + 1:
+            target = max(1, step - self.config.window_size)
+        if not any(s == target for s, _ in self.snapshots):
+            return None  # older than the history kept
+        self.rollbacks[target] += 1
+        return target
+
+    @staticmethod
+    def _locations(locs: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from ..methods.opera import rollback_location
+
+        return rollback_location(locs)
+
+    def _roll_back(self, target: int) -> bool:
+        """Restore the search at response position ``target`` and decode it again without the
+        penalty, never choosing again what was chosen there."""
+        snapshot = next(s for k, s in self.snapshots if k == target)
+        while self.snapshots and self.snapshots[-1][0] >= target:
+            self.snapshots.pop()
+        self.snapshots.append((target, snapshot))
+        self.rejected = {k: v for k, v in self.rejected.items() if k <= target}
+        self.rejected.setdefault(target, []).append(self.chosen[target])
+        self.chosen = {k: v for k, v in self.chosen.items() if k < target}
+        del self.locations[target:]
+        self.beams, self.columns = snapshot.beams, snapshot.columns
+        del self.scores[snapshot.num_scores :]
+        del self.raw_logits[snapshot.num_scores :]
+        current = self._sequences()[:1]  # cache row 0 holds beam 0's tokens (and a candidate after them)
+        self.cur_len = self.prompt_len + target
+        restored = self._sequences()  # (B, prompt + target): the beams as they stood
+        # keep the cache prefix every restored beam shares with row 0 (at least the prompt; at least
+        # one token is forwarded again, for the logits)
+        width = min(current.shape[1], restored.shape[1] - 1)
+        same = (restored[:, :width] == current[:, :width]).all(0)
+        shared = max(int(same.int().cumprod(0).sum()), self.prompt_len)
+        self.cache.crop(shared - cache_length(self.cache))
+        rows = torch.zeros(self.num_beams, dtype=torch.long, device=self.beam_rows.device)
+        self.method.collect(self.state, None)
+        inputs = trim_inputs(self.inputs, self.cur_len)
+        out = self._forward(rows, restored, self.cur_len - shared, inputs)
+        self.inputs = self.model._update_model_kwargs_for_generation(out, inputs)
+        self.cache = out.past_key_values
+        self.beam_rows = torch.arange(self.num_beams, device=rows.device)
+        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        raw = logits.clone()
+        for parents, tokens in self.rejected[target]:
+            logits[parents.to(logits.device), tokens.to(logits.device)] = float("-inf")
+        self.logits = raw
+        done = self._select(logits, raw)
+        self._emit(
+            {
+                "sample": self.sample,
+                "step": target,
+                "rejected": list(self.rejected[target]),
+                "chosen": self.chosen[target],
+            }
+        )
+        return done
+
+    # ---- output ----------------------------------------------------------------------------------------
+    def result(self, num_return: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sequences, scores, beam_indices)`` of the best ``num_return`` finished hypotheses."""
+        b = self.beams
+        sequences = b.sequences[0, :num_return]
+        scores = b.beam_scores[0, :num_return]
+        indices = b.beam_indices[0, :num_return]
+        generated = int(((indices + 1).bool()).sum(dim=1).max())
+        return sequences[:, : self.prompt_len + generated], scores, indices[:, :generated]
+
+
+def cache_rows(cache: DynamicCache) -> int:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            return layer.keys.shape[0]
+    return 0
+
+
+def cache_device(cache: DynamicCache) -> torch.device:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            return layer.keys.device
+    return torch.device("cpu")
+
+
+def opera_search(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    *,
+    method: OPERA,
+    state: GuardState,
+    **model_kwargs: Any,
+) -> Any:
+    """OPERA's beam search as ``generate(custom_generate=...)`` (see the module docstring)."""
+    cfg = generation_config
+    refuse = [
+        (cfg.do_sample, "sampling (do_sample=True): OPERA is a beam search; pass do_sample=False"),
+        (cfg.num_beams < 2, "num_beams=1: OPERA is a beam search (the official greedy variant is disabled); "
+                            f"pass num_beams>=2 (the official setting is {method.config.num_beams})"),
+        (streamer is not None, "a streamer: beam search settles its tokens only at the end"),
+        (synced_gpus, "synced_gpus"),
+        (cfg.output_attentions or cfg.output_hidden_states,
+         "output_attentions/output_hidden_states: the search reads attention from the hook, not the outputs"),
+        (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
+    ]  # fmt: skip
+    for refused, why in refuse:
+        if refused:
+            raise ValueError(f"OPERA does not support {why}")
+    B = cfg.num_beams
+    samples = input_ids.shape[0] // B
+    cache = model_kwargs.get("past_key_values")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"OPERA crops and reorders a dynamic cache; got {type(cache).__name__} "
+            "(drop cache_implementation/past_key_values)"
+        )
+    if cache is not None and cache_length(cache):
+        raise ValueError("OPERA starts from the prompt: a filled cache cannot be continued")
+    method.collect(state, None)
+    out = model._prefill(input_ids, cfg, model_kwargs)
+    model_kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
+    cache = out.past_key_values
+    results = []
+    for sample in range(samples):
+        rows = torch.arange(sample * B, (sample + 1) * B, device=input_ids.device)
+        own = cache if samples == 1 else copy.deepcopy(cache)
+        if samples > 1:
+            DynamicCache.batch_select_indices(own, rows.to(cache_device(cache)))
+        search = SampleSearch(
+            model, method, state, sample, input_ids[rows], out.logits[rows.to(out.logits.device), -1].float(),
+            own, decode_inputs(model_kwargs, rows), cfg, logits_processor, stopping_criteria,
+        )  # fmt: skip
+        while not search.step():
+            pass
+        results.append(search)
+        if samples > 1:
+            del own, search.cache
+    state.select_rows(None)
+    method.collect(state, None)
+    return _output(results, cfg, samples == 1 and results[0].cache)
+
+
+def _output(searches: list[SampleSearch], cfg: Any, cache: Any) -> Any:
+    """generate's output from every sample's search (sequences right-padded to a common length)."""
+    num_return = cfg.num_return_sequences
+    parts = [s.result(num_return) for s in searches]
+    length = max(p[0].shape[1] for p in parts)
+    fill = searches[0].fill_value
+    sequences = torch.cat([nn.functional.pad(p[0], (0, length - p[0].shape[1]), value=fill) for p in parts])
+    if not cfg.return_dict_in_generate:
+        return sequences
+    width = max(p[2].shape[1] for p in parts)
+    beam_indices = torch.cat(
+        [  # each sample's beam indices, offset to the batch's rows as transformers numbers them
+            nn.functional.pad(
+                torch.where(p[2] >= 0, p[2] + i * cfg.num_beams, p[2]), (0, width - p[2].shape[1]), value=-1
+            )
+            for i, p in enumerate(parts)
+        ]
+    )
+    steps = max(len(s.scores) for s in searches) if cfg.output_scores else 0
+    scores = (
+        tuple(torch.cat([_step(s.scores, k) for s in searches]) for k in range(steps)) if cfg.output_scores else None
+    )
+    logits_steps = max(len(s.raw_logits) for s in searches) if cfg.output_logits else 0
+    logits = (
+        tuple(torch.cat([_step(s.raw_logits, k) for s in searches]) for k in range(logits_steps))
+        if cfg.output_logits
+        else None
+    )
+    return GenerateBeamDecoderOnlyOutput(
+        sequences=sequences,
+        sequences_scores=torch.cat([p[1] for p in parts]) if cfg.output_scores else None,
+        scores=scores,
+        logits=logits,
+        beam_indices=beam_indices,
+        past_key_values=cache or None,
+    )
+
+
+def _step(per_step: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Step ``k`` of one sample's per-step tensors; ``-inf`` rows once its search has ended."""
+    return per_step[k] if k < len(per_step) else torch.full_like(per_step[-1], float("-inf"))

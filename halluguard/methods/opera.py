@@ -1,0 +1,177 @@
+"""OPERA: over-trust penalty and retrospection-allocation in beam search (Huang et al., CVPR 2024).
+
+OPERA reads one layer's attention (default: the last), reduced by the maximum over heads and each
+row re-normalised to sum to 1 over all keys: ``w_ij`` is the weight generated token ``i`` puts on
+generated token ``j``. At each step of a beam search with ``B`` beams:
+
+1. **Candidates**: the top ``N`` raw logits of each beam (``num_attn_candidates``).
+2. **Look-ahead**: each candidate is forwarded once, giving its own row ``w_c`` (its weights on the
+   response so far and on itself).
+3. **Over-trust score**: over the response window (every generated token and the candidate), per
+   column ``j``, ``psi_j = 1e-7 * prod_{i >= j} sigma * w_ij`` (the column's product down the rows,
+   diagonal included, ``sigma = scale_factor``), ``phi = max_j psi_j`` and ``loc = argmax_j psi_j``.
+   A column whose later rows all lean on it (a "summary" token the model over-trusts) scores high.
+   The products are kept in log space per beam (``log prod`` over the beam's history rows, one add
+   per step), so nothing overflows and no attention map is stored.
+4. **Penalty**: candidate scores ``l_c - alpha * phi_c`` (``alpha = penalty_weights``); every other
+   token is excluded, so the beam search ranks the ``N`` candidates of each beam by
+   ``log_softmax`` over them, then runs as transformers' beam search (length penalty, EOS,
+   stopping criteria).
+5. **Retrospection**: each beam's most frequent ``loc`` over its candidates joins a per-beam-slot
+   history; ``s`` is the most frequent of these over the beams. When ``s >= 10`` and every beam's
+   history holds ``s`` more than ``r = threshold`` times, the search rolls back to position
+   ``s + 1`` (or ``s`` once ``s + 1`` has been rolled back to ``N`` times; no rollback once both
+   have), restores the search as it stood there, and decodes that position again from the full
+   vocabulary without the penalty, never choosing again a (beam, token) pair chosen there before.
+
+**Paper vs official code.** The code (followed by default) differs from the paper in three ways:
+for the first ``image_bonus_tokens = 10`` response tokens the penalty is replaced by a bonus, the
+candidate's attention mass on the image (``l_c + alpha * sum_{j in image} w_cj``; 0 gives the
+paper's penalty from the first token; kept on by default because the published numbers were made
+with it); the local window is the whole response (the paper's window ``k``; ``window_size`` here
+only bounds the history kept for rollbacks, as in the code); the rollback compares with a strict
+``> r`` (the paper says ``>= r``). The per-position rollback limit reuses ``N``, as the code does.
+
+**Where the code's numerics are not followed.** The official code scores in float16 (``psi`` over
+about 65504 becomes ``inf``) and sets non-candidates to ``-999``, so a beam whose candidates all
+score below ``-999`` picks an arbitrary token; here ``psi`` is computed in float32 from log space
+(capped at float32's maximum) and non-candidates are excluded. ``penalty_weights = 0`` with
+``retrospection = False`` is transformers' beam search exactly (no candidate restriction, no
+look-ahead, no statistics).
+
+**Cost.** The candidates' look-ahead is one forward of ``B * N`` rows per step, sharing the beams'
+cache, and the winners' rows become the next step's cache and logits, so nothing is recomputed:
+one forward per step, as beam search, on ``N`` times the rows. The attention statistics come from
+the hook on the chosen layer (one head-max row per candidate); no ``output_attentions``. A rollback
+crops the cache to the longest prefix the restored beams share and forwards the rest of their
+response once (never the prompt). ``num_beams = 1`` (greedy OPERA, disabled in the official code)
+and sampling are refused. The search itself is ``halluguard.decoding.opera``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..adapters import Adapter
+from ..attention.edits import AttentionCall, AttentionEdit, Reductions
+from ..state import GuardState
+from .base import Method
+from .configs import OPERAConfig
+
+LOG_EPSILON = math.log(1e-7)  # the code's constant in psi_j = 1e-7 * prod(...)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def column_log_products(history: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """``log prod_{i >= j} scale * w_ij`` per column ``j`` once row ``weights`` joins the history.
+
+    ``history (R, L)``: the sums ``sum_i log(scale * w_ij)`` over the rows already generated;
+    ``weights (R, L + 1)``: the new row's weights on those ``L`` tokens and on itself. Returns
+    ``(R, L + 1)``, the history of the new row's beam once it is chosen (a zero weight gives
+    ``-inf``: that column's product is 0)."""
+    logs = torch.log(scale * weights.float())
+    return torch.cat([history, history.new_zeros(history.shape[0], 1)], -1) + logs
+
+
+def over_trust(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(phi, loc)`` per row of ``columns`` (``column_log_products``): ``phi = 1e-7 * max_j prod``,
+    in float32 and capped at its maximum, and the column ``loc`` where it is reached."""
+    best, loc = columns.max(-1)
+    return torch.exp(best + LOG_EPSILON).clamp(max=FLOAT32_MAX), loc
+
+
+def rollback_location(locs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """From ``locs (B, N)`` (each candidate's ``loc``): each beam's most frequent location ``(B,)``
+    and the most frequent of those, ``s`` (``torch.mode``, as the official code)."""
+    per_beam = locs.mode(-1).values
+    return per_beam, int(per_beam.mode().values)
+
+
+@dataclasses.dataclass
+class OPERACall:
+    """Per call: whether the next forwards report the chosen layer's head-max row, from which key,
+    and the last report."""
+
+    collect: bool = False
+    from_key: int = 0
+    rows: torch.Tensor | None = None  # (rows, keys - from_key): max over heads of the last query's attention
+    sums: torch.Tensor | None = None  # (rows,): the full rows' sums (for the re-normalisation)
+
+
+class OPERA(Method):
+    """OPERA (see the module docstring). ``on_step`` is called after every step of the search with
+    a dict describing it (for inspection and tests)."""
+
+    config_cls = OPERAConfig
+
+    def __init__(self, config: OPERAConfig | None = None, on_step: Callable[[dict[str, Any]], Any] | None = None):
+        super().__init__(config)
+        self.on_step = on_step
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"num_beams": self.config.num_beams}
+
+    @property
+    def neutral(self) -> bool:
+        """Plain beam search: no penalty and no rollback."""
+        return self.config.penalty_weights == 0 and not self.config.retrospection
+
+    def setup(self, adapter: Adapter) -> None:
+        layers = adapter.num_layers
+        layer = self.config.layer
+        if not -layers <= layer < layers:
+            raise ValueError(f"OPERA layer {layer} is outside the model's {layers} layers")
+        self.layer = layer % layers
+
+    def new_call_state(self) -> OPERACall:
+        return OPERACall()
+
+    def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
+        data = state.data_of(self)
+        if not data.collect or call.layer_idx != self.layer or call.is_prefill:
+            return None
+        return AttentionEdit(reductions=Reductions(headmax_from_key=data.from_key))
+
+    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
+        data = state.data_of(self)
+        data.rows, data.sums = stats["headmax_row"].float(), stats["headmax_sum"].float()
+
+    def penalties(
+        self, state: GuardState, history: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the rows of the last forward (one candidate each, at response position ``step``):
+        ``(penalty (R,), loc (R,), columns (R, step + 1))`` from the reported head-max rows and the
+        parent beams' column histories ``history (R, step)``."""
+        data = state.data_of(self)
+        prompt = state.prompt_len
+        weights = data.rows / data.sums[:, None].clamp_min(torch.finfo(torch.float32).tiny)
+        window = weights[:, prompt - data.from_key :]
+        columns = column_log_products(history, window, self.config.scale_factor)
+        phi, loc = over_trust(columns)
+        if step + 1 <= self.config.image_bonus_tokens:
+            image = state.groups.image[:, : weights.shape[1]].to(weights.device)
+            penalty = -(weights[:, :prompt] * image).sum(-1)
+        else:
+            penalty = phi
+        return penalty, loc, columns
+
+    def collect(self, state: GuardState, step: int | None) -> None:
+        """Report the chosen layer's rows at the next forwards (``step``: the response position of the
+        tokens they feed), or stop (``None``)."""
+        data = state.data_of(self)
+        data.collect = step is not None
+        bonus = step is not None and step + 1 <= self.config.image_bonus_tokens
+        data.from_key = 0 if bonus else state.prompt_len  # the image keys sit in the prompt
+        data.rows = data.sums = None
+
+    def generate_loop(self, state: GuardState) -> Callable[..., Any]:
+        from ..decoding.opera import opera_search
+
+        return functools.partial(opera_search, method=self, state=state)

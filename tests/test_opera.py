@@ -1,0 +1,196 @@
+"""OPERA: its beam search with look-ahead and rollback.
+
+* penalty weight 0 with retrospection off is transformers' beam search (same sequences and scores),
+  batch 2 with left padding, on every core family;
+* the look-ahead rows (the chosen layer's head-max row of every candidate, from the hook) equal a
+  brute-force computation from eager attention with ``output_attentions``;
+* the column score in log space equals the official product formula;
+* attention forced onto one response token triggers a rollback to the token after it, and the
+  (beam, token) choices rejected there are never chosen again; the rollback limit per position moves
+  the target back one position, as the official code does;
+* the history kept for rollbacks stays bounded over 512 new tokens;
+* VHR and VAR act inside OPERA's forwards (at their neutral settings OPERA's tokens do not change);
+* sampling, greedy search, contrastive methods and static caches are refused with clear errors.
+"""
+
+import math
+
+import pytest
+import torch
+from tiny_models import CORE_FAMILIES, build_model, make_inputs
+
+import halluguard as hg
+from halluguard.attention.edits import AttentionEdit
+from halluguard.methods.base import Method
+from halluguard.methods.opera import OPERA, column_log_products, over_trust
+
+NEUTRAL = dict(penalty_weights=0.0, retrospection=False)
+
+
+def opera(events=None, **settings):
+    return OPERA(hg.get_config("opera", **settings), on_step=events.append if events is not None else None)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_neutral_opera_is_transformers_beam_search(family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family, batch=2)
+    gen = dict(max_new_tokens=10, num_beams=3, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **gen)
+        with hg.wrap(model, methods=[opera(**NEUTRAL)]):
+            guarded = model.generate(**inputs, **gen)
+    assert torch.equal(plain.sequences, guarded.sequences)
+    torch.testing.assert_close(guarded.sequences_scores, plain.sequences_scores, rtol=0, atol=1e-5)
+    assert len(plain.scores) == len(guarded.scores)
+    for ours, theirs in zip(guarded.scores, plain.scores):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert torch.equal(plain.beam_indices, guarded.beam_indices)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_lookahead_rows_equal_output_attentions(family):
+    model = build_model(family)
+    eager = build_model(family, attn_implementation="eager")
+    inputs, _ = make_inputs(model, family, batch=1)
+    events = []
+    with torch.no_grad(), hg.wrap(model, methods=[opera(events, image_bonus_tokens=2)]):
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, num_beams=2)
+    prompt = inputs["input_ids"].shape[1]
+    checked = 0
+    for event in events:
+        if "candidates" not in event:
+            continue
+        beams, candidates = event["candidates"].shape
+        for row in range(beams * candidates):
+            ids = torch.cat([event["sequences"][row // candidates], event["candidates"].reshape(-1)[row : row + 1]])
+            full = dict(inputs, input_ids=ids[None], attention_mask=torch.ones_like(ids)[None])
+            if "mm_token_type_ids" in full:
+                extra = ids.shape[0] - inputs["mm_token_type_ids"].shape[1]
+                full["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, extra))
+            with torch.no_grad():
+                attn = eager(**full, output_attentions=True).attentions[-1][0, :, -1]  # (H, T)
+            head_max = attn.amax(0)
+            torch.testing.assert_close(event["rows"][row], head_max[event["from_key"] :], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(event["sums"][row], head_max.sum(), rtol=1e-4, atol=1e-5)
+            checked += 1
+        assert event["from_key"] == (0 if event["step"] < 2 else prompt)  # full rows only for the image bonus
+    assert checked == 4 * 2 * 5
+
+
+def test_column_score_equals_the_official_product():
+    torch.manual_seed(0)
+    steps, rows, sigma = 7, 3, 50.0
+    w = torch.rand(rows, steps, steps).tril() / steps  # lower-triangular weights, rows i over columns j
+    w[0, 4, 2] = 0.0  # a zero weight: that column's product is 0
+    history = torch.zeros(rows, 0)
+    for i in range(steps - 1):
+        history = column_log_products(history, w[:, i, : i + 1], sigma)
+    columns = column_log_products(history, w[:, -1], sigma)
+    phi, loc = over_trust(columns)
+    official = torch.stack([1e-7 * (sigma * w[:, j:, j]).prod(-1) for j in range(steps)], -1)
+    torch.testing.assert_close(phi, official.max(-1).values, rtol=1e-5, atol=0)
+    assert torch.equal(loc, official.argmax(-1))
+    # far past float16 (the official buffer) and float32: finite, and the largest column still wins
+    big = column_log_products(torch.full((1, 3), 400.0), torch.full((1, 4), 0.5), sigma)
+    assert math.isfinite(float(over_trust(big)[0]))
+
+
+class FocusOn(Method):
+    """Test helper: from response position ``position`` on, every query of the last layer attends
+    almost only to that token (a key bias), the over-trust pattern OPERA looks for."""
+
+    def __init__(self, position: int):
+        super().__init__()
+        self.position = position
+
+    def attention_edit(self, state, call):
+        slot = state.prompt_len + self.position
+        if call.layer_idx != state.adapter.num_layers - 1 or call.is_prefill or call.kv_len <= slot:
+            return None
+        bias = torch.zeros(call.batch, call.kv_len)
+        bias[:, slot] = 30.0
+        return AttentionEdit(key_bias=bias)
+
+
+def test_forced_summary_token_triggers_rollback_and_rejected_tokens_stay_rejected():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    events = []
+    with torch.no_grad(), hg.wrap(model, methods=[FocusOn(10), opera(events)]):
+        model.generate(**inputs, max_new_tokens=60, min_new_tokens=60, num_beams=3)
+    rollbacks = [e["rollback"] for e in events if "rollback" in e]
+    # the summary location is 10 from step 10 on; more than r = 15 times in every beam at step 25
+    first = next(e for e in events if "rollback" in e)
+    assert first["step"] == 25 and first["rollback"] == 11
+    # position 11 takes N = 5 rollbacks, then the target moves back to the summary token itself
+    assert rollbacks[:6] == [11] * 5 + [10]
+    redecoded = [e for e in events if "rejected" in e]
+    assert len(redecoded) == len(rollbacks)
+    for event in redecoded:
+        parents, tokens = event["chosen"]
+        for old_parents, old_tokens in event["rejected"]:
+            for p, t in zip(parents.tolist(), tokens.tolist()):
+                assert (p, t) not in set(zip(old_parents.tolist(), old_tokens.tolist()))
+
+
+def test_rollback_history_stays_bounded():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    events = []
+    with torch.no_grad(), hg.wrap(model, methods=[opera(events, window_size=16, num_attn_candidates=2)]):
+        out = model.generate(**inputs, max_new_tokens=512, min_new_tokens=512, num_beams=2)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 512
+    assert max(e["kept"] for e in events if "kept" in e) <= 17
+
+
+@pytest.mark.parametrize("other", ["vhr", "var"])
+def test_attention_methods_act_inside_opera(other):
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=2)
+    gen = dict(max_new_tokens=8, min_new_tokens=8, num_beams=2)
+    var = dict(sink_dims=(5, 9), tau=1.8, rho=0.9, summ=0.2, first_layer=0, skip_last_layer=False)
+    settings = {"vhr": dict(alpha=1.0), "var": dict(var, p=1.0)}[other]
+    active = {"vhr": dict(alpha=3.0), "var": dict(var, p=0.3)}[other]
+    runs = {}
+    with torch.no_grad():
+        for name, cfg in (("alone", None), ("neutral", settings), ("active", active)):
+            events = []
+            methods = [opera(events)] + ([hg.get_config(other, **cfg)] if cfg is not None else [])
+            with hg.wrap(model, methods=methods):
+                runs[name] = (model.generate(**inputs, **gen), events)
+    assert torch.equal(runs["alone"][0], runs["neutral"][0])
+    rows = lambda run: [e["rows"] for e in run[1] if "rows" in e]
+    for alone, neutral in zip(rows(runs["alone"]), rows(runs["neutral"]), strict=True):
+        torch.testing.assert_close(alone, neutral)
+    first_active = rows(runs["active"])[0]  # the same prompt and first candidates as alone, other attention
+    assert not torch.allclose(rows(runs["alone"])[0], first_active)
+
+
+def test_refusals():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    with hg.wrap(model, methods="opera"):
+        with pytest.raises(ValueError, match="sampling"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=True)
+        with pytest.raises(ValueError, match="num_beams=1"):
+            model.generate(**inputs, max_new_tokens=2, num_beams=1)
+        with pytest.raises(ValueError, match="dynamic cache"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(ValueError, match="contrast branch"):
+        hg.wrap(model, methods="opera+vcd")
+    with hg.wrap(model, methods="opera+pai"), pytest.raises(ValueError, match="owns the decoding loop"):
+        model.generate(**inputs, max_new_tokens=2)
+    assert model.generate(**inputs, max_new_tokens=2).shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+def test_default_beams_come_from_the_config_and_the_call_wins():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    seen = []
+    for call, expected in (({}, 4), ({"num_beams": 2}, 2)):
+        events = []
+        with torch.no_grad(), hg.wrap(model, methods=[opera(events, num_beams=4)]):
+            model.generate(**inputs, max_new_tokens=2, **call)
+        seen.append(events[0]["candidates"].shape[0])
+        assert seen[-1] == expected
