@@ -2,8 +2,9 @@
 
 * penalty weight 0 with retrospection off is transformers' beam search (same sequences and scores),
   batch 2 with left padding, on every core family;
-* the look-ahead rows (the chosen layer's head-max row of every candidate, from the hook) equal a
-  brute-force computation from eager attention with ``output_attentions``;
+* the look-ahead rows (the chosen layer's head-max row of every candidate, forwarded side by side
+  under a tree mask, from the hook) equal a brute-force computation from eager attention with
+  ``output_attentions`` on each candidate's own sequence;
 * the column score in log space equals the official product formula;
 * attention forced onto one response token triggers a rollback to the token after it, and the
   (beam, token) choices rejected there are never chosen again; the rollback limit per position moves
@@ -71,8 +72,13 @@ def test_lookahead_rows_equal_output_attentions(family):
             with torch.no_grad():
                 attn = eager(**full, output_attentions=True).attentions[-1][0, :, -1]  # (H, T)
             head_max = attn.amax(0)
-            torch.testing.assert_close(event["rows"][row], head_max[event["from_key"] :], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(event["sums"][row], head_max.sum(), rtol=1e-4, atol=1e-5)
+            # the candidates sit side by side after the beam's tokens; each sees only its own slot
+            beam, n = divmod(row, candidates)
+            ours, start, end = event["rows"][beam, n], event["from_key"], ids.shape[0] - 1
+            torch.testing.assert_close(ours[: end - start], head_max[start:end], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours[end - start + n], head_max[end], rtol=1e-4, atol=1e-5)
+            assert float(ours[end - start :].sum()) == pytest.approx(float(head_max[end]), rel=1e-4)
+            torch.testing.assert_close(event["sums"][beam, n], head_max.sum(), rtol=1e-4, atol=1e-5)
             checked += 1
         assert event["from_key"] == (0 if event["step"] < 2 else prompt)  # full rows only for the image bonus
     assert checked == 4 * 2 * 5
@@ -97,32 +103,38 @@ def test_column_score_equals_the_official_product():
 
 
 class FocusOn(Method):
-    """Test helper: from response position ``position`` on, every query of the last layer attends
-    almost only to that token (a key bias), the over-trust pattern OPERA looks for."""
+    """Test helper: from response position ``position`` on, every query of the layer OPERA reads
+    attends almost only to that token (a key bias), the over-trust pattern OPERA looks for."""
 
-    def __init__(self, position: int):
+    def __init__(self, position: int, opera: OPERA):
         super().__init__()
-        self.position = position
+        self.position, self.opera = position, opera
 
     def attention_edit(self, state, call):
         slot = state.prompt_len + self.position
-        if call.layer_idx != state.adapter.num_layers - 1 or call.is_prefill or call.kv_len <= slot:
+        if call.layer_idx != self.opera.layer or call.is_prefill or call.kv_len <= slot:
             return None
         bias = torch.zeros(call.batch, call.kv_len)
         bias[:, slot] = 30.0
         return AttentionEdit(key_bias=bias)
 
 
-def test_forced_summary_token_triggers_rollback_and_rejected_tokens_stay_rejected():
-    model = build_model("llava")
-    inputs, _ = make_inputs(model, "llava", batch=1)
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_forced_summary_token_triggers_rollback_and_rejected_tokens_stay_rejected(family):
+    model = build_model(family, text_overrides={"sliding_window": 16} if family == "gemma3" else None)
+    if family == "gemma3":  # the response outgrows the window: a rollback crops sliding layers too
+        with hg.wrap(model) as guard:
+            assert guard.adapter.sliding_layers() == {0, 2}
+    inputs, _ = make_inputs(model, family, batch=1)
     events = []
-    with torch.no_grad(), hg.wrap(model, methods=[FocusOn(10), opera(events)]):
+    method = opera(events)
+    with torch.no_grad(), hg.wrap(model, methods=[FocusOn(10, method), method]):
         model.generate(**inputs, max_new_tokens=60, min_new_tokens=60, num_beams=3)
     rollbacks = [e["rollback"] for e in events if "rollback" in e]
-    # the summary location is 10 from step 10 on; more than r = 15 times in every beam at step 25
+    # the summary location is 10 from step 11 on (at step 10 the token there is still a candidate, and
+    # the other candidates, side by side with it, do not see it): more than r = 15 times at step 26
     first = next(e for e in events if "rollback" in e)
-    assert first["step"] == 25 and first["rollback"] == 11
+    assert first["step"] == 26 and first["rollback"] == 11
     # position 11 takes N = 5 rollbacks, then the target moves back to the summary token itself
     assert rollbacks[:6] == [11] * 5 + [10]
     redecoded = [e for e in events if "rejected" in e]
@@ -194,3 +206,14 @@ def test_default_beams_come_from_the_config_and_the_call_wins():
             model.generate(**inputs, max_new_tokens=2, **call)
         seen.append(events[0]["candidates"].shape[0])
         assert seen[-1] == expected
+
+
+def test_the_layer_read_sees_the_whole_response():
+    model = build_model("gemma3")  # layers: sliding, full, sliding
+    method = OPERA(hg.get_config("opera"))
+    with hg.wrap(model, methods=[method]):
+        assert method.layer == 1
+    with pytest.raises(ValueError, match="sliding window"):
+        hg.wrap(model, methods=hg.get_config("opera", layer=-1))
+    with pytest.raises(ValueError, match="outside"):
+        hg.wrap(model, methods=hg.get_config("opera", layer=3))

@@ -44,6 +44,11 @@ class Adapter:
     def num_layers(self) -> int:
         return len(self.decoder_layers())
 
+    def sliding_layers(self) -> set[int]:
+        """Indices of the text layers that attend within a sliding window (config ``layer_types``)."""
+        types = getattr(self.text_config, "layer_types", None) or ()
+        return {i for i, kind in enumerate(types) if kind == "sliding_attention"}
+
     @property
     def num_heads(self) -> int:
         return int(self.text_config.num_attention_heads)

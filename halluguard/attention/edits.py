@@ -22,7 +22,8 @@ decode there is one row; at prefill it is the last prompt token).
 
 Reductions (``Reductions``) are reported for the last query row of a call, to the method that
 asked, computed on the final (edited) attention: the mass per head on named key groups, the
-head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum, the
+head-max attention row ``max_h a[b,h,last,j]`` over a window of cache keys and its full sum (or the
+rows of the last few queries), the
 head-mean row ``mean_h a[b,h,last,j]`` over all keys, and the per-head outputs ``o[b,h,last]``
 before any head scale. Asking for reductions never changes
 the output.
@@ -69,6 +70,9 @@ class Reductions:
 
     group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
     headmax_from_key: int | None = None  # report max_h a over cache keys [headmax_from_key, T) and its full sum
+    # the head-max rows of the last ``headmax_rows`` query rows instead of the last one: (B, rows, T - from)
+    # and sums (B, rows) (several candidate tokens forwarded side by side as query rows, OPERA)
+    headmax_rows: int = 1
     head_outputs: bool = False  # report o[b, h, last] (B, H, D) in float32, before head scales
     head_mean_row: bool = False  # report mean_h a[b, h, last, :] (B, T) in float32
 

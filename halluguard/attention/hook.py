@@ -170,7 +170,8 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
     )
     weights = None
     if score_edits:
-        rows = q_len if any(not e.last_row_only for e in score_edits) else 1
+        reported_rows = max((e.reductions.headmax_rows for e in edits if e.reductions is not None), default=1)
+        rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
         mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
         edited, probs = reference_attention(
             query[:, :, -rows:],
@@ -190,16 +191,24 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
     else:
         out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
         probs = None
-        if any(e.reductions is not None and e.reductions.needs_probabilities for e in edits):
-            # statistics only: the model's own output stays; the last row's probabilities are recomputed
-            mask = attention_mask[..., -1:, :] if attention_mask is not None else None
-            _, probs = reference_attention(query[:, :, -1:], key, value, mask=mask, first_row=q_len - 1, **reference)
+        wanted = [e.reductions for e in edits if e.reductions is not None and e.reductions.needs_probabilities]
+        if wanted:
+            # statistics only: the model's own output stays; the last rows' probabilities are recomputed
+            rows = min(max(r.headmax_rows for r in wanted), q_len)
+            mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
+            _, probs = reference_attention(
+                query[:, :, -rows:], key, value, mask=mask, first_row=q_len - rows, **reference
+            )
     stats: list[dict[str, torch.Tensor] | None] = []
     for edit in edits:
         reported = None
         if edit.reductions is not None:
             reductions = edit.reductions
-            reported = reduce_last_row(probs[:, :, -1], reductions) if reductions.needs_probabilities else {}
+            reported = (
+                reduce_last_row(probs[:, :, -1], reductions, probs[:, :, -reductions.headmax_rows :])
+                if reductions.needs_probabilities
+                else {}
+            )
             if reductions.head_outputs:
                 reported["head_outputs"] = out[:, -1].float()
         stats.append(reported)

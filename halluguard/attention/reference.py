@@ -92,8 +92,11 @@ def redistribute(probs: torch.Tensor, spec: Redistribution, rows: slice) -> torc
     return out
 
 
-def reduce_last_row(probs_last: torch.Tensor, reductions: Reductions) -> dict[str, torch.Tensor]:
-    """Statistics of the last query row ``probs_last (B, H, T)``."""
+def reduce_last_row(
+    probs_last: torch.Tensor, reductions: Reductions, probs_rows: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Statistics of the last query row ``probs_last (B, H, T)``; the head-max rows come from
+    ``probs_rows (B, H, R, T)``, the last ``R = reductions.headmax_rows`` rows, when that is above 1."""
     stats: dict[str, torch.Tensor] = {}
     if reductions.group_masses:
         names = list(reductions.group_masses)
@@ -102,8 +105,9 @@ def reduce_last_row(probs_last: torch.Tensor, reductions: Reductions) -> dict[st
         for g, n in enumerate(names):
             stats[f"mass/{n}"] = masses[:, :, g]
     if reductions.headmax_from_key is not None:
-        head_max = probs_last.amax(dim=1)  # (B, T)
-        stats["headmax_row"] = head_max[:, reductions.headmax_from_key :]
+        several = reductions.headmax_rows > 1
+        head_max = (probs_rows if several else probs_last).amax(dim=1)  # (B, R, T) or (B, T)
+        stats["headmax_row"] = head_max[..., reductions.headmax_from_key :]
         stats["headmax_sum"] = head_max.sum(-1)
     if reductions.head_mean_row:
         stats["head_mean_row"] = probs_last.float().mean(dim=1)

@@ -186,17 +186,73 @@ class SampleSearch:
             _, _, self.columns = self.method.penalties(self.state, history, history.shape[1])
 
     def _look_ahead(self, candidates: torch.Tensor) -> Any:
-        """Forward every beam's candidates as ``B * N`` rows; returns the output."""
+        """Forward every beam's ``N`` candidates side by side, as ``N`` tokens of the beam's row that
+        each see the beam's tokens and themselves only (a tree mask, all at the next position); the
+        cache grows by ``N`` slots per row until ``_keep_winners``. Returns the output."""
         N = self.candidates
-        step = self.cur_len - self.prompt_len
-        self.method.collect(self.state, step)
-        ids = torch.cat([self._sequences().repeat_interleave(N, 0), candidates.reshape(-1, 1)], 1)
-        rows = torch.arange(self.num_beams * N, device=ids.device) // N
+        self.method.collect(self.state, self.cur_len - self.prompt_len, rows=N)
+        if not torch.equal(self.beam_rows, torch.arange(cache_rows(self.cache), device=self.beam_rows.device)):
+            DynamicCache.batch_select_indices(self.cache, self.beam_rows.to(cache_device(self.cache)))
+            self.beam_rows = torch.arange(self.num_beams, device=self.beam_rows.device)
+        self.state.select_rows(self.sample * self.num_beams + torch.zeros_like(self.beam_rows))
+        mask = self.inputs.get("attention_mask")  # (B, T + 1): the beams' real tokens, then the next one
+        padding = (
+            mask[:, : self.cur_len].bool()
+            if mask is not None
+            else candidates.new_ones(candidates.shape[0], self.cur_len, dtype=torch.bool)
+        )
         inputs = {
-            k: v.index_select(_row_dim(k, v), rows.to(v.device)) if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v
-            for k, v in self.inputs.items()
+            key: value[..., -1:].expand(*value.shape[:-1], N)  # the next position's values, for every candidate
+            for key, value in self.inputs.items()
+            if key in PER_TOKEN_INPUTS and key != "attention_mask" and torch.is_tensor(value)
         }
-        return self._forward(self.beam_rows.repeat_interleave(N), ids, 1, inputs)
+        out = self.model(
+            input_ids=candidates,
+            attention_mask=self._tree_masks(padding, N),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=N,
+            return_dict=True,
+            **inputs,
+        )
+        return out
+
+    def _tree_masks(self, padding: torch.Tensor, count: int) -> Any:
+        """``(B, 1, N, keys)`` boolean masks: candidate ``n`` sees the beam's real tokens and itself. A
+        model with sliding-window layers gets one per layer type (those see the last ``window - 1``
+        cached tokens, all of them kept while the search may still crop)."""
+        eye = torch.eye(count, dtype=torch.bool, device=padding.device)
+        full = torch.cat([padding[:, None, :].expand(-1, count, -1), eye.expand(padding.shape[0], -1, -1)], -1)
+        full = full[:, None]
+        window = getattr(self.state.adapter.text_config, "sliding_window", None)
+        if not self.state.adapter.sliding_layers() or not window:
+            return full
+        visible = min(padding.shape[1], window - 1) + count
+        return {"full_attention": full, "sliding_attention": full[..., -visible:]}
+
+    def _keep_winners(self, parents: torch.Tensor, picks: torch.Tensor) -> None:
+        """After a look-ahead: beam ``i`` continues parent ``parents[i]`` with its candidate
+        ``picks[i]``; every cache layer keeps that row's tokens and that candidate's slot (one gather,
+        the copy beam search's reordering makes anyway)."""
+        N = self.candidates
+        for layer in self.cache.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or not keys.numel():
+                continue
+            kept = keys.shape[-2] - N
+            slots = torch.cat(
+                [
+                    torch.arange(kept, device=keys.device).expand(len(parents), -1),
+                    kept + picks.to(keys.device)[:, None],
+                ],
+                1,
+            )
+            rows = parents.to(keys.device)[:, None]
+            layer.keys = keys[rows, :, slots].transpose(1, 2)
+            layer.values = layer.values[rows, :, slots].transpose(1, 2)
+            if hasattr(layer, "cumulative_length"):  # sliding-window layers count the tokens they saw
+                layer.cumulative_length -= N - 1
+        self.beam_rows = torch.arange(self.num_beams, device=self.beam_rows.device)
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -211,8 +267,7 @@ class SampleSearch:
         logits = self.logits
         candidates = logits.topk(self.candidates, dim=-1).indices  # (B, N): the raw logits' top N
         out = self._look_ahead(candidates)
-        self.inputs = self.model._update_model_kwargs_for_generation(out, self.inputs)
-        self.cache = out.past_key_values
+        self.inputs = self.model._update_model_kwargs_for_generation(out, self.inputs)  # one more token
         history = self.columns.repeat_interleave(self.candidates, 0)
         penalty, loc, columns = self.method.penalties(self.state, history, step)
         B, N = self.num_beams, self.candidates
@@ -320,13 +375,13 @@ class SampleSearch:
                                  finished, unsatisfied, hits)  # fmt: skip
         if lookahead is None:
             self.pending = parents
-        else:  # the winners' look-ahead rows: parent beam p, candidate n is row p * N + n
+        else:  # the winners' look-ahead slots and logits: parent beam p, candidate n
             N = self.candidates
-            match = candidates[parents] == tokens[:, None]
-            winners = parents * N + match.int().argmax(-1)  # a dead beam (score -inf) may hold a non-candidate
-            self.beam_rows = winners
-            self.logits = lookahead.logits[winners.to(lookahead.logits.device), -1].to(copy=True, dtype=torch.float32)
-            self.columns = columns[winners.to(columns.device)]
+            picks = (candidates[parents] == tokens[:, None]).int().argmax(-1)  # a dead beam (-inf) may hold any
+            self._keep_winners(parents, picks)
+            logits = lookahead.logits.view(B, N, -1)[parents.to(lookahead.logits.device), picks]
+            self.logits = logits.to(copy=True, dtype=torch.float32)
+            self.columns = columns[(parents * N + picks).to(columns.device)]
         return not model._beam_search_has_unfinished_sequences(unsatisfied, finished, hits, self.cfg.early_stopping)
 
     # ---- retrospection -------------------------------------------------------------------------------
@@ -377,7 +432,7 @@ class SampleSearch:
         width = min(current.shape[1], restored.shape[1] - 1)
         same = (restored[:, :width] == current[:, :width]).all(0)
         shared = max(int(same.int().cumprod(0).sum()), self.prompt_len)
-        self.cache.crop(shared - cache_length(self.cache))
+        crop_cache(self.cache, shared)
         rows = torch.zeros(self.num_beams, dtype=torch.long, device=self.beam_rows.device)
         self.method.collect(self.state, None)
         inputs = trim_inputs(self.inputs, self.cur_len)
@@ -410,6 +465,27 @@ class SampleSearch:
         indices = b.beam_indices[0, :num_return]
         generated = int(((indices + 1).bool()).sum(dim=1).max())
         return sequences[:, : self.prompt_len + generated], scores, indices[:, :generated]
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` tokens of every layer. A sliding-window layer records every state
+    during the search (``activate_past_recording``) and is cut here without being narrowed back to
+    its window, so a later rollback can go back further than the tokens added since this one."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is None or not keys.numel():
+            continue
+        seen = getattr(layer, "cumulative_length", keys.shape[-2])
+        remove = seen - length
+        if remove > keys.shape[-2]:
+            raise RuntimeError(f"the cache no longer holds the {remove} tokens a rollback removes")
+        if remove > 0:
+            layer.keys, layer.values = (
+                keys[..., : keys.shape[-2] - remove, :],
+                layer.values[..., : keys.shape[-2] - remove, :],
+            )
+            if hasattr(layer, "cumulative_length"):
+                layer.cumulative_length = length
 
 
 def cache_rows(cache: DynamicCache) -> int:
@@ -474,6 +550,8 @@ def opera_search(
         own = cache if samples == 1 else copy.deepcopy(cache)
         if samples > 1:
             DynamicCache.batch_select_indices(own, rows.to(cache_device(cache)))
+        if method.config.retrospection:  # sliding-window layers keep the states a rollback crops back to
+            own.activate_past_recording()
         search = SampleSearch(
             model, method, state, sample, input_ids[rows], out.logits[rows.to(out.logits.device), -1].float(),
             own, decode_inputs(model_kwargs, rows), cfg, logits_processor, stopping_criteria,

@@ -247,7 +247,13 @@ class OPERAConfig(MethodConfig):
         "instead of penalising (0 = paper behaviour)",
         low=0,
     )
-    layer: int = param(-1, "layer whose head-max attention is read (negative: from the last)")
+    layer: int | None = param(
+        None,
+        "layer whose head-max attention is read (negative: from the last; default: the last layer that "
+        "attends to every token, i.e. not a sliding-window layer)",
+        optional=True,
+        kind=int,
+    )
 
 
 @dataclasses.dataclass

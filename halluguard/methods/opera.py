@@ -1,6 +1,7 @@
 """OPERA: over-trust penalty and retrospection-allocation in beam search (Huang et al., CVPR 2024).
 
-OPERA reads one layer's attention (default: the last), reduced by the maximum over heads and each
+OPERA reads one layer's attention (default: the last; in models with sliding-window layers, the
+last full-attention layer), reduced by the maximum over heads and each
 row re-normalised to sum to 1 over all keys: ``w_ij`` is the weight generated token ``i`` puts on
 generated token ``j``. At each step of a beam search with ``B`` beams:
 
@@ -100,8 +101,9 @@ class OPERACall:
 
     collect: bool = False
     from_key: int = 0
-    rows: torch.Tensor | None = None  # (rows, keys - from_key): max over heads of the last query's attention
-    sums: torch.Tensor | None = None  # (rows,): the full rows' sums (for the re-normalisation)
+    query_rows: int = 1
+    rows: torch.Tensor | None = None  # (B, keys - from_key) or (B, n, ...): max over heads of the attention
+    sums: torch.Tensor | None = None  # (B,) or (B, n): the full rows' sums (for the re-normalisation)
 
 
 class OPERA(Method):
@@ -124,10 +126,17 @@ class OPERA(Method):
         return self.config.penalty_weights == 0 and not self.config.retrospection
 
     def setup(self, adapter: Adapter) -> None:
-        layers = adapter.num_layers
+        layers, sliding = adapter.num_layers, adapter.sliding_layers()
         layer = self.config.layer
+        if layer is None:  # the last layer, or the last one that sees the whole response (Gemma 3)
+            layer = max(i for i in range(layers) if i not in sliding) if len(sliding) < layers else -1
         if not -layers <= layer < layers:
             raise ValueError(f"OPERA layer {layer} is outside the model's {layers} layers")
+        if layer % layers in sliding:
+            raise ValueError(
+                f"OPERA layer {layer} attends within a sliding window, so it does not see the whole response; "
+                f"pick a full-attention layer (this model's: {sorted(set(range(layers)) - sliding)})"
+            )
         self.layer = layer % layers
 
     def new_call_state(self) -> OPERACall:
@@ -137,39 +146,49 @@ class OPERA(Method):
         data = state.data_of(self)
         if not data.collect or call.layer_idx != self.layer or call.is_prefill:
             return None
-        return AttentionEdit(reductions=Reductions(headmax_from_key=data.from_key))
+        return AttentionEdit(reductions=Reductions(headmax_from_key=data.from_key, headmax_rows=data.query_rows))
 
     def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
         data = state.data_of(self)
         data.rows, data.sums = stats["headmax_row"].float(), stats["headmax_sum"].float()
 
-    def penalties(
-        self, state: GuardState, history: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the rows of the last forward (one candidate each, at response position ``step``):
-        ``(penalty (R,), loc (R,), columns (R, step + 1))`` from the reported head-max rows and the
-        parent beams' column histories ``history (R, step)``."""
+    def collect(self, state: GuardState, step: int | None, rows: int = 1) -> None:
+        """Report the chosen layer's head-max rows of the last ``rows`` query rows at the next forwards
+        (``step``: the response position of the tokens they feed), or stop (``None``)."""
         data = state.data_of(self)
-        prompt = state.prompt_len
-        weights = data.rows / data.sums[:, None].clamp_min(torch.finfo(torch.float32).tiny)
-        window = weights[:, prompt - data.from_key :]
-        columns = column_log_products(history, window, self.config.scale_factor)
-        phi, loc = over_trust(columns)
-        if step + 1 <= self.config.image_bonus_tokens:
-            image = state.groups.image[:, : weights.shape[1]].to(weights.device)
-            penalty = -(weights[:, :prompt] * image).sum(-1)
-        else:
-            penalty = phi
-        return penalty, loc, columns
-
-    def collect(self, state: GuardState, step: int | None) -> None:
-        """Report the chosen layer's rows at the next forwards (``step``: the response position of the
-        tokens they feed), or stop (``None``)."""
-        data = state.data_of(self)
-        data.collect = step is not None
+        data.collect, data.query_rows = step is not None, rows
         bonus = step is not None and step + 1 <= self.config.image_bonus_tokens
         data.from_key = 0 if bonus else state.prompt_len  # the image keys sit in the prompt
         data.rows = data.sums = None
+
+    def penalties(
+        self, state: GuardState, history: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the tokens of the last forward, at response position ``step``: ``(penalty, loc,
+        columns (R, step + 1))``, one row per token, from the reported head-max rows and their parent
+        beams' column histories ``history (R, step)``.
+
+        The last forward fed one token per beam (rows ``(B, keys)``) or ``N`` candidates per beam
+        side by side (rows ``(B, N, keys)``: the response so far, then the ``N`` candidates' slots,
+        of which candidate ``n`` sees only its own)."""
+        data = state.data_of(self)
+        rows, sums = data.rows, data.sums
+        if rows.dim() == 2:
+            rows, sums = rows[:, None], sums[:, None]
+        count = rows.shape[1]
+        weights = rows / sums[..., None].clamp_min(torch.finfo(torch.float32).tiny)  # (B, n, keys - from_key)
+        prompt = state.prompt_len - data.from_key  # where the response starts in the reported rows
+        end = weights.shape[-1] - count  # where the fed tokens' own slots start
+        own = weights[..., end:].diagonal(dim1=1, dim2=2)  # (B, n): each token on itself
+        window = torch.cat([weights[..., prompt:end], own[..., None]], -1).flatten(0, 1)  # (B * n, step + 1)
+        columns = column_log_products(history, window, self.config.scale_factor)
+        phi, loc = over_trust(columns)
+        if step + 1 <= self.config.image_bonus_tokens:
+            image = state.groups.image.to(weights.device)[:, None, :prompt]
+            penalty = -(weights[..., :prompt] * image).sum(-1).flatten()
+        else:
+            penalty = phi
+        return penalty, loc, columns
 
     def generate_loop(self, state: GuardState) -> Callable[..., Any]:
         from ..decoding.opera import opera_search
