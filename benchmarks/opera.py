@@ -16,17 +16,20 @@ Three searches decode the same prompt with ``B`` beams:
   common step).
 
 Each is run with 1 and with ``1 + T`` new tokens; the per-token time is the difference over ``T``
-(median of the repeats, runs interleaved after a warm-up). Peak memory is the largest resident-set
-growth seen during a ``1 + T`` run (sampled every 2 ms; on CUDA, the peak allocated). Timings are for
-reading, not for tests.
+(median of the repeats, runs interleaved after a warm-up). Peak memory: each search runs once more
+(``1 + T`` tokens) in a fresh process, whose peak resident memory is reported beside that of a process
+that only builds the model and runs its prompt ("model"), so the difference is the search's own
+memory. Timings are for reading, not for tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,39 +38,16 @@ from transformers import DynamicCache
 
 import halluguard as hg
 
-PAGE = 4096
 
-
-def rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
-
-
-class PeakMemory:
-    """Largest growth of resident memory (CUDA: allocated memory) during a ``with`` block, in bytes."""
-
-    def __enter__(self):
-        self.peak = 0
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base, self.running = rss(), True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss() - self.base)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if torch.cuda.is_available():
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(self.peak, rss() - self.base)
+def peak_rss_mb(name: str, new_tokens: int, args: argparse.Namespace) -> float:
+    """Peak resident memory of a fresh process that builds the model and runs ``name`` once (MB)."""
+    command = [sys.executable, __file__, "--only", name, "--new-tokens", str(new_tokens)]
+    command += ["--beams", str(args.beams), "--candidates", str(args.candidates)]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent)
+    _, status, usage = os.wait4(process.pid, 0)
+    if status:
+        raise RuntimeError(f"the memory run of {name} failed")
+    return usage.ru_maxrss / 1024  # kB on Linux
 
 
 @torch.no_grad()
@@ -128,16 +108,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one run, for the memory measurement
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import synthetic
 
-    model, inputs = synthetic.build(), synthetic.inputs(1)
-    eager = synthetic.build()
-    eager.set_attn_implementation("eager")
     B, N, T = args.beams, args.candidates, args.new_tokens
+    inputs = synthetic.inputs(1)
+    # a memory run builds only the model it runs, so every process holds one copy of the weights
+    model = synthetic.build() if args.only != "official re-enacted" else None
+    eager = None
+    if args.only in (None, "official re-enacted"):
+        eager = synthetic.build()
+        eager.set_attn_implementation("eager")
     cfg = hg.get_config("opera", num_attn_candidates=N)
 
     def beam(n):
@@ -150,37 +135,46 @@ def main() -> None:
     def theirs(n):
         official(eager, inputs, B, N, n)
 
+    def prompt_only(n):
+        model(**inputs)
+
     runs = {"beam search": beam, "halluguard opera": ours, "official re-enacted": theirs}
+    if args.only is not None:
+        with torch.no_grad():
+            {**runs, "model": prompt_only}[args.only](T)
+        return
     times: dict[str, dict[int, list[float]]] = {name: {1: [], 1 + T: []} for name in runs}
-    peaks: dict[str, int] = dict.fromkeys(runs, 0)
     with torch.no_grad():
         for run in runs.values():  # warm-up
             run(2)
         for _ in range(args.repeats):
             for name, run in runs.items():
                 for n in (1, 1 + T):
-                    with PeakMemory() as memory:
-                        start = time.perf_counter()
-                        run(n)
-                        times[name][n].append(time.perf_counter() - start)
-                    if n > 1:
-                        peaks[name] = max(peaks[name], memory.peak)
+                    start = time.perf_counter()
+                    run(n)
+                    times[name][n].append(time.perf_counter() - start)
+    baseline = peak_rss_mb("model", 1 + T, args)
     results = {}
     for name in runs:
         per_token = [(b - a) / T for a, b in zip(times[name][1], times[name][1 + T])]
-        results[name] = {"per_token_s": statistics.median(per_token), "peak_mb": peaks[name] / 2**20}
+        results[name] = {"per_token_s": statistics.median(per_token), "peak_rss_mb": peak_rss_mb(name, 1 + T, args)}
     base = results["beam search"]["per_token_s"]
     print(f"synthetic-medium (random, ~146M), batch 1, {B} beams, {N} candidates, {T} new tokens, ", end="")
-    print(f"{args.repeats} repeats")
-    print("| search | per token (ms) | vs beam search | peak memory (MB) |")
-    print("|---|---|---|---|")
+    print(f"{args.repeats} repeats; peak RSS of a process that only runs the prompt: {baseline:.0f} MB")
+    print("| search | per token (ms) | vs beam search | peak RSS (MB) | above the prompt-only run (MB) |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
         r["ratio"] = r["per_token_s"] / base
-        print(f"| {name} | {1000 * r['per_token_s']:.1f} | {r['ratio']:.2f}x | {r['peak_mb']:.0f} |")
+        r["above_prompt_mb"] = r["peak_rss_mb"] - baseline
+        print(
+            f"| {name} | {1000 * r['per_token_s']:.1f} | {r['ratio']:.2f}x | {r['peak_rss_mb']:.0f} | "
+            f"{r['above_prompt_mb']:.0f} |"
+        )
     ratio = results["official re-enacted"]["per_token_s"] / results["halluguard opera"]["per_token_s"]
     print(f"halluguard opera is {ratio:.1f}x faster than the official approach per token")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2))
+        out = {"settings": vars(args), "prompt_only_peak_rss_mb": baseline, "results": results}
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ def register_method(
 
 # Pairs of decoding-loop owners whose combination is defined and tested (none yet).
 COMPOSABLE_LOOP_OWNERS: frozenset[frozenset[str]] = frozenset()
+# The methods each decoding-loop owner composes with, defined and tested (tests/test_opera.py): they act
+# inside the loop's forwards on every query row (OPERA forwards several candidate tokens per row, so a
+# method that edits only a call's last query row, PAI, would reach one candidate of each beam).
+LOOP_OWNER_COMPANIONS: dict[str, frozenset[str]] = {"opera": frozenset({"vhr", "var"})}
 
 
 def check_composition(methods: list[Method]) -> None:
@@ -72,6 +76,14 @@ def check_composition(methods: list[Method]) -> None:
             f"cannot compose {owners[0].name!r} with {contrastive[0]!r}: {owners[0].name} runs its own decoding "
             "loop, whose rows a contrast branch cannot follow"
         )
+    for owner in owners:
+        companions = LOOP_OWNER_COMPANIONS.get(owner.name, frozenset())
+        others = [m.name for m in methods if not m.owns_loop and m.name not in companions and m.name in _REGISTRY]
+        if others:
+            raise ValueError(
+                f"cannot compose {owner.name!r} with {others[0]!r}: {owner.name} runs its own decoding loop, and the "
+                f"methods defined and tested inside it are {sorted(companions) or 'none'}"
+            )
     for i, a in enumerate(owners):
         for b in owners[i + 1 :]:
             if frozenset((a.name, b.name)) not in COMPOSABLE_LOOP_OWNERS:

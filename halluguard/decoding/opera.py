@@ -9,10 +9,13 @@ search is transformers' beam search exactly.
 
 One step of a sample with ``B`` beams and ``N`` candidates (the cache holds ``B`` rows)::
 
-    logits (B, V) --top N--> candidates (B*N) --one forward, cache rows repeated N times-->
-        per candidate: head-max row of the chosen layer (hook), next-token logits, its cache row
-    penalised candidate scores --log_softmax, processors, beam search--> B winners (B of B*N)
-    the winners' cache rows and logits are the next step's: no forward is repeated
+    logits (B, V) --top N--> candidates (B, N) --one forward: each beam's row takes its N candidates
+        as N new tokens at the same position, under a tree mask (each sees the beam and itself)-->
+        per candidate: head-max row of the chosen layer (hook), next-token logits, a cache slot
+    penalised candidate scores --log_softmax, processors, beam search--> B winners (parent, candidate)
+    one gather per cache layer keeps each winner's parent row and its candidate's slot; the winners'
+    logits are the next step's: no forward is repeated, and the beams' cache is never copied per
+    candidate
 
 A rollback restores the search as it stood at an earlier position (kept for the last
 ``window_size`` steps), crops the cache to the longest prefix all restored beams still share,

@@ -40,13 +40,18 @@ score below ``-999`` picks an arbitrary token; here ``psi`` is computed in float
 ``retrospection = False`` is transformers' beam search exactly (no candidate restriction, no
 look-ahead, no statistics).
 
-**Cost.** The candidates' look-ahead is one forward of ``B * N`` rows per step, sharing the beams'
-cache, and the winners' rows become the next step's cache and logits, so nothing is recomputed:
-one forward per step, as beam search, on ``N`` times the rows. The attention statistics come from
-the hook on the chosen layer (one head-max row per candidate); no ``output_attentions``. A rollback
-crops the cache to the longest prefix the restored beams share and forwards the rest of their
-response once (never the prompt). ``num_beams = 1`` (greedy OPERA, disabled in the official code)
-and sampling are refused. The search itself is ``halluguard.decoding.opera``.
+**Cost.** The candidates' look-ahead is one forward per step: each beam's row takes its ``N``
+candidates as ``N`` new tokens at the same position under a tree mask (each sees the beam's tokens
+and itself, not its siblings), so the beams' cache is read once and never copied per candidate; the
+winners' cache slots and logits become the next step's, so nothing is recomputed. The attention
+statistics come from the hook on the chosen layer (one head-max row per candidate); no
+``output_attentions``. A rollback crops the cache to the longest prefix the restored beams share
+and forwards the rest of their response once (never the prompt). ``num_beams = 1`` (greedy OPERA,
+disabled in the official code) and sampling are refused.
+
+**Batches.** The prompt's forward runs once for the whole (left-padded) batch, then each sample's
+beams are searched on their own rows of the cache, one sample after another, so a rollback in one
+never touches another. The search itself is ``halluguard.decoding.opera``.
 """
 
 from __future__ import annotations
