@@ -17,16 +17,16 @@ Three searches decode the same prompt with ``B`` beams:
 
 Each is run with 1 and with ``1 + T`` new tokens; the per-token time is the difference over ``T``
 (median of the repeats, runs interleaved after a warm-up). Peak memory: each search runs once more
-(``1 + T`` tokens) in a fresh process, whose peak resident memory is reported beside that of a process
-that only builds the model and runs its prompt ("model"), so the difference is the search's own
-memory. Timings are for reading, not for tests.
+(``1 + T`` tokens) in a fresh process, whose peak resident memory from after the model is built
+(Linux's high-water mark, reset then) is reported beside that of a process that only runs the prompt
+("model"), so the difference is the search's own memory. Timings are for reading, not for tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,14 +40,21 @@ import halluguard as hg
 
 
 def peak_rss_mb(name: str, new_tokens: int, args: argparse.Namespace) -> float:
-    """Peak resident memory of a fresh process that builds the model and runs ``name`` once (MB)."""
+    """Peak resident memory (MB) of ``name``'s run in a fresh process, counted from after the model is
+    built (the kernel's high-water mark is reset then, so building the weights does not hide it)."""
     command = [sys.executable, __file__, "--only", name, "--new-tokens", str(new_tokens)]
     command += ["--beams", str(args.beams), "--candidates", str(args.candidates)]
-    process = subprocess.Popen(command, cwd=Path(__file__).parent)
-    _, status, usage = os.wait4(process.pid, 0)
-    if status:
-        raise RuntimeError(f"the memory run of {name} failed")
-    return usage.ru_maxrss / 1024  # kB on Linux
+    out = subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def high_water_kb() -> int:
+    """The process's peak resident set size since the last reset (VmHWM, kB)."""
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def reset_high_water() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak becomes the current resident size
 
 
 @torch.no_grad()
@@ -140,8 +147,10 @@ def main() -> None:
 
     runs = {"beam search": beam, "halluguard opera": ours, "official re-enacted": theirs}
     if args.only is not None:
+        reset_high_water()
         with torch.no_grad():
             {**runs, "model": prompt_only}[args.only](T)
+        print(high_water_kb())
         return
     times: dict[str, dict[int, list[float]]] = {name: {1: [], 1 + T: []} for name in runs}
     with torch.no_grad():
