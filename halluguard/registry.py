@@ -77,7 +77,9 @@ def check_composition(methods: list[Method]) -> None:
             "loop, whose rows a contrast branch cannot follow"
         )
     for owner in owners:
-        companions = LOOP_OWNER_COMPANIONS.get(owner.name, frozenset())
+        if owner.name not in LOOP_OWNER_COMPANIONS:  # a loop of the user's own: theirs to compose
+            continue
+        companions = LOOP_OWNER_COMPANIONS[owner.name]
         others = [m.name for m in methods if not m.owns_loop and m.name not in companions and m.name in _REGISTRY]
         if others:
             raise ValueError(

@@ -217,3 +217,12 @@ def test_the_layer_read_sees_the_whole_response():
         hg.wrap(model, methods=hg.get_config("opera", layer=-1))
     with pytest.raises(ValueError, match="outside"):
         hg.wrap(model, methods=hg.get_config("opera", layer=3))
+
+
+def test_every_registered_loop_owner_names_its_companions():
+    from halluguard import registry
+
+    for name in hg.list_methods(available_only=True):
+        method = registry.entry(name).method_cls(hg.get_config(name))
+        if method.owns_loop:
+            assert name in registry.LOOP_OWNER_COMPANIONS, f"{name} owns the loop: list what it composes with"
