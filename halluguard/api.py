@@ -45,6 +45,7 @@ class Guard:
         self.methods = methods
         self.adapter = adapter
         self.session: Session | None = None  # the guarded call in progress, if any
+        self.results: dict[str, Any] = {}  # what methods read during the last guarded generate
         self.wrapped = False
         previous = adapter.text_attn_implementation()
         self._previous_attn = previous
@@ -156,6 +157,7 @@ class Guard:
         if not self.methods:
             return self._original_generate(*args, **kwargs)
         kwargs = self._with_method_defaults(kwargs)
+        self._check_beam_support(kwargs)
         with self._call(args, kwargs, for_generation=True) as session:
             state = session.main
             processors = [p for m in self.methods for p in m.logits_processors(state)]
@@ -177,8 +179,15 @@ class Guard:
             else:
                 self._check_beams_apart(kwargs)
             cache = kwargs.get("past_key_values")
+            self.results = {}
             try:
-                return self._original_generate(*args, **kwargs)
+                out = self._original_generate(*args, **kwargs)
+                sequences = out if isinstance(out, torch.Tensor) else out.sequences
+                for method in self.methods:
+                    result = method.call_result(state, sequences)
+                    if result is not None:
+                        self.results[method.name] = result
+                return out
             finally:
                 session.finish(cache)
 
@@ -199,6 +208,16 @@ class Guard:
         if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
             return False
         return kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False
+
+    def _check_beam_support(self, kwargs: dict) -> None:
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        refusing = [m.name for m in self.methods if not m.supports_beam_search]
+        if beams > 1 and refusing:
+            raise ValueError(
+                f"{', '.join(refusing)} cannot follow beam search (its per-row readings would follow the "
+                "reordered rows, not the tokens): use greedy search or sampling"
+            )
 
     def _check_beams_apart(self, kwargs: dict) -> None:
         """Refuse beam search where a contrast branch would run apart (a static or caller-supplied

@@ -7,7 +7,8 @@ each method x family:
 * after a guarded generate with the method acting, ``unwrap`` restores the logits bit for bit;
 * a left-padded batch generates what its rows generate alone (method acting);
 * greedy, sampling and beam search all run (method acting), or are refused with a clear error
-  (``BEAM_ONLY``: a method that is a beam search refuses greedy search and sampling).
+  (``BEAM_ONLY``: a method that is a beam search refuses greedy search and sampling; ``NO_BEAMS``: a
+  method whose per-row readings cannot follow beam search refuses it).
 
 ``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
 what every config of a method needs there besides its strength (the tiny models have no massive
@@ -35,9 +36,12 @@ ACTIVE = {
     "avc": dict(alpha=1.0),
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
     "opera": dict(scale_factor=50.0),
+    "lookback": dict(context="prompt"),
 }
 # methods that are a beam search: greedy and sampling are refused with a clear error
 BEAM_ONLY = {"opera"}
+# methods whose per-row readings cannot follow beam search: beam search is refused with a clear error
+NO_BEAMS = {"lookback"}
 CONTEXT = {
     "var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1),
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
@@ -62,6 +66,14 @@ def test_every_method_that_runs_has_active_settings_here():
 def test_neutral_config_is_plain_generate(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
+    if name in NO_BEAMS:
+        with torch.no_grad():
+            want = model.generate(**inputs, **GEN)
+            with hg.wrap(model, methods=neutral(name)):
+                assert torch.equal(model.generate(**inputs, **GEN), want)
+                with pytest.raises(ValueError, match="cannot follow beam search"):
+                    model.generate(**inputs, **GEN, num_beams=3)
+        return
     if name not in BEAM_ONLY:
         assert_guard_keeps_tokens(model, inputs, neutral(name), GEN)
         return
@@ -100,7 +112,12 @@ def test_greedy_sampling_and_beam_search_run(name, family):
     inputs, _ = make_inputs(model, family)
     width = inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
     with hg.wrap(model, methods=active(name)), torch.no_grad():
-        beam = model.generate(**inputs, **GEN, num_beams=2)
+        if name in NO_BEAMS:
+            with pytest.raises(ValueError, match="cannot follow beam search"):
+                model.generate(**inputs, **GEN, num_beams=2)
+            beam = model.generate(**inputs, **GEN)  # greedy in its place
+        else:
+            beam = model.generate(**inputs, **GEN, num_beams=2)
         if name in BEAM_ONLY:
             with pytest.raises(ValueError, match="num_beams=1"):
                 model.generate(**inputs, **GEN, num_beams=1)

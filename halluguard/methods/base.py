@@ -23,7 +23,9 @@ the state calls the method:
 * ``logits_processors(state)`` once per ``generate``, to act on the next-token scores after
   ``generate``'s own processors (PAI's guidance);
 * ``generate_loop(state)``: a method that owns the decoding loop returns it (a ``custom_generate``
-  callable, see ``halluguard.decoding.loops``); at most one method of a guard may.
+  callable, see ``halluguard.decoding.loops``); at most one method of a guard may;
+* ``call_result(state, sequences)`` after the call: what the method read (Lookback Lens' detections),
+  kept as ``guard.results[name]``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Method:
     # generate arguments the method's official runs use, applied when the caller sets none of them
     # (neither these arguments nor a generation_config)
     generation_defaults: ClassVar[dict[str, Any]] = {}
+    # False for a method whose per-row data cannot follow beam search's reordering (refused with a reason)
+    supports_beam_search: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -117,6 +121,11 @@ class Method:
 
     def on_layer_input(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None:
         """The residual stream entering decoder layer ``layer_idx`` (only if ``reads_layer_inputs``)."""
+
+    def call_result(self, state: GuardState, sequences: torch.Tensor) -> Any:
+        """What the method read during a guarded ``generate`` (given its output ``sequences``), kept by
+        the guard as ``guard.results[name]`` until the next call; None for nothing."""
+        return None
 
     def generate_loop(self, state: GuardState) -> Callable[..., Any] | None:
         """The decoding loop this method owns, as a ``generate(custom_generate=...)`` callable."""

@@ -195,34 +195,30 @@ class DeCoReConfig(MethodConfig):
 
 @dataclasses.dataclass
 class LookbackConfig(MethodConfig):
-    """Lookback Lens: lookback-ratio hallucination detection and guided decoding (Chuang et al., EMNLP 2024).
-
-    Per step, layer ``l`` and head ``h``: ``LR = A_ctx / (A_ctx + A_new)`` with ``A_ctx`` the mean
-    attention on context keys (the prompt) and ``A_new`` the mean on generated keys. A logistic
-    classifier on span-averaged ``LR`` features detects hallucinated spans; guided decoding samples
-    ``num_candidates`` chunks of ``chunk_size`` tokens and keeps the one the classifier rates most factual.
-
-    The implementation is not shipped yet.
-    """
+    """Settings of ``lookback`` (the method and its math: ``halluguard.methods.lookback``)."""
 
     name = "lookback"
     neutral_overrides = {"mode": "detect"}
 
     mode: str = param(
-        "guide",
-        "'detect' (report per-token lookback ratios and scores only) or 'guide' (classifier-guided chunk decoding)",
+        "detect",
+        "'detect' (per-token lookback ratios and, with a classifier, hallucination scores; tokens unchanged) "
+        "or 'guide' (classifier-guided chunk decoding, not in this release)",
         choices=("detect", "guide"),
     )
-    classifier: str | None = param(None, "path of a trained lookback classifier", optional=True, kind=str)
-    chunk_size: int = param(8, "tokens per candidate chunk", low=1)
-    num_candidates: int = param(8, "candidate chunks sampled per step", low=1)
-    temperature: float = param(0.9, "sampling temperature of the candidates", low=0.0, low_open=True)
-    top_p: float = param(0.95, "nucleus sampling threshold of the candidates", low=0.0, high=1.0, low_open=True)
+    classifier: str | None = param(None, "path of a trained lookback classifier (JSON)", optional=True, kind=str)
     context: str = param(
         "prompt",
-        "context keys: the whole 'prompt' (image included) or the 'image' tokens only",
-        choices=("prompt", "image"),
+        "context keys: the whole 'prompt' (image included), the 'image' tokens or the prompt's 'text'",
+        choices=("prompt", "image", "text"),
     )
+    window: int = param(8, "tokens per scored window (the official sliding window)", low=1)
+    threshold: float = param(0.5, "flag a token when its window's hallucination probability is above this",
+                             low=0.0, high=1.0)  # fmt: skip
+    chunk_size: int = param(8, "guided decoding: tokens per candidate chunk", low=1)
+    num_candidates: int = param(8, "guided decoding: candidate chunks sampled per step", low=1)
+    temperature: float = param(0.9, "guided decoding: sampling temperature", low=0.0, low_open=True)
+    top_p: float = param(0.95, "guided decoding: nucleus sampling threshold", low=0.0, high=1.0, low_open=True)
 
 
 @dataclasses.dataclass
@@ -279,7 +275,12 @@ register_method(
     "avc", AVCConfig, "halluguard.methods.avc:AVC", "attentional vision calibration: contrast with blind-token view"
 )
 register_method("decore", DeCoReConfig, "halluguard.methods.decore:DeCoRe", "contrast with retrieval heads masked")
-register_method("lookback", LookbackConfig, None, "lookback-ratio classifier: detection and guided decoding")
+register_method(
+    "lookback",
+    LookbackConfig,
+    "halluguard.methods.lookback:Lookback",
+    "lookback-ratio classifier: detection and guided decoding",
+)
 register_method(
     "opera", OPERAConfig, "halluguard.methods.opera:OPERA", "over-trust penalty and retrospection in beam search"
 )

@@ -1,0 +1,242 @@
+"""Lookback Lens: hallucination detection from lookback ratios (Chuang et al., EMNLP 2024).
+
+Per generated token ``t``, layer ``l`` and head ``h``, from the attention of the query that
+produces ``t`` (the last query row of the forward: the prompt's last token for the first one):
+
+    LR[t, l, h] = A_ctx / (A_ctx + A_new),
+    A_ctx = mean_{j in context} a[l, h, t, j],   A_new = mean_{j generated} a[l, h, t, j]
+
+(means, not sums: the official definition). Context: every prompt token, image included
+(``context="prompt"``, the default), or only the image tokens (``"image"``) or only the text
+(``"text"``); "new" keys are the generated tokens. At the first token there are none, so
+``A_new = 0`` and ``LR = 1`` wherever the context holds any attention (the official text-only setting
+counts a response prefix such as "#Answer:" as new; in a chat prompt that prefix is part of the
+prompt). A span's feature is the mean of ``LR`` over its tokens, flattened layer-major
+(``L0H0, L0H1, ...``) as in the official classifiers.
+
+A logistic classifier (``LookbackClassifier``: weights over the ``L * H`` features and a bias, label 1
+= faithful, the official convention) rates spans. Detection (``mode="detect"``) leaves generation
+untouched and gives, per sequence, every token's features and, with a classifier, each token's
+hallucination probability ``1 - p_faithful`` of the window of ``window`` tokens ending at it (the
+official sliding-window setting, 8) and the spans of consecutive flagged tokens (probability above
+``threshold``). After ``generate`` the results are ``guard.results["lookback"]``.
+
+The statistics come from the attention hook (the mass of each head on the context and generated
+keys at each step, two floats per head per layer); no attention map is kept and
+``output_attentions`` is never used. Beam search is refused: its rows reorder, and a token's
+features would follow the row, not the token. Classifier-guided decoding (``mode="guide"``) is not
+in this release and is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import Adapter
+from ..attention.edits import AttentionCall, AttentionEdit, Reductions
+from ..state import GuardState
+from .base import Method
+from .configs import LookbackConfig
+
+FORMAT = "halluguard-lookback-classifier/1"
+
+
+@dataclasses.dataclass
+class LookbackClassifier:
+    """A logistic classifier over lookback-ratio features: ``p_faithful = sigmoid(w . x + b)``."""
+
+    weights: torch.Tensor  # (num_layers * num_heads,), layer-major
+    bias: float
+    num_layers: int
+    num_heads: int
+    context: str = "prompt"
+    model: str = ""  # the model it was trained for (a name, for the record)
+    window: int = 8  # tokens per example it was trained on
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.weights = torch.as_tensor(self.weights, dtype=torch.float32).flatten()
+        if self.weights.numel() != self.num_layers * self.num_heads:
+            raise ValueError(
+                f"a lookback classifier for {self.num_layers} layers x {self.num_heads} heads needs "
+                f"{self.num_layers * self.num_heads} weights, got {self.weights.numel()}"
+            )
+
+    def check(self, num_layers: int, num_heads: int, context: str | None = None) -> None:
+        """Refuse a model (or context choice) other than the one the classifier was trained for."""
+        if (num_layers, num_heads) != (self.num_layers, self.num_heads):
+            raise ValueError(
+                f"this lookback classifier was trained on {self.num_layers} layers x {self.num_heads} heads"
+                f"{f' ({self.model})' if self.model else ''}; the model has {num_layers} x {num_heads}"
+            )
+        if context is not None and context != self.context:
+            raise ValueError(f"this lookback classifier was trained with context={self.context!r}, not {context!r}")
+
+    def faithful_probability(self, features: torch.Tensor) -> torch.Tensor:
+        """``p_faithful`` for features ``(..., L, H)`` or ``(..., L * H)``."""
+        flat = features.float().reshape(*features.shape[: -2 if features.shape[-1] == self.num_heads else -1], -1)
+        return torch.sigmoid(flat @ self.weights.to(flat.device) + self.bias)
+
+    def save(self, path: str | Path) -> None:
+        """Write the classifier as JSON (weights, layout, context, model, metrics)."""
+        record = {
+            "format": FORMAT,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "context": self.context,
+            "model": self.model,
+            "window": self.window,
+            "label": "1 = faithful (not hallucinated)",
+            "bias": float(self.bias),
+            "weights": [float(w) for w in self.weights],
+            "metrics": self.metrics,
+        }
+        Path(path).write_text(json.dumps(record, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LookbackClassifier:
+        """Read a classifier written by ``save`` (JSON only: pickled classifiers are never read)."""
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read a lookback classifier from {path}: {err}") from None
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a halluguard lookback classifier (format {FORMAT!r})")
+        return cls(
+            weights=torch.tensor(record["weights"]),
+            bias=float(record["bias"]),
+            num_layers=int(record["num_layers"]),
+            num_heads=int(record["num_heads"]),
+            context=record.get("context", "prompt"),
+            model=record.get("model", ""),
+            window=int(record.get("window", 8)),
+            metrics=dict(record.get("metrics", {})),
+        )
+
+
+def train_classifier(
+    features: torch.Tensor, labels: torch.Tensor, num_layers: int, num_heads: int, **fields: Any
+) -> LookbackClassifier:
+    """Fit the official classifier (scikit-learn ``LogisticRegression(max_iter=1000)``, L2, C = 1) on
+    span features ``(N, L * H)`` and labels ``(N,)`` (1 = faithful)."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "training a lookback classifier needs scikit-learn: pip install 'halluguard[calibrate]'"
+        ) from None
+    model = LogisticRegression(max_iter=1000)
+    model.fit(features.reshape(len(features), -1).double().numpy(), labels.long().numpy())
+    return LookbackClassifier(torch.tensor(model.coef_[0]), float(model.intercept_[0]), num_layers, num_heads, **fields)
+
+
+def window_means(features: torch.Tensor, window: int) -> torch.Tensor:
+    """``(T, ...)`` -> ``(T, ...)``: the mean of each token's window of ``window`` tokens ending at it
+    (shorter at the start)."""
+    sums = features.float().cumsum(0)
+    lagged = torch.zeros_like(sums)
+    if len(sums) > window:
+        lagged[window:] = sums[:-window]
+    counts = torch.arange(1, len(sums) + 1, device=sums.device).clamp(max=window).float()
+    return (sums - lagged) / counts.view((-1,) + (1,) * (features.dim() - 1))
+
+
+def flagged_spans(flags: list[bool]) -> list[tuple[int, int]]:
+    """Half-open ``(start, end)`` runs of True."""
+    spans, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+@dataclasses.dataclass
+class Detection:
+    """Lookback Lens' reading of one generated sequence (tokens after the prompt)."""
+
+    features: torch.Tensor  # (T, L, H): every token's lookback ratios
+    hallucination: torch.Tensor | None = None  # (T,): 1 - p_faithful of the window ending at each token
+    spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # flagged token runs
+
+
+@dataclasses.dataclass
+class LookbackCall:
+    """Per call: this forward's ratios by layer, and every step's ``(rows, L, H)``."""
+
+    layers: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class Lookback(Method):
+    """Lookback Lens detection (see the module docstring)."""
+
+    config_cls = LookbackConfig
+    supports_beam_search = False
+
+    def setup(self, adapter: Adapter) -> None:
+        cfg = self.config
+        if cfg.mode == "guide":
+            raise ValueError(
+                "Lookback Lens' classifier-guided decoding (mode='guide') is not in this release; "
+                "mode='detect' reports per-token lookback ratios and, with a classifier, hallucination scores"
+            )
+        self.num_layers, self.num_heads = adapter.num_layers, adapter.num_heads
+        self.classifier = None
+        if cfg.classifier is not None:
+            self.classifier = LookbackClassifier.load(cfg.classifier)
+            self.classifier.check(self.num_layers, self.num_heads, cfg.context)
+
+    def new_call_state(self) -> LookbackCall:
+        return LookbackCall()
+
+    def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
+        if state.role.kind != "main":
+            return None
+        masks = state.group_masks(call)
+        groups = {"context": masks[self.config.context if self.config.context != "prompt" else "context"]}
+        groups["generated"] = masks["generated"]
+        return AttentionEdit(reductions=Reductions(group_masses=groups))
+
+    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
+        masks = state.group_masks(call)
+        context = masks[self.config.context if self.config.context != "prompt" else "context"]
+        n_ctx = context.sum(-1, keepdim=True).clamp_min(1).float()
+        n_new = masks["generated"].sum(-1, keepdim=True).float()
+        a_ctx = stats["mass/context"].float() / n_ctx
+        a_new = torch.where(n_new > 0, stats["mass/generated"].float() / n_new.clamp_min(1), 0.0)
+        total = a_ctx + a_new
+        ratio = torch.where(total > 0, a_ctx / total.clamp_min(torch.finfo(torch.float32).tiny), 0.5)
+        data = state.data_of(self)
+        data.layers[call.layer_idx] = ratio  # (rows, H)
+        if call.layer_idx == self.num_layers - 1:
+            data.steps.append(torch.stack([data.layers[i] for i in range(self.num_layers)], 1).cpu())
+            data.layers = {}
+
+    def call_result(self, state: GuardState, sequences: torch.Tensor) -> list[Detection]:
+        """Per generated sequence: its tokens' features and, with a classifier, its scores."""
+        steps = state.data_of(self).steps
+        new = sequences.shape[1] - state.prompt_len
+        if not steps or new <= 0:
+            return []
+        features = torch.stack(steps[:new], 1)  # (rows, T, L, H): the forward producing each token
+        results = []
+        for row in features:
+            detection = Detection(row)
+            if self.classifier is not None:
+                means = window_means(row, self.config.window)
+                detection.hallucination = 1 - self.classifier.faithful_probability(means)
+                detection.spans = flagged_spans((detection.hallucination > self.config.threshold).tolist())
+            results.append(detection)
+        return results
+
+
+__all__ = ["Detection", "Lookback", "LookbackClassifier", "flagged_spans", "train_classifier", "window_means"]

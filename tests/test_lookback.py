@@ -1,0 +1,128 @@
+"""Lookback Lens detection.
+
+* the per-token lookback ratios from the hook equal a brute-force computation from eager attention
+  with ``output_attentions`` (means over the context and the generated keys), with left padding;
+* detection leaves the generated tokens identical to plain ``generate``;
+* a classifier scores windows of tokens and flags runs; it survives a save/load round trip, and a
+  classifier for another layer/head count (or context) is refused; pickles are never read;
+* beam search and guided decoding are refused with their reasons.
+"""
+
+import json
+
+import pytest
+import torch
+from tiny_models import CORE_FAMILIES, build_model, image_token_id, make_inputs
+
+import halluguard as hg
+from halluguard.methods.lookback import (
+    LookbackClassifier,
+    flagged_spans,
+    train_classifier,
+    window_means,
+)
+
+GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+
+
+def brute_force_ratios(model, inputs, context_group="prompt"):
+    """(rows, T, L, H) lookback ratios from eager attention maps of a plain greedy generate."""
+    with torch.no_grad():
+        out = model.generate(**inputs, **GEN, output_attentions=True, return_dict_in_generate=True)
+    prompt = inputs["input_ids"].shape[1]
+    valid = inputs["attention_mask"].bool()
+    image = inputs["input_ids"] == image_token_id(model)
+    context = {"prompt": valid, "image": valid & image, "text": valid & ~image}[context_group]
+    steps = []
+    for step, layers in enumerate(out.attentions):
+        per_layer = []
+        for attn in layers:  # (B, H, q, kv)
+            row = attn[:, :, -1].float()  # the query producing this step's token
+            kv = row.shape[-1]
+            ctx = torch.nn.functional.pad(context, (0, kv - prompt))[:, None]
+            gen = torch.zeros(kv, dtype=torch.bool)
+            gen[prompt:] = True
+            a_ctx = (row * ctx).sum(-1) / ctx.sum(-1)
+            a_new = (row * gen).sum(-1) / gen.sum() if step else torch.zeros_like(a_ctx)
+            per_layer.append(a_ctx / (a_ctx + a_new))
+        steps.append(torch.stack(per_layer, 1))  # (B, L, H)
+    return torch.stack(steps, 1), out.sequences
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("context", ["prompt", "image", "text"])
+def test_ratios_equal_output_attentions(family, context):
+    model = build_model(family)
+    eager = build_model(family, attn_implementation="eager")
+    inputs, _ = make_inputs(model, family, batch=2)
+    want, sequences = brute_force_ratios(eager, inputs, context)
+    with hg.wrap(model, methods=hg.get_config("lookback", context=context)) as guard, torch.no_grad():
+        out = model.generate(**inputs, **GEN)
+    assert torch.equal(out, sequences)
+    got = torch.stack([d.features for d in guard.results["lookback"]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_detection_leaves_tokens_identical(family, tmp_path):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family, batch=2)
+    layers, heads = model.config.get_text_config().num_hidden_layers, model.config.get_text_config().num_attention_heads
+    path = tmp_path / "clf.json"
+    LookbackClassifier(torch.randn(layers * heads), 0.1, layers, heads).save(path)
+    gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **gen)
+        with hg.wrap(model, methods=hg.get_config("lookback", classifier=str(path))) as guard:
+            guarded = model.generate(**inputs, **gen)
+    assert torch.equal(plain, guarded)
+    detections = guard.results["lookback"]
+    assert len(detections) == 2
+    for d in detections:
+        assert d.features.shape == (12, layers, heads)
+        assert d.hallucination.shape == (12,) and bool(((d.hallucination >= 0) & (d.hallucination <= 1)).all())
+        assert d.spans == flagged_spans((d.hallucination > 0.5).tolist())
+
+
+def test_windows_and_spans():
+    x = torch.arange(10.0)[:, None]
+    means = window_means(x, 3)[:, 0]
+    assert means.tolist() == [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert window_means(x, 20)[:, 0].tolist() == [sum(range(i + 1)) / (i + 1) for i in range(10)]
+    assert flagged_spans([False, True, True, False, True]) == [(1, 3), (4, 5)]
+    assert flagged_spans([]) == []
+
+
+def test_classifier_trains_saves_loads_and_refuses_other_models(tmp_path):
+    torch.manual_seed(0)
+    layers, heads = 3, 4
+    features = torch.rand(200, layers * heads)
+    labels = (features[:, 5] > 0.5).long()  # faithful exactly when one head looks back
+    clf = train_classifier(features, labels, layers, heads, model="tiny")
+    p = clf.faithful_probability(features)
+    assert float(((p > 0.5).long() == labels).float().mean()) > 0.9
+    path = tmp_path / "clf.json"
+    clf.save(path)
+    loaded = LookbackClassifier.load(path)
+    torch.testing.assert_close(loaded.faithful_probability(features), p)
+    assert json.loads(path.read_text())["label"].startswith("1 = faithful")
+    with pytest.raises(ValueError, match="3 layers x 4 heads"):
+        loaded.check(4, 4)
+    with pytest.raises(ValueError, match="context"):
+        loaded.check(3, 4, "image")
+    model = build_model("llava")  # 3 layers x 4 heads, so a 2 x 4 classifier does not fit it
+    LookbackClassifier(torch.zeros(8), 0.0, 2, 4).save(tmp_path / "small.json")
+    with pytest.raises(ValueError, match="2 layers x 4 heads"):
+        hg.wrap(model, methods=hg.get_config("lookback", classifier=str(tmp_path / "small.json")))
+    (tmp_path / "official.pkl").write_bytes(b"\x80\x04K\x01.")  # a pickle: never unpickled
+    with pytest.raises(ValueError, match="not a halluguard lookback classifier|cannot read"):
+        LookbackClassifier.load(tmp_path / "official.pkl")
+
+
+def test_refusals():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    with pytest.raises(ValueError, match="not in this release"):
+        hg.wrap(model, methods=hg.get_config("lookback", mode="guide"))
+    with hg.wrap(model, methods="lookback"), pytest.raises(ValueError, match="cannot follow beam search"):
+        model.generate(**inputs, max_new_tokens=2, num_beams=2)
