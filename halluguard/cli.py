@@ -400,6 +400,27 @@ def _cmd_calibrate_retrieval_heads(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_calibrate_lookback(args: argparse.Namespace) -> int:
+    from .calibrate.lookback import main
+
+    try:
+        return main(
+            args.model,
+            args.out,
+            num_images=args.num_images,
+            coco_images=args.coco_images,
+            annotations=args.annotations,
+            context=args.context,
+            level=args.level,
+            window=args.window,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def _add_calibrate_parsers(sub) -> None:
     cal = sub.add_parser("calibrate", help="offline calibration for methods that need model-specific data")
     tools = cal.add_subparsers(dest="tool", required=True)
@@ -431,6 +452,23 @@ def _add_calibrate_parsers(sub) -> None:
         help="record a trial only if the model copies more than this share of the needle; 0 records every trial",
     )
     heads.set_defaults(func=_cmd_calibrate_retrieval_heads)
+    look = _leaf(
+        tools,
+        "lookback",
+        help="train Lookback Lens' classifier on the model's own captions, labelled by CHAIR (JSON out)",
+    )
+    look.add_argument("--model", required=True, help="hub id or local path, or 'testbed' (its world's scenes)")
+    look.add_argument("--out", required=True, help="write the classifier here (JSON)")
+    look.add_argument("--num-images", type=_count, default=500, help="images to caption")
+    look.add_argument("--coco-images", metavar="DIR", help="COCO images (a model other than the test model)")
+    look.add_argument("--annotations", metavar="DIR", help="COCO instances_*.json for the ground truth")
+    look.add_argument("--context", default="prompt", choices=("prompt", "image", "text"), help="context keys")
+    look.add_argument("--level", default="window", choices=("window", "mention"), help="training examples")
+    look.add_argument("--window", type=_count, default=8, help="tokens per window example")
+    look.add_argument("--max-new-tokens", type=_count, default=64, help="caption length limit")
+    look.add_argument("--batch-size", type=_count, default=8, help="captions per generate call")
+    look.add_argument("--seed", type=int, default=0, help="scene seed (test model)")
+    look.set_defaults(func=_cmd_calibrate_lookback)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,7 +218,7 @@ class Lookback(Method):
         data = state.data_of(self)
         data.layers[call.layer_idx] = ratio  # (rows, H)
         if call.layer_idx == self.num_layers - 1:
-            data.steps.append(torch.stack([data.layers[i] for i in range(self.num_layers)], 1).cpu())
+            data.steps.append(torch.stack([data.layers[i] for i in range(self.num_layers)], 1))  # no host sync
             data.layers = {}
 
     def call_result(self, state: GuardState, sequences: torch.Tensor) -> list[Detection]:
@@ -227,7 +227,7 @@ class Lookback(Method):
         new = sequences.shape[1] - state.prompt_len
         if not steps or new <= 0:
             return []
-        features = torch.stack(steps[:new], 1)  # (rows, T, L, H): the forward producing each token
+        features = torch.stack(steps[:new], 1).cpu()  # (rows, T, L, H): the forward producing each token
         results = []
         for row in features:
             detection = Detection(row)
