@@ -58,7 +58,10 @@ COMPOSABLE_LOOP_OWNERS: frozenset[frozenset[str]] = frozenset()
 # The methods each decoding-loop owner composes with, defined and tested (tests/test_opera.py): they act
 # inside the loop's forwards on every query row (OPERA forwards several candidate tokens per row, so a
 # method that edits only a call's last query row, PAI, would reach one candidate of each beam).
-LOOP_OWNER_COMPANIONS: dict[str, frozenset[str]] = {"opera": frozenset({"vhr", "var"})}
+LOOP_OWNER_COMPANIONS: dict[str, frozenset[str]] = {
+    "opera": frozenset({"vhr", "var"}),
+    "lookback": frozenset(),  # guided decoding (its detection composes with every method)
+}
 
 
 def check_composition(methods: list[Method]) -> None:

@@ -5,7 +5,10 @@
 * detection leaves the generated tokens identical to plain ``generate``;
 * a classifier scores windows of tokens and flags runs; it survives a save/load round trip, and a
   classifier for another layer/head count (or context) is refused; pickles are never read;
-* beam search and guided decoding are refused with their reasons.
+* guided decoding with one candidate is ``generate``'s sampling exactly; with several it keeps, per
+  prompt and chunk, the candidate the classifier rates most faithful (the first when all are the
+  same), and the output is the kept chunks;
+* beam search is refused, and guided decoding without a classifier or with greedy search.
 """
 
 import json
@@ -122,7 +125,68 @@ def test_classifier_trains_saves_loads_and_refuses_other_models(tmp_path):
 def test_refusals():
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=1)
-    with pytest.raises(ValueError, match="not in this release"):
+    with pytest.raises(ValueError, match="needs a classifier"):
         hg.wrap(model, methods=hg.get_config("lookback", mode="guide"))
     with hg.wrap(model, methods="lookback"), pytest.raises(ValueError, match="cannot follow beam search"):
         model.generate(**inputs, max_new_tokens=2, num_beams=2)
+
+
+def _classifier(model, path, weights=None, bias=0.0):
+    text = model.config.get_text_config()
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    w = weights if weights is not None else torch.randn(layers * heads, generator=torch.Generator().manual_seed(1))
+    LookbackClassifier(w, bias, layers, heads).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_guided_with_one_candidate_is_sampling(family, tmp_path):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family, batch=2)
+    gen = dict(max_new_tokens=10, min_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95, top_k=0)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        plain = model.generate(**inputs, **gen)
+        cfg = hg.get_config(
+            "lookback", mode="guide", num_candidates=1, chunk_size=4, classifier=_classifier(model, tmp_path / "c.json")
+        )
+        with hg.wrap(model, methods=cfg) as guard:
+            torch.manual_seed(3)
+            guided = model.generate(**inputs, **gen)
+    assert torch.equal(plain, guided)
+    assert [d.features.shape[0] for d in guard.results["lookback"]] == [10, 10]
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_guided_keeps_the_candidate_the_classifier_prefers(family, tmp_path):
+    from halluguard.methods.lookback import Lookback
+
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family, batch=2)
+    chunks = []
+    cfg = hg.get_config(
+        "lookback", mode="guide", num_candidates=4, chunk_size=3, classifier=_classifier(model, tmp_path / "c.json")
+    )
+    method = Lookback(cfg, on_chunk=chunks.append)
+    with torch.no_grad(), hg.wrap(model, methods=[method]) as guard:
+        torch.manual_seed(0)
+        out = model.generate(**inputs, max_new_tokens=9, min_new_tokens=9)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 9 and len(chunks) == 3
+    kept = []
+    for chunk in chunks:
+        distinct = ~(chunk["tokens"] == chunk["tokens"][:, :1]).all(-1).all(-1)
+        want = torch.where(distinct, chunk["faithful"].argmax(-1), 0)
+        assert torch.equal(chunk["kept"], want)
+        kept.append(chunk["tokens"][torch.arange(2), chunk["kept"]])
+    assert torch.equal(out[:, -9:], torch.cat(kept, -1))
+    assert [d.features.shape[0] for d in guard.results["lookback"]] == [9, 9]
+
+
+def test_guided_refusals(tmp_path):
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    cfg = hg.get_config("lookback", mode="guide", classifier=_classifier(model, tmp_path / "c.json"))
+    with hg.wrap(model, methods=cfg), pytest.raises(ValueError, match="greedy search"):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="cannot compose"):
+        hg.wrap(model, methods=[cfg, hg.get_config("vhr")])

@@ -203,7 +203,7 @@ class LookbackConfig(MethodConfig):
     mode: str = param(
         "detect",
         "'detect' (per-token lookback ratios and, with a classifier, hallucination scores; tokens unchanged) "
-        "or 'guide' (classifier-guided chunk decoding, not in this release)",
+        "or 'guide' (classifier-guided chunk decoding; needs a classifier)",
         choices=("detect", "guide"),
     )
     classifier: str | None = param(None, "path of a trained lookback classifier (JSON)", optional=True, kind=str)

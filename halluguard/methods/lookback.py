@@ -24,8 +24,13 @@ official sliding-window setting, 8) and the spans of consecutive flagged tokens 
 The statistics come from the attention hook (the mass of each head on the context and generated
 keys at each step, two floats per head per layer); no attention map is kept and
 ``output_attentions`` is never used. Beam search is refused: its rows reorder, and a token's
-features would follow the row, not the token. Classifier-guided decoding (``mode="guide"``) is not
-in this release and is refused with that reason.
+features would follow the row, not the token.
+
+Classifier-guided decoding (``mode="guide"``, the official mitigation; it needs a classifier): per
+chunk of ``chunk_size`` tokens (8), ``num_candidates`` (8) continuations are sampled from the shared
+prefix as rows of one batch (temperature 0.9, top-p 0.95, no top-k: the official sampling, unless the
+call sets its own), each is scored by ``p_faithful`` of its tokens' mean ratios, and the best one is
+kept with its cache (``halluguard.decoding.guided``). Batches work: every prompt keeps its own best.
 """
 
 from __future__ import annotations
@@ -174,26 +179,56 @@ class LookbackCall:
 
     layers: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    path: torch.Tensor | None = None  # guided decoding: the kept tokens' ratios (rows, T, L, H)
 
 
 class Lookback(Method):
-    """Lookback Lens detection (see the module docstring)."""
+    """Lookback Lens detection and guided decoding (see the module docstring). ``on_chunk`` is
+    called after every chunk of guided decoding with its candidates, their scores and the kept one."""
 
     config_cls = LookbackConfig
     supports_beam_search = False
 
+    def __init__(self, config: LookbackConfig | None = None, on_chunk: Any = None):
+        super().__init__(config)
+        self.on_chunk = on_chunk
+
+    @property
+    def owns_loop(self) -> bool:
+        return self.config.mode == "guide"
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        cfg = self.config
+        if cfg.mode != "guide":
+            return {}
+        return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
+
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config
-        if cfg.mode == "guide":
+        if cfg.mode == "guide" and cfg.classifier is None:
             raise ValueError(
-                "Lookback Lens' classifier-guided decoding (mode='guide') is not in this release; "
-                "mode='detect' reports per-token lookback ratios and, with a classifier, hallucination scores"
+                "Lookback Lens' guided decoding (mode='guide') needs a classifier: "
+                "LookbackConfig(classifier='lb.json'), from `halluguard calibrate lookback`"
             )
         self.num_layers, self.num_heads = adapter.num_layers, adapter.num_heads
         self.classifier = None
         if cfg.classifier is not None:
             self.classifier = LookbackClassifier.load(cfg.classifier)
             self.classifier.check(self.num_layers, self.num_heads, cfg.context)
+
+    def chunk_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """``p_faithful`` of candidate chunks from their tokens' ratios ``(rows, tokens, L, H)``."""
+        return self.classifier.faithful_probability(features.float().mean(1))
+
+    def generate_loop(self, state: GuardState) -> Any:
+        if self.config.mode != "guide":
+            return None
+        import functools
+
+        from ..decoding.guided import guided_search
+
+        return functools.partial(guided_search, method=self, state=state)
 
     def new_call_state(self) -> LookbackCall:
         return LookbackCall()
@@ -223,11 +258,14 @@ class Lookback(Method):
 
     def call_result(self, state: GuardState, sequences: torch.Tensor) -> list[Detection]:
         """Per generated sequence: its tokens' features and, with a classifier, its scores."""
-        steps = state.data_of(self).steps
+        data = state.data_of(self)
         new = sequences.shape[1] - state.prompt_len
-        if not steps or new <= 0:
+        if data.path is not None:  # guided decoding: the kept candidates' ratios
+            features = data.path[:, :new].cpu()
+        elif data.steps and new > 0:
+            features = torch.stack(data.steps[:new], 1).cpu()  # (rows, T, L, H): the forward producing each token
+        else:
             return []
-        features = torch.stack(steps[:new], 1).cpu()  # (rows, T, L, H): the forward producing each token
         results = []
         for row in features:
             detection = Detection(row)

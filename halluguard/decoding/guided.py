@@ -1,0 +1,135 @@
+"""Lookback Lens' classifier-guided decoding: a decoding loop (``custom_generate``).
+
+Per chunk, for a batch of ``S`` prompts and ``N`` candidates::
+
+    the S rows' cache, logits and last lookback ratios, each repeated N times (S * N rows)
+    chunk_size sampling steps, one forward of S * N rows each (generate's processors and warpers)
+    per candidate: the mean lookback ratios of its chunk's tokens -> the classifier's p_faithful
+    per prompt: the candidate with the highest p_faithful (the first on ties) is kept, with its
+    cache rows, logits and ratios; the others are dropped
+
+A candidate's first token is sampled from the logits its prompt's rows share, so its ratios are
+those rows' (the query that produced it), as every token's are in detection. A row that meets a
+stopping criterion (EOS, ``max_new_tokens``) is padded from there, as in ``generate``'s sampling;
+the search ends when every kept row has stopped. With one candidate it is ``generate``'s sampling
+exactly (same random draws, same tokens).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .opera import cache_device, cache_length
+
+if TYPE_CHECKING:
+    from ..methods.lookback import Lookback
+    from ..state import GuardState
+
+
+def guided_search(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    *,
+    method: Lookback,
+    state: GuardState,
+    **model_kwargs: Any,
+) -> Any:
+    """Classifier-guided chunk decoding (see the module docstring)."""
+    cfg, lookback = generation_config, method.config
+    refuse = [
+        (not cfg.do_sample, "greedy search: guided decoding samples its candidates (do_sample=True)"),
+        (cfg.num_beams > 1, "beam search"),
+        (streamer is not None, "a streamer: a chunk's tokens are settled only when its candidates are scored"),
+        (synced_gpus, "synced_gpus"),
+        (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
+    ]
+    for refused, why in refuse:
+        if refused:
+            raise ValueError(f"Lookback Lens' guided decoding does not support {why}")
+    cache = model_kwargs.get("past_key_values")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(f"guided decoding repeats and selects cache rows; got {type(cache).__name__}")
+    if cache is not None and cache_length(cache):
+        raise ValueError("guided decoding starts from the prompt: a filled cache cannot be continued")
+    rows, N = input_ids.shape[0], lookback.num_candidates
+    pad = cfg._pad_token_tensor
+    data = state.data_of(method)
+    out = model._prefill(input_ids, cfg, model_kwargs)
+    model_kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
+    cache = out.past_key_values
+    logits = out.logits[:, -1].float()
+    ratios = data.steps[-1]  # (rows, L, H): the query producing each row's next token
+    sequences, done = input_ids, torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+    chosen: list[torch.Tensor] = []  # the kept tokens' ratios, chunk by chunk: (rows, k, L, H)
+    scores: list[torch.Tensor] = []
+    while not bool(done.all()):
+        expand = torch.arange(rows, device=input_ids.device).repeat_interleave(N)
+        DynamicCache.batch_select_indices(cache, expand.to(cache_device(cache)))
+        state.select_rows(expand)
+        kwargs = _rows(model_kwargs, expand)
+        seq, stopped, logits_n = sequences[expand], done[expand], logits[expand]
+        chunk = [ratios[expand]]
+        chunk_scores = []
+        for k in range(lookback.chunk_size):
+            processed = logits_processor(seq, logits_n)
+            chunk_scores.append(processed)
+            tokens = torch.multinomial(nn.functional.softmax(processed, dim=-1), num_samples=1).squeeze(1)
+            if pad is not None:
+                tokens = torch.where(stopped, pad, tokens)
+            seq = torch.cat([seq, tokens[:, None]], -1)
+            stopped = stopped | stopping_criteria(seq, None)
+            inputs = model.prepare_inputs_for_generation(
+                seq, next_sequence_length=1, **{k2: v for k2, v in kwargs.items() if k2 != "past_key_values"},
+                past_key_values=cache,
+            )  # fmt: skip
+            step = model(**inputs, return_dict=True)
+            kwargs = model._update_model_kwargs_for_generation(step, kwargs)
+            cache, logits_n = step.past_key_values, step.logits[:, -1].float()
+            if k + 1 < lookback.chunk_size and not bool(stopped.all()):
+                chunk.append(data.steps[-1])
+            else:
+                break
+        next_ratios = data.steps[-1]
+        features = torch.stack(chunk, 1)  # (rows * N, k, L, H): the chunk's tokens
+        faithful = method.chunk_scores(features).view(rows, N)
+        same = (seq.view(rows, N, -1) == seq.view(rows, N, -1)[:, :1]).all(-1).all(-1)
+        best = torch.where(same, 0, faithful.argmax(-1))
+        keep = torch.arange(rows, device=best.device) * N + best
+        if method.on_chunk is not None:
+            method.on_chunk(
+                {"tokens": seq[:, sequences.shape[1] :].view(rows, N, -1), "faithful": faithful, "kept": best}
+            )
+        DynamicCache.batch_select_indices(cache, keep.to(cache_device(cache)))
+        sequences, done = seq[keep], stopped[keep]
+        logits, ratios = logits_n[keep], next_ratios[keep]
+        model_kwargs = _rows(kwargs, keep)
+        chosen.append(features[keep])
+        scores += [s[keep] for s in chunk_scores[: features.shape[1]]]
+        state.select_rows(torch.arange(rows, device=input_ids.device))
+    data.path = torch.cat(chosen, 1) if chosen else None
+    state.select_rows(None)
+    if cfg.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences, scores=tuple(scores) if cfg.output_scores else None, past_key_values=cache
+        )
+    return sequences
+
+
+def _rows(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """``kwargs`` with every per-row tensor (per-token inputs) taken at rows ``index``."""
+    from .opera import PER_TOKEN_INPUTS, _row_dim
+
+    return {
+        k: v.index_select(_row_dim(k, v), index.to(v.device)) if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v
+        for k, v in kwargs.items()
+    }
