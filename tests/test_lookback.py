@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import CORE_FAMILIES, build_model, image_token_id, make_inputs
+from tiny_models import CORE_FAMILIES, FAMILIES, build_model, family_params, image_token_id, make_inputs
 
 import halluguard as hg
 from halluguard.methods.lookback import (
@@ -139,7 +139,7 @@ def _classifier(model, path, weights=None, bias=0.0):
     return str(path)
 
 
-@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_guided_with_one_candidate_is_sampling(family, tmp_path):
     model = build_model(family)
     inputs, _ = make_inputs(model, family, batch=2)
@@ -157,7 +157,7 @@ def test_guided_with_one_candidate_is_sampling(family, tmp_path):
     assert [d.features.shape[0] for d in guard.results["lookback"]] == [10, 10]
 
 
-@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_guided_keeps_the_candidate_the_classifier_prefers(family, tmp_path):
     from halluguard.methods.lookback import Lookback
 
