@@ -182,6 +182,34 @@ def test_guided_keeps_the_candidate_the_classifier_prefers(family, tmp_path):
     assert [d.features.shape[0] for d in guard.results["lookback"]] == [9, 9]
 
 
+def test_a_classifier_that_prefers_a_known_continuation_makes_guided_decoding_pick_it(tmp_path):
+    from halluguard.methods.lookback import Lookback
+
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    text = model.config.get_text_config()
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+
+    def run(weights):
+        chunks = []
+        path = tmp_path / "c.json"
+        LookbackClassifier(weights, 0.0, layers, heads).save(path)
+        cfg = hg.get_config("lookback", mode="guide", num_candidates=2, chunk_size=4, classifier=str(path))
+        with torch.no_grad(), hg.wrap(model, methods=[Lookback(cfg, on_chunk=chunks.append)]):
+            torch.manual_seed(5)
+            out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4)
+        return out, chunks[0]
+
+    _, first = run(torch.zeros(layers * heads))  # all scores equal: candidate 0 is kept
+    assert int(first["kept"][0]) == 0
+    candidates, features = first["tokens"][0], first["features"][0]
+    assert not torch.equal(candidates[0], candidates[1])
+    # the same draws again, with a classifier that prefers the candidate not kept: w . (x1 - x0) > 0
+    out, second = run(features[1] - features[0])
+    assert torch.equal(second["tokens"][0], candidates) and int(second["kept"][0]) == 1
+    assert torch.equal(out[0, -4:], candidates[1])
+
+
 def test_guided_refusals(tmp_path):
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=1)

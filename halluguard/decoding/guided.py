@@ -107,7 +107,12 @@ def guided_search(
         keep = torch.arange(rows, device=best.device) * N + best
         if method.on_chunk is not None:
             method.on_chunk(
-                {"tokens": seq[:, sequences.shape[1] :].view(rows, N, -1), "faithful": faithful, "kept": best}
+                {
+                    "tokens": seq[:, sequences.shape[1] :].view(rows, N, -1),
+                    "features": features.float().mean(1).view(rows, N, -1),  # what the classifier scored
+                    "faithful": faithful,
+                    "kept": best,
+                }
             )
         DynamicCache.batch_select_indices(cache, keep.to(cache_device(cache)))
         sequences, done = seq[keep], stopped[keep]
