@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .edits import AttentionEdit
-from .reference import causal_mask, reduce_last_row, reference_attention
+from .reference import attention_probabilities, causal_mask, reduce_last_row, reference_attention
 
 HOOK_NAME = "halluguard"
 GUARD_ATTRIBUTE = "_halluguard_guard"
@@ -196,9 +196,7 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
             # statistics only: the model's own output stays; the last rows' probabilities are recomputed
             rows = min(max(r.headmax_rows for r in wanted), q_len)
             mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
-            _, probs = reference_attention(
-                query[:, :, -rows:], key, value, mask=mask, first_row=q_len - rows, **reference
-            )
+            probs = attention_probabilities(query[:, :, -rows:], key, mask=mask, first_row=q_len - rows, **reference)
     stats: list[dict[str, torch.Tensor] | None] = []
     for edit in edits:
         reported = None

@@ -114,6 +114,41 @@ def reduce_last_row(
     return stats
 
 
+def attention_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = True,
+    softcap: float | None = None,
+    edits: Sequence[AttentionEdit] = (),
+    first_row: int | None = None,
+) -> torch.Tensor:
+    """Steps 1-3 of the module docstring: the probabilities ``(B, H, R, T)`` in float32, before any
+    redistribution (what statistics of unedited attention need; the values are never read)."""
+    bsz, num_heads, num_rows, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
+    groups = num_heads // kv_heads
+    q = query.float().reshape(bsz, kv_heads, groups, num_rows, head_dim)
+    scores = torch.einsum("bkgrd,bktd->bkgrt", q, key.float()).reshape(bsz, num_heads, num_rows, kv_len) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    row_ids = torch.arange(num_rows, device=query.device)[None, None, :, None]
+    for edit in edits:
+        on_rows = row_ids == num_rows - 1 if edit.last_row_only else torch.ones_like(row_ids, dtype=torch.bool)
+        if edit.key_boost is not None:
+            scores = scores + torch.where(on_rows, _per_key(edit.key_boost, num_heads).float() * scores.abs(), 0.0)
+        if edit.key_bias is not None:
+            scores = scores + torch.where(on_rows, _per_key(edit.key_bias, num_heads).float(), 0.0)
+    allowed = allowed_keys(mask, is_causal, num_rows, kv_len, scores.device, first_row)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
 def reference_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -134,26 +169,11 @@ def reference_attention(
     """
     bsz, num_heads, num_rows, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    if num_heads % kv_heads:
-        raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
     groups = num_heads // kv_heads
-    q = query.float().reshape(bsz, kv_heads, groups, num_rows, head_dim)
-    k, v = key.float(), value.float()
-
-    scores = torch.einsum("bkgrd,bktd->bkgrt", q, k).reshape(bsz, num_heads, num_rows, kv_len) * scaling
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    row_ids = torch.arange(num_rows, device=query.device)[None, None, :, None]
-    for edit in edits:
-        on_rows = row_ids == num_rows - 1 if edit.last_row_only else torch.ones_like(row_ids, dtype=torch.bool)
-        if edit.key_boost is not None:
-            scores = scores + torch.where(on_rows, _per_key(edit.key_boost, num_heads).float() * scores.abs(), 0.0)
-        if edit.key_bias is not None:
-            scores = scores + torch.where(on_rows, _per_key(edit.key_bias, num_heads).float(), 0.0)
-    allowed = allowed_keys(mask, is_causal, num_rows, kv_len, scores.device, first_row)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    probs = attention_probabilities(
+        query, key, scaling=scaling, mask=mask, is_causal=is_causal, softcap=softcap, edits=edits, first_row=first_row
+    )
+    v = value.float()
 
     for edit in edits:
         if edit.redistribution is not None:
