@@ -208,6 +208,12 @@ def main(
 ) -> int:
     from ..eval.runner import build_prompt, load_model
 
+    try:
+        import sklearn  # noqa: F401  (checked before captioning, not after)
+    except ImportError:
+        raise ValueError(
+            "training a lookback classifier needs scikit-learn: pip install 'halluguard[calibrate]'"
+        ) from None
     target = Path(out)
     if target.is_dir() or not target.parent.is_dir():
         raise ValueError(f"--out {out}: give a file in an existing folder")
