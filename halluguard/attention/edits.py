@@ -68,7 +68,8 @@ class Redistribution:
 class Reductions:
     """Statistics of the last query row that a method asks an attention call to report."""
 
-    group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> (B, T) bool
+    # name -> (B, T) bool key set (its mass), or float key weights (the weighted sum: 1 / size gives the mean)
+    group_masses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     headmax_from_key: int | None = None  # report max_h a over cache keys [headmax_from_key, T) and its full sum
     # the head-max rows of the last ``headmax_rows`` query rows instead of the last one: (B, rows, T - from)
     # and sums (B, rows) (several candidate tokens forwarded side by side as query rows, OPERA)

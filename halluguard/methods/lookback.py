@@ -180,6 +180,8 @@ class LookbackCall:
     layers: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
     path: torch.Tensor | None = None  # guided decoding: the kept tokens' ratios (rows, T, L, H)
+    groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # this forward's weighted groups
+    groups_key: tuple | None = None
 
 
 class Lookback(Method):
@@ -236,18 +238,21 @@ class Lookback(Method):
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         if state.role.kind != "main":
             return None
-        masks = state.group_masks(call)
-        groups = {"context": masks[self.config.context if self.config.context != "prompt" else "context"]}
-        groups["generated"] = masks["generated"]
-        return AttentionEdit(reductions=Reductions(group_masses=groups))
+        data = state.data_of(self)
+        key = (call.kv_len, call.key_offset, state.seen_tokens, call.batch)
+        if data.groups_key != key:  # once per forward: each group weighted by 1 / its size, so masses are means
+            masks = state.group_masks(call)
+            context = masks["context" if self.config.context == "prompt" else self.config.context].float()
+            generated = masks["generated"].float()
+            data.groups = {
+                "context": context / context.sum(-1, keepdim=True).clamp_min(1),
+                "generated": generated / generated.sum(-1, keepdim=True).clamp_min(1),
+            }
+            data.groups_key = key
+        return AttentionEdit(reductions=Reductions(group_masses=data.groups))
 
     def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
-        masks = state.group_masks(call)
-        context = masks[self.config.context if self.config.context != "prompt" else "context"]
-        n_ctx = context.sum(-1, keepdim=True).clamp_min(1).float()
-        n_new = masks["generated"].sum(-1, keepdim=True).float()
-        a_ctx = stats["mass/context"].float() / n_ctx
-        a_new = torch.where(n_new > 0, stats["mass/generated"].float() / n_new.clamp_min(1), 0.0)
+        a_ctx, a_new = stats["mass/context"].float(), stats["mass/generated"].float()  # means (weighted groups)
         total = a_ctx + a_new
         ratio = torch.where(total > 0, a_ctx / total.clamp_min(torch.finfo(torch.float32).tiny), 0.5)
         data = state.data_of(self)
