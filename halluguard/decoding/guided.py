@@ -4,7 +4,7 @@ Per chunk, for a batch of ``S`` prompts and ``N`` candidates::
 
     the S rows' cache, logits and last lookback ratios, each repeated N times (S * N rows)
     chunk_size sampling steps, one forward of S * N rows each (generate's processors and warpers)
-    per candidate: the mean lookback ratios of its chunk's tokens -> the classifier's p_faithful
+    per candidate: the mean lookback ratios of its chunk's tokens (up to a stop) -> p_faithful
     per prompt: the candidate with the highest p_faithful (the first on ties) is kept, with its
     cache rows, logits and ratios; the others are dropped
 
@@ -79,8 +79,10 @@ def guided_search(
         kwargs = _rows(model_kwargs, expand)
         seq, stopped, logits_n = sequences[expand], done[expand], logits[expand]
         chunk = [ratios[expand]]
+        real = []  # per token of the chunk: the rows where it is a real token, not padding after a stop
         chunk_scores = []
         for k in range(lookback.chunk_size):
+            real.append(~stopped)
             processed = logits_processor(seq, logits_n)
             chunk_scores.append(processed)
             tokens = torch.multinomial(nn.functional.softmax(processed, dim=-1), num_samples=1).squeeze(1)
@@ -101,7 +103,9 @@ def guided_search(
                 break
         next_ratios = data.steps[-1]
         features = torch.stack(chunk, 1)  # (rows * N, k, L, H): the chunk's tokens
-        faithful = method.chunk_scores(features).view(rows, N)
+        weights = torch.stack(real[: features.shape[1]], 1).to(features.device, torch.float32)  # (rows * N, k)
+        means = (features.float() * weights[..., None, None]).sum(1) / weights.sum(1).clamp_min(1)[:, None, None]
+        faithful = method.chunk_scores(means).view(rows, N)
         same = (seq.view(rows, N, -1) == seq.view(rows, N, -1)[:, :1]).all(-1).all(-1)
         best = torch.where(same, 0, faithful.argmax(-1))
         keep = torch.arange(rows, device=best.device) * N + best
@@ -109,7 +113,7 @@ def guided_search(
             method.on_chunk(
                 {
                     "tokens": seq[:, sequences.shape[1] :].view(rows, N, -1),
-                    "features": features.float().mean(1).view(rows, N, -1),  # what the classifier scored
+                    "features": means.view(rows, N, -1),  # what the classifier scored
                     "faithful": faithful,
                     "kept": best,
                 }

@@ -219,9 +219,9 @@ class Lookback(Method):
             self.classifier = LookbackClassifier.load(cfg.classifier)
             self.classifier.check(self.num_layers, self.num_heads, cfg.context)
 
-    def chunk_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """``p_faithful`` of candidate chunks from their tokens' ratios ``(rows, tokens, L, H)``."""
-        return self.classifier.faithful_probability(features.float().mean(1))
+    def chunk_scores(self, means: torch.Tensor) -> torch.Tensor:
+        """``p_faithful`` of candidate chunks from the mean ratios of their tokens ``(rows, L, H)``."""
+        return self.classifier.faithful_probability(means)
 
     def generate_loop(self, state: GuardState) -> Any:
         if self.config.mode != "guide":
