@@ -209,11 +209,13 @@ class Guard:
             return False
         return kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False
 
-    def _check_beam_support(self, kwargs: dict) -> None:
+    def _num_beams(self, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.model.generation_config
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        return kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+
+    def _check_beam_support(self, kwargs: dict) -> None:
         refusing = [m.name for m in self.methods if not m.supports_beam_search]
-        if beams > 1 and refusing:
+        if self._num_beams(kwargs) > 1 and refusing:
             raise ValueError(
                 f"{', '.join(refusing)} cannot follow beam search (its per-row readings would follow the "
                 "reordered rows, not the tokens): use greedy search or sampling"
@@ -223,10 +225,8 @@ class Guard:
         """Refuse beam search where a contrast branch would run apart (a static or caller-supplied
         cache): it is fed the main rows' tokens forward by forward and cannot follow the beams'
         reordering, which the default cache's row blocks do."""
-        config = kwargs.get("generation_config") or self.model.generation_config
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
         contrastive = [m.name for m in self.methods if m.edits_next_logits]
-        if beams > 1 and contrastive:
+        if self._num_beams(kwargs) > 1 and contrastive:
             raise ValueError(
                 f"{', '.join(contrastive)} with beam search needs generate's default cache (the contrast "
                 "branch rides along as cache rows that follow the beams); with a static or caller-supplied "

@@ -226,3 +226,18 @@ def test_every_registered_loop_owner_names_its_companions():
         method = registry.entry(name).method_cls(hg.get_config(name))
         if method.owns_loop:
             assert name in registry.LOOP_OWNER_COMPANIONS, f"{name} owns the loop: list what it composes with"
+
+
+@pytest.mark.parametrize("record", ["output_scores", "output_logits"])
+def test_per_step_outputs_follow_rollbacks(record):
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    events = []
+    method = opera(events)
+    with torch.no_grad(), hg.wrap(model, methods=[FocusOn(10, method), method]):
+        out = model.generate(
+            **inputs, max_new_tokens=40, min_new_tokens=40, num_beams=3, return_dict_in_generate=True, **{record: True}
+        )
+    assert any("rollback" in e for e in events)
+    steps = out.scores if record == "output_scores" else out.logits
+    assert len(steps) == out.sequences.shape[1] - inputs["input_ids"].shape[1] == 40

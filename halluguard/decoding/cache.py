@@ -14,6 +14,21 @@ import torch
 from transformers import DynamicCache
 
 
+def cache_rows(cache: DynamicCache) -> int:
+    """The batch rows a cache holds (0 while empty)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            return layer.keys.shape[0]
+    return 0
+
+
+def cache_device(cache: DynamicCache) -> torch.device:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            return layer.keys.device
+    return torch.device("cpu")
+
+
 class RowGroupsCache(DynamicCache):
     """A ``DynamicCache`` of ``blocks`` row blocks; batch operations address the main (first) block."""
 
@@ -22,10 +37,7 @@ class RowGroupsCache(DynamicCache):
         self.blocks = 1
 
     def _rows(self) -> int:
-        for layer in self.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                return layer.keys.shape[0]
-        return 0
+        return cache_rows(self)
 
     def _every_block(self, index: torch.Tensor) -> torch.Tensor:
         main = self._rows() // self.blocks
@@ -43,10 +55,7 @@ class RowGroupsCache(DynamicCache):
         super().batch_select_indices(self._every_block(index.to(self._device())))
 
     def _device(self) -> torch.device:
-        for layer in self.layers:
-            if getattr(layer, "keys", None) is not None:
-                return layer.keys.device
-        return torch.device("cpu")
+        return cache_device(self)
 
     # ---- stream rows -------------------------------------------------------------------------------
     def keep_first_rows(self, rows: int) -> None:

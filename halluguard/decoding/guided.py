@@ -24,7 +24,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .opera import cache_device, cache_length
+from .cache import cache_device
+from .loops import check_loop_call, select_input_rows
 
 if TYPE_CHECKING:
     from ..methods.lookback import Lookback
@@ -46,21 +47,18 @@ def guided_search(
 ) -> Any:
     """Classifier-guided chunk decoding (see the module docstring)."""
     cfg, lookback = generation_config, method.config
-    refuse = [
-        (not cfg.do_sample, "greedy search: guided decoding samples its candidates (do_sample=True)"),
-        (cfg.num_beams > 1, "beam search"),
-        (streamer is not None, "a streamer: a chunk's tokens are settled only when its candidates are scored"),
-        (synced_gpus, "synced_gpus"),
-        (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
-    ]
-    for refused, why in refuse:
-        if refused:
-            raise ValueError(f"Lookback Lens' guided decoding does not support {why}")
-    cache = model_kwargs.get("past_key_values")
-    if cache is not None and not isinstance(cache, DynamicCache):
-        raise ValueError(f"guided decoding repeats and selects cache rows; got {type(cache).__name__}")
-    if cache is not None and cache_length(cache):
-        raise ValueError("guided decoding starts from the prompt: a filled cache cannot be continued")
+    check_loop_call(
+        "Lookback Lens' guided decoding",
+        [
+            (not cfg.do_sample, "greedy search: guided decoding samples its candidates (do_sample=True)"),
+            (cfg.num_beams > 1, "beam search"),
+            (streamer is not None, "a streamer: a chunk's tokens are settled only when its candidates are scored"),
+            (synced_gpus, "synced_gpus"),
+            (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
+        ],
+        model_kwargs.get("past_key_values"),
+        "repeats and selects rows of",
+    )
     rows, N = input_ids.shape[0], lookback.num_candidates
     pad = cfg._pad_token_tensor
     data = state.data_of(method)
@@ -76,7 +74,7 @@ def guided_search(
         expand = torch.arange(rows, device=input_ids.device).repeat_interleave(N)
         DynamicCache.batch_select_indices(cache, expand.to(cache_device(cache)))
         state.select_rows(expand)
-        kwargs = _rows(model_kwargs, expand)
+        kwargs = select_input_rows(model_kwargs, expand)
         seq, stopped, logits_n = sequences[expand], done[expand], logits[expand]
         chunk = [ratios[expand]]
         real = []  # per token of the chunk: the rows where it is a real token, not padding after a stop
@@ -121,7 +119,7 @@ def guided_search(
         DynamicCache.batch_select_indices(cache, keep.to(cache_device(cache)))
         sequences, done = seq[keep], stopped[keep]
         logits, ratios = logits_n[keep], next_ratios[keep]
-        model_kwargs = _rows(kwargs, keep)
+        model_kwargs = select_input_rows(kwargs, keep)
         chosen.append(features[keep])
         scores += [s[keep] for s in chunk_scores[: features.shape[1]]]
         state.select_rows(torch.arange(rows, device=input_ids.device))
@@ -132,13 +130,3 @@ def guided_search(
             sequences=sequences, scores=tuple(scores) if cfg.output_scores else None, past_key_values=cache
         )
     return sequences
-
-
-def _rows(kwargs: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    """``kwargs`` with every per-row tensor (per-token inputs) taken at rows ``index``."""
-    from .opera import PER_TOKEN_INPUTS, _row_dim
-
-    return {
-        k: v.index_select(_row_dim(k, v), index.to(v.device)) if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v
-        for k, v in kwargs.items()
-    }

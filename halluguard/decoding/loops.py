@@ -19,6 +19,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from transformers import DynamicCache
+
+# generate's inputs that hold one entry per token (the last dimension); all others are the prompt's
+PER_TOKEN_INPUTS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 
 
 class DecodingLoop(Protocol):
@@ -35,3 +39,35 @@ class DecodingLoop(Protocol):
         streamer: Any = None,
         **model_kwargs: Any,
     ) -> Any: ...
+
+
+def row_dim(key: str, value: torch.Tensor) -> int:
+    """The batch-row dimension of a per-token input (M-RoPE positions are ``(K, rows, T)``)."""
+    return 1 if key == "position_ids" and value.dim() == 3 else 0
+
+
+def select_input_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """``inputs`` with every per-token tensor taken at batch rows ``rows`` (the rest as it is)."""
+    return {
+        k: v.index_select(row_dim(k, v), rows.to(v.device)) if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v
+        for k, v in inputs.items()
+    }
+
+
+def trim_inputs(inputs: dict[str, Any], length: int) -> dict[str, Any]:
+    """``inputs`` with every per-token tensor cut to the first ``length`` tokens."""
+    return {k: v[..., :length] if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def check_loop_call(who: str, refused: list[tuple[bool, str]], cache: Any, cache_use: str) -> None:
+    """Refuse a call a loop cannot run: the first ``(condition, what)`` that holds, or a cache other
+    than an empty dynamic one (``cache_use``: what the loop does with it)."""
+    for condition, what in refused:
+        if condition:
+            raise ValueError(f"{who} does not support {what}")
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"{who} {cache_use} a dynamic cache; got {type(cache).__name__} (drop cache_implementation/past_key_values)"
+        )
+    if cache is not None and cache.get_seq_length():
+        raise ValueError(f"{who} starts from the prompt: a filled cache cannot be continued")

@@ -35,40 +35,21 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
-from .session import cache_length
+from ..methods.opera import rollback_location
+from .cache import cache_device, cache_rows
+from .loops import PER_TOKEN_INPUTS, check_loop_call, select_input_rows, trim_inputs
 
 if TYPE_CHECKING:
     from ..methods.opera import OPERA
     from ..state import GuardState
 
-# generate's inputs that hold one entry per token (the last dimension); all others are the prompt's
-PER_TOKEN_INPUTS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
-
-
-def _row_dim(key: str, value: torch.Tensor) -> int:
-    return 1 if key == "position_ids" and value.dim() == 3 else 0  # multimodal rotary positions: (k, B, T)
-
 
 def decode_inputs(model_kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     """The inputs decode steps need, for rows ``rows``: the per-token tensors and the settings (the
     prompt's image inputs are already in the cache)."""
-    out = {}
-    for key, value in model_kwargs.items():
-        if key == "past_key_values":
-            continue
-        if isinstance(value, torch.Tensor):
-            if key in PER_TOKEN_INPUTS:
-                out[key] = value.index_select(_row_dim(key, value), rows.to(value.device))
-        else:
-            out[key] = value
-    return out
-
-
-def trim_inputs(inputs: dict[str, Any], length: int) -> dict[str, Any]:
-    """``inputs`` with every per-token tensor cut to the first ``length`` tokens."""
-    return {
-        k: v[..., :length] if k in PER_TOKEN_INPUTS and isinstance(v, torch.Tensor) else v for k, v in inputs.items()
-    }
+    kept = {k: v for k, v in model_kwargs.items() if k in PER_TOKEN_INPUTS or not torch.is_tensor(v)}
+    kept.pop("past_key_values", None)
+    return select_input_rows(kept, rows)
 
 
 @dataclasses.dataclass
@@ -83,7 +64,6 @@ class BeamTensors:
     beam_indices: torch.Tensor
     is_sent_finished: torch.Tensor
     early_stop_unsatisfied: torch.Tensor
-    hits: torch.Tensor  # (1, 2B): the last step's candidates that met a stopping criterion
 
 
 @dataclasses.dataclass
@@ -92,7 +72,6 @@ class Snapshot:
 
     beams: BeamTensors
     columns: torch.Tensor  # (B, step): the beams' column log-products
-    num_scores: int
 
 
 class SampleSearch:
@@ -143,7 +122,6 @@ class SampleSearch:
             beam_indices=indices.clone(),
             is_sent_finished=torch.zeros((1, B), dtype=torch.bool, device=device),
             early_stop_unsatisfied=torch.ones((1, 1), dtype=torch.bool, device=device),
-            hits=torch.zeros((1, self.beams_to_keep), dtype=torch.bool, device=device),
         )
         self.beam_rows = torch.arange(B, device=device)  # the cache row of each beam
         self.columns = torch.zeros((B, 0), device=logits.device)  # per beam: log prod of each column
@@ -266,7 +244,7 @@ class SampleSearch:
         if self.method.neutral:
             return self._select(self.logits, None)
         if self.config.retrospection:
-            self.snapshots.append((step, Snapshot(self.beams, self.columns, len(self.scores))))
+            self.snapshots.append((step, Snapshot(self.beams, self.columns)))
         logits = self.logits
         candidates = logits.topk(self.candidates, dim=-1).indices  # (B, N): the raw logits' top N
         out = self._look_ahead(candidates)
@@ -375,7 +353,7 @@ class SampleSearch:
             length_penalty=self.cfg.length_penalty,
         )
         self.beams = BeamTensors(running, running_scores, running_indices, sequences, beam_scores, beam_indices,
-                                 finished, unsatisfied, hits)  # fmt: skip
+                                 finished, unsatisfied)  # fmt: skip
         if lookahead is None:
             self.pending = parents
         else:  # the winners' look-ahead slots and logits: parent beam p, candidate n
@@ -390,7 +368,7 @@ class SampleSearch:
     # ---- retrospection -------------------------------------------------------------------------------
     def _retrospect(self, locs: torch.Tensor, step: int) -> int | None:
         """Record this step's summary locations; the position to roll back to, if any."""
-        per_beam, summary = self._locations(locs)
+        per_beam, summary = rollback_location(locs)
         self.locations.append(per_beam)
         history = torch.stack(self.locations, -1)  # (B, steps)
         if summary < 10 or not bool(((history == summary).sum(-1) > self.config.threshold).all()):
@@ -407,12 +385,6 @@ class SampleSearch:
         self.rollbacks[target] += 1
         return target
 
-    @staticmethod
-    def _locations(locs: torch.Tensor) -> tuple[torch.Tensor, int]:
-        from ..methods.opera import rollback_location
-
-        return rollback_location(locs)
-
     def _roll_back(self, target: int) -> bool:
         """Restore the search at response position ``target`` and decode it again without the
         penalty, never choosing again what was chosen there."""
@@ -425,8 +397,8 @@ class SampleSearch:
         self.chosen = {k: v for k, v in self.chosen.items() if k < target}
         del self.locations[target:]
         self.beams, self.columns = snapshot.beams, snapshot.columns
-        del self.scores[snapshot.num_scores :]
-        del self.raw_logits[snapshot.num_scores :]
+        del self.scores[target:]  # one per step chosen, as the beams at ``target`` had
+        del self.raw_logits[target:]
         current = self._sequences()[:1]  # cache row 0 holds beam 0's tokens (and a candidate after them)
         self.cur_len = self.prompt_len + target
         restored = self._sequences()  # (B, prompt + target): the beams as they stood
@@ -491,20 +463,6 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
                 layer.cumulative_length = length
 
 
-def cache_rows(cache: DynamicCache) -> int:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            return layer.keys.shape[0]
-    return 0
-
-
-def cache_device(cache: DynamicCache) -> torch.device:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            return layer.keys.device
-    return torch.device("cpu")
-
-
 def opera_search(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -520,29 +478,23 @@ def opera_search(
 ) -> Any:
     """OPERA's beam search as ``generate(custom_generate=...)`` (see the module docstring)."""
     cfg = generation_config
-    refuse = [
-        (cfg.do_sample, "sampling (do_sample=True): OPERA is a beam search; pass do_sample=False"),
-        (cfg.num_beams < 2, "num_beams=1: OPERA is a beam search (the official greedy variant is disabled); "
-                            f"pass num_beams>=2 (the official setting is {method.config.num_beams})"),
-        (streamer is not None, "a streamer: beam search settles its tokens only at the end"),
-        (synced_gpus, "synced_gpus"),
-        (cfg.output_attentions or cfg.output_hidden_states,
-         "output_attentions/output_hidden_states: the search reads attention from the hook, not the outputs"),
-        (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
-    ]  # fmt: skip
-    for refused, why in refuse:
-        if refused:
-            raise ValueError(f"OPERA does not support {why}")
+    check_loop_call(
+        "OPERA",
+        [
+            (cfg.do_sample, "sampling (do_sample=True): OPERA is a beam search; pass do_sample=False"),
+            (cfg.num_beams < 2, "num_beams=1: OPERA is a beam search (the official greedy variant is disabled); "
+                                f"pass num_beams>=2 (the official setting is {method.config.num_beams})"),
+            (streamer is not None, "a streamer: beam search settles its tokens only at the end"),
+            (synced_gpus, "synced_gpus"),
+            (cfg.output_attentions or cfg.output_hidden_states,
+             "output_attentions/output_hidden_states: the search reads attention from the hook, not the outputs"),
+            (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
+        ],
+        model_kwargs.get("past_key_values"),
+        "crops and reorders",
+    )  # fmt: skip
     B = cfg.num_beams
     samples = input_ids.shape[0] // B
-    cache = model_kwargs.get("past_key_values")
-    if cache is not None and not isinstance(cache, DynamicCache):
-        raise ValueError(
-            f"OPERA crops and reorders a dynamic cache; got {type(cache).__name__} "
-            "(drop cache_implementation/past_key_values)"
-        )
-    if cache is not None and cache_length(cache):
-        raise ValueError("OPERA starts from the prompt: a filled cache cannot be continued")
     method.collect(state, None)
     out = model._prefill(input_ids, cfg, model_kwargs)
     model_kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .loops import row_dim
+
 
 class SideStream:
     """``next_logits(input_ids)``: the stream's next-token logits ``(rows, vocab)`` for each main row.
@@ -70,7 +72,7 @@ class SideStream:
         expand = rows // batch
         self.group = expand * self.rows_per_prompt
         per_row = {k: v for k, v in self.prompt.items() if k != "input_ids" and _is_per_token(k, v, batch, width)}
-        self.rows = {k: v.repeat_interleave(expand, _row_dim(k, v)) for k, v in per_row.items()}
+        self.rows = {k: v.repeat_interleave(expand, row_dim(k, v)) for k, v in per_row.items()}
         first_only = {k: v for k, v in self.prompt.items() if k != "input_ids" and k not in per_row}
         inputs = self._extend(generated, already=self.prompt["input_ids"].repeat_interleave(expand, 0))
         return {**first_only, **inputs}
@@ -114,16 +116,11 @@ class SideStream:
             raise RuntimeError("a generated row matches none of the side stream's rows")
         index = same.to(torch.int8).argmax(1)
         self.cache.reorder_cache(index)
-        self.rows = {k: v.index_select(_row_dim(k, v), index) for k, v in self.rows.items()}
-
-
-def _row_dim(key: str, value: torch.Tensor) -> int:
-    """The batch-row dimension of a per-token input (M-RoPE positions are ``(K, rows, T)``)."""
-    return 1 if key == "position_ids" and value.dim() == 3 else 0
+        self.rows = {k: v.index_select(row_dim(k, v), index) for k, v in self.rows.items()}
 
 
 def _is_per_token(key: str, value: object, rows: int, width: int) -> bool:
     if not isinstance(value, torch.Tensor):
         return False
-    dim = _row_dim(key, value)
+    dim = row_dim(key, value)
     return value.dim() >= 2 and tuple(value.shape[dim : dim + 2]) == (rows, width)

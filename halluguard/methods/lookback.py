@@ -84,7 +84,8 @@ class LookbackClassifier:
 
     def faithful_probability(self, features: torch.Tensor) -> torch.Tensor:
         """``p_faithful`` for features ``(..., L, H)`` or ``(..., L * H)``."""
-        flat = features.float().reshape(*features.shape[: -2 if features.shape[-1] == self.num_heads else -1], -1)
+        per_head = features.shape[-2:] == (self.num_layers, self.num_heads)
+        flat = features.float().flatten(-2) if per_head else features.float()
         return torch.sigmoid(flat @ self.weights.to(flat.device) + self.bias)
 
     def save(self, path: str | Path) -> None:

@@ -67,6 +67,8 @@ def load_model(folder: str | None):
     from . import path
 
     folder = folder or str(path())
+    # offline measurements of whole attention maps (saturation, fading over every step): eager attention
+    # with output_attentions is the point here; no decoding method runs on this model instance
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
