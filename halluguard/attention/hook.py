@@ -11,8 +11,12 @@ each stream in the forward (``Session.segments``: which rows belong to which str
   and (for probability statistics) the last row's probabilities are recomputed (the output is
   untouched); head outputs are reported before the scales are applied;
 * edits of the probabilities: the rows that need them (all rows, or only the last one) run
-  through the fused operation ``reference.reference_attention``; other rows keep the base
-  attention.
+  through the fused operation; other rows keep the base attention.
+
+The fused operation is the Triton kernel (``halluguard.kernels.decode_attention``) for decode-shaped
+calls on CUDA, and ``reference.reference_attention`` otherwise (``dispatch`` decides; the
+``HALLUGUARD_KERNEL`` variable forces either). A decode call that only asks for statistics runs the
+kernel alone: its output is the attention and its statistics come from the same pass.
 
 The mask interface entry is ``sdpa_mask``: a boolean mask (True = attend), or ``None`` when the
 mask is plainly causal, so padding, sliding windows and prefix-LM masks all arrive here.
@@ -31,6 +35,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import dispatch
 from .edits import AttentionEdit
 from .reference import attention_probabilities, causal_mask, reduce_last_row, reference_attention
 
@@ -160,7 +165,7 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
             scale[:, :, rows] = edit.query_scale.to(device=query.device, dtype=query.dtype)[:, :, None, None]
             query = query * scale
     score_edits = [e for e in edits if e.changes_probabilities]
-    q_len = query.shape[2]
+    q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = call_kwargs["is_causal"]
     # eager models receive a causal mask where sdpa_mask gives None; SDPA uses the module's flag
     causal = True if base == "eager" else (getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -168,20 +173,36 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
     reference = dict(
         scaling=module.scaling if scaling is None else scaling, is_causal=causal, softcap=call_kwargs.get("softcap")
     )
-    weights = None
-    if score_edits:
-        reported_rows = max((e.reductions.headmax_rows for e in edits if e.reductions is not None), default=1)
-        rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
+    reductions = [e.reductions for e in edits]
+    wanted = [r for r in reductions if r is not None and r.needs_probabilities]
+    kernel_ok = not call_kwargs.get("output_attentions") and dispatch.use_kernel(query.device)
+
+    def kernel_for(rows: int, row_edits: list[AttentionEdit]):
+        """The kernel's launch for the last ``rows`` rows, or None (not chosen, or the edits do not fit)."""
+        if not kernel_ok:
+            return None
         mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
-        edited, probs = reference_attention(
-            query[:, :, -rows:],
-            key,
-            value,
-            mask=mask,
-            edits=[_for_rows(e, rows) for e in score_edits],
-            first_row=q_len - rows,
-            **reference,
-        )
+        return dispatch.fold(
+            row_edits, reductions, rows=rows, mask=mask, causal=causal, kv_len=kv_len,
+            first_row=q_len - rows, device=query.device,
+        )  # fmt: skip
+
+    weights, probs, kernel_stats = None, None, None
+    if score_edits:
+        reported_rows = max((r.headmax_rows for r in reductions if r is not None), default=1)
+        rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
+        row_edits = [_for_rows(e, rows) for e in score_edits]
+        launch = kernel_for(rows, row_edits)
+        if launch is not None:
+            edited, stats_out = dispatch.run_kernel(
+                query[:, :, -rows:], key, value, launch, scaling=reference["scaling"], softcap=reference["softcap"]
+            )
+            kernel_stats = dispatch.split_stats(launch, reductions, stats_out)
+        else:
+            mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
+            edited, probs = reference_attention(
+                query[:, :, -rows:], key, value, mask=mask, edits=row_edits, first_row=q_len - rows, **reference
+            )
         if rows == q_len:
             out = edited
             weights = probs.to(query.dtype) if call_kwargs.get("output_attentions") else None
@@ -189,24 +210,33 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
             out, _ = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
             out = torch.cat([out[:, :-rows], edited], dim=1)
     else:
-        out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-        probs = None
-        wanted = [e.reductions for e in edits if e.reductions is not None and e.reductions.needs_probabilities]
-        if wanted:
-            # statistics only: the model's own output stays; the last rows' probabilities are recomputed
-            rows = min(max(r.headmax_rows for r in wanted), q_len)
+        # statistics only (or nothing): the model's own output; the last rows' probabilities recomputed
+        rows = min(max((r.headmax_rows for r in wanted), default=1), q_len)
+        launch = kernel_for(rows, []) if wanted else None
+        out = None
+        if launch is not None:
+            edited, stats_out = dispatch.run_kernel(
+                query[:, :, -rows:], key, value, launch, scaling=reference["scaling"], softcap=reference["softcap"]
+            )
+            kernel_stats = dispatch.split_stats(launch, reductions, stats_out)
+            if rows == q_len:  # a decode-shaped call: the kernel's output is the attention
+                out = edited
+        if out is None:
+            out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+        if wanted and launch is None:
             mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
             probs = attention_probabilities(query[:, :, -rows:], key, mask=mask, first_row=q_len - rows, **reference)
     stats: list[dict[str, torch.Tensor] | None] = []
-    for edit in edits:
+    for index, edit in enumerate(edits):
         reported = None
         if edit.reductions is not None:
             reductions = edit.reductions
-            reported = (
-                reduce_last_row(probs[:, :, -1], reductions, probs[:, :, -reductions.headmax_rows :])
-                if reductions.needs_probabilities
-                else {}
-            )
+            if kernel_stats is not None:
+                reported = kernel_stats[index]
+            elif reductions.needs_probabilities:
+                reported = reduce_last_row(probs[:, :, -1], reductions, probs[:, :, -reductions.headmax_rows :])
+            else:
+                reported = {}
             if reductions.head_outputs:
                 reported["head_outputs"] = out[:, -1].float()
         stats.append(reported)

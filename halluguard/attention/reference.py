@@ -124,25 +124,31 @@ def attention_probabilities(
     softcap: float | None = None,
     edits: Sequence[AttentionEdit] = (),
     first_row: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Steps 1-3 of the module docstring: the probabilities ``(B, H, R, T)`` in float32, before any
-    redistribution (what statistics of unedited attention need; the values are never read)."""
+    """Steps 1-3 of the module docstring: the probabilities ``(B, H, R, T)`` in ``compute_dtype``
+    (float32; float64 makes the tests' oracle), before any redistribution (what statistics of
+    unedited attention need; the values are never read)."""
     bsz, num_heads, num_rows, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
     groups = num_heads // kv_heads
-    q = query.float().reshape(bsz, kv_heads, groups, num_rows, head_dim)
-    scores = torch.einsum("bkgrd,bktd->bkgrt", q, key.float()).reshape(bsz, num_heads, num_rows, kv_len) * scaling
+    q = query.to(compute_dtype).reshape(bsz, kv_heads, groups, num_rows, head_dim)
+    scores = (
+        torch.einsum("bkgrd,bktd->bkgrt", q, key.to(compute_dtype)).reshape(bsz, num_heads, num_rows, kv_len) * scaling
+    )
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     row_ids = torch.arange(num_rows, device=query.device)[None, None, :, None]
     for edit in edits:
         on_rows = row_ids == num_rows - 1 if edit.last_row_only else torch.ones_like(row_ids, dtype=torch.bool)
         if edit.key_boost is not None:
-            scores = scores + torch.where(on_rows, _per_key(edit.key_boost, num_heads).float() * scores.abs(), 0.0)
+            scores = scores + torch.where(
+                on_rows, _per_key(edit.key_boost, num_heads).to(compute_dtype) * scores.abs(), 0.0
+            )
         if edit.key_bias is not None:
-            scores = scores + torch.where(on_rows, _per_key(edit.key_bias, num_heads).float(), 0.0)
+            scores = scores + torch.where(on_rows, _per_key(edit.key_bias, num_heads).to(compute_dtype), 0.0)
     allowed = allowed_keys(mask, is_causal, num_rows, kv_len, scores.device, first_row)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -160,20 +166,30 @@ def reference_attention(
     softcap: float | None = None,
     edits: Sequence[AttentionEdit] = (),
     first_row: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Edited attention for the query rows given; see the module docstring for the math.
 
     ``mask`` is the model's mask for these rows: boolean ``(B, 1|H, R, T)`` (True = attend),
     additive float, or None (then ``is_causal`` decides, the first row at key ``first_row``: see
-    ``causal_mask``). Returns ``(output (B, R, H, D), probabilities (B, H, R, T) in float32)``.
+    ``causal_mask``). Returns ``(output (B, R, H, D), probabilities (B, H, R, T) in float32)``
+    (``compute_dtype`` float64 makes the tests' oracle).
     """
     bsz, num_heads, num_rows, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = num_heads // kv_heads
     probs = attention_probabilities(
-        query, key, scaling=scaling, mask=mask, is_causal=is_causal, softcap=softcap, edits=edits, first_row=first_row
+        query,
+        key,
+        scaling=scaling,
+        mask=mask,
+        is_causal=is_causal,
+        softcap=softcap,
+        edits=edits,
+        first_row=first_row,
+        compute_dtype=compute_dtype,
     )
-    v = value.float()
+    v = value.to(compute_dtype)
 
     for edit in edits:
         if edit.redistribution is not None:
@@ -184,7 +200,53 @@ def reference_attention(
     for edit in edits:
         if edit.head_scale is not None:
             rows = _rows(edit, num_rows)
-            scale = torch.ones(bsz, num_heads, num_rows, 1, device=out.device)
-            scale[:, :, rows] = edit.head_scale.float()[:, :, None, None]
+            scale = torch.ones(bsz, num_heads, num_rows, 1, device=out.device, dtype=compute_dtype)
+            scale[:, :, rows] = edit.head_scale.to(compute_dtype)[:, :, None, None]
             out = out * scale
     return out.transpose(1, 2).to(query.dtype), probs
+
+
+def fused_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    allowed: torch.Tensor | None = None,
+    first_row: int | None = None,
+    key_boost: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    redistribution: Redistribution | None = None,
+    head_scale: torch.Tensor | None = None,
+    group_weights: torch.Tensor | None = None,
+    head_rows: bool = False,
+    num_splits: int | None = None,
+    block_t: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The Triton kernel's operation in PyTorch, with its signature and outputs
+    (``halluguard.kernels.decode_attention.decode_attention``): one edit made of the arguments, run
+    through ``reference_attention``, and the statistics reduced from its final probabilities.
+    ``num_splits`` and ``block_t`` shape the kernel's work only and are ignored here;
+    ``compute_dtype`` float64 makes the tests' oracle."""
+    edit = AttentionEdit(key_boost=key_boost, key_bias=key_bias, redistribution=redistribution, head_scale=head_scale)
+    mask = None if allowed is None else allowed.to(torch.bool)[:, None]
+    out, probs = reference_attention(
+        query,
+        key,
+        value,
+        scaling=scaling,
+        mask=mask,
+        softcap=softcap,
+        edits=[edit],
+        first_row=first_row,
+        compute_dtype=compute_dtype,
+    )
+    stats: dict[str, torch.Tensor] = {}
+    if group_weights is not None:
+        stats["mass"] = torch.einsum("bhrt,bgt->brhg", probs, group_weights.to(probs.dtype))
+    if head_rows:
+        stats["head_max"] = probs.amax(dim=1)
+        stats["head_mean"] = probs.mean(dim=1)
+    return out, stats

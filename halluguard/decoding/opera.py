@@ -309,6 +309,7 @@ class SampleSearch:
             beams_to_keep=self.beams_to_keep,
             num_beams=B,
             batch_size=1,
+            vocab_size=edited.shape[-1],  # read by transformers before 5.2x; later ones take **kwargs
         )
         all_scores = tuple(self.scores) if self.cfg.output_scores else None
         hits = self.stopping(topk_sequences[0, :, : self.cur_len + 1], all_scores).view(1, -1)

@@ -1,0 +1,148 @@
+"""Which implementation of the fused operation runs a call: the Triton kernel or the reference.
+
+The kernel (``halluguard.kernels.decode_attention``) takes decode-shaped calls: at most
+``KERNEL_MAX_ROWS`` query rows (a decode step, OPERA's candidates side by side, the last prompt row),
+with edits that fold into its single form: at most one ``key_boost`` (no bias before it), any number of
+``key_bias`` (summed), at most one redistribution, and, with several rows, no edit restricted to the
+last row. Everything else, and any call that returns attention weights, runs the reference.
+
+``HALLUGUARD_KERNEL`` chooses: ``triton`` forces the kernel (on CPU tensors it needs the Triton
+interpreter, ``TRITON_INTERPRET=1``, which is how the tests reach it end to end), ``reference`` forces
+the PyTorch path, and unset (or ``auto``) takes the kernel for CUDA tensors when Triton is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .edits import AttentionEdit, Reductions
+from .reference import allowed_keys
+
+ENV = "HALLUGUARD_KERNEL"
+MODES = ("auto", "triton", "reference")
+KERNEL_MAX_ROWS = 64
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get(ENV, "").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={mode!r} is not a mode; use one of {', '.join(MODES)} (or leave it unset)")
+    return mode
+
+
+def use_kernel(device: torch.device) -> bool:
+    """Whether calls on ``device`` go to the Triton kernel (when their shape and edits fit it)."""
+    from halluguard.kernels._compat import HAS_TRITON, interpreting
+
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if mode == "auto":
+        return device.type == "cuda" and HAS_TRITON and not interpreting()
+    if not HAS_TRITON:
+        raise RuntimeError(f"{ENV}=triton needs the triton package (pip install triton)")
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"{ENV}=triton on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before Python starts (it runs the kernel on CPU, slowly: for tests)"
+        )
+    return True
+
+
+@dataclasses.dataclass
+class KernelCall:
+    """The arguments of one kernel launch, folded from a call's edits and reductions."""
+
+    arguments: dict
+    groups: list[tuple[int, str]]  # (request index, group name) per column of group_weights
+
+
+def fold(
+    edits: Sequence[AttentionEdit],
+    reductions: Sequence[Reductions | None],
+    *,
+    rows: int,
+    mask: torch.Tensor | None,
+    causal: bool,
+    kv_len: int,
+    first_row: int,
+    device: torch.device,
+) -> KernelCall | None:
+    """The kernel's arguments for these edits (already cut to the last ``rows`` query rows) and each
+    request's reductions, or None when they do not fit the kernel (see the module docstring)."""
+    if rows > KERNEL_MAX_ROWS:
+        return None
+    boost, bias, redistribution = None, None, None
+    for edit in edits:
+        if rows > 1 and edit.last_row_only and edit.changes_probabilities:
+            return None
+        if edit.key_boost is not None:
+            if boost is not None or bias is not None:
+                return None
+            boost = edit.key_boost
+        if edit.key_bias is not None:
+            bias = edit.key_bias if bias is None else _per_head(bias) + _per_head(edit.key_bias)
+        if edit.redistribution is not None:
+            if redistribution is not None:
+                return None
+            redistribution = edit.redistribution
+    allowed = allowed_keys(mask, causal, rows, kv_len, device, first_row)
+    if allowed is not None:
+        if allowed.dim() == 2:
+            allowed = allowed[None]
+        elif allowed.dim() == 4 and allowed.shape[1] == 1:
+            allowed = allowed[:, 0]
+        else:
+            return None  # a per-head mask
+    elif rows > 1:  # not causal, no mask: every key (the kernel reads None as causal)
+        allowed = torch.ones(1, rows, kv_len, dtype=torch.bool, device=device)
+    columns, groups = [], []
+    for index, wanted in enumerate(reductions):
+        for name, weights in (wanted.group_masses if wanted is not None else {}).items():
+            columns.append(weights)
+            groups.append((index, name))
+    arguments = dict(
+        allowed=allowed,
+        first_row=first_row,
+        key_boost=boost,
+        key_bias=bias,
+        redistribution=redistribution,
+        group_weights=torch.stack(columns, dim=1) if columns else None,
+        head_rows=any(r is not None and (r.headmax_from_key is not None or r.head_mean_row) for r in reductions),
+    )
+    return KernelCall(arguments, groups)
+
+
+def _per_head(t: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, 1, T): per-key tensors of both shapes add up as (B, H|1, T)."""
+    return t[:, None] if t.dim() == 2 else t
+
+
+def split_stats(
+    call: KernelCall, reductions: Sequence[Reductions | None], stats: dict[str, torch.Tensor]
+) -> list[dict[str, torch.Tensor] | None]:
+    """The kernel's statistics as each request's reductions report them (``reference.reduce_last_row``)."""
+    out: list[dict[str, torch.Tensor] | None] = [None if r is None else {} for r in reductions]
+    for column, (index, name) in enumerate(call.groups):
+        out[index][f"mass/{name}"] = stats["mass"][:, -1, :, column]
+    for index, wanted in enumerate(reductions):
+        if wanted is None:
+            continue
+        if wanted.headmax_from_key is not None:
+            several = wanted.headmax_rows > 1
+            head_max = stats["head_max"][:, -wanted.headmax_rows :] if several else stats["head_max"][:, -1]
+            out[index]["headmax_row"] = head_max[..., wanted.headmax_from_key :]
+            out[index]["headmax_sum"] = head_max.sum(-1)
+        if wanted.head_mean_row:
+            out[index]["head_mean_row"] = stats["head_mean"][:, -1]
+    return out
+
+
+def run_kernel(query, key, value, call: KernelCall, *, scaling: float, softcap: float | None):
+    from halluguard.kernels.decode_attention import decode_attention
+
+    return decode_attention(query, key, value, scaling=scaling, softcap=softcap, **call.arguments)
