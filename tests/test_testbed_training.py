@@ -66,3 +66,22 @@ def test_cell_head_targets_every_clearly_drawn_object_and_leaves_faint_ones_out(
         poked[row, r, :, c] += 5.0
         head.features = poked.reshape(head.features.shape)
         assert head.loss(scenes).item() != pytest.approx(loss.item(), abs=1e-3)
+
+
+def test_lookalike_questions_ask_about_absent_shapes_close_to_a_drawn_one():
+    similarity = world.shape_similarity()
+    assert similarity["pentagon"]["hexagon"] > 0.8 > similarity["moon"]["hexagon"]
+    assert all(similarity[c][c] == 1.0 for c in world.CATEGORIES)
+    rng = np.random.default_rng(0)
+    negatives = 0
+    for scene in world.scenes("train", 200):
+        q = train.lookalike_question(scene, rng, similarity)
+        present = scene.categories
+        assert (q["category"] in present) == (q["label"] == "yes")
+        if q["label"] == "no":
+            negatives += 1
+            absent = [c for c in world.CATEGORIES if c not in present]
+            closeness = {c: max(similarity[p][c] for p in present) for c in absent}
+            rank = sorted(closeness.values(), reverse=True)
+            assert closeness[q["category"]] >= rank[train.LOOKALIKE_TOP - 1]
+    assert 70 < negatives < 130

@@ -73,16 +73,41 @@ IMAGE_DROP = 0.12  # of joint-phase caption examples: captioned without their im
 # categories, a narrow set; random ones cover every category, so most questions draw them (with a
 # third each, the first model said yes to 43% of random absent categories)
 QUESTION_KINDS = {"random": 0.7, "popular": 0.15, "adversarial": 0.15}
+# training-only negatives among the absent shapes closest to a drawn one (``--lookalike-questions``):
+# a model that answers from a coarse shape feature says "yes" to a pentagon beside a hexagon
+LOOKALIKE_TOP = 3
+
+
+def lookalike_question(scene: world.Scene, rng: np.random.Generator, similarity) -> dict:
+    """A yes/no question whose negative looks like a drawn object: one of the ``LOOKALIKE_TOP``
+    absent categories closest in shape to a present one (``world.shape_similarity``); a positive
+    or such a negative, equally likely."""
+    present = scene.categories
+    if rng.random() < 0.5:
+        category, label = str(rng.choice(present)), "yes"
+    else:
+        absent = [c for c in world.CATEGORIES if c not in present]
+        closest = sorted(absent, key=lambda c: -max(similarity[p][c] for p in present))[:LOOKALIKE_TOP]
+        category, label = str(rng.choice(closest)), "no"
+    return {"image_id": scene.image_id, "category": category, "text": world.question(category), "label": label}
 
 
 def make_example(
-    scene: world.Scene, rng: np.random.Generator, popularity, cooc, caption_share: float = CAPTION_SHARE
+    scene: world.Scene,
+    rng: np.random.Generator,
+    popularity,
+    cooc,
+    caption_share: float = CAPTION_SHARE,
+    similarity=None,
 ) -> tuple[str, str, bool]:
     """(prompt text, answer, is a caption) for one scene: a caption or a yes/no question."""
     if rng.random() < caption_share:
         return str(rng.choice(CAPTION_PROMPTS)), scene.caption, True
     kind = str(rng.choice(list(QUESTION_KINDS), p=list(QUESTION_KINDS.values())))
-    q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
+    if kind == "lookalike":
+        q = lookalike_question(scene, rng, similarity)
+    else:
+        q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
     return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"], False
 
 
@@ -94,13 +119,14 @@ def make_batch(
     cooc,
     caption_share: float = CAPTION_SHARE,
     image_drop: float = IMAGE_DROP,
+    similarity=None,
 ) -> tuple[dict, list[world.Scene]]:
     """A right-padded batch with answer-only labels, and the scenes whose images it carries.
 
     ``caption_share`` 1 and ``image_drop`` 1 give the text-only phase's batches."""
     texts, imaged = [], []
     for scene in scenes:
-        prompt, answer, is_caption = make_example(scene, rng, popularity, cooc, caption_share)
+        prompt, answer, is_caption = make_example(scene, rng, popularity, cooc, caption_share, similarity)
         if is_caption and rng.random() < image_drop:
             texts.append(TEXT_ONLY_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
         else:
@@ -284,6 +310,12 @@ def main(argv: list[str] | None = None) -> None:
         help="share of yes/no questions with random negatives (the rest popular and adversarial, halved; recorded)",
     )
     parser.add_argument(
+        "--lookalike-questions",
+        type=float,
+        default=None,
+        help="share of yes/no questions with a negative shaped like a drawn object, from the random share (recorded)",
+    )
+    parser.add_argument(
         "--faint-visibility",
         type=float,
         nargs=2,
@@ -301,6 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.random_questions is not None:
         rest = (1 - args.random_questions) / 2
         QUESTION_KINDS.update(random=args.random_questions, popular=rest, adversarial=rest)
+    if args.lookalike_questions is not None:
+        pool = QUESTION_KINDS["random"] + QUESTION_KINDS.get("lookalike", 0.0)
+        if not 0 <= args.lookalike_questions <= pool:
+            parser.error(f"--lookalike-questions must be between 0 and the random share ({pool:g})")
+        QUESTION_KINDS.update(random=pool - args.lookalike_questions, lookalike=args.lookalike_questions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
@@ -325,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         betas=(0.9, 0.98),
     )
     popularity, cooc = world.category_frequencies(seed=args.seed), world.cooccurrence(seed=args.seed)
+    similarity = world.shape_similarity()
     rng = np.random.default_rng([args.seed, 99, args.first_step])
     if args.init:  # a further joint phase, with its own learning-rate schedule
         bounds = {"joint": (args.first_step, args.first_step + args.steps)}
@@ -369,6 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                 cooc,
                 1.0 if text else args.caption_share,
                 1.0 if text else args.image_drop,
+                similarity,
             )
             lm_loss = model(**batch).loss
             loss = lm_loss + (args.cell_weight * cells.loss(imaged) if imaged else 0.0)

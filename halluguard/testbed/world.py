@@ -355,6 +355,20 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
+def shape_similarity(size: int = 64) -> dict[str, dict[str, float]]:
+    """How alike two categories look: the intersection over union of their masks drawn at the same
+    centre and radius (1 for the same shape). Pentagon, hexagon, square and circle are the closest
+    (IoU 0.75-0.86); the moon and the ring are far from everything."""
+    masks = {}
+    for category in CATEGORIES:
+        mask = Image.new("L", (size, size), 0)
+        _draw_mask(ImageDraw.Draw(mask), Obj(category, "red", "large", 0, (size / 2, size / 2), size * 0.375))
+        masks[category] = np.asarray(mask) > 127
+    return {
+        a: {b: float((masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()) for b in CATEGORIES} for a in CATEGORIES
+    }
+
+
 # ---- questions ------------------------------------------------------------------------------------------
 
 
