@@ -488,7 +488,41 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     _add_eval_parsers(sub)
     _add_calibrate_parsers(sub)
+    _add_demo_parser(sub)
     return parser
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import app
+
+    args.configs = method_configs(args.method, args.config) if args.config is not None else None
+    return app.main(args)
+
+
+def _add_demo_parser(sub) -> None:
+    from .eval.runner import DTYPES
+
+    demo = _leaf(
+        sub,
+        "demo",
+        help="interactive terminal demo: plain and guarded answers side by side",
+        description="Interactive: type questions and :commands (:help). With --prompt (or --json, or input "
+        "that is not a terminal) it answers once, prints and exits.",
+    )
+    demo.add_argument("--model", default="testbed", help="testbed (the shipped test model), a hub id or a local path")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")
+    demo.add_argument("--dtype", default=None, choices=DTYPES, help="weights dtype (default: the checkpoint's)")
+    demo.add_argument("--image", default=None, help="an image file (default with the test model: a misleading scene)")
+    demo.add_argument("--scene", default=None, metavar="SPLIT[:INDEX]", help="a scene of the test model's world")
+    demo.add_argument("--prompt", default=None, help="answer this once and exit (empty: the caption prompt)")
+    demo.add_argument("--method", default="vcd", help="methods, e.g. vhr, pai+vhr; none: plain only (default vcd)")
+    demo.add_argument("--config", default=None, help="JSON of method fields, as in eval (or a JSON file)")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="decoding: max_tokens, beams, sample, ...")
+    demo.add_argument("--max-new-tokens", type=_count, default=None, help="tokens per answer (default 48)")
+    demo.add_argument("--compare", action="store_true", help="one-shot: the plain answer beside the guarded one")
+    demo.add_argument("--json", action="store_true", help="one-shot: print the result as JSON")
+    demo.add_argument("--save-attention", default=None, metavar="FILE.png", help="one-shot: save the attention map")
+    demo.set_defaults(func=_cmd_demo)
 
 
 def _one_line(err: BaseException) -> str:

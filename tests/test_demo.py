@@ -1,0 +1,134 @@
+"""``halluguard demo``: the one-shot mode end to end on the shipped test model (text and JSON agree
+with each other and with the scene's ground truth), clear errors, the attention picture, and the
+interactive session driven through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from halluguard.cli import main
+from halluguard.testbed import world
+
+SCENE = ["--scene", "misleading:1", "--max-new-tokens", "40"]
+
+
+def run(capsys, *argv):
+    code = main(["demo", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_one_shot_json_matches_the_scene_and_the_text_mode(capsys):
+    code, out, _ = run(capsys, *SCENE, "--prompt", "", "--compare", "--json")
+    assert code == 0
+    result = json.loads(out)
+    truth = set(world.sample_scene("misleading", 1).categories)
+    assert set(result["ground_truth"]) == truth and result["methods"] == "vcd"
+    plain, guarded = result["plain"], result["guarded"]
+    for side in (plain, guarded):
+        assert side["text"] and side["objects"]
+        assert side["hallucinated"] == sorted(set(side["objects"]) - truth)
+    assert result["only_plain"] == sorted(set(plain["objects"]) - set(guarded["objects"]))
+    assert result["only_guarded"] == sorted(set(guarded["objects"]) - set(plain["objects"]))
+
+    code, text, _ = run(capsys, *SCENE, "--prompt", "", "--compare")
+    assert code == 0
+    assert "plain" in text and "guarded: vcd" in text and "misleading scene 1" in text
+    for side in ("plain", "guarded"):
+        wrong = result[side]["hallucinated"]
+        line = f"{side} hallucinates: {', '.join(wrong)}" if wrong else f"{side}: no hallucinated object"
+        assert line in text
+
+
+def test_one_shot_without_methods_answers_plainly(capsys):
+    code, out, _ = run(capsys, *SCENE, "--prompt", "Is there a star in the image?", "--method", "none", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["guarded"] is None and result["plain"]["text"] in ("yes", "no")
+
+
+def test_an_image_file_and_method_overrides(capsys, tmp_path):
+    image = tmp_path / "scene.png"
+    world.sample_scene("test", 3).render().save(image)
+    config = '{"pai": {"alpha": 0.5}}'
+    code, out, _ = run(capsys, "--image", str(image), "--prompt", "", "--method", "pai", "--config", config, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["picture"] == str(image) and result["ground_truth"] is None and result["guarded"]["text"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "/no/such/file.png", "--prompt", ""], "no image file at /no/such/file.png"),
+        (["--scene", "nowhere:1", "--prompt", ""], "unknown scene split 'nowhere'"),
+        (["--method", "nope", "--prompt", ""], "unknown method"),
+        (["--set", "beams=0", "--prompt", ""], "num_beams must be at least 1"),
+        (["--set", "colour=red", "--prompt", ""], "unknown setting 'colour'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code != 0
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_image_file(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    code, _, err = run(capsys, "--image", str(bad), "--prompt", "")
+    assert code == 1 and f"cannot read {bad} as an image" in err
+
+
+def test_attention_map_is_saved(capsys, tmp_path):
+    target = tmp_path / "attention.png"
+    code, _, _ = run(capsys, *SCENE, "--prompt", "", "--method", "none", "--save-attention", str(target))
+    assert code == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interactive_session_through_a_pseudo_terminal(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="120", TERM="xterm")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "halluguard", "demo", "--max-new-tokens", "16"],
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(50, 120),
+    )
+    try:
+        child.expect("picture: misleading scene 1")
+        child.expect("> ")
+        child.sendline("")  # a caption, plain and guarded
+        child.expect("guarded: vcd")
+        child.expect("hallucinated object|hallucinates")
+        child.expect("> ")
+        child.sendline(":method pai alpha=0.5")
+        child.expect("methods: pai\\(alpha=0.5\\)")
+        child.expect("> ")
+        child.sendline(":frobnicate")
+        child.expect("unknown command :frobnicate")
+        child.expect("> ")
+        child.sendline(f":image {tmp_path / 'missing.png'}")
+        child.expect("no image file at")
+        child.expect("> ")
+        child.sendline(":scene test 2")
+        child.expect("picture: test scene 2")
+        child.expect("> ")
+        child.sendline(":compare off")
+        child.expect("compare: off")
+        child.expect("> ")
+        child.sendline("Is there a star in the image?")
+        child.expect("guarded: pai")
+        child.expect("> ")
+        child.sendline(":quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
