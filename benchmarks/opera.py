@@ -120,7 +120,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import synthetic
+    from halluguard.bench import synthetic
 
     B, N, T = args.beams, args.candidates, args.new_tokens
     inputs = synthetic.inputs(1)

@@ -29,7 +29,7 @@ from halluguard.cli import method_configs
 
 def load(spec: str, batch: int):
     if spec == "synthetic-medium":
-        import synthetic
+        from halluguard.bench import synthetic
 
         return synthetic.build(), synthetic.inputs(batch), "synthetic-medium (random, ~146M)"
     from halluguard.eval.runner import build_prompt, load_model

@@ -8,6 +8,7 @@ imported only by the commands that need them, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -489,7 +490,59 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parsers(sub)
     _add_calibrate_parsers(sub)
     _add_demo_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench
+    from .registry import list_methods
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = list_methods() if args.methods == ["all"] else args.methods
+    for spec in specs:
+        method_configs(spec, None)  # unknown names fail before the model loads
+    overrides = json.loads(args.config) if args.config else {}
+    if args.model == "synthetic-medium":
+        overrides = {**bench.SYNTHETIC_OVERRIDES, **overrides}
+    if args.model == "testbed" and "decore" not in overrides:
+        from .testbed import path
+
+        overrides["decore"] = {"retrieval_heads": str(path() / "retrieval_heads.json"), "num_retrieval_heads": 4}
+    model, processor, inputs, name = bench.load(args.model, args.batch, args.device, args.dtype)
+    title = (
+        f"{name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
+        f"{model.device}, median of {args.repeats}"
+    )
+    print(title, flush=True)
+    rows = bench.measure(model, processor, inputs, specs, args.new_tokens, args.repeats, overrides)
+    print(bench.markdown(rows))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"setting": title, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
+        )
+    if args.chart:
+        bench.chart(rows, args.chart, title)
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    bench = _leaf(sub, "bench", help="time each method against plain generate, side by side")
+    bench.add_argument("--model", default="testbed", help="testbed, synthetic-medium, a hub id or a local path")
+    bench.add_argument("--methods", nargs="+", default=["all"], help="all, or specs such as vhr pai+vhr")
+    bench.add_argument("--config", default=None, help="JSON of method fields per method, e.g. '{\"pai\": {...}}'")
+    bench.add_argument("--new-tokens", type=_count, default=32)
+    bench.add_argument("--batch", type=_count, default=1)
+    bench.add_argument("--repeats", type=_count, default=5)
+    bench.add_argument("--threads", type=_count, default=None, help="torch threads (default: torch's choice)")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    bench.add_argument("--json", default=None, metavar="FILE", help="write the rows here")
+    bench.add_argument("--chart", default=None, metavar="FILE.png", help="bar chart of the ratios")
+    bench.set_defaults(func=_cmd_bench)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

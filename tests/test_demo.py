@@ -132,3 +132,27 @@ def test_interactive_session_through_a_pseudo_terminal(tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_generation_and_keeps_the_session():
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="120", TERM="xterm")
+    # hot sampling rarely picks the end token, so the answer runs long enough to interrupt
+    argv = ["-m", "halluguard", "demo", "--method", "none", "--set", "max_tokens=3000", "--set", "sample=on"]
+    child = pexpect.spawn(
+        sys.executable, [*argv, "--set", "temperature=50"], env=env, encoding="utf-8", timeout=120, dimensions=(50, 120)
+    )
+    try:
+        child.expect("> ")
+        child.sendline("")
+        child.expect("plain")  # the live table has started
+        child.sendintr()
+        child.expect("stopped")
+        child.expect("> ")
+        child.sendline(":show")
+        child.expect("methods: none")
+        child.sendline(":quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

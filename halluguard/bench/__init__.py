@@ -1,0 +1,230 @@
+"""``halluguard bench``: what each method costs against plain ``generate``, measured side by side.
+
+For each method spec the same batch is generated greedily with 1 new token (the prompt phase: the
+prefill and whatever a method adds to it) and with ``1 + N`` (``min_new_tokens`` forces the length);
+the per-token decode time is the difference over ``N``. Plain and guarded runs alternate (plain,
+guarded, plain, guarded, ...) after a warm-up, so drifts of a shared machine hit both. Per method:
+
+* prompt phase and per-token times, median over the repeats, and the ratio of the medians to
+  plain's, with the range (min-max) of the per-repeat ratios as the spread;
+* decoded tokens per second (batch x N over the decode time);
+* peak memory of the full run: CUDA's max allocated, or on CPU the process's resident high-water mark
+  reset before the run (Linux ``/proc/self/clear_refs``), beside plain's;
+* forwards per decoded token (model forward calls of the full run minus the prompt run, over N):
+  1 for plain, 1 for methods whose branches ride as extra rows, more for separate streams.
+
+A method's own decoding settings apply (OPERA searches with its 5 beams; plain is greedy). Timings
+are for reading, not for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# fields some methods need on a model without calibration data (the synthetic model has no sink table)
+SYNTHETIC_OVERRIDES = {"var": {"sink_dims": [0, 1], "tau": 1.5}}
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    prompt_s: float
+    prompt_ratio: float
+    token_ms: float
+    token_ratio: float
+    token_ratio_range: tuple[float, float]
+    tokens_per_s: float
+    peak_mb: float | None
+    forwards_per_token: float
+
+
+def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
+    """``(model, processor or None, inputs, name)`` for testbed, synthetic-medium or a checkpoint."""
+    if spec == "synthetic-medium":
+        from . import synthetic
+
+        model = synthetic.build()
+        if device:
+            model.to(device)
+        inputs = {k: v.to(model.device) for k, v in synthetic.inputs(batch).items()}
+        return model, None, inputs, "synthetic-medium (random LLaVA-1.5 shape, 146M)"
+    from halluguard.eval.runner import build_prompt, load_model
+
+    model, processor, name = load_model(spec, dtype=dtype, device=device)
+    if spec == "testbed":
+        from halluguard.testbed import world
+
+        images = [s.render() for s in world.scenes("misleading", batch)]
+    else:
+        from PIL import Image
+
+        images = [Image.new("RGB", (336, 336), (120 + 20 * i, 110, 100)) for i in range(batch)]
+    prompts = [build_prompt(processor, "Please describe this image in detail.")] * batch
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    return model, processor, dict(inputs.to(model.device)), name
+
+
+class _Counter:
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: the peak becomes the current size
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def _run(model, inputs, new_tokens: int, counter: _Counter, memory: bool = False) -> tuple[float, int, float | None]:
+    device = model.device
+    if memory:
+        _peak_reset(device)
+    calls = counter.calls
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, counter.calls - calls, _peak_mb(device) if memory else None
+
+
+def measure(model, processor, inputs, specs: list[str], new_tokens: int, repeats: int, overrides: dict, echo=print):
+    """One ``Row`` for plain generation and one per spec, timed as the module docstring says."""
+    import halluguard as hg
+    from halluguard.cli import method_configs
+
+    counter = _Counter(model)
+    batch = inputs["input_ids"].shape[0]
+    try:
+        _run(model, inputs, 2, counter)  # warm-up
+        plain_runs: list[tuple[float, float]] = []
+        results = {}
+        for spec in specs:
+            chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
+            configs = method_configs(spec, json.dumps(chosen) if chosen else None)
+            try:
+                with hg.wrap(model, processor, configs):
+                    _run(model, inputs, 2, counter)  # the method's warm-up
+            except ValueError as err:  # a method that needs data this model lacks (VAR's sinks, DeCoRe's heads)
+                echo(f"  {spec}: skipped: {str(err).splitlines()[0]}")
+                continue
+            times = {"plain": [], "guarded": []}
+            forwards, peaks = [], {}
+            for r in range(repeats):
+                for side in ("plain", "guarded"):
+                    guard = hg.wrap(model, processor, configs) if side == "guarded" else None
+                    try:
+                        prompt, prompt_calls, _ = _run(model, inputs, 1, counter)
+                        full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=r == 0)
+                    finally:
+                        if guard is not None:
+                            guard.unwrap()
+                    times[side].append((prompt, full))
+                    if r == 0:
+                        peaks[side] = peak
+                        forwards.append((full_calls - prompt_calls) / new_tokens)
+            plain_runs.extend(times["plain"])
+            results[spec] = (times, forwards, peaks)
+            echo(f"  {spec}: done")
+    finally:
+        counter.handle.remove()
+    plain_peaks = [p["plain"] for _, _, p in results.values() if p.get("plain") is not None]
+    plain_forwards = [f[0] for _, f, _ in results.values()]
+    rows = [
+        _row(
+            "plain",
+            plain_runs,
+            plain_runs,
+            new_tokens,
+            batch,
+            statistics.median(plain_peaks) if plain_peaks else None,
+            statistics.median(plain_forwards) if plain_forwards else 1.0,
+        )
+    ]
+    for spec, (times, forwards, peaks) in results.items():
+        rows.append(_row(spec, times["guarded"], times["plain"], new_tokens, batch, peaks.get("guarded"), forwards[1]))
+    return rows
+
+
+def _row(name, runs, plain_runs, new_tokens, batch, peak, forwards) -> Row:
+    prompt = [p for p, _ in runs]
+    token = [(f - p) / new_tokens for p, f in runs]
+    plain_prompt = [p for p, _ in plain_runs]
+    plain_token = [(f - p) / new_tokens for p, f in plain_runs]
+    # the ratio of medians; the spread from the repeats whose plain decode time is measurable
+    ratios = [t / pt for t, pt in zip(token, plain_token) if pt > 0] or [float("nan")]
+    median_token = statistics.median(token)
+    return Row(
+        method=name,
+        prompt_s=statistics.median(prompt),
+        prompt_ratio=statistics.median(prompt) / statistics.median(plain_prompt),
+        token_ms=median_token * 1e3,
+        token_ratio=median_token / statistics.median(plain_token),
+        token_ratio_range=(min(ratios), max(ratios)),
+        tokens_per_s=batch / max(median_token, 1e-12),
+        peak_mb=peak,
+        forwards_per_token=forwards,
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| method | prompt (s) | ratio | per token (ms) | ratio (min-max) | tokens/s | peak MB | forwards/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        spread = f"{r.token_ratio:.2f}x ({r.token_ratio_range[0]:.2f}-{r.token_ratio_range[1]:.2f})"
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb else "-"
+        lines.append(
+            f"| {r.method} | {r.prompt_s:.3f} | {r.prompt_ratio:.2f}x | {r.token_ms:.1f} | {spread} | "
+            f"{r.tokens_per_s:.1f} | {peak} | {r.forwards_per_token:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r.method for r in rows[1:]]
+    x = range(len(methods))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods) + 2), 3.6))
+    ax.bar([i - 0.2 for i in x], [r.prompt_ratio for r in rows[1:]], width=0.4, label="prompt phase")
+    low = [r.token_ratio - r.token_ratio_range[0] for r in rows[1:]]
+    high = [r.token_ratio_range[1] - r.token_ratio for r in rows[1:]]
+    ax.bar([i + 0.2 for i in x], [r.token_ratio for r in rows[1:]], width=0.4, yerr=[low, high], label="per token")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(list(x), methods, rotation=20)
+    ax.set_ylabel("time / plain generate")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
