@@ -69,26 +69,39 @@ def allowed_keys(
 
 
 def redistribute(probs: torch.Tensor, spec: Redistribution, rows: slice) -> torch.Tensor:
-    """Apply one redistribution to ``probs (B, H, R, T)`` on the query rows ``rows``."""
+    """Apply one redistribution to ``probs (B, H, R, T)`` on the query rows ``rows``.
+
+    The masses on the key sets come from one product with their indicator columns; the edit is then
+    one factor per key, ``f_S`` on source keys and ``f_T`` on target keys, 1 elsewhere."""
     num_heads = probs.shape[1]
     p = probs[:, :, rows]
-    src = _per_key(spec.source, num_heads).to(p.dtype)
-    tgt = (_per_key(spec.target, num_heads) & ~_per_key(spec.source, num_heads)).to(p.dtype)
-    m_src = (p * src).sum(-1, keepdim=True)
-    m_tgt = (p * tgt).sum(-1, keepdim=True)
+    source = _per_key(spec.source, num_heads)  # (B, H|1, 1, T) bool
+    target = _per_key(spec.target, num_heads) & ~source
+    sets = [source, target]
+    if spec.gate is not None:
+        gate = _per_key(spec.gate, num_heads)
+        sets += [gate, gate & source]
+    heads = max(s.shape[1] for s in sets)
+    columns = torch.cat([s.expand(-1, heads, -1, -1) for s in sets], dim=2).to(p.dtype)  # (B, H|1, S, T)
+    masses = torch.matmul(p, columns.transpose(-1, -2))  # (B, H, R, S)
+    m_src, m_tgt = masses[..., 0:1], masses[..., 1:2]
     select = m_tgt > 0
     if spec.gate is not None:
-        gate = _per_key(spec.gate, num_heads).to(p.dtype)
-        m_gate = (p * gate).sum(-1, keepdim=True)
-        m_gate_src = (p * gate * src).sum(-1, keepdim=True)
-        select = select & (m_gate >= spec.gate_min_mass)
-        select = select & (m_gate_src <= spec.gate_max_source_share * m_gate)
+        m_gate, m_gate_src = masses[..., 2:3], masses[..., 3:4]
+        select = select & (m_gate >= spec.gate_min_mass) & (m_gate_src <= spec.gate_max_source_share * m_gate)
     if spec.query_mask is not None:
         select = select & spec.query_mask[:, None, rows, None]
-    moved = (1.0 - spec.keep) * m_src
-    edited = p - (1.0 - spec.keep) * p * src + tgt * p * (moved / m_tgt.clamp_min(torch.finfo(p.dtype).tiny))
+    gain = (1.0 - spec.keep) * m_src / m_tgt.clamp_min(torch.finfo(p.dtype).tiny)
+    factor = (
+        1.0
+        + torch.where(select, spec.keep - 1.0, 0.0) * columns[:, :, 0:1]
+        + torch.where(select, gain, 0.0) * columns[:, :, 1:2]
+    )
+    edited = p * factor
+    if rows.start in (0, None) and rows.stop in (None, probs.shape[2]):  # every row: no copy
+        return edited
     out = probs.clone()
-    out[:, :, rows] = torch.where(select, edited, p)
+    out[:, :, rows] = edited
     return out
 
 

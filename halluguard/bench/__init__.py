@@ -5,8 +5,9 @@ prefill and whatever a method adds to it) and with ``1 + N`` (``min_new_tokens``
 the per-token decode time is the difference over ``N``. Plain and guarded runs alternate (plain,
 guarded, plain, guarded, ...) after a warm-up, so drifts of a shared machine hit both. Per method:
 
-* prompt phase and per-token times, median over the repeats, and the ratio of the medians to
-  plain's, with the range (min-max) of the per-repeat ratios as the spread;
+* prompt phase and per-token times, median over the repeats, and the ratio of the medians to those
+  of the plain runs interleaved with that method, with the range (min-max) of the per-repeat ratios
+  as the spread (the plain row gives the median of every plain run);
 * decoded tokens per second (batch x N over the decode time);
 * peak memory of the full run: CUDA's max allocated, or on CPU the process's resident high-water mark
   reset before the run (Linux ``/proc/self/clear_refs``), beside plain's;
