@@ -64,6 +64,19 @@ class VARCall:
 
     sinks: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> (B, P) bool
     image_end: torch.Tensor | None = None  # (B,) position after each row's last image token
+    decode: dict[int, VARLayer] = dataclasses.field(default_factory=dict)  # layer -> its decode-time sets
+
+
+@dataclasses.dataclass
+class VARLayer:
+    """A layer's key sets once the prompt is in (its sinks no longer change), padded past the cache
+    length so that each decode step takes views instead of building them."""
+
+    rows: torch.Tensor | None  # the state's row index these were made for (None: the prompt's rows)
+    visual: torch.Tensor  # (B,) the row has a visual sink in this layer
+    any_visual: bool
+    source: torch.Tensor  # (B, capacity) sinks
+    target: torch.Tensor  # (B, capacity) image tokens that are not sinks
 
 
 class VAR(Method):
@@ -111,6 +124,17 @@ class VAR(Method):
         ends = [max(end for _, end in spans) if spans else 0 for spans in state.image_spans]
         state.data_of(self).image_end = torch.tensor(ends, device=state.groups.image.device)
 
+    def _key_sets(self, state: GuardState, sinks: torch.Tensor, end: int) -> VARLayer:
+        """The layer's sinks and non-sink image tokens for the current rows, padded to at least ``end``
+        keys (twice that at decode, so the next steps reuse them)."""
+        sinks = state.rows_of(sinks)
+        image = state.groups.image
+        visual = (sinks & image).any(-1)
+        capacity = max(end, image.shape[1]) * (1 if state.in_prefill else 2)
+        source = torch.nn.functional.pad(sinks, (0, capacity - sinks.shape[1]))
+        target = torch.nn.functional.pad(image & ~sinks, (0, capacity - image.shape[1]))
+        return VARLayer(state.row_index, visual, bool(visual.any()), source, target)
+
     def sink_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """``max_{d in D_sink} |x_d| / RMS(x)`` per token of ``hidden (B, T, D)``."""
         x = hidden.float()
@@ -134,23 +158,25 @@ class VAR(Method):
         sinks = data.sinks.get(call.layer_idx)
         if sinks is None:
             return None
-        sinks = state.rows_of(sinks)
-        # the official rule: a row's layer is edited only if one of its sinks is an image token
-        visual = (sinks & state.groups.image).any(-1)
-        if not bool(visual.any()):
-            return None
-        masks = state.group_masks(call)
         end = call.key_offset + call.kv_len
-        source = torch.nn.functional.pad(sinks, (0, max(end - sinks.shape[1], 0)))[:, call.key_offset : end]
+        sets = data.decode.get(call.layer_idx)
+        if sets is None or state.in_prefill or sets.rows is not state.row_index or sets.source.shape[1] < end:
+            sets = self._key_sets(state, sinks, end)
+            if not state.in_prefill:  # the sinks are final: keep the sets for the next steps
+                data.decode[call.layer_idx] = sets
+        # the official rule: a row's layer is edited only if one of its sinks is an image token
+        if not sets.any_visual:
+            return None
+        window = slice(call.key_offset, end)
         queries = call.query_start + torch.arange(call.q_len, device=call.device)
-        eligible = (queries[None, :] >= state.rows_of(data.image_end)[:, None]) & visual[:, None].to(call.device)
+        eligible = (queries[None, :] >= state.rows_of(data.image_end)[:, None]) & sets.visual[:, None].to(call.device)
         cfg = self.config
         return AttentionEdit(
             redistribution=Redistribution(
-                source=source,
-                target=masks["image"] & ~source,
+                source=sets.source[:, window],
+                target=sets.target[:, window],
                 keep=cfg.keep,
-                gate=masks["image"],
+                gate=state.group_masks(call)["image"],
                 gate_min_mass=cfg.summ,
                 gate_max_source_share=cfg.rho,
                 query_mask=eligible,
