@@ -33,6 +33,7 @@ On ``misleading`` scenes (an anchor ``A`` drawn without its partner ``B``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -67,9 +68,7 @@ def load_model(folder: str | None):
     from . import path
 
     folder = folder or str(path())
-    # offline measurements of whole attention maps (saturation, fading over every step): eager attention
-    # with output_attentions is the point here; no decoding method runs on this model instance
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
@@ -91,6 +90,21 @@ def ordered_objects(world, scene) -> list:
     head, _, last = text.rpartition(" and ")
     phrases = (head.split(", ") if head else []) + [last]
     return [by_phrase[p] for p in phrases]
+
+
+@contextlib.contextmanager
+def attention_maps(model, wanted: bool):
+    """Eager attention for one offline forward whose whole attention maps are measured (saturation,
+    fading over every caption step); the model's own implementation otherwise and afterwards."""
+    if not wanted:
+        yield
+        return
+    before = model.config.text_config._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": before})
 
 
 class Scorer:
@@ -127,7 +141,8 @@ class Scorer:
             batch_caps = captions[i : i + self.batch_size]
             enc = self.encode(images[i : i + self.batch_size], batch_caps, with_image)
             prompt = self.encode(images[i : i + self.batch_size], [""] * len(batch_caps), with_image)
-            out = self.model(**enc, output_attentions=attentions)
+            with attention_maps(self.model, attentions):
+                out = self.model(**enc, output_attentions=attentions)
             logp = torch.log_softmax(out.logits.float(), -1)
             ids = enc["input_ids"]
             width = ids.shape[1]
