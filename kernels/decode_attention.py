@@ -545,16 +545,21 @@ def _rows_kernel(
 # ---- launcher ---------------------------------------------------------------------------------------------
 
 
-def _strides3(t: torch.Tensor | None, num_heads: int) -> tuple:
-    """(tensor, batch, head, key) strides of a per-key edit ``(B, T)`` or ``(B, H|1, T)``; a per-row
-    tensor gets head stride 0. An absent tensor becomes a placeholder (the flag keeps it unread)."""
+def _per_key(t: torch.Tensor | None, num_heads: int) -> torch.Tensor | None:
+    """A per-key edit ``(B, T)`` or ``(B, H|1, T)`` as ``(B, H, T)``, per-row ones with head stride 0."""
     if t is None:
-        return (None, 0, 0, 0)
+        return None
     if t.dim() == 2:
-        return (t, t.stride(0), 0, t.stride(1))
-    if t.dim() == 3 and t.shape[1] in (1, num_heads):
-        return (t, t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2))
-    raise ValueError(f"per-key tensor must be (B, T) or (B, H, T), got {tuple(t.shape)}")
+        t = t[:, None]
+    if t.dim() != 3 or t.shape[1] not in (1, num_heads):
+        raise ValueError(f"per-key tensor must be (B, T) or (B, H, T), got {tuple(t.shape)}")
+    return t.expand(-1, num_heads, -1)
+
+
+def _operand(t: torch.Tensor | None, fallback: torch.Tensor, dims: int) -> tuple:
+    """A tensor and its strides as kernel arguments; an absent one is ``fallback`` with zero strides
+    (its flag keeps the kernel from reading it)."""
+    return (fallback, *(0,) * dims) if t is None else (t, *t.stride())
 
 
 def _default_splits(programs: int, blocks: int, device: torch.device) -> int:
@@ -630,23 +635,24 @@ def decode_attention(
     device = query.device
     first_row = kv_len - num_rows if first_row is None else first_row
 
-    if allowed is not None:
-        allowed = allowed.to(device=device, dtype=torch.int8).expand(bsz, num_rows, kv_len)
-    mask = (
-        (allowed, allowed.stride(0), allowed.stride(1), allowed.stride(2)) if allowed is not None else (None, 0, 0, 0)
-    )
-    boost = _strides3(None if key_boost is None else key_boost.to(device, torch.float32), num_heads)
-    bias = _strides3(None if key_bias is None else key_bias.to(device, torch.float32), num_heads)
     spec = redistribution
-    src = _strides3(None if spec is None else spec.source.to(device, torch.int8), num_heads)
-    tgt = None if spec is None else spec.target.to(device, torch.int8)
-    gate = None if spec is None or spec.gate is None else spec.gate.to(device, torch.int8)
-    eligible = None if spec is None or spec.query_mask is None else spec.query_mask.to(device, torch.int8)
-    weights = None if group_weights is None else group_weights.to(device, torch.float32)
-    scale = None if head_scale is None else head_scale.to(device, torch.float32)
+    as_float = lambda t: None if t is None else t.to(device, torch.float32)
+    as_flag = lambda t: None if t is None else t.to(device, torch.int8)
+    if allowed is not None:
+        allowed = as_flag(allowed).expand(bsz, num_rows, kv_len)
+    tgt, gate, eligible = (None,) * 3 if spec is None else map(as_flag, (spec.target, spec.gate, spec.query_mask))
+    weights, scale = as_float(group_weights), as_float(head_scale)
     num_groups = 0 if weights is None else weights.shape[1]
     parts = 3 if spec is not None else 1
     placeholder = query  # any tensor: flags keep absent inputs unread
+    # the per-key inputs both passes read: mask, boost, bias, source and target of a redistribution
+    key_inputs = (
+        *_operand(allowed, placeholder, 3),
+        *_operand(_per_key(as_float(key_boost), num_heads), placeholder, 3),
+        *_operand(_per_key(as_float(key_bias), num_heads), placeholder, 3),
+        *_operand(None if spec is None else _per_key(as_flag(spec.source), num_heads), placeholder, 3),
+        *_operand(tgt, placeholder, 2),
+    )
 
     rows = bsz * num_rows
     f32 = dict(device=device, dtype=torch.float32)
@@ -654,8 +660,8 @@ def decode_attention(
     part_l = torch.empty(rows, num_heads, splits, **f32)
     part_acc = torch.empty(rows, num_heads, splits, parts, head_dim, **f32)
     part_mass = torch.empty(rows, num_heads, splits, 4, **f32) if spec is not None else placeholder
-    part_w = torch.empty(rows, num_heads, splits, parts, max(num_groups, 1), **f32) if weights is not None else None
-    # the interpreter interpreted_bf16 float32 -> bfloat16 (a GPU rounds to nearest even) and gets bfloat16
+    part_w = torch.empty(rows, num_heads, splits, parts, num_groups, **f32) if weights is not None else placeholder
+    # the interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even) and gets bfloat16
     # products wrong: there the output is rounded by torch and the products take float32 operands
     interpreted_bf16 = interpreting() and query.dtype == torch.bfloat16
     out = torch.empty(
@@ -663,9 +669,6 @@ def decode_attention(
     )
     mass = torch.empty(rows, num_heads, max(num_groups, 1), **f32)
     final = torch.empty(rows, num_heads, 4, **f32)
-
-    def given(entry):
-        return (placeholder,) + tuple(entry[1:]) if entry[0] is None else entry
 
     edits = dict(
         SOFTCAP=softcap is not None,
@@ -680,11 +683,8 @@ def decode_attention(
         query, query.stride(0), query.stride(1), query.stride(2),
         key, key.stride(0), key.stride(1), key.stride(2),
         value, value.stride(0), value.stride(1), value.stride(2),
-        *given(mask), *given(boost), *given(bias), *given(src),
-        tgt if tgt is not None else placeholder, *(tgt.stride() if tgt is not None else (0, 0)),
-        gate if gate is not None else placeholder, *(gate.stride() if gate is not None else (0, 0)),
-        weights if weights is not None else placeholder, *(weights.stride() if weights is not None else (0, 0, 0)),
-        part_m, part_l, part_acc, part_mass, part_w if part_w is not None else placeholder,
+        *key_inputs, *_operand(gate, placeholder, 2), *_operand(weights, placeholder, 3),
+        part_m, part_l, part_acc, part_mass, part_w,
         num_rows, num_heads, group, kv_len, head_dim, num_groups, first_row, keys_per_split,
         float(scaling), float(softcap or 1.0),
         NUM_SPLITS=splits, PARTS=parts, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d,
@@ -693,10 +693,9 @@ def decode_attention(
         num_warps=num_warps or 2,
     )  # fmt: skip
     _merge_kernel[(rows, kv_heads)](
-        part_m, part_l, part_acc, part_mass, part_w if part_w is not None else placeholder,
+        part_m, part_l, part_acc, part_mass, part_w,
         out, out.stride(0), out.stride(1), out.stride(2),
-        scale if scale is not None else placeholder, *(scale.stride() if scale is not None else (0, 0)),
-        eligible if eligible is not None else placeholder, *(eligible.stride() if eligible is not None else (0, 0)),
+        *_operand(scale, placeholder, 2), *_operand(eligible, placeholder, 2),
         mass, final,
         num_rows, num_heads, group, head_dim, num_groups,
         float(spec.keep) if spec is not None else 1.0,
@@ -717,8 +716,7 @@ def decode_attention(
         _rows_kernel[(rows, triton.cdiv(max(kv_len, 1), block_t))](
             query, query.stride(0), query.stride(1), query.stride(2),
             key, key.stride(0), key.stride(1), key.stride(2),
-            *given(mask), *given(boost), *given(bias), *given(src),
-            tgt if tgt is not None else placeholder, *(tgt.stride() if tgt is not None else (0, 0)),
+            *key_inputs,
             final, head_max, head_mean,
             num_rows, num_heads, kv_heads, group, kv_len, head_dim, first_row,
             float(scaling), float(softcap or 1.0),

@@ -175,34 +175,39 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
     )
     reductions = [e.reductions for e in edits]
     wanted = [r for r in reductions if r is not None and r.needs_probabilities]
-    kernel_ok = not call_kwargs.get("output_attentions") and dispatch.use_kernel(query.device)
 
-    def kernel_for(rows: int, row_edits: list[AttentionEdit]):
-        """The kernel's launch for the last ``rows`` rows, or None (not chosen, or the edits do not fit)."""
-        if not kernel_ok:
+    def last_rows_mask(rows: int) -> torch.Tensor | None:
+        return attention_mask[..., -rows:, :] if attention_mask is not None else None
+
+    def kernel(rows: int, row_edits: list[AttentionEdit]):
+        """``(output of the last rows, each request's statistics)`` from the Triton kernel, or None
+        when it is not chosen here or the edits do not fit it (``dispatch``)."""
+        if call_kwargs.get("output_attentions") or not dispatch.use_kernel(query.device):
             return None
-        mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
-        return dispatch.fold(
-            row_edits, reductions, rows=rows, mask=mask, causal=causal, kv_len=kv_len,
+        launch = dispatch.fold(
+            row_edits, reductions, rows=rows, mask=last_rows_mask(rows), causal=causal, kv_len=kv_len,
             first_row=q_len - rows, device=query.device,
         )  # fmt: skip
+        if launch is None:
+            return None
+        edited, found = dispatch.run_kernel(
+            query[:, :, -rows:], key, value, launch, scaling=reference["scaling"], softcap=reference["softcap"]
+        )
+        return edited, dispatch.split_stats(launch, reductions, found)
 
     weights, probs, kernel_stats = None, None, None
     if score_edits:
         reported_rows = max((r.headmax_rows for r in reductions if r is not None), default=1)
         rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
         row_edits = [_for_rows(e, rows) for e in score_edits]
-        launch = kernel_for(rows, row_edits)
-        if launch is not None:
-            edited, stats_out = dispatch.run_kernel(
-                query[:, :, -rows:], key, value, launch, scaling=reference["scaling"], softcap=reference["softcap"]
-            )
-            kernel_stats = dispatch.split_stats(launch, reductions, stats_out)
+        ran = kernel(rows, row_edits)
+        if ran is not None:
+            edited, kernel_stats = ran
         else:
-            mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
             edited, probs = reference_attention(
-                query[:, :, -rows:], key, value, mask=mask, edits=row_edits, first_row=q_len - rows, **reference
-            )
+                query[:, :, -rows:], key, value, mask=last_rows_mask(rows), edits=row_edits, first_row=q_len - rows,
+                **reference,
+            )  # fmt: skip
         if rows == q_len:
             out = edited
             weights = probs.to(query.dtype) if call_kwargs.get("output_attentions") else None
@@ -212,32 +217,28 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
     else:
         # statistics only (or nothing): the model's own output; the last rows' probabilities recomputed
         rows = min(max((r.headmax_rows for r in wanted), default=1), q_len)
-        launch = kernel_for(rows, []) if wanted else None
-        out = None
-        if launch is not None:
-            edited, stats_out = dispatch.run_kernel(
-                query[:, :, -rows:], key, value, launch, scaling=reference["scaling"], softcap=reference["softcap"]
-            )
-            kernel_stats = dispatch.split_stats(launch, reductions, stats_out)
-            if rows == q_len:  # a decode-shaped call: the kernel's output is the attention
-                out = edited
-        if out is None:
+        ran = kernel(rows, []) if wanted else None
+        if ran is not None:
+            edited, kernel_stats = ran
+        if ran is not None and rows == q_len:  # a decode-shaped call: the kernel's output is the attention
+            out = edited
+        else:
             out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-        if wanted and launch is None:
-            mask = attention_mask[..., -rows:, :] if attention_mask is not None else None
-            probs = attention_probabilities(query[:, :, -rows:], key, mask=mask, first_row=q_len - rows, **reference)
+        if wanted and ran is None:
+            probs = attention_probabilities(
+                query[:, :, -rows:], key, mask=last_rows_mask(rows), first_row=q_len - rows, **reference
+            )
     stats: list[dict[str, torch.Tensor] | None] = []
     for index, edit in enumerate(edits):
-        reported = None
-        if edit.reductions is not None:
-            reductions = edit.reductions
+        asked, reported = edit.reductions, None
+        if asked is not None:
             if kernel_stats is not None:
                 reported = kernel_stats[index]
-            elif reductions.needs_probabilities:
-                reported = reduce_last_row(probs[:, :, -1], reductions, probs[:, :, -reductions.headmax_rows :])
+            elif asked.needs_probabilities:
+                reported = reduce_last_row(probs[:, :, -1], asked, probs[:, :, -asked.headmax_rows :])
             else:
                 reported = {}
-            if reductions.head_outputs:
+            if asked.head_outputs:
                 reported["head_outputs"] = out[:, -1].float()
         stats.append(reported)
     return out, weights, stats
