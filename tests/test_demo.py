@@ -8,12 +8,20 @@ import json
 import os
 import sys
 
+import pexpect
 import pytest
 
 from halluguard.cli import main
 from halluguard.testbed import world
 
 SCENE = ["--scene", "misleading:1", "--max-new-tokens", "40"]
+
+
+def spawn_demo(*argv: str):
+    """``halluguard demo`` in a pseudo-terminal, without colours."""
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="120", TERM="xterm")
+    command = ["-m", "halluguard", "demo", *argv]
+    return pexpect.spawn(sys.executable, command, env=env, encoding="utf-8", timeout=120, dimensions=(50, 120))
 
 
 def run(capsys, *argv):
@@ -92,16 +100,7 @@ def test_attention_map_is_saved(capsys, tmp_path):
 
 
 def test_interactive_session_through_a_pseudo_terminal(tmp_path):
-    pexpect = pytest.importorskip("pexpect")
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="120", TERM="xterm")
-    child = pexpect.spawn(
-        sys.executable,
-        ["-m", "halluguard", "demo", "--max-new-tokens", "16"],
-        env=env,
-        encoding="utf-8",
-        timeout=120,
-        dimensions=(50, 120),
-    )
+    child = spawn_demo("--max-new-tokens", "16")
     try:
         child.expect("picture: misleading scene 1")
         child.expect("> ")
@@ -135,13 +134,8 @@ def test_interactive_session_through_a_pseudo_terminal(tmp_path):
 
 
 def test_ctrl_c_stops_a_generation_and_keeps_the_session():
-    pexpect = pytest.importorskip("pexpect")
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="120", TERM="xterm")
     # hot sampling rarely picks the end token, so the answer runs long enough to interrupt
-    argv = ["-m", "halluguard", "demo", "--method", "none", "--set", "max_tokens=3000", "--set", "sample=on"]
-    child = pexpect.spawn(
-        sys.executable, [*argv, "--set", "temperature=50"], env=env, encoding="utf-8", timeout=120, dimensions=(50, 120)
-    )
+    child = spawn_demo("--method", "none", "--set", "max_tokens=3000", "--set", "sample=on", "--set", "temperature=50")
     try:
         child.expect("> ")
         child.sendline("")
@@ -156,3 +150,9 @@ def test_ctrl_c_stops_a_generation_and_keeps_the_session():
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_a_beam_search_method_decodes_with_its_own_beams(capsys):
+    code, out, _ = run(capsys, *SCENE, "--prompt", "", "--method", "opera", "--json")
+    assert code == 0, "OPERA needs its beams: the demo must not force one"
+    assert json.loads(out)["guarded"]["text"]

@@ -32,6 +32,7 @@ from rich.text import Text
 
 from . import render
 from .core import Demo, DemoError, Turn
+from .meter import ImageAttentionMeter
 
 # a scene of the shipped test model's misleading split where the plain caption names an undrawn object
 DEFAULT_SCENE = "misleading:1"
@@ -84,7 +85,7 @@ def run_once(demo: Demo, args, console: Console) -> int:
     if demo.picture is None:
         raise DemoError("no picture: pass --image FILE (or --scene SPLIT:INDEX with the test model)")
     demo.compare = args.compare
-    probe = _meter(demo) if args.save_attention else None
+    probe = ImageAttentionMeter() if args.save_attention else None
     turn = demo.ask(args.prompt, probe=probe)
     if args.save_attention:
         save_attention(demo, probe, args.save_attention)
@@ -170,7 +171,7 @@ def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str 
     elif name == "attention":
         if len(rest) != 1:
             raise DemoError(":attention takes the PNG file to write")
-        probe = _meter(demo)
+        probe = ImageAttentionMeter()
         _ask(demo, last.prompt if last else "", console, probe=probe)
         save_attention(demo, probe, rest[0])
         console.print(f"saved {rest[0]}")
@@ -232,14 +233,6 @@ def _readline() -> None:
 
 
 # ---- attention map -------------------------------------------------------------------------------------
-
-
-def _meter(demo: Demo):
-    from .meter import ImageAttentionMeter
-
-    if demo.configs and any(name in ("opera",) for name in demo.methods_spec.split("+")):
-        raise DemoError("the attention map is not available with OPERA (its beam search runs alone)")
-    return ImageAttentionMeter()
 
 
 def save_attention(demo: Demo, meter, path: str) -> None:

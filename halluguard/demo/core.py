@@ -31,7 +31,7 @@ class Settings:
     """Decoding settings changed with ``:set key=value``."""
 
     max_new_tokens: int = 48
-    num_beams: int = 1
+    num_beams: int | None = None  # None: the methods' own (OPERA searches with 5 beams), else 1
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -46,10 +46,11 @@ class Settings:
             "sample": "do_sample",
         }
         key = aliases.get(key, key)
-        fields = {f.name: f.type for f in dataclasses.fields(self)}
-        if key not in fields:
-            raise DemoError(f"unknown setting {key!r}; settings: {', '.join(fields)} (or max_tokens, beams, sample)")
-        kind = type(getattr(self, key))
+        kinds = {"max_new_tokens": int, "num_beams": int, "do_sample": bool, "temperature": float, "top_p": float}
+        kind = {**kinds, "seed": int}.get(key)
+        if kind is None:
+            names = ", ".join(f.name for f in dataclasses.fields(self))
+            raise DemoError(f"unknown setting {key!r}; settings: {names} (or max_tokens, beams, sample)")
         try:
             if kind is bool:
                 if value.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
@@ -69,14 +70,16 @@ class Settings:
         return f"{key} = {parsed}"
 
     def generate_kwargs(self) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
+        if self.num_beams is not None:
+            kwargs["num_beams"] = self.num_beams
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         return kwargs
 
     def describe(self) -> str:
         how = f"sampling (t={self.temperature}, p={self.top_p})" if self.do_sample else "greedy"
-        beams = f", {self.num_beams} beams" if self.num_beams > 1 else ""
+        beams = f", {self.num_beams} beams" if (self.num_beams or 1) > 1 else ""
         return f"{how}{beams}, up to {self.max_new_tokens} tokens"
 
 
@@ -303,9 +306,9 @@ class Demo:
         tokenizer = self.processor.tokenizer
         kwargs = self.settings.generate_kwargs()
         streamer = None
-        owns_loop = guarded and any(name in ("opera",) for name in self.methods_spec.split("+"))
-        guided = guarded and any(getattr(c, "mode", "") == "guide" for c in self.configs)
-        if on_piece is not None and self.settings.num_beams == 1 and not owns_loop and not guided:
+        # OPERA's beam search and Lookback's guided decoding settle tokens late and refuse streamers
+        late = guarded and any(c.name == "opera" or getattr(c, "mode", "") == "guide" for c in self.configs)
+        if on_piece is not None and (self.settings.num_beams or 1) == 1 and not late:
             streamer = _PieceStreamer(tokenizer, on_piece)
         torch.manual_seed(self.settings.seed)
         stopped = False
