@@ -24,29 +24,8 @@ import time
 import torch
 
 import halluguard as hg
+from halluguard.bench import load
 from halluguard.cli import method_configs
-
-
-def load(spec: str, batch: int):
-    if spec == "synthetic-medium":
-        from halluguard.bench import synthetic
-
-        return synthetic.build(), synthetic.inputs(batch), "synthetic-medium (random, ~146M)"
-    from halluguard.eval.runner import build_prompt, load_model
-
-    model, processor, name = load_model(spec)
-    if spec == "testbed":
-        from halluguard.testbed import world
-
-        images = [s.render() for s in world.scenes("misleading", batch)]
-    else:
-        from PIL import Image
-
-        images = [Image.new("RGB", (336, 336), (120 + 20 * i, 110, 100)) for i in range(batch)]
-    prompts = [build_prompt(processor, "Please describe this image in detail.")] * batch
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    return model, dict(inputs.to(next(model.parameters()).device)), name
-
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -82,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, inputs, name = load(args.model, args.batch)
+    model, _, inputs, name = load(args.model, args.batch)
     overrides = json.loads(args.config) if args.config else {}
     seconds(model, inputs, 2)  # warm-up
     print(
