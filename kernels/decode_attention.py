@@ -378,15 +378,16 @@ def _merge_kernel(
     GROUPS: tl.constexpr,
     HEAD_SCALE: tl.constexpr,
 ):
-    """One program per (batch row x query row, key/value head): the splits merged under the shared
-    normaliser, the redistribution's factors, the output and the group masses."""
+    """One program per (batch row x query row, group of ``G`` query heads; the launcher uses one
+    head): the splits merged under the shared normaliser, the redistribution's factors, the output
+    and the group masses."""
     br = tl.program_id(0)
-    kvh = tl.program_id(1)
+    first = tl.program_id(1)
     b = br // R
     r = br % R
     offs_g = tl.arange(0, BLOCK_G)
     head_ok = offs_g < G
-    heads = kvh * G + offs_g
+    heads = first * G + offs_g
     offs_s = tl.arange(0, BLOCK_S)
     s_ok = head_ok[:, None] & (offs_s < NUM_SPLITS)[None, :]
     slot = (br * H + heads)[:, None] * NUM_SPLITS + offs_s[None, :]  # (BLOCK_G, BLOCK_S)
@@ -692,16 +693,17 @@ def decode_attention(
         REDISTRIBUTE=spec is not None, GATE=gate is not None, GROUPS=weights is not None, **edits,
         num_warps=num_warps or 2,
     )  # fmt: skip
-    _merge_kernel[(rows, kv_heads)](
+    # one merge program per query head: grouping heads here (no products) only piles up registers
+    _merge_kernel[(rows, num_heads)](
         part_m, part_l, part_acc, part_mass, part_w,
         out, out.stride(0), out.stride(1), out.stride(2),
         *_operand(scale, placeholder, 2), *_operand(eligible, placeholder, 2),
         mass, final,
-        num_rows, num_heads, group, head_dim, num_groups,
+        num_rows, num_heads, 1, head_dim, num_groups,
         float(spec.keep) if spec is not None else 1.0,
         float(spec.gate_min_mass) if spec is not None else 0.0,
         float(spec.gate_max_source_share) if spec is not None else 1.0,
-        NUM_SPLITS=splits, PARTS=parts, BLOCK_G=block_g, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        NUM_SPLITS=splits, PARTS=parts, BLOCK_G=1, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
         BLOCK_NG=triton.next_power_of_2(max(num_groups, 1)),
         REDISTRIBUTE=spec is not None, GATE=gate is not None, ELIGIBLE=eligible is not None,
         GROUPS=weights is not None, HEAD_SCALE=head_scale is not None,
