@@ -260,10 +260,32 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
 
 def build_prompt(processor, text: str) -> str:
     """The model's chat prompt with one image and ``text`` (llava-style fallback without a template)."""
+    return chat_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}])
+
+
+def chat_prompt(processor, messages: list[dict]) -> str:
+    """The model's chat prompt for ``messages`` (transformers' chat format: each content a list of
+    ``{"type": "image"}`` and ``{"type": "text", "text": ...}`` parts), ready for the answer.
+
+    Without a chat template: llava-1.5's plain form, ``"USER: <image>\n{text} ASSISTANT:"`` per
+    user turn (one image token per image), an assistant turn's text after ``ASSISTANT:``, a system
+    turn's text first."""
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: <image>\n{text} ASSISTANT:"
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    pieces = []
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        text = " ".join(p["text"] for p in parts if p["type"] == "text")
+        images = sum(p["type"] == "image" for p in parts)
+        if message["role"] == "system":
+            pieces.append(text)
+        elif message["role"] == "user":
+            pieces.append("USER: " + f"{image_token}\n" * images + text)
+        else:
+            pieces.append(f"ASSISTANT: {text}")
+    return " ".join([*pieces, "ASSISTANT:"])
 
 
 def method_record(guard) -> list[dict]:

@@ -128,40 +128,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def method_configs(spec: str, overrides: str | None) -> list:
     """Configs for ``spec`` ("a+b") with JSON overrides: ``{"field": v}`` for one method, or
     ``{"name": {"field": v}}`` per method; ``overrides`` may also be a JSON file."""
-    from .registry import get_config
+    from .registry import configs_from_spec
 
-    names = [n.strip() for n in spec.split("+") if n.strip()]
-    if overrides is None:
-        try:
-            return [get_config(n) for n in names]
-        except ValueError as err:
-            raise UsageError(f"--method: {err}") from None
-    if not names:
-        raise UsageError("--config needs --method (the method whose fields it sets)")
-    path = Path(overrides)
     try:
-        is_file = path.is_file()
-    except OSError:  # JSON text too long to be a file name
-        is_file = False
-    text = path.read_text() if is_file else overrides
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        where = f"file {path}" if is_file else "text"
-        raise UsageError(f"--config: the {where} is not valid JSON ({err}) and names no file") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config must be a JSON object of fields, got {type(data).__name__}")
-    per_method = data and set(data) <= set(names) and all(isinstance(v, dict) for v in data.values())
-    if not per_method:
-        if len(names) != 1:
-            raise UsageError(
-                f"with several methods, --config must map each method name ({', '.join(names)}) to its fields"
-            )
-        data = {names[0]: data}
-    try:
-        return [get_config(n, **data.get(n, {})) for n in names]
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--config: {err}") from None
+        return configs_from_spec(spec, overrides, method_option="--method", config_option="--config")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 # ---- eval --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import MethodConfig
@@ -119,6 +121,47 @@ def list_methods(available_only: bool = False) -> list[str]:
 def get_config(name: str, **overrides: Any) -> MethodConfig:
     """The config of method ``name`` with its paper defaults, some fields overridden."""
     return entry(name).config_cls.from_dict(overrides)
+
+
+def configs_from_spec(
+    spec: str, overrides: Any = None, *, method_option: str = "methods", config_option: str = "config"
+):
+    """Configs for ``spec`` (``"a+b"``, ``""`` or ``"none"``: no method) with overrides: a dict or its
+    JSON text (or a JSON file's path), ``{"field": v}`` for one method or ``{"name": {"field": v}}`` per
+    method. Errors are ``ValueError``s that name the options as the caller calls them."""
+    names = [n.strip() for n in spec.split("+") if n.strip() and n.strip() != "none"]
+    if overrides is None:
+        try:
+            return [get_config(n) for n in names]
+        except ValueError as err:
+            raise ValueError(f"{method_option}: {err}") from None
+    if not names:
+        raise ValueError(f"{config_option} needs {method_option} (the method whose fields it sets)")
+    data = overrides
+    if isinstance(overrides, str):
+        path = Path(overrides)
+        try:
+            is_file = path.is_file()
+        except OSError:  # JSON text too long to be a file name
+            is_file = False
+        try:
+            data = json.loads(path.read_text() if is_file else overrides)
+        except json.JSONDecodeError as err:
+            where = f"file {path}" if is_file else "text"
+            raise ValueError(f"{config_option}: the {where} is not valid JSON ({err}) and names no file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_option} must be a JSON object of fields, got {type(data).__name__}")
+    per_method = data and set(data) <= set(names) and all(isinstance(v, dict) for v in data.values())
+    if not per_method:
+        if len(names) != 1:
+            raise ValueError(
+                f"with several methods, {config_option} must map each method name ({', '.join(names)}) to its fields"
+            )
+        data = {names[0]: data}
+    try:
+        return [get_config(n, **data.get(n, {})) for n in names]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_option}: {err}") from None
 
 
 def parse_methods(spec: Any) -> list[Any]:

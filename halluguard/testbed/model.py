@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -143,6 +142,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_processor() -> LlavaProcessor:
+    # imported here: without torchvision, naming this class warns (it falls back to its PIL twin), and
+    # only building the model needs it (loading reads the saved processor)
+    from transformers import CLIPImageProcessor
+
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": world.IMAGE_SIZE}, crop_size={"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE}
     )
