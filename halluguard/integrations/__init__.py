@@ -1,0 +1,1 @@
+"""Bridges to evaluation harnesses; each is optional and imports its harness only when used."""
