@@ -490,7 +490,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{model.device}, median of {args.repeats}"
     )
     print(title, flush=True)
-    rows = bench.measure(model, processor, inputs, specs, args.new_tokens, args.repeats, overrides)
+    rows = bench.measure(
+        model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official
+    )
     print(bench.markdown(rows))
     if args.json:
         Path(args.json).write_text(
@@ -514,6 +516,12 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     bench.add_argument("--json", default=None, metavar="FILE", help="write the rows here")
     bench.add_argument("--chart", default=None, metavar="FILE.png", help="bar chart of the ratios")
+    bench.add_argument(
+        "--official",
+        action="store_true",
+        help="add the official implementations' way for the attention-reading methods: eager attention "
+        "returning the maps at every step, a contrast branch as a second sequential forward, OPERA's 5 beams",
+    )
     bench.set_defaults(func=_cmd_bench)
 
 

@@ -16,6 +16,12 @@ guarded, plain, guarded, ...) after a warm-up, so drifts of a shared machine hit
 
 A method's own decoding settings apply (OPERA searches with its 5 beams; plain is greedy). Timings
 are for reading, not for tests.
+
+``official=True`` adds rows that re-enact how the official implementations of the attention-reading
+methods decode (:data:`OFFICIAL`): eager attention with ``output_attentions`` at every step (whole
+attention maps materialised and returned), and a contrast branch as a second, sequential forward with
+its own cache. They time that floor (the maps and the forwards), not each method's arithmetic on the
+maps, so the official cost is at least what they show.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ import torch
 
 # fields some methods need on a model without calibration data (the synthetic model has no sink table)
 SYNTHETIC_OVERRIDES = {"var": {"sink_dims": [0, 1], "tau": 1.5}}
+# official-way rows: name -> (sequential forwards per step, beams)
+OFFICIAL = {
+    "official way: maps (VAR, Lookback)": (1, 1),
+    "official way: maps + 2nd forward (AvisC)": (2, 1),
+    "official way: maps, 5 beams (OPERA)": (1, 5),
+}
 
 
 @dataclasses.dataclass
@@ -99,7 +111,57 @@ def _peak_mb(device: torch.device) -> float | None:
         return None
 
 
-def _run(model, inputs, new_tokens: int, counter: _Counter, memory: bool = False) -> tuple[float, int, float | None]:
+def _plain(model, inputs, new_tokens: int) -> None:
+    model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+
+def _official(forwards: int, beams: int):
+    """Greedy (or beam) decoding as the official attention-reading implementations run it: every
+    forward returns its attention maps; ``forwards`` > 1 runs each step's branches one after another,
+    each with its own cache (the contrast of their logits costs next to nothing and is left out)."""
+
+    def run(model, inputs, new_tokens: int) -> None:
+        if forwards == 1:
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=beams,
+                output_attentions=True,
+                return_dict_in_generate=True,
+            )
+            return
+        from transformers import DynamicCache
+
+        caches = [DynamicCache(config=model.config.get_text_config(decoder=True)) for _ in range(forwards)]
+        mask = inputs["attention_mask"]
+        outs = [model(**inputs, past_key_values=c, use_cache=True, output_attentions=True) for c in caches]
+        for _ in range(new_tokens - 1):
+            token = outs[0].logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            outs = [
+                model(input_ids=token, attention_mask=mask, past_key_values=c, use_cache=True, output_attentions=True)
+                for c in caches
+            ]
+
+    return run
+
+
+@contextlib.contextmanager
+def _eager_text(model):
+    """The text backbone on eager attention (which returns maps), restored afterwards."""
+    before = model.config.get_text_config(decoder=True)._attn_implementation
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": before})
+
+
+def _run(
+    model, inputs, new_tokens: int, counter: _Counter, memory: bool = False, generate=_plain
+) -> tuple[float, int, float | None]:
     device = model.device
     if memory:
         _peak_reset(device)
@@ -108,23 +170,44 @@ def _run(model, inputs, new_tokens: int, counter: _Counter, memory: bool = False
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        generate(model, inputs, new_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, counter.calls - calls, _peak_mb(device) if memory else None
 
 
-def measure(model, processor, inputs, specs: list[str], new_tokens: int, repeats: int, overrides: dict, echo=print):
-    """One ``Row`` for plain generation and one per spec, timed as the module docstring says."""
+def measure(
+    model, processor, inputs, specs: list[str], new_tokens: int, repeats: int, overrides: dict, echo=print,
+    official: bool = False,
+):  # fmt: skip
+    """One ``Row`` for plain generation, one per spec, and with ``official`` one per :data:`OFFICIAL`
+    re-enactment, timed as the module docstring says."""
     import halluguard as hg
     from halluguard.cli import method_configs
 
     counter = _Counter(model)
     batch = inputs["input_ids"].shape[0]
+    results = {}
+
+    def interleaved(name: str, guarded, generate=_plain) -> None:
+        """``repeats`` x (plain run, run inside ``guarded()``), each a prompt run and a full run."""
+        times = {"plain": [], "guarded": []}
+        forwards, peaks = [], {}
+        for r in range(repeats):
+            for side in ("plain", "guarded"):
+                with guarded() if side == "guarded" else contextlib.nullcontext():
+                    how = generate if side == "guarded" else _plain
+                    prompt, prompt_calls, _ = _run(model, inputs, 1, counter, generate=how)
+                    full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=r == 0, generate=how)
+                times[side].append((prompt, full))
+                if r == 0:
+                    peaks[side] = peak
+                    forwards.append((full_calls - prompt_calls) / new_tokens)
+        results[name] = (times, forwards, peaks)
+        echo(f"  {name}: done")
+
     try:
         _run(model, inputs, 2, counter)  # warm-up
-        plain_runs: list[tuple[float, float]] = []
-        results = {}
         for spec in specs:
             chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
             configs = method_configs(spec, json.dumps(chosen) if chosen else None)
@@ -134,26 +217,14 @@ def measure(model, processor, inputs, specs: list[str], new_tokens: int, repeats
             except ValueError as err:  # a method that needs data this model lacks (VAR's sinks, DeCoRe's heads)
                 echo(f"  {spec}: skipped: {str(err).splitlines()[0]}")
                 continue
-            times = {"plain": [], "guarded": []}
-            forwards, peaks = [], {}
-            for r in range(repeats):
-                for side in ("plain", "guarded"):
-                    guard = hg.wrap(model, processor, configs) if side == "guarded" else None
-                    try:
-                        prompt, prompt_calls, _ = _run(model, inputs, 1, counter)
-                        full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=r == 0)
-                    finally:
-                        if guard is not None:
-                            guard.unwrap()
-                    times[side].append((prompt, full))
-                    if r == 0:
-                        peaks[side] = peak
-                        forwards.append((full_calls - prompt_calls) / new_tokens)
-            plain_runs.extend(times["plain"])
-            results[spec] = (times, forwards, peaks)
-            echo(f"  {spec}: done")
+            interleaved(spec, lambda configs=configs: hg.wrap(model, processor, configs))
+        for name, (forwards, beams) in OFFICIAL.items() if official else ():
+            with _eager_text(model):
+                _run(model, inputs, 2, counter, generate=_official(forwards, beams))  # warm-up
+            interleaved(name, lambda: _eager_text(model), _official(forwards, beams))
     finally:
         counter.handle.remove()
+    plain_runs = [run for times, _, _ in results.values() for run in times["plain"]]
     plain_peaks = [p["plain"] for _, _, p in results.values() if p.get("plain") is not None]
     plain_forwards = [f[0] for _, f, _ in results.values()]
     rows = [
@@ -167,8 +238,8 @@ def measure(model, processor, inputs, specs: list[str], new_tokens: int, repeats
             statistics.median(plain_forwards) if plain_forwards else 1.0,
         )
     ]
-    for spec, (times, forwards, peaks) in results.items():
-        rows.append(_row(spec, times["guarded"], times["plain"], new_tokens, batch, peaks.get("guarded"), forwards[1]))
+    for name, (times, forwards, peaks) in results.items():
+        rows.append(_row(name, times["guarded"], times["plain"], new_tokens, batch, peaks.get("guarded"), forwards[1]))
     return rows
 
 
