@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 
-def ours(out: Path, method: str, split: str, args) -> list[dict]:
+def ours(out: Path, method: str, split: str, args) -> tuple[list[dict], dict]:
     from halluguard import cli
 
     argv = ["eval", "pope", "--dataset", "testbed", "--num-images", str(args.num_images), "--splits", split]

@@ -175,11 +175,6 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError("--config needs --method (the method whose fields it sets)")
 
 
-def _method_beams(methods: list) -> int:
-    """The beam count a method runs with when none is given (a beam-search method's own), else 1."""
-    return next((int(cfg.num_beams) for cfg in methods if getattr(cfg, "num_beams", None)), 1)
-
-
 def _task(args: argparse.Namespace):
     from .eval import runner
 
@@ -221,13 +216,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_eval_args(args)
     methods = method_configs(args.method, args.config)
     from .eval import runner
+    from .registry import method_beams
 
     try:
         task = _task(args)
         settings = runner.RunSettings(
             runner.Decoding(
                 max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
-                num_beams=args.num_beams or _method_beams(methods),
+                num_beams=args.num_beams or method_beams(methods),
                 do_sample=args.do_sample,
                 temperature=args.temperature or 1.0,
                 top_p=args.top_p or 1.0,

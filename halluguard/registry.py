@@ -164,6 +164,12 @@ def configs_from_spec(
         raise ValueError(f"{config_option}: {err}") from None
 
 
+def method_beams(configs: list) -> int:
+    """The beam count a composition runs with when a call names none: a beam-search method's own
+    (OPERA's ``num_beams``), else 1."""
+    return next((int(c.num_beams) for c in configs if getattr(c, "num_beams", None)), 1)
+
+
 def parse_methods(spec: Any) -> list[Any]:
     """Flatten a method spec into a list of configs (and ready-made ``Method`` objects).
 

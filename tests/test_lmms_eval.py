@@ -173,14 +173,71 @@ def test_wrong_model_args_are_one_clear_error_before_the_model_loads(lmms_eval, 
     assert message in str(err.value)
 
 
-def test_scoring_by_log_likelihood_is_refused_with_a_reason(lmms_eval):
+def test_the_model_records_its_methods_refuses_log_likelihood_and_unwraps_on_clean(lmms_eval):
     from halluguard.integrations.lmms_eval.model import Halluguard
 
     model = Halluguard(pretrained="testbed", methods="pai")
     assert "pai" in model.name and model.record["methods"][0]["method"] == "pai"
     with pytest.raises(NotImplementedError, match="generation tasks"):
         model.loglikelihood([])
-    with pytest.raises(NotImplementedError, match="single-round"):
-        model.generate_until_multi_round([])
     model.clean()
     assert not model.guard.wrapped
+
+
+TWO_ROUNDS_YAML = """task: halluguard_test_two_rounds
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: pope_random.parquet
+test_split: test
+output_type: generate_until_multi_round
+doc_to_visual: !function halluguard.integrations.lmms_eval.tasks.doc_to_visual
+doc_to_text: !function two_rounds.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 10
+  temperature: 0
+  do_sample: false
+  num_beams: 1
+process_results: !function two_rounds.process_results
+metric_list:
+  - metric: rounds
+    aggregation: mean
+    higher_is_better: true
+"""
+
+TWO_ROUNDS_PY = '''
+def doc_to_text(doc, lmms_eval_specific_kwargs=None, previous_output=None, round_idx=None, previous_round_info=None):
+    """Round 0 and 1 ask the doc's question (round 1 only after round 0's answer came back); round 2 ends."""
+    if round_idx is None:
+        return doc["question"]
+    assert len(previous_output) == round_idx and previous_round_info == (round_idx - 1 or None)
+    if round_idx == 2:
+        return None, None, True, previous_output, None
+    return [doc["image"].convert("RGB")], doc["question"], False, previous_output, round_idx
+
+
+def process_results(doc, results):
+    return {"rounds": len(results[0])}
+'''
+
+
+def test_multi_round_tasks_get_every_round_answered_in_turn(lmms_eval, task_dir, tmp_path):
+    from lmms_eval.tasks import TaskManager
+
+    (task_dir / "two_rounds.yaml").write_text(TWO_ROUNDS_YAML)
+    (task_dir / "two_rounds.py").write_text(TWO_ROUNDS_PY)
+    results = lmms_eval.evaluator.simple_evaluate(
+        model="halluguard",
+        model_args=f"pretrained=testbed,methods=vcd,config={STRONG_VCD}",
+        tasks=["halluguard_test_two_rounds"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        batch_size=4,
+        log_samples=True,
+        verbosity="ERROR",
+    )
+    assert results["results"]["halluguard_test_two_rounds"]["rounds,none"] == 2
+    samples = sorted(results["samples"]["halluguard_test_two_rounds"], key=lambda s: s["doc_id"])
+    rounds = [s["resps"][0][0] for s in samples]  # one request per doc, its answers round by round
+    ours, _ = through_halluguard_eval(tmp_path, "vcd", STRONG_VCD)
+    assert rounds == [[answer, answer] for answer in ours]

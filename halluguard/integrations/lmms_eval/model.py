@@ -17,6 +17,7 @@ holds requests with the same generation settings, left-padded in one processor c
 not depend on the batch size (up to floating-point noise). Each task's ``do_sample``,
 ``temperature`` and ``top_p`` are kept; its ``until`` strings cut the answer. The methods' own
 default decoding (e.g. VCD's sampling) applies only where neither the task nor the arguments choose.
+Multi-round tasks are answered round by round, each round a fresh prompt of the task's messages.
 
 What ran (halluguard's version, the model, each method's full config) is logged when the model
 loads and is :attr:`Halluguard.record`; lmms-eval's results record ``model_args``, and, when a
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from ..._version import __version__
 from ...api import wrap
 from ...eval.runner import DTYPES, chat_prompt, load_model
-from ...registry import configs_from_spec
+from ...registry import configs_from_spec, method_beams
 
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", **{d: d for d in DTYPES}}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's models' default when a task names none
@@ -55,10 +56,6 @@ def _count(value: Any, name: str, allow_none: bool = True) -> int | None:
     if count is None or count < 1 or str(value).strip() not in (str(count), f"{count}.0"):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return count
-
-
-def _method_beams(configs: list) -> int | None:
-    return next((int(c.num_beams) for c in configs if getattr(c, "num_beams", None)), None)
 
 
 class Halluguard(lmms):
@@ -94,7 +91,7 @@ class Halluguard(lmms):
         self.num_beams = _count(num_beams, "num_beams")
         spec = "" if methods in (None, False) else str(methods)
         configs = configs_from_spec(spec, config, method_option="methods", config_option="config")
-        self.method_beams = _method_beams(configs)
+        self.method_beams = method_beams(configs)
 
         model, processor, name = load_model(str(pretrained), dtype=DTYPE_NAMES[str(dtype)], device=device)
         processor.tokenizer.padding_side = "left"
@@ -133,31 +130,64 @@ class Halluguard(lmms):
         super().clean()
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Never called for this model: lmms-eval gives a chat model (``is_simple = False``) its tasks
+        as message tasks, which make generation requests only (log-likelihood tasks are refused when
+        they are built)."""
         raise NotImplementedError(
-            "halluguard answers generation tasks (generate_until); tasks scored by log-likelihood are not "
-            "supported: the methods act on decoding"
+            "halluguard answers generation tasks; lmms-eval builds no log-likelihood requests for chat models"
         )
-
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError("halluguard answers single-round generation tasks (generate_until)")
 
     # ---- generation ---------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        """Answers in request order; requests with the same generation settings and the same presence
-        of images are batched together, in their original order."""
-        groups: dict[str, list[int]] = defaultdict(list)
-        prepared = []
+        """Answers in request order (batched as :meth:`_answer_all` says)."""
+        items = []
+        for request in requests:
+            _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+            items.append((*self._messages(doc_to_messages(self.task_dict[task][split][doc_id])), gen_kwargs))
+        return self._answer_all(items, "halluguard answering")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Each request's answers, round by round: round 0 asks ``doc_to_messages(doc)``, round ``k``
+        asks ``doc_to_messages(doc, round_idx=k, previous_output=<answers so far>,
+        previous_round_info=...)``, whose ``(messages, terminal, previous_output, round_info)`` ends the
+        request when ``terminal`` (or when it is not such a tuple). Every round is a fresh prompt
+        (the task's messages carry whatever history it wants); requests still going are answered
+        together, round by round."""
+        docs, outputs, infos = [], [[] for _ in requests], [None] * len(requests)
+        pending = []
         for index, request in enumerate(requests):
             _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-            messages, images = self._messages(doc_to_messages(self.task_dict[task][split][doc_id]))
-            prepared.append((messages, images, dict(gen_kwargs)))
-            key = json.dumps({"gen": gen_kwargs, "images": bool(images)}, sort_keys=True, default=str)
-            groups[key].append(index)
+            doc = self.task_dict[task][split][doc_id]
+            docs.append((doc_to_messages, doc, gen_kwargs))
+            pending.append((index, self._messages(doc_to_messages(doc))))
+        round_idx = 0
+        while pending:
+            items = [(*messages, docs[index][2]) for index, messages in pending]
+            answers = self._answer_all(items, f"halluguard answering, round {round_idx}")
+            round_idx += 1
+            still = []
+            for (index, _), answer in zip(pending, answers):
+                outputs[index].append(answer.text)
+                doc_to_messages, doc, _ = docs[index]
+                payload = doc_to_messages(
+                    doc, round_idx=round_idx, previous_output=list(outputs[index]), previous_round_info=infos[index]
+                )
+                if isinstance(payload, tuple) and len(payload) == 4 and not payload[1]:
+                    infos[index] = payload[3]
+                    still.append((index, self._messages(payload[0])))
+            pending = still
+        return outputs
+
+    def _answer_all(self, items: list[tuple[list[dict], list, dict]], desc: str) -> list[GenerationResult]:
+        """Answers to ``(messages, images, generation kwargs)`` items, in their order; items with the
+        same generation settings and the same presence of images share batches, in their order."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, (_, images, gen_kwargs) in enumerate(items):
+            groups[json.dumps({"gen": gen_kwargs, "images": bool(images)}, sort_keys=True, default=str)].append(index)
         batches = [ids[i : i + self.batch_size] for ids in groups.values() for i in range(0, len(ids), self.batch_size)]
-        results: list[GenerationResult | None] = [None] * len(requests)
-        for batch in tqdm(batches, desc="halluguard answering", disable=self.rank != 0):
-            answers = self._answer([prepared[i] for i in batch])
-            for i, answer in zip(batch, answers):
+        results: list[GenerationResult | None] = [None] * len(items)
+        for batch in tqdm(batches, desc=desc, disable=self.rank != 0):
+            for i, answer in zip(batch, self._answer([items[i] for i in batch])):
                 results[i] = answer
         return results  # type: ignore[return-value]
 
@@ -183,12 +213,12 @@ class Halluguard(lmms):
 
     def _decoding(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
         """``generate`` keyword arguments from a task's generation kwargs, and its stop strings."""
-        until = gen_kwargs.pop("until", None) or []
+        until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
         task_beams = int(gen_kwargs.get("num_beams") or 1)
-        beams = self.num_beams or (self.method_beams if task_beams == 1 and self.method_beams else task_beams)
+        beams = self.num_beams or (self.method_beams if task_beams == 1 else task_beams)
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
             "num_beams": beams,
@@ -219,10 +249,10 @@ class Halluguard(lmms):
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         new = sequences[:, inputs["input_ids"].shape[1] :]
         answers = []
+        pad = self.processor.tokenizer.pad_token_id
         for row, text in zip(new, self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)):
             for stop in until:
                 text = text.split(stop)[0]
-            pad = self.processor.tokenizer.pad_token_id
             tokens = int((row != pad).sum()) if pad is not None else len(row)
             answers.append(GenerationResult(text=text.strip(), token_counts=TokenCounts(output_tokens=tokens)))
         return answers
