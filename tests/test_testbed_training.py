@@ -85,3 +85,32 @@ def test_lookalike_questions_ask_about_absent_shapes_close_to_a_drawn_one():
             rank = sorted(closeness.values(), reverse=True)
             assert closeness[q["category"]] >= rank[train.LOOKALIKE_TOP - 1]
     assert 70 < negatives < 130
+
+
+def test_question_examples_ask_several_questions_one_per_turn_and_label_only_the_answers():
+    """A question example is a conversation of distinct yes/no questions; the labels are each answer
+    and its end token, in order, and nothing of the prompts; the first turn is the eval's prompt."""
+    processor = testbed_model.build_processor()
+    processor.tokenizer.padding_side = "right"
+    popularity, cooc = world.category_frequencies(300), world.cooccurrence(300)
+    scenes = list(world.scenes("train", 6))
+    rng = np.random.default_rng(0)
+    batch, imaged = train.make_batch(processor, scenes, rng, popularity, cooc, 0.0, 0.0, questions=3)
+    assert len(imaged) == 6
+    tok = processor.tokenizer
+    replay = np.random.default_rng(0)
+    for row, scene in enumerate(scenes):
+        turns, is_caption = train.make_example(scene, replay, popularity, cooc, 0.0, None, 3)
+        assert not is_caption and len(turns) == 3
+        assert len({prompt.split(" in the image")[0] for prompt, _ in turns}) == 3  # distinct categories
+        for prompt, answer in turns:
+            category = prompt.split("Is there a ")[1].split(" in the image?")[0]
+            assert answer == ("yes" if category in scene.categories else "no")
+        labels = batch["labels"][row][batch["labels"][row] != -100]
+        assert tok.convert_ids_to_tokens(labels.tolist()) == [t for _, a in turns for t in (a, "</s>")]
+        text = tok.decode(batch["input_ids"][row][batch["attention_mask"][row] == 1])
+        assert text.count("assistant :") == 3
+        first = train.conversation(turns[:1], True)
+        assert first.startswith(testbed_model.PROMPT_TEMPLATE.format(text=turns[0][0]))
+    one, _ = train.make_batch(processor, scenes, np.random.default_rng(0), popularity, cooc, 0.0, 0.0, questions=1)
+    assert int((one["labels"] != -100).sum()) == 2 * 6

@@ -406,7 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument(
-        "--compare", help="JSON results of another model (an earlier --json) to show beside these, as 'name=FILE'"
+        "--compare",
+        action="append",
+        default=[],
+        help="JSON results of another model (an earlier --json) to show beside these, as 'name=FILE' (repeatable)",
     )
     parser.add_argument("--write-report", action="store_true", help="put the section into the model's REPORT.md")
     args = parser.parse_args(argv)
@@ -415,8 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     columns = [("this model", results)]
-    if args.compare:
-        name, _, file = args.compare.partition("=")
+    for compare in args.compare:
+        name, _, file = compare.partition("=")
         columns.append((name, json.loads(Path(file).read_text())))
     section = markdown(columns)
     print(section)

@@ -32,6 +32,7 @@ def generate_texts(
     for i in range(0, len(prompts), batch_size):
         texts = [PROMPT_TEMPLATE.format(text=p) for p in prompts[i : i + batch_size]]
         enc = processor(images=images[i : i + batch_size], text=texts, return_tensors="pt", padding=True)
+        enc = enc.to(model.device)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
         out += processor.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out

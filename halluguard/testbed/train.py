@@ -1,16 +1,14 @@
-"""Train the test model from scratch (CPU, reproducible from a seed), then in further joint phases.
+"""Train the test model from scratch (CPU, reproducible from a seed), then in a further joint phase.
 
-    python -m halluguard.testbed.train --out /tmp/run2 --pair-probability 0.9 --faint-visibility 0.04 0.14 \
-        --random-questions 0.3333 --caption-share 0.35 --eval-every 750 --minutes 80 --final-count 300
-    python -m halluguard.testbed.train --init /tmp/run2 --first-step 3800 --steps 900 --lr 3e-4 --warmup 30 \
-        --caption-share 0.25 --pair-probability 0.97 --random-questions 0.6 --eval-every 300 --final-count 300 \
-        --out /tmp/run3
-    python -m halluguard.testbed.train --init /tmp/run3 --first-step 4700 --steps 300 --lr 2e-4 --warmup 20 \
-        --caption-share 0.2 --eval-every 1000 --final-count 300
+    python -m halluguard.testbed.train --out /tmp/a --steps 2000 --minutes 34 --pair-probability 0.95 \
+        --faint-visibility 0.04 0.14 --random-questions 0.5 --caption-share 0.35 --eval-every 700 --final-count 100
+    python -m halluguard.testbed.train --init /tmp/a --first-step 2800 --steps 700 --minutes 12.1 --lr 3e-4 \
+        --warmup 30 --caption-share 0.25 --pair-probability 0.99 --random-questions 0.7 --eval-every 350 \
+        --final-count 300
 
-These three commands made the shipped ``model/`` (its REPORT.md gives the measured times and
-numbers; the world's current ``PAIR_PROBABILITY`` 0.99, faint visibility 0.02-0.10 and 70% random
-question negatives are the last phase's).
+These two commands made the shipped ``model/`` in 43.2 minutes of 2 cores (its REPORT.md gives the
+measured times and numbers; the world's current ``PAIR_PROBABILITY`` 0.99, faint visibility
+0.02-0.10 and 70% random question negatives are the last phase's).
 
 Training runs in three phases over one global step counter (``--vision-steps``, ``--text-steps``,
 then ``--steps`` of the joint phase), all recorded in the report:
@@ -23,11 +21,13 @@ then ``--steps`` of the joint phase), all recorded in the report:
    co-occurrence of anchors and partners becomes a language prior.
 3. **joint**: the whole model on images: ``CAPTION_SHARE`` of the examples are captions ("Describe
    the image." and variants), the others POPE-style yes/no questions with random, popular and
-   adversarial negatives; ``IMAGE_DROP`` of the caption examples drop their image, so the image-free
-   branch stays a trained prior. The cell head's loss goes on at ``--cell-weight``.
+   adversarial negatives, ``--questions-per-example`` of them per example, one per turn;
+   ``IMAGE_DROP`` of the caption examples drop their image, so the image-free branch stays a trained
+   prior. The cell head's loss goes on at ``--cell-weight``.
 
-The language-model loss is on the answer tokens only. Every step draws a fresh batch of training
-scenes. Held-out metrics are printed periodically; the final evaluation is written to
+The language-model loss is on the answer tokens only (every answer of a multi-turn example). Every
+step draws a fresh batch of training scenes. Held-out metrics are printed periodically; the final
+evaluation is written to
 ``report.json`` and ``REPORT.md`` beside the weights (fp16 safetensors, loaded back in fp32 by
 ``from_pretrained``). Training stops at the last step or after ``--minutes``, whichever
 comes first. ``--init DIR --first-step N --steps M`` continues a saved model with a further joint
@@ -76,6 +76,9 @@ QUESTION_KINDS = {"random": 0.7, "popular": 0.15, "adversarial": 0.15}
 # training-only negatives among the absent shapes closest to a drawn one (``--lookalike-questions``):
 # a model that answers from a coarse shape feature says "yes" to a pentagon beside a hexagon
 LOOKALIKE_TOP = 3
+# yes/no questions per question example, one per turn: a question is far shorter than a caption, so
+# a batch padded to its captions' length carries three questions in about the space of one
+QUESTIONS_PER_EXAMPLE = 3
 
 
 def lookalike_question(scene: world.Scene, rng: np.random.Generator, similarity) -> dict:
@@ -92,6 +95,14 @@ def lookalike_question(scene: world.Scene, rng: np.random.Generator, similarity)
     return {"image_id": scene.image_id, "category": category, "text": world.question(category), "label": label}
 
 
+def draw_question(scene: world.Scene, rng: np.random.Generator, popularity, cooc, similarity=None) -> dict:
+    """One yes/no question about ``scene``, its negative kind drawn from ``QUESTION_KINDS``."""
+    kind = str(rng.choice(list(QUESTION_KINDS), p=list(QUESTION_KINDS.values())))
+    if kind == "lookalike":
+        return lookalike_question(scene, rng, similarity)
+    return rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
+
+
 def make_example(
     scene: world.Scene,
     rng: np.random.Generator,
@@ -99,16 +110,42 @@ def make_example(
     cooc,
     caption_share: float = CAPTION_SHARE,
     similarity=None,
-) -> tuple[str, str, bool]:
-    """(prompt text, answer, is a caption) for one scene: a caption or a yes/no question."""
+    questions: int = QUESTIONS_PER_EXAMPLE,
+) -> tuple[list[tuple[str, str]], bool]:
+    """The turns (prompt text, answer) of one example about ``scene``, and whether it is a caption.
+
+    A caption example is one turn; a question example asks up to ``questions`` yes/no questions
+    about different categories, one per turn, as multi-turn visual question answering data does."""
     if rng.random() < caption_share:
-        return str(rng.choice(CAPTION_PROMPTS)), scene.caption, True
-    kind = str(rng.choice(list(QUESTION_KINDS), p=list(QUESTION_KINDS.values())))
-    if kind == "lookalike":
-        q = lookalike_question(scene, rng, similarity)
-    else:
-        q = rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
-    return q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"], False
+        return [(str(rng.choice(CAPTION_PROMPTS)), scene.caption)], True
+    turns, asked = [], set()
+    for _ in range(2 * questions):  # a few extra draws, so repeated categories are rarely short
+        q = draw_question(scene, rng, popularity, cooc, similarity)
+        if q["category"] not in asked:
+            asked.add(q["category"])
+            turns.append((q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"]))
+        if len(turns) == questions:
+            break
+    return turns, False
+
+
+def conversation(turns: list[tuple[str, str]], image: bool) -> str:
+    """The chat-template text of ``turns``, the first with the image (or the image-free template)."""
+    first = (PROMPT_TEMPLATE if image else TEXT_ONLY_TEMPLATE).format(text=turns[0][0])
+    text = first + " " + turns[0][1] + "</s>"
+    return text + "".join(f"USER: {prompt} ASSISTANT: {answer}</s>" for prompt, answer in turns[1:])
+
+
+def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, assistant: int, eos: int) -> torch.Tensor:
+    """Labels that keep only the answers: the tokens after each "assistant :" up to its ``</s>``."""
+    labels = torch.full_like(input_ids, -100)
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row].tolist()
+        for start in (i + 2 for i, t in enumerate(ids) if t == assistant):
+            end = next((i for i in range(start, len(ids)) if ids[i] == eos), len(ids) - 1)
+            labels[row, start : end + 1] = input_ids[row, start : end + 1]
+    labels[attention_mask == 0] = -100
+    return labels
 
 
 def make_batch(
@@ -120,29 +157,26 @@ def make_batch(
     caption_share: float = CAPTION_SHARE,
     image_drop: float = IMAGE_DROP,
     similarity=None,
+    questions: int = QUESTIONS_PER_EXAMPLE,
 ) -> tuple[dict, list[world.Scene]]:
     """A right-padded batch with answer-only labels, and the scenes whose images it carries.
 
     ``caption_share`` 1 and ``image_drop`` 1 give the text-only phase's batches."""
     texts, imaged = [], []
     for scene in scenes:
-        prompt, answer, is_caption = make_example(scene, rng, popularity, cooc, caption_share, similarity)
-        if is_caption and rng.random() < image_drop:
-            texts.append(TEXT_ONLY_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
-        else:
-            texts.append(PROMPT_TEMPLATE.format(text=prompt) + " " + answer + "</s>")
+        turns, is_caption = make_example(scene, rng, popularity, cooc, caption_share, similarity, questions)
+        image = not (is_caption and rng.random() < image_drop)
+        texts.append(conversation(turns, image))
+        if image:
             imaged.append(scene)
     if imaged:
         enc = processor(images=[s.render() for s in imaged], text=texts, return_tensors="pt", padding=True)
     else:
         enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
-    labels = enc["input_ids"].clone()
-    assistant = processor.tokenizer.convert_tokens_to_ids("assistant")
-    for row in range(labels.shape[0]):
-        start = int((enc["input_ids"][row] == assistant).nonzero()[-1]) + 2  # after "assistant :"
-        labels[row, :start] = -100
-    labels[enc["attention_mask"] == 0] = -100
-    enc["labels"] = labels
+    tok = processor.tokenizer
+    enc["labels"] = answer_labels(
+        enc["input_ids"], enc["attention_mask"], tok.convert_tokens_to_ids("assistant"), tok.eos_token_id
+    )
     return enc, imaged
 
 
@@ -183,6 +217,7 @@ class CellHead(torch.nn.Module):
                 else:
                     category[row, obj.cell] = world.CATEGORIES.index(obj.category)
                     color[row, obj.cell] = colors.index(obj.color)
+        category, color = category.to(f.device), color.to(f.device)
         ce = torch.nn.functional.cross_entropy
         return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
 
@@ -291,6 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device to train on (the report records it)")
+    parser.add_argument(
+        "--questions-per-example",
+        type=int,
+        default=QUESTIONS_PER_EXAMPLE,
+        help="yes/no questions per question example, one per turn",
+    )
     parser.add_argument("--caption-share", type=float, default=CAPTION_SHARE, help="share of caption examples")
     parser.add_argument("--image-drop", type=float, default=IMAGE_DROP, help="share of captions without image")
     parser.add_argument(
@@ -352,7 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(report_file.read_text()) if report_file.exists() else None
     else:
         model = build_model(args.seed)
-    cells = CellHead(model)
+    device = torch.device(args.device)
+    model.to(device)
+    cells = CellHead(model).to(device)
     params = list(model.named_parameters()) + list(cells.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
@@ -383,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         "image_drop": args.image_drop,
         "cell_weight": args.cell_weight,
         "question_kinds": dict(QUESTION_KINDS),
+        "questions_per_example": args.questions_per_example,
     }
     bar = tqdm(range(args.first_step, total), desc="training", unit="step")
     at = args.first_step
@@ -395,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
         if phase == "vision":
             pixels = train_processor.image_processor([s.render() for s in batch_scenes], return_tensors="pt")
-            model.model.vision_tower(pixels["pixel_values"])
+            model.model.vision_tower(pixels["pixel_values"].to(device))
             loss = lm_loss = cells.loss(batch_scenes)
         else:
             text = phase == "text"
@@ -408,8 +453,9 @@ def main(argv: list[str] | None = None) -> None:
                 1.0 if text else args.caption_share,
                 1.0 if text else args.image_drop,
                 similarity,
+                args.questions_per_example,
             )
-            lm_loss = model(**batch).loss
+            lm_loss = model(**batch.to(device)).loss
             loss = lm_loss + (args.cell_weight * cells.loss(imaged) if imaged else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -474,7 +520,12 @@ def main(argv: list[str] | None = None) -> None:
         "train_minutes": train_minutes,
         "train_cpu_minutes": train_cpu_minutes,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": f"{platform.machine()}, {args.threads} threads",
+        "machine": f"{platform.machine()}, {args.threads} threads"
+        + (
+            ""
+            if device.type == "cpu"
+            else f", {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
+        ),
         "torch": torch.__version__,
         "final": final,
         "history": history,
