@@ -11,8 +11,8 @@ from halluguard import testbed
 from halluguard.testbed import evaluate, world
 from halluguard.testbed.model import IMAGE_TOKENS, PROMPT_TEMPLATE
 
-# margins below the measured 300-scene numbers (model/REPORT.md: recall 95.4, POPE random 78.3,
-# misleading CHAIR_i 8.4, faint partner named 78%), for 100 fresh scenes
+# margins below the measured 300-scene numbers (model/REPORT.md: recall 94.7, POPE random 79.0,
+# misleading CHAIR_i 9.5, faint partner named 79%), for 100 fresh scenes
 TEST_RECALL_MIN = 85
 POPE_RANDOM_MIN = 70
 MISLEADING_CHAIR_I_MIN = 4
@@ -63,7 +63,7 @@ def test_measured_behaviour_holds_on_fresh_held_out_scenes(shipped):
     final = report["final"]
     assert final["test"]["recall"] >= 80  # the recall floor (POPE random and misleading CHAIR_i: see REPORT.md)
     assert final["pope_random"]["accuracy"] >= 75 and final["misleading"]["chair_i"] >= 7
-    assert report["train_cpu_minutes"] <= 45 * 2  # 45 minutes of 2 cores
+    assert report["train_minutes"] <= 45 and report["train_cpu_minutes"] <= 45 * 2  # 45 minutes of 2 cores
     assert report["parameters"] < 10e6
 
 
@@ -76,6 +76,7 @@ def test_the_report_records_every_training_phase(shipped):
         assert after["first_step"] == before["first_step"] + before["steps"]
     assert phases[-1]["first_step"] + phases[-1]["steps"] == report["steps"]
     assert abs(sum(p["cpu_minutes"] for p in phases) - report["train_cpu_minutes"]) < 0.5
+    assert all(p["questions_per_example"] >= 1 for p in phases if p["phase"] == "joint")
 
 
 def test_guarding_the_shipped_model_is_exact(shipped):
