@@ -76,8 +76,8 @@ QUESTION_KINDS = {"random": 0.7, "popular": 0.15, "adversarial": 0.15}
 # training-only negatives among the absent shapes closest to a drawn one (``--lookalike-questions``):
 # a model that answers from a coarse shape feature says "yes" to a pentagon beside a hexagon
 LOOKALIKE_TOP = 3
-# yes/no questions per question example, one per turn: a question is far shorter than a caption, so
-# a batch padded to its captions' length carries three questions in about the space of one
+# yes/no questions per question example, one per turn: a batch is padded to its longest caption (up
+# to about 97 tokens with the image's 36), and three questions (96 on average) fit where one (57) did
 QUESTIONS_PER_EXAMPLE = 3
 
 
@@ -217,7 +217,6 @@ class CellHead(torch.nn.Module):
                 else:
                     category[row, obj.cell] = world.CATEGORIES.index(obj.category)
                     color[row, obj.cell] = colors.index(obj.color)
-        category, color = category.to(f.device), color.to(f.device)
         ce = torch.nn.functional.cross_entropy
         return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
 
@@ -326,7 +325,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="torch device to train on (the report records it)")
     parser.add_argument(
         "--questions-per-example",
         type=int,
@@ -394,9 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads(report_file.read_text()) if report_file.exists() else None
     else:
         model = build_model(args.seed)
-    device = torch.device(args.device)
-    model.to(device)
-    cells = CellHead(model).to(device)
+    cells = CellHead(model)
     params = list(model.named_parameters()) + list(cells.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
@@ -440,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
         if phase == "vision":
             pixels = train_processor.image_processor([s.render() for s in batch_scenes], return_tensors="pt")
-            model.model.vision_tower(pixels["pixel_values"].to(device))
+            model.model.vision_tower(pixels["pixel_values"])
             loss = lm_loss = cells.loss(batch_scenes)
         else:
             text = phase == "text"
@@ -455,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
                 similarity,
                 args.questions_per_example,
             )
-            lm_loss = model(**batch.to(device)).loss
+            lm_loss = model(**batch).loss
             loss = lm_loss + (args.cell_weight * cells.loss(imaged) if imaged else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -520,12 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_minutes": train_minutes,
         "train_cpu_minutes": train_cpu_minutes,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": f"{platform.machine()}, {args.threads} threads"
-        + (
-            ""
-            if device.type == "cpu"
-            else f", {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}"
-        ),
+        "machine": f"{platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "final": final,
         "history": history,
