@@ -1,5 +1,7 @@
 """The test model's training code: architecture, batches, the image-dropped rows and the cell head."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,15 @@ def test_question_examples_ask_several_questions_one_per_turn_and_label_only_the
         assert first.startswith(testbed_model.PROMPT_TEMPLATE.format(text=turns[0][0]))
     one, _ = train.make_batch(processor, scenes, np.random.default_rng(0), popularity, cooc, 0.0, 0.0, questions=1)
     assert int((one["labels"] != -100).sum()) == 2 * 6
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    peak, steps, warmup = 3e-4, 100, 10
+    assert train.lr_at(0, steps, peak, warmup) == pytest.approx(peak / warmup)
+    assert train.lr_at(warmup, steps, peak, warmup) == pytest.approx(peak)
+    assert train.lr_at(steps, steps, peak, warmup) == pytest.approx(0.05 * peak)
+    assert train.lr_at(steps, steps, peak, warmup, floor=0.5) == pytest.approx(0.5 * peak)
+    rates = [train.lr_at(s, steps, peak, warmup, floor=0.5) for s in range(warmup, steps + 1)]
+    assert all(a >= b for a, b in itertools.pairwise(rates))
+    constant = [train.lr_at(s, steps, peak, warmup, floor=1.0) for s in range(warmup, steps + 1)]
+    assert constant == pytest.approx([peak] * len(constant))

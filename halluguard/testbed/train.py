@@ -221,11 +221,12 @@ class CellHead(torch.nn.Module):
         return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    """Linear warmup to ``peak``, then a cosine decay to ``floor * peak`` at the phase's last step."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(steps - warmup, 1)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def summary(metrics: dict) -> str:
@@ -319,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of each phase")
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--lr-floor",
+        type=float,
+        default=0.05,
+        help="each phase's cosine decays to this fraction of --lr (1 keeps the rate constant after warmup)",
+    )
     parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the cell head in the joint phase")
     parser.add_argument("--eval-every", type=int, default=600)
     parser.add_argument("--eval-count", type=int, default=50, help="scenes per split in periodic evaluations")
@@ -365,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    if not 0 <= args.lr_floor <= 1:
+        parser.error("--lr-floor must be between 0 and 1")
     torch.set_num_threads(args.threads)
     if args.faint_visibility:
         world.VISIBILITY["faint"] = tuple(args.faint_visibility)
@@ -432,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         first, last_of_phase = bounds[phase]
         model.train()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(at - first, last_of_phase - first, args.lr, args.warmup)
+            group["lr"] = lr_at(at - first, last_of_phase - first, args.lr, args.warmup, args.lr_floor)
         batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
         if phase == "vision":
             pixels = train_processor.image_processor([s.render() for s in batch_scenes], return_tensors="pt")
@@ -469,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
                     "first_step": begin,
                     "steps": at + 1 - begin,
                     "lr": args.lr,
+                    "lr_floor": args.lr_floor,
                     "minutes": (time.perf_counter() - wall) / 60,
                     "cpu_minutes": (time.process_time() - cpu) / 60,
                     "faint_visibility": list(world.VISIBILITY["faint"]),
