@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pexpect
 import pytest
 
+from halluguard import testbed
 from halluguard.cli import main
 from halluguard.testbed import world
 
@@ -133,15 +135,26 @@ def test_interactive_session_through_a_pseudo_terminal(tmp_path):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_a_generation_and_keeps_the_session():
-    # hot sampling rarely picks the end token, so the answer runs long enough to interrupt
-    child = spawn_demo("--method", "none", "--set", "max_tokens=3000", "--set", "sample=on", "--set", "temperature=50")
+def test_ctrl_c_stops_a_generation_and_keeps_the_session(tmp_path):
+    # a copy of the test model with no end token in its generation config never stops on its own, so
+    # the answer runs until interrupted, whatever the weights
+    model = tmp_path / "model"
+    shutil.copytree(testbed.path(), model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(dict(generation, eos_token_id=None)))
+    picture = tmp_path / "scene.png"
+    next(iter(world.scenes("test", 1, seed=0))).render().save(picture)
+    child = spawn_demo("--model", str(model), "--image", str(picture), "--method", "none", "--set", "max_tokens=3000")
     try:
         child.expect("> ")
         child.sendline("")
         child.expect("plain")  # the live table has started
-        child.sendintr()
-        child.expect("stopped")
+        for _ in range(3):  # as a user would, press Ctrl-C again if the first one came too early
+            child.sendintr()
+            if child.expect(["stopped", pexpect.TIMEOUT], timeout=20) == 0:
+                break
+        else:
+            pytest.fail("Ctrl-C did not stop the answer")
         child.expect("> ")
         child.sendline(":show")
         child.expect("methods: none")
