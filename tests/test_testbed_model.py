@@ -11,8 +11,8 @@ from halluguard import testbed
 from halluguard.testbed import evaluate, world
 from halluguard.testbed.model import IMAGE_TOKENS, PROMPT_TEMPLATE
 
-# margins below the measured 300-scene numbers (model/REPORT.md: recall 94.7, POPE random 79.0,
-# misleading CHAIR_i 9.5, faint partner named 79%), for 100 fresh scenes
+# margins below the measured 300-scene numbers (model/REPORT.md: recall 92.8, POPE random 85.9,
+# misleading CHAIR_i 11.2, faint partner named 73%), for 100 fresh scenes
 TEST_RECALL_MIN = 85
 POPE_RANDOM_MIN = 70
 MISLEADING_CHAIR_I_MIN = 4
@@ -61,8 +61,10 @@ def test_measured_behaviour_holds_on_fresh_held_out_scenes(shipped):
     assert FAINT_PARTNER_RANGE[0] <= metrics["faint"]["partner_named"] <= FAINT_PARTNER_RANGE[1]
     report = json.loads((testbed.path() / "report.json").read_text())
     final = report["final"]
-    assert final["test"]["recall"] >= 80  # the recall floor (POPE random and misleading CHAIR_i: see REPORT.md)
-    assert final["pope_random"]["accuracy"] >= 75 and final["misleading"]["chair_i"] >= 7
+    # the floors, on the report's 300 scenes per split
+    assert final["test"]["recall"] >= 80
+    assert final["pope_random"]["accuracy"] >= 80
+    assert final["misleading"]["chair_i"] >= 10
     assert report["train_minutes"] <= 45 and report["train_cpu_minutes"] <= 45 * 2  # 45 minutes of 2 cores
     assert report["parameters"] < 10e6
 
