@@ -143,7 +143,7 @@ def test_ctrl_c_stops_a_generation_and_keeps_the_session(tmp_path):
     generation = json.loads((model / "generation_config.json").read_text())
     (model / "generation_config.json").write_text(json.dumps(dict(generation, eos_token_id=None)))
     picture = tmp_path / "scene.png"
-    next(iter(world.scenes("test", 1, seed=0))).render().save(picture)
+    next(world.scenes("test", 1, seed=0)).render().save(picture)
     child = spawn_demo("--model", str(model), "--image", str(picture), "--method", "none", "--set", "max_tokens=3000")
     try:
         child.expect("> ")

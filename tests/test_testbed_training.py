@@ -122,7 +122,7 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
     peak, steps, warmup = 3e-4, 100, 10
     assert train.lr_at(0, steps, peak, warmup) == pytest.approx(peak / warmup)
     assert train.lr_at(warmup, steps, peak, warmup) == pytest.approx(peak)
-    assert train.lr_at(steps, steps, peak, warmup) == pytest.approx(0.05 * peak)
+    assert train.lr_at(steps, steps, peak, warmup) == pytest.approx(train.LR_FLOOR * peak)
     assert train.lr_at(steps, steps, peak, warmup, floor=0.5) == pytest.approx(0.5 * peak)
     rates = [train.lr_at(s, steps, peak, warmup, floor=0.5) for s in range(warmup, steps + 1)]
     assert all(a >= b for a, b in itertools.pairwise(rates))

@@ -80,6 +80,7 @@ LOOKALIKE_TOP = 3
 # yes/no questions per question example, one per turn: a batch is padded to its longest caption (up
 # to about 97 tokens with the image's 36), and three questions (96 on average) fit where one (57) did
 QUESTIONS_PER_EXAMPLE = 3
+LR_FLOOR = 0.05  # each phase's cosine decays to this fraction of its peak rate (``--lr-floor``)
 
 
 def lookalike_question(scene: world.Scene, rng: np.random.Generator, similarity) -> dict:
@@ -222,7 +223,7 @@ class CellHead(torch.nn.Module):
         return ce(self.category(f).flatten(0, 1), category.flatten()) + ce(self.color(f).flatten(0, 1), color.flatten())
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = LR_FLOOR) -> float:
     """Linear warmup to ``peak``, then a cosine decay to ``floor * peak`` at the phase's last step."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lr-floor",
         type=float,
-        default=0.05,
+        default=LR_FLOOR,
         help="each phase's cosine decays to this fraction of --lr (1 keeps the rate constant after warmup)",
     )
     parser.add_argument("--cell-weight", type=float, default=0.5, help="weight of the cell head in the joint phase")
