@@ -1,12 +1,14 @@
 """Package discovery: every subpackage is found, so none can be left out of the wheel.
 
-Two subpackages live in top-level folders (``kernels/`` is ``halluguard.kernels``, ``eval/`` is
-``halluguard.eval``); everything else is under ``halluguard/``. Metadata is in pyproject.toml.
+Two subpackages live in top-level folders, ``kernels/`` (``halluguard.kernels``) and ``eval/``
+(``halluguard.eval``), reached as ``halluguard/kernels`` and ``halluguard/eval`` through symbolic links.
+Neither folder has an ``__init__.py``: from the checkout root they are namespace portions, which never
+shadow an installed distribution of the same name (Hugging Face's ``kernels``, which transformers imports).
+Metadata is in pyproject.toml.
 """
 
 from setuptools import find_packages, setup
 
-ROOTS = {"halluguard": "halluguard", "halluguard.kernels": "kernels", "halluguard.eval": "eval"}
+LINKED = ["halluguard.kernels", "halluguard.eval"]
 
-packages = [sub for name, folder in ROOTS.items() for sub in [name, *(f"{name}.{p}" for p in find_packages(folder))]]
-setup(packages=packages, package_dir=ROOTS)
+setup(packages=["halluguard", *(f"halluguard.{p}" for p in find_packages("halluguard")), *LINKED])

@@ -1,1 +1,0 @@
-"""Hallucination evaluation (``halluguard.eval``): CHAIR and POPE."""
