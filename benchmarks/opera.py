@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 
 import halluguard as hg
+from halluguard import compat
 
 
 def peak_rss_mb(name: str, new_tokens: int, args: argparse.Namespace) -> float:
@@ -65,7 +66,8 @@ def official(model, inputs: dict, beams: int, candidates: int, new_tokens: int, 
     pixels = inputs["pixel_values"].repeat_interleave(beams, 0)
     prompt = ids.shape[1]
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache, output_attentions=True)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    out = model(**inputs, **{compat.CACHE: cache}, output_attentions=True)
     previous = out.attentions[-1].amax(1, keepdim=True)  # (B, 1, q, kv): every row so far
     logits = out.logits[:, -1].float()
     scores = torch.zeros(beams)
@@ -77,7 +79,7 @@ def official(model, inputs: dict, beams: int, candidates: int, new_tokens: int, 
         for c in range(candidates):
             step_mask = torch.cat([mask, mask.new_ones(beams, 1)], 1)
             look = model(
-                input_ids=cand[:, c : c + 1], attention_mask=step_mask, past_key_values=cache, output_attentions=True
+                input_ids=cand[:, c : c + 1], attention_mask=step_mask, **{compat.CACHE: cache}, output_attentions=True
             )
             cache.crop(-1)
             rows.append(look.attentions[-1].amax(1, keepdim=True))  # (B, 1, 1, kv + 1)
@@ -100,7 +102,7 @@ def official(model, inputs: dict, beams: int, candidates: int, new_tokens: int, 
         previous = previous[parents]
         tokens = torch.cat([tokens[parents], chosen[:, None]], 1)
         mask = torch.cat([mask, mask.new_ones(beams, 1)], 1)
-        out = model(input_ids=chosen[:, None], attention_mask=mask, past_key_values=cache, output_attentions=True)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, **{compat.CACHE: cache}, output_attentions=True)
         row = out.attentions[-1].amax(1, keepdim=True)
         previous = torch.cat([torch.cat([previous, previous.new_zeros(*previous.shape[:-1], 1)], -1), row], -2)
         logits = out.logits[:, -1].float()

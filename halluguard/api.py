@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, LogitsProcessorList
 
-from . import registry
+from . import compat, registry
 from .adapters import Adapter, adapter_for
 from .attention import GUARD_ATTRIBUTE, HOOK_NAME
 from .config import MethodConfig
@@ -175,10 +175,10 @@ class Guard:
                     raise ValueError("a method of this guard owns the decoding loop; custom_generate cannot be given")
                 kwargs["custom_generate"] = loops[0]
             if self._default_cache(kwargs):
-                kwargs["past_key_values"] = RowGroupsCache(config=self.model.config.get_text_config(decoder=True))
+                kwargs[compat.CACHE] = RowGroupsCache(config=self.model.config.get_text_config(decoder=True))
             else:
                 self._check_beams_apart(kwargs)
-            cache = kwargs.get("past_key_values")
+            cache = compat.cache_in(kwargs)
             self.results = {}
             try:
                 out = self._original_generate(*args, **kwargs)
@@ -202,7 +202,7 @@ class Guard:
     def _default_cache(self, kwargs: dict) -> bool:
         """Whether ``generate`` would make its default dynamic cache (then the guard makes one whose
         extra row blocks follow beam search, so branch streams can ride along as rows)."""
-        if kwargs.get("past_key_values") is not None:
+        if compat.cache_in(kwargs) is not None:
             return False
         config = kwargs.get("generation_config") or self.model.generation_config
         if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
@@ -230,7 +230,7 @@ class Guard:
             raise ValueError(
                 f"{', '.join(contrastive)} with beam search needs generate's default cache (the contrast "
                 "branch rides along as cache rows that follow the beams); with a static or caller-supplied "
-                "cache the branch runs apart and cannot follow them: drop cache_implementation/past_key_values "
+                "cache the branch runs apart and cannot follow them: drop cache_implementation and the cache argument "
                 "or use greedy or sampling"
             )
 

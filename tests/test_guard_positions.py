@@ -6,6 +6,7 @@ from probes import Probe, reference_everywhere, stats_only
 from tiny_models import build_model, make_inputs
 
 import halluguard as hg
+from halluguard import compat
 from halluguard.attention import AttentionEdit, Redistribution, Reductions
 
 IMAGE = 500
@@ -72,7 +73,7 @@ def test_continuing_from_an_earlier_cache():
         model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=first.past_key_values,
+            **{compat.CACHE: compat.cache_of(first)},
             max_new_tokens=3,
             do_sample=False,
         )

@@ -18,6 +18,7 @@ from tiny_models import build_model, make_inputs
 from transformers import DynamicCache, LogitsProcessor
 
 import halluguard as hg
+from halluguard import compat
 from halluguard.decoding import Branch, RowGroupsCache
 
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -47,11 +48,11 @@ class GreedyLoop(hg.Method):
         def loop(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
             kwargs = {k: v for k, v in model_kwargs.items() if k not in ("synced_gpus", "streamer", "use_cache")}
             mask = kwargs.pop("attention_mask")
-            cache = kwargs.pop("past_key_values")
+            cache = kwargs.pop(compat.CACHE)
             positions = kwargs.pop("position_ids", None)
             step_inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
             while True:
-                out = model(**step_inputs, past_key_values=cache, use_cache=True)
+                out = model(**step_inputs, **{compat.CACHE: cache}, use_cache=True)
                 scores = logits_processor(input_ids, out.logits[:, -1].float())
                 token = scores.argmax(-1, keepdim=True)
                 input_ids = torch.cat([input_ids, token], 1)
@@ -116,8 +117,8 @@ class Echo(hg.Method):
         self.pairs = []
 
     def streams(self, state, inputs):
-        skip = ("past_key_values", "use_cache", "logits_to_keep", "return_dict", "cache_position")
-        prompt = {k: v for k, v in state.with_2d_mask(inputs).items() if k not in skip}
+        skip = ("use_cache", "logits_to_keep", "return_dict", "cache_position")
+        prompt = {k: v for k, v in compat.without_cache(state.with_2d_mask(inputs)).items() if k not in skip}
         return [Branch(self, prompt, separate=self.separate)]
 
     def logits_processors(self, state):
@@ -169,7 +170,7 @@ def test_the_callers_cache_keeps_only_its_rows():
     inputs, _ = make_inputs(model, "llava")
     with hg.wrap(model, methods=[Echo()]), torch.no_grad():
         out = model.generate(**inputs, **GEN, return_dict_in_generate=True)
-    assert out.past_key_values.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
+    assert compat.cache_of(out).layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
 
 
 def test_row_groups_cache_applies_batch_operations_to_every_block():
@@ -274,7 +275,7 @@ def test_a_forward_asked_for_a_tuple_gets_its_own_rows_back():
         as_tuple = guard.forward(**inputs, return_dict=False)
     assert isinstance(as_tuple, tuple)
     assert torch.equal(as_tuple[0], as_output.logits) and as_tuple[0].shape[0] == inputs["input_ids"].shape[0]
-    assert as_output.past_key_values.layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
+    assert compat.cache_of(as_output).layers[0].keys.shape[0] == inputs["input_ids"].shape[0]
 
 
 def test_contrast_entropy_by_hand():

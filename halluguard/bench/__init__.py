@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from .. import compat
+
 # fields some methods need on a model without calibration data (the synthetic model has no sink table)
 SYNTHETIC_OVERRIDES = {"var": {"sink_dims": [0, 1], "tau": 1.5}}
 # official-way rows: name -> (sequential forwards per step, beams)
@@ -136,12 +138,12 @@ def _official(forwards: int, beams: int):
 
         caches = [DynamicCache(config=model.config.get_text_config(decoder=True)) for _ in range(forwards)]
         mask = inputs["attention_mask"]
-        outs = [model(**inputs, past_key_values=c, use_cache=True, output_attentions=True) for c in caches]
+        outs = [model(**inputs, **{compat.CACHE: c}, use_cache=True, output_attentions=True) for c in caches]
         for _ in range(new_tokens - 1):
             token = outs[0].logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             outs = [
-                model(input_ids=token, attention_mask=mask, past_key_values=c, use_cache=True, output_attentions=True)
+                model(input_ids=token, attention_mask=mask, **{compat.CACHE: c}, use_cache=True, output_attentions=True)
                 for c in caches
             ]
 

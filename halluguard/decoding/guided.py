@@ -24,8 +24,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .. import compat
 from .cache import cache_device
-from .loops import check_loop_call, select_input_rows
+from .loops import check_loop_call, pad_token, select_input_rows
 
 if TYPE_CHECKING:
     from ..methods.lookback import Lookback
@@ -56,15 +57,15 @@ def guided_search(
             (synced_gpus, "synced_gpus"),
             (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
         ],
-        model_kwargs.get("past_key_values"),
+        compat.cache_in(model_kwargs),
         "repeats and selects rows of",
     )
     rows, N = input_ids.shape[0], lookback.num_candidates
-    pad = cfg._pad_token_tensor
+    pad = pad_token(cfg)
     data = state.data_of(method)
-    out = model._prefill(input_ids, cfg, model_kwargs)
-    model_kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
-    cache = out.past_key_values
+    out = compat.prefill(model, input_ids, model_kwargs)
+    model_kwargs = compat.next_generation_kwargs(model, out, model_kwargs)
+    cache = compat.cache_of(out)
     logits = out.logits[:, -1].float()
     ratios = data.steps[-1]  # (rows, L, H): the query producing each row's next token
     sequences, done = input_ids, torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
@@ -88,13 +89,9 @@ def guided_search(
                 tokens = torch.where(stopped, pad, tokens)
             seq = torch.cat([seq, tokens[:, None]], -1)
             stopped = stopped | stopping_criteria(seq, None)
-            inputs = model.prepare_inputs_for_generation(
-                seq, next_sequence_length=1, **{k2: v for k2, v in kwargs.items() if k2 != "past_key_values"},
-                past_key_values=cache,
-            )  # fmt: skip
-            step = model(**inputs, return_dict=True)
-            kwargs = model._update_model_kwargs_for_generation(step, kwargs)
-            cache, logits_n = step.past_key_values, step.logits[:, -1].float()
+            step = model(**compat.step_inputs(model, seq, 1, cache, kwargs), return_dict=True)
+            kwargs = compat.next_generation_kwargs(model, step, kwargs)
+            cache, logits_n = compat.cache_of(step), step.logits[:, -1].float()
             if k + 1 < lookback.chunk_size and not bool(stopped.all()):
                 chunk.append(data.steps[-1])
             else:
@@ -127,6 +124,6 @@ def guided_search(
     state.select_rows(None)
     if cfg.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(
-            sequences=sequences, scores=tuple(scores) if cfg.output_scores else None, past_key_values=cache
+            sequences=sequences, scores=tuple(scores) if cfg.output_scores else None, **{compat.CACHE: cache}
         )
     return sequences

@@ -67,7 +67,23 @@ def check_loop_call(who: str, refused: list[tuple[bool, str]], cache: Any, cache
             raise ValueError(f"{who} does not support {what}")
     if cache is not None and not isinstance(cache, DynamicCache):
         raise ValueError(
-            f"{who} {cache_use} a dynamic cache; got {type(cache).__name__} (drop cache_implementation/past_key_values)"
+            f"{who} {cache_use} a dynamic cache; got {type(cache).__name__} "
+            "(drop cache_implementation and the cache argument)"
         )
     if cache is not None and cache.get_seq_length():
         raise ValueError(f"{who} starts from the prompt: a filled cache cannot be continued")
+
+
+def end_tokens(generation_config: Any) -> list[int]:
+    """The end-of-sequence token ids ``generate`` stops at (none: an empty list)."""
+    eos = generation_config.eos_token_id
+    return [] if eos is None else [int(t) for t in torch.as_tensor(eos).view(-1).tolist()]
+
+
+def pad_token(generation_config: Any) -> int | None:
+    """The token ``generate`` pads finished rows with: the pad token, else the first end token."""
+    pad = generation_config.pad_token_id
+    if pad is not None:
+        return int(torch.as_tensor(pad).view(-1)[0])
+    eos = end_tokens(generation_config)
+    return eos[0] if eos else None

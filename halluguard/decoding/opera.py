@@ -35,6 +35,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
+from .. import compat
 from ..methods.opera import rollback_location
 from .cache import cache_device, cache_rows
 from .loops import PER_TOKEN_INPUTS, check_loop_call, select_input_rows, trim_inputs
@@ -48,8 +49,7 @@ def decode_inputs(model_kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str,
     """The inputs decode steps need, for rows ``rows``: the per-token tensors and the settings (the
     prompt's image inputs are already in the cache)."""
     kept = {k: v for k, v in model_kwargs.items() if k in PER_TOKEN_INPUTS or not torch.is_tensor(v)}
-    kept.pop("past_key_values", None)
-    return select_input_rows(kept, rows)
+    return select_input_rows(compat.without_cache(kept), rows)
 
 
 @dataclasses.dataclass
@@ -142,11 +142,7 @@ class SampleSearch:
             DynamicCache.batch_select_indices(self.cache, rows.to(cache_device(self.cache)))
         prompt_rows = self.sample * self.num_beams + torch.zeros_like(rows)  # a sample's rows share its prompt
         self.state.select_rows(prompt_rows)
-        inputs = {k: v for k, v in inputs.items() if k != "past_key_values"}
-        model_inputs = self.model.prepare_inputs_for_generation(
-            ids, next_sequence_length=new, past_key_values=self.cache, **inputs
-        )
-        return self.model(**model_inputs, return_dict=True)
+        return self.model(**compat.step_inputs(self.model, ids, new, self.cache, inputs), return_dict=True)
 
     def _sequences(self) -> torch.Tensor:
         return self.beams.running_sequences[0, :, : self.cur_len]
@@ -158,8 +154,8 @@ class SampleSearch:
         collect = not self.method.neutral
         self.method.collect(self.state, self.cur_len - 1 - self.prompt_len if collect else None)
         out = self._forward(self.beam_rows[parents], self._sequences(), 1, self.inputs)
-        self.inputs = self.model._update_model_kwargs_for_generation(out, self.inputs)
-        self.cache = out.past_key_values
+        self.inputs = compat.next_generation_kwargs(self.model, out, self.inputs)
+        self.cache = compat.cache_of(out)
         self.beam_rows = torch.arange(self.num_beams, device=self.beam_rows.device)
         self.logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
         if collect:
@@ -190,7 +186,7 @@ class SampleSearch:
         out = self.model(
             input_ids=candidates,
             attention_mask=self._tree_masks(padding, N),
-            past_key_values=self.cache,
+            **{compat.CACHE: self.cache},
             use_cache=True,
             logits_to_keep=N,
             return_dict=True,
@@ -248,7 +244,7 @@ class SampleSearch:
         logits = self.logits
         candidates = logits.topk(self.candidates, dim=-1).indices  # (B, N): the raw logits' top N
         out = self._look_ahead(candidates)
-        self.inputs = self.model._update_model_kwargs_for_generation(out, self.inputs)  # one more token
+        self.inputs = compat.next_generation_kwargs(self.model, out, self.inputs)  # one more token
         history = self.columns.repeat_interleave(self.candidates, 0)
         penalty, loc, columns = self.method.penalties(self.state, history, step)
         B, N = self.num_beams, self.candidates
@@ -413,8 +409,8 @@ class SampleSearch:
         self.method.collect(self.state, None)
         inputs = trim_inputs(self.inputs, self.cur_len)
         out = self._forward(rows, restored, self.cur_len - shared, inputs)
-        self.inputs = self.model._update_model_kwargs_for_generation(out, inputs)
-        self.cache = out.past_key_values
+        self.inputs = compat.next_generation_kwargs(self.model, out, inputs)
+        self.cache = compat.cache_of(out)
         self.beam_rows = torch.arange(self.num_beams, device=rows.device)
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
         raw = logits.clone()
@@ -491,15 +487,15 @@ def opera_search(
              "output_attentions/output_hidden_states: the search reads attention from the hook, not the outputs"),
             (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
         ],
-        model_kwargs.get("past_key_values"),
+        compat.cache_in(model_kwargs),
         "crops and reorders",
     )  # fmt: skip
     B = cfg.num_beams
     samples = input_ids.shape[0] // B
     method.collect(state, None)
-    out = model._prefill(input_ids, cfg, model_kwargs)
-    model_kwargs = model._update_model_kwargs_for_generation(out, model_kwargs)
-    cache = out.past_key_values
+    out = compat.prefill(model, input_ids, model_kwargs)
+    model_kwargs = compat.next_generation_kwargs(model, out, model_kwargs)
+    cache = compat.cache_of(out)
     results = []
     for sample in range(samples):
         rows = torch.arange(sample * B, (sample + 1) * B, device=input_ids.device)
@@ -556,7 +552,7 @@ def _output(searches: list[SampleSearch], cfg: Any, cache: Any) -> Any:
         scores=scores,
         logits=logits,
         beam_indices=beam_indices,
-        past_key_values=cache or None,
+        **{compat.CACHE: cache or None},
     )
 
 

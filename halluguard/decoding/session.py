@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache
 
+from ..compat import CACHE, cache_in, cache_of, without_cache
 from ..state import GuardState, StreamRole
 from .cache import RowGroupsCache
 from .side_stream import SideStream
@@ -92,7 +93,7 @@ class Session:
         tokens = ids if ids is not None else kwargs.get("inputs_embeds")
         if tokens is None:
             raise ValueError("a guarded forward needs input_ids or inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         cache_len = cache_length(cache)
         rows, new = tokens.shape[:2]
         self._main_rows = rows
@@ -160,9 +161,7 @@ class Session:
         """A probe as its own forward before the prompt's (the main rows computed twice)."""
         rows = self._main_rows
         copy = GuardState(self.adapter, self.methods, for_generation=False, shared_data=shared)
-        inputs = {
-            k: v for k, v in self.main.with_2d_mask(kwargs).items() if k not in ("past_key_values", "logits_to_keep")
-        }
+        inputs = {k: v for k, v in without_cache(self.main.with_2d_mask(kwargs)).items() if k != "logits_to_keep"}
         inputs = self._merge_rows(dict(inputs, use_cache=False), spec.rows, rows)
         extra = spec.rows["input_ids"].shape[0]
         self._run_apart([Segment(copy, slice(0, rows)), Segment(state, slice(rows, rows + extra))], inputs)
@@ -170,7 +169,7 @@ class Session:
     def _prefill_branch(self, run: BranchRun) -> DynamicCache:
         """Prefill a branch's prompt apart (after the main prompt's forward); returns its cache."""
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        out = self._branch_prefill(run, dict(run.prompt, past_key_values=cache, use_cache=True, logits_to_keep=1))
+        out = self._branch_prefill(run, dict(run.prompt, **{CACHE: cache}, use_cache=True, logits_to_keep=1))
         run.logits = out.logits[:, -1].float()
         return cache
 
@@ -196,7 +195,7 @@ class Session:
         plain.position_offset = run.state.position_offset
         plain.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))  # the whole prompt, as the branch's
         out = self._run_apart([Segment(plain, slice(None))], prefix)
-        last["past_key_values"] = out.past_key_values  # the cache it was given, or the one it made
+        last[CACHE] = cache_of(out)  # the cache it was given, or the one it made
         run.state.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))
         return self._run_apart([Segment(run.state, slice(None))], last)
 
@@ -212,7 +211,7 @@ class Session:
 
     def _feed(self, segments: list[Segment], kwargs: dict) -> None:
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        cache_len = cache_length(kwargs.get("past_key_values"))
+        cache_len = cache_length(cache_in(kwargs))
         for seg in segments:
             rows = ids[seg.rows]
             seg_mask = mask[seg.rows] if mask is not None and mask.dim() == 2 else None
@@ -226,13 +225,13 @@ class Session:
         merged["input_ids"] = torch.cat([ids, extra["input_ids"].to(ids.device)])
         mask = kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:
-            width = mask.shape[-1] if mask is not None else ids.shape[1] + cache_length(kwargs.get("past_key_values"))
+            width = mask.shape[-1] if mask is not None else ids.shape[1] + cache_length(cache_in(kwargs))
             mask = torch.ones(ids.shape[0], width, dtype=torch.long, device=ids.device)
         merged["attention_mask"] = torch.cat([mask, extra["attention_mask"].to(mask)])
         positions = kwargs.get("position_ids")
         if positions is None and not self.adapter.positions_from_ids:
             # what the model does without position ids: the cache positions, for every row
-            past = cache_length(kwargs.get("past_key_values"))
+            past = cache_length(cache_in(kwargs))
             positions = torch.arange(past, past + new, device=ids.device)[None].expand(ids.shape[0], -1)
         if positions is not None:
             theirs = positions_like(extra["position_ids"], positions).to(positions)
@@ -255,7 +254,7 @@ class Session:
         if self._apart is not None:
             return None
         rows = self._main_rows
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_of(output)
         changed = bool(self._extra)
         if self._extra:
             for segment, stream in self._extra:

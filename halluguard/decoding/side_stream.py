@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..compat import CACHE, cache_of
 from .loops import row_dim
 
 
@@ -55,9 +56,9 @@ class SideStream:
         else:
             self._follow(generated[:, :-1])
             inputs = self._extend(generated[:, -1:])
-        inputs.update(past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        inputs.update({CACHE: self.cache}, use_cache=True, logits_to_keep=1)
         out = self.forward(inputs)
-        self.cache = out.past_key_values
+        self.cache = cache_of(out)
         self.fed = generated
         return out.logits[:, -1].float()
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
+from ..compat import without_cache
 from ..decoding import Branch, contrast
 from ..state import GuardState
 from .base import Method
 
-# forward arguments that belong to one forward, not to a prompt
+# forward arguments that belong to one forward, not to a prompt (the cache aside: compat.without_cache)
 _NOT_PROMPT = (
-    "past_key_values",
     "use_cache",
     "cache_position",
     "logits_to_keep",
@@ -43,7 +43,8 @@ def same_prompt(state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
     """The main prompt's forward inputs (ids, 2-D mask, positions, image inputs) for a branch."""
     if inputs.get("input_ids") is None:
         raise ValueError("a contrast branch needs the prompt's input_ids (inputs_embeds alone cannot be copied)")
-    prompt = {k: v for k, v in state.with_2d_mask(inputs).items() if k not in _NOT_PROMPT and v is not None}
+    given = without_cache(state.with_2d_mask(inputs))
+    prompt = {k: v for k, v in given.items() if k not in _NOT_PROMPT and v is not None}
     if state.past_len:
         raise ValueError("a contrast branch starts with the prompt: a call from a filled cache is not supported")
     return prompt
