@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 from tiny_models import CORE_FAMILIES, build_model, make_inputs
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import halluguard as hg
 from halluguard.attention.edits import AttentionEdit
@@ -47,6 +48,52 @@ def test_neutral_opera_is_transformers_beam_search(family):
     for ours, theirs in zip(guarded.scores, plain.scores):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert torch.equal(plain.beam_indices, guarded.beam_indices)
+
+
+class Scripted(LogitsProcessor):
+    """Test helper: replaces the scores with a fixed function of each row's tokens (random per row,
+    the end tokens likelier the longer the row), so hypotheses end at many different steps and the
+    beam-search rules (finished slots, length penalty, early stopping) all come into play."""
+
+    def __init__(self, ends: list[int], prompt_len: int, boost: float):
+        self.ends, self.prompt_len, self.boost = ends, prompt_len, boost
+
+    def __call__(self, input_ids, scores):
+        out = torch.empty_like(scores)
+        for i, row in enumerate(input_ids.tolist()):
+            generator = torch.Generator().manual_seed(hash(tuple(row[-4:])) % 2**31 + len(row))
+            logits = 2 * torch.randn(scores.shape[-1], generator=generator)
+            logits[self.ends] += self.boost * (len(row) - self.prompt_len)
+            out[i] = logits.log_softmax(-1)
+        return out
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+@pytest.mark.parametrize("length_penalty", [1.0, 2.0, 0.5, 0.0, -1.0])
+def test_neutral_opera_is_beam_search_in_every_setting(length_penalty, early_stopping):
+    """The search's own bookkeeping (halluguard.decoding.beams) against generate's, on scripted scores:
+    two end tokens, several returned sequences, each length penalty and early-stopping rule."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=2)
+    prompt = inputs["input_ids"].shape[1]
+    ends = [3, 7]
+    gen = dict(
+        max_new_tokens=12, num_beams=4, num_return_sequences=2, eos_token_id=ends, length_penalty=length_penalty,
+        early_stopping=early_stopping, return_dict_in_generate=True, output_scores=True, output_logits=True,
+        logits_processor=LogitsProcessorList([Scripted(ends, prompt, boost=0.8)]),
+    )  # fmt: skip
+    with torch.no_grad():
+        plain = model.generate(**inputs, **gen)
+        with hg.wrap(model, methods=[opera(**NEUTRAL)]):
+            guarded = model.generate(**inputs, **gen)
+    assert torch.equal(plain.sequences, guarded.sequences)
+    assert torch.equal(plain.beam_indices, guarded.beam_indices)
+    torch.testing.assert_close(guarded.sequences_scores, plain.sequences_scores, rtol=0, atol=1e-5)
+    assert len(guarded.scores) == len(plain.scores) and len(guarded.logits) == len(plain.logits)
+    for ours, theirs in [*zip(guarded.scores, plain.scores), *zip(guarded.logits, plain.logits)]:
+        live = ~torch.isneginf(ours).all(-1)  # a sample whose search ended gets -inf rows (generate computes on)
+        torch.testing.assert_close(ours[live], theirs[live], rtol=0, atol=1e-5)
+    assert not bool(torch.isneginf(guarded.scores[0]).all(-1).any())
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

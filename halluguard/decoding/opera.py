@@ -4,8 +4,8 @@ The scores are ``halluguard.methods.opera``'s; this module runs the search. The 
 runs once for the whole batch; each sample's beams are then searched one sample after another on
 their own rows of the cache (a rollback crops one sample's cache, never another's). The beam
 bookkeeping (finished hypotheses, length penalty, early stopping, stopping criteria) is
-transformers' own beam search, called step by step, so with the penalty off and no rollback the
-search is transformers' beam search exactly.
+``halluguard.decoding.beams``: the rules of transformers' beam search, one step at a time, so with
+the penalty off and no rollback the search is ``generate``'s beam search exactly.
 
 One step of a sample with ``B`` beams and ``N`` candidates (the cache holds ``B`` rows)::
 
@@ -37,8 +37,9 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from .. import compat
 from ..methods.opera import rollback_location
+from .beams import Beams, BeamSearch
 from .cache import cache_device, cache_rows
-from .loops import PER_TOKEN_INPUTS, check_loop_call, select_input_rows, trim_inputs
+from .loops import PER_TOKEN_INPUTS, check_loop_call, end_tokens, pad_token, select_input_rows, trim_inputs
 
 if TYPE_CHECKING:
     from ..methods.opera import OPERA
@@ -53,24 +54,10 @@ def decode_inputs(model_kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str,
 
 
 @dataclasses.dataclass
-class BeamTensors:
-    """transformers' beam-search state for one sample (batch 1): running beams and finished ones."""
-
-    running_sequences: torch.Tensor  # (1, B, max_length)
-    running_beam_scores: torch.Tensor  # (1, B)
-    running_beam_indices: torch.Tensor  # (1, B, max_length - prompt)
-    sequences: torch.Tensor
-    beam_scores: torch.Tensor
-    beam_indices: torch.Tensor
-    is_sent_finished: torch.Tensor
-    early_stop_unsatisfied: torch.Tensor
-
-
-@dataclasses.dataclass
 class Snapshot:
     """The search of one sample at the start of a step (what a rollback restores)."""
 
-    beams: BeamTensors
+    beams: Beams
     columns: torch.Tensor  # (B, step): the beams' column log-products
 
 
@@ -100,28 +87,12 @@ class SampleSearch:
         self.processor, self.stopping = logits_processor, stopping_criteria
         self.cfg = cfg
         self.prompt_len = prompt_ids.shape[1]
-        self.cur_len = self.prompt_len
         device = prompt_ids.device
-        eos = cfg._eos_token_tensor
-        self.beams_to_keep = max(2, 1 + (eos.shape[0] if eos is not None else 0)) * self.num_beams
-        self.top_num_beam_mask = torch.arange(self.beams_to_keep, device=device) < self.num_beams
-        fill = (cfg._pad_token_tensor or eos[0]) if eos is not None else -1
-        self.fill_value = int(fill) if not isinstance(fill, int) else fill
-        B, max_length = self.num_beams, cfg.max_length
-        running = torch.full((1, B, max_length), self.fill_value, dtype=torch.int64, device=device)
-        running[:, :, : self.prompt_len] = prompt_ids[None]
-        scores = torch.zeros((1, B), dtype=torch.float, device=device)
-        scores[:, 1:] = -1e9
-        indices = torch.full((1, B, max_length - self.prompt_len), -1, dtype=torch.int32, device=device)
-        self.beams = BeamTensors(
-            running_sequences=running,
-            running_beam_scores=scores,
-            running_beam_indices=indices,
-            sequences=running.clone(),
-            beam_scores=torch.full((1, B), -1e9, dtype=torch.float, device=device),
-            beam_indices=indices.clone(),
-            is_sent_finished=torch.zeros((1, B), dtype=torch.bool, device=device),
-            early_stop_unsatisfied=torch.ones((1, 1), dtype=torch.bool, device=device),
+        eos, pad = end_tokens(cfg), pad_token(cfg)
+        self.fill_value = (pad or eos[0]) if eos else -1  # transformers' fill (a pad id of 0 gives the end token)
+        B = self.num_beams
+        self.search = BeamSearch(
+            prompt_ids[0], B, cfg.max_length, len(eos), self.fill_value, cfg.length_penalty, cfg.early_stopping
         )
         self.beam_rows = torch.arange(B, device=device)  # the cache row of each beam
         self.columns = torch.zeros((B, 0), device=logits.device)  # per beam: log prod of each column
@@ -144,8 +115,13 @@ class SampleSearch:
         self.state.select_rows(prompt_rows)
         return self.model(**compat.step_inputs(self.model, ids, new, self.cache, inputs), return_dict=True)
 
+    @property
+    def cur_len(self) -> int:
+        """Tokens in each running beam, prompt included."""
+        return self.search.beams.length
+
     def _sequences(self) -> torch.Tensor:
-        return self.beams.running_sequences[0, :, : self.cur_len]
+        return self.search.sequences
 
     def _feed_pending(self) -> None:
         """Feed the tokens a plain step chose (rollback steps, and every step of plain beam search)."""
@@ -240,7 +216,7 @@ class SampleSearch:
         if self.method.neutral:
             return self._select(self.logits, None)
         if self.config.retrospection:
-            self.snapshots.append((step, Snapshot(self.beams, self.columns)))
+            self.snapshots.append((step, Snapshot(self.search.beams, self.columns)))
         logits = self.logits
         candidates = logits.topk(self.candidates, dim=-1).indices  # (B, N): the raw logits' top N
         out = self._look_ahead(candidates)
@@ -285,82 +261,28 @@ class SampleSearch:
         lookahead: Any = None,
         columns: torch.Tensor | None = None,
     ) -> bool:
-        """transformers' beam-search step on the scores ``edited`` (B, V); then the chosen beams' cache
-        rows: the look-ahead rows of their candidates, or (plain step) fed at the next step."""
-        model, b, B = self.model, self.beams, self.num_beams
+        """One beam-search step on the scores ``edited`` (B, V); then the chosen beams' cache rows: the
+        look-ahead rows of their candidates, or (plain step) fed at the next step."""
         log_probs = nn.functional.log_softmax(edited, dim=-1)
         log_probs = self.processor(self._sequences(), log_probs)
         if self.cfg.return_dict_in_generate and self.cfg.output_scores:
             self.scores.append(log_probs.clone())
         if self.cfg.return_dict_in_generate and self.cfg.output_logits:
             self.raw_logits.append((raw if raw is not None else self.logits).clone())
-        accumulated = (log_probs + b.running_beam_scores[0, :, None]).reshape(1, -1)
-        topk_log_probs, topk_sequences, topk_indices = model._get_top_k_continuations(
-            accumulated_log_probs=accumulated,
-            running_sequences=b.running_sequences,
-            running_beam_indices=b.running_beam_indices,
-            cur_len=self.cur_len,
-            decoder_prompt_len=self.prompt_len,
-            do_sample=False,
-            beams_to_keep=self.beams_to_keep,
-            num_beams=B,
-            batch_size=1,
-            vocab_size=edited.shape[-1],  # read by transformers before 5.2x; later ones take **kwargs
-        )
-        all_scores = tuple(self.scores) if self.cfg.output_scores else None
-        hits = self.stopping(topk_sequences[0, :, : self.cur_len + 1], all_scores).view(1, -1)
-        running, running_scores, running_indices = model._get_running_beams_for_next_iteration(
-            topk_log_probs=topk_log_probs,
-            topk_running_sequences=topk_sequences,
-            topk_running_beam_indices=topk_indices,
-            next_token_hits_stopping_criteria=hits,
-            num_beams=B,
-        )
-        sequences, beam_scores, beam_indices, finished = model._update_finished_beams(
-            sequences=b.sequences,
-            topk_running_sequences=topk_sequences,
-            beam_scores=b.beam_scores,
-            topk_log_probs=topk_log_probs,
-            beam_indices=b.beam_indices,
-            topk_running_beam_indices=topk_indices,
-            is_early_stop_heuristic_unsatisfied=b.early_stop_unsatisfied,
-            is_sent_finished=b.is_sent_finished,
-            next_token_hits_stopping_criteria=hits,
-            top_num_beam_mask=self.top_num_beam_mask,
-            num_beams=B,
-            cur_len=self.cur_len,
-            decoder_prompt_len=self.prompt_len,
-            length_penalty=self.cfg.length_penalty,
-            early_stopping=self.cfg.early_stopping,
-        )
         step = self.cur_len - self.prompt_len
-        parents = running_indices[0, :, step].long()
-        tokens = running[0, :, self.cur_len]
+        all_scores = tuple(self.scores) if self.cfg.output_scores else None
+        parents, tokens = self.search.step(log_probs, self.stopping, all_scores)
         self.chosen[step] = (parents, tokens)
-        self.cur_len += 1
-        unsatisfied = model._check_early_stop_heuristic(
-            is_early_stop_heuristic_unsatisfied=b.early_stop_unsatisfied,
-            running_beam_scores=running_scores,
-            beam_scores=beam_scores,
-            is_sent_finished=finished,
-            cur_len=self.cur_len,
-            max_length=self.cfg.max_length,
-            decoder_prompt_len=self.prompt_len,
-            early_stopping=self.cfg.early_stopping,
-            length_penalty=self.cfg.length_penalty,
-        )
-        self.beams = BeamTensors(running, running_scores, running_indices, sequences, beam_scores, beam_indices,
-                                 finished, unsatisfied)  # fmt: skip
         if lookahead is None:
             self.pending = parents
         else:  # the winners' look-ahead slots and logits: parent beam p, candidate n
-            N = self.candidates
+            N, B = self.candidates, self.num_beams
             picks = (candidates[parents] == tokens[:, None]).int().argmax(-1)  # a dead beam (-inf) may hold any
             self._keep_winners(parents, picks)
             logits = lookahead.logits.view(B, N, -1)[parents.to(lookahead.logits.device), picks]
             self.logits = logits.to(copy=True, dtype=torch.float32)
             self.columns = columns[(parents * N + picks).to(columns.device)]
-        return not model._beam_search_has_unfinished_sequences(unsatisfied, finished, hits, self.cfg.early_stopping)
+        return self.search.done
 
     # ---- retrospection -------------------------------------------------------------------------------
     def _retrospect(self, locs: torch.Tensor, step: int) -> int | None:
@@ -393,11 +315,11 @@ class SampleSearch:
         self.rejected.setdefault(target, []).append(self.chosen[target])
         self.chosen = {k: v for k, v in self.chosen.items() if k < target}
         del self.locations[target:]
-        self.beams, self.columns = snapshot.beams, snapshot.columns
+        current = self._sequences()[:1]  # cache row 0 holds beam 0's tokens (and a candidate after them)
+        self.search.restore(snapshot.beams)
+        self.columns = snapshot.columns
         del self.scores[target:]  # one per step chosen, as the beams at ``target`` had
         del self.raw_logits[target:]
-        current = self._sequences()[:1]  # cache row 0 holds beam 0's tokens (and a candidate after them)
-        self.cur_len = self.prompt_len + target
         restored = self._sequences()  # (B, prompt + target): the beams as they stood
         # keep the cache prefix every restored beam shares with row 0 (at least the prompt; at least
         # one token is forwarded again, for the logits)
@@ -431,12 +353,7 @@ class SampleSearch:
     # ---- output ----------------------------------------------------------------------------------------
     def result(self, num_return: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sequences, scores, beam_indices)`` of the best ``num_return`` finished hypotheses."""
-        b = self.beams
-        sequences = b.sequences[0, :num_return]
-        scores = b.beam_scores[0, :num_return]
-        indices = b.beam_indices[0, :num_return]
-        generated = int(((indices + 1).bool()).sum(dim=1).max())
-        return sequences[:, : self.prompt_len + generated], scores, indices[:, :generated]
+        return self.search.best(num_return)
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
