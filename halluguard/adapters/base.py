@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import compat
+
 
 class Adapter:
     """Base adapter; a family module subclasses it and lists the ``model_type`` values it serves."""
@@ -73,7 +75,7 @@ class Adapter:
 
     # ---- attention implementation of the text backbone -------------------------------------
     def text_attn_implementation(self) -> str | None:
-        return self.text_config._attn_implementation
+        return compat.text_attn_implementation(self.text_config)
 
     def set_text_attn_implementation(self, name: str) -> None:
         self.model.set_attn_implementation({self.text_config_key: name})
@@ -113,7 +115,7 @@ class Adapter:
         outputs = {"image": encode(**{n: image_inputs[n] for n in names}, return_dict=True)}
         expand = rows // input_ids.shape[0]
         if expand > 1:
-            outputs = self.model._expand_multimodal_outputs(input_ids, outputs, expand_size=expand, inputs_embeds=None)
+            outputs = compat.expand_multimodal_outputs(self.model, input_ids, outputs, expand)
         return outputs
 
     # ---- text-only stream ---------------------------------------------------------------------

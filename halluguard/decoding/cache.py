@@ -13,20 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-
-def cache_rows(cache: DynamicCache) -> int:
-    """The batch rows a cache holds (0 while empty)."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            return layer.keys.shape[0]
-    return 0
-
-
-def cache_device(cache: DynamicCache) -> torch.device:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            return layer.keys.device
-    return torch.device("cpu")
+from ..compat import append_rows, cache_device, cache_rows, select_cache_rows
 
 
 class RowGroupsCache(DynamicCache):
@@ -60,22 +47,13 @@ class RowGroupsCache(DynamicCache):
     # ---- stream rows -------------------------------------------------------------------------------
     def keep_first_rows(self, rows: int) -> None:
         """Drop every row after the first ``rows`` (a probe's rows, after the prompt's forward)."""
-        DynamicCache.batch_select_indices(self, torch.arange(rows, device=self._device()))
+        select_cache_rows(self, torch.arange(rows))
 
     def add_block(self, other: DynamicCache) -> None:
         """Append ``other``'s rows as a new block, left-padded (with zeros) to this cache's length.
 
         The padded slots are never attended to: the rows' attention mask marks them as padding."""
-        if len(other.layers) != len(self.layers):
-            raise ValueError("a stream's cache must have as many layers as the main cache")
-        for mine, theirs in zip(self.layers, other.layers):
-            pad = mine.keys.shape[-2] - theirs.keys.shape[-2]
-            if pad < 0:
-                raise ValueError("a branch stream's prompt cannot be longer than the main prompt")
-            keys = torch.nn.functional.pad(theirs.keys, (0, 0, pad, 0)).to(mine.keys.dtype)
-            values = torch.nn.functional.pad(theirs.values, (0, 0, pad, 0)).to(mine.values.dtype)
-            mine.keys = torch.cat([mine.keys, keys])
-            mine.values = torch.cat([mine.values, values])
+        append_rows(self, other)
         self.blocks += 1
 
     def drop_extra_blocks(self) -> None:

@@ -21,11 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import compat
-from .cache import cache_device
 from .loops import check_loop_call, pad_token, select_input_rows
 
 if TYPE_CHECKING:
@@ -73,7 +71,7 @@ def guided_search(
     scores: list[torch.Tensor] = []
     while not bool(done.all()):
         expand = torch.arange(rows, device=input_ids.device).repeat_interleave(N)
-        DynamicCache.batch_select_indices(cache, expand.to(cache_device(cache)))
+        compat.select_cache_rows(cache, expand)
         state.select_rows(expand)
         kwargs = select_input_rows(model_kwargs, expand)
         seq, stopped, logits_n = sequences[expand], done[expand], logits[expand]
@@ -113,7 +111,7 @@ def guided_search(
                     "kept": best,
                 }
             )
-        DynamicCache.batch_select_indices(cache, keep.to(cache_device(cache)))
+        compat.select_cache_rows(cache, keep)
         sequences, done = seq[keep], stopped[keep]
         logits, ratios = logits_n[keep], next_ratios[keep]
         model_kwargs = select_input_rows(kwargs, keep)

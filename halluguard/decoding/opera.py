@@ -38,7 +38,6 @@ from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 from .. import compat
 from ..methods.opera import rollback_location
 from .beams import Beams, BeamSearch
-from .cache import cache_device, cache_rows
 from .loops import PER_TOKEN_INPUTS, check_loop_call, end_tokens, pad_token, select_input_rows, trim_inputs
 
 if TYPE_CHECKING:
@@ -109,8 +108,8 @@ class SampleSearch:
     # ---- forwards ----------------------------------------------------------------------------------
     def _forward(self, rows: torch.Tensor, ids: torch.Tensor, new: int, inputs: dict[str, Any]) -> Any:
         """Forward the last ``new`` tokens of ``ids`` on cache rows ``rows`` (reordered in one select)."""
-        if not torch.equal(rows, torch.arange(cache_rows(self.cache), device=rows.device)):
-            DynamicCache.batch_select_indices(self.cache, rows.to(cache_device(self.cache)))
+        if not torch.equal(rows, torch.arange(compat.cache_rows(self.cache), device=rows.device)):
+            compat.select_cache_rows(self.cache, rows)
         prompt_rows = self.sample * self.num_beams + torch.zeros_like(rows)  # a sample's rows share its prompt
         self.state.select_rows(prompt_rows)
         return self.model(**compat.step_inputs(self.model, ids, new, self.cache, inputs), return_dict=True)
@@ -144,8 +143,8 @@ class SampleSearch:
         cache grows by ``N`` slots per row until ``_keep_winners``. Returns the output."""
         N = self.candidates
         self.method.collect(self.state, self.cur_len - self.prompt_len, rows=N)
-        if not torch.equal(self.beam_rows, torch.arange(cache_rows(self.cache), device=self.beam_rows.device)):
-            DynamicCache.batch_select_indices(self.cache, self.beam_rows.to(cache_device(self.cache)))
+        if not torch.equal(self.beam_rows, torch.arange(compat.cache_rows(self.cache), device=self.beam_rows.device)):
+            compat.select_cache_rows(self.cache, self.beam_rows)
             self.beam_rows = torch.arange(self.num_beams, device=self.beam_rows.device)
         self.state.select_rows(self.sample * self.num_beams + torch.zeros_like(self.beam_rows))
         mask = self.inputs.get("attention_mask")  # (B, T + 1): the beams' real tokens, then the next one
@@ -187,24 +186,7 @@ class SampleSearch:
         """After a look-ahead: beam ``i`` continues parent ``parents[i]`` with its candidate
         ``picks[i]``; every cache layer keeps that row's tokens and that candidate's slot (one gather,
         the copy beam search's reordering makes anyway)."""
-        N = self.candidates
-        for layer in self.cache.layers:
-            keys = getattr(layer, "keys", None)
-            if keys is None or not keys.numel():
-                continue
-            kept = keys.shape[-2] - N
-            slots = torch.cat(
-                [
-                    torch.arange(kept, device=keys.device).expand(len(parents), -1),
-                    kept + picks.to(keys.device)[:, None],
-                ],
-                1,
-            )
-            rows = parents.to(keys.device)[:, None]
-            layer.keys = keys[rows, :, slots].transpose(1, 2)
-            layer.values = layer.values[rows, :, slots].transpose(1, 2)
-            if hasattr(layer, "cumulative_length"):  # sliding-window layers count the tokens they saw
-                layer.cumulative_length -= N - 1
+        compat.keep_slots(self.cache, parents, picks, self.candidates)
         self.beam_rows = torch.arange(self.num_beams, device=self.beam_rows.device)
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -326,7 +308,7 @@ class SampleSearch:
         width = min(current.shape[1], restored.shape[1] - 1)
         same = (restored[:, :width] == current[:, :width]).all(0)
         shared = max(int(same.int().cumprod(0).sum()), self.prompt_len)
-        crop_cache(self.cache, shared)
+        compat.crop_cache(self.cache, shared)
         rows = torch.zeros(self.num_beams, dtype=torch.long, device=self.beam_rows.device)
         self.method.collect(self.state, None)
         inputs = trim_inputs(self.inputs, self.cur_len)
@@ -354,27 +336,6 @@ class SampleSearch:
     def result(self, num_return: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sequences, scores, beam_indices)`` of the best ``num_return`` finished hypotheses."""
         return self.search.best(num_return)
-
-
-def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Keep the first ``length`` tokens of every layer. A sliding-window layer records every state
-    during the search (``activate_past_recording``) and is cut here without being narrowed back to
-    its window, so a later rollback can go back further than the tokens added since this one."""
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is None or not keys.numel():
-            continue
-        seen = getattr(layer, "cumulative_length", keys.shape[-2])
-        remove = seen - length
-        if remove > keys.shape[-2]:
-            raise RuntimeError(f"the cache no longer holds the {remove} tokens a rollback removes")
-        if remove > 0:
-            layer.keys, layer.values = (
-                keys[..., : keys.shape[-2] - remove, :],
-                layer.values[..., : keys.shape[-2] - remove, :],
-            )
-            if hasattr(layer, "cumulative_length"):
-                layer.cumulative_length = length
 
 
 def opera_search(
@@ -418,9 +379,9 @@ def opera_search(
         rows = torch.arange(sample * B, (sample + 1) * B, device=input_ids.device)
         own = cache if samples == 1 else copy.deepcopy(cache)
         if samples > 1:
-            DynamicCache.batch_select_indices(own, rows.to(cache_device(cache)))
+            compat.select_cache_rows(own, rows)
         if method.config.retrospection:  # sliding-window layers keep the states a rollback crops back to
-            own.activate_past_recording()
+            compat.record_past(own)
         search = SampleSearch(
             model, method, state, sample, input_ids[rows], out.logits[rows.to(out.logits.device), -1].float(),
             own, decode_inputs(model_kwargs, rows), cfg, logits_processor, stopping_criteria,

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import DynamicCache
 
+from .. import compat
 from ..compat import CACHE, cache_in, cache_of, without_cache
 from ..state import GuardState, StreamRole
 from .cache import RowGroupsCache
@@ -261,8 +262,7 @@ class Session:
                 if isinstance(stream, BranchRun):
                     stream.logits = output.logits[segment.rows, -1].float()
             if any(isinstance(stream, Probe) for _, stream in self._extra) and isinstance(cache, DynamicCache):
-                main_rows = torch.arange(rows, device=output.logits.device)
-                DynamicCache.batch_select_indices(cache, main_rows)  # probes only ride the prompt's forward
+                compat.select_cache_rows(cache, torch.arange(rows))  # probes only ride the prompt's forward
             for key in ("logits", "hidden_states", "attentions"):
                 value = getattr(output, key, None)
                 if isinstance(value, torch.Tensor):

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import compat
 from .model import PROMPT_TEMPLATE
 
 CAPTION_PROMPT = "Describe the image."
@@ -99,7 +100,7 @@ def attention_maps(model, wanted: bool):
     if not wanted:
         yield
         return
-    before = model.config.text_config._attn_implementation
+    before = compat.text_attn_implementation(model.config.text_config)
     model.set_attn_implementation({"text_config": "eager"})
     try:
         yield
