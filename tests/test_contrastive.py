@@ -1,7 +1,8 @@
 """Contrastive decoding: VCD, AvisC (``avc``) and DeCoRe.
 
 * the branch riding along as extra rows gives the logits two separate forwards give (and the same
-  tokens), on every core family;
+  tokens), on every core family, greedy and with beam search (where the branch run apart follows
+  the beams' reordering by their tokens);
 * a static cache (the branch run apart) gives the rows' tokens; beam search there is refused;
 * AvisC's blind tokens equal a brute-force computation from eager attention with
   ``output_attentions``, and its branch's input embeddings are the main ones with exactly the
@@ -43,20 +44,25 @@ def recording(name, **settings):
     return method
 
 
+@pytest.mark.parametrize("beams", [1, 3])
 @pytest.mark.parametrize("name", list(SETTINGS))
 @pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_branch_rows_give_what_two_separate_forwards_give(name, family):
+def test_branch_rows_give_what_two_separate_forwards_give(name, family, beams):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
+    settings = {} if name == "decore" else dict(beta=0.0)  # no cutoff: the beams' tokens differ
     runs = {}
     with torch.no_grad():
         for separate in (False, True):
-            method = recording(name, separate_stream=separate)
+            method = recording(name, separate_stream=separate, **settings)
             with hg.wrap(model, methods=[method]):
-                out = model.generate(**inputs, **GEN)
+                out = model.generate(**inputs, **GEN, num_beams=beams)
             runs[separate] = (out, method.seen)
     (rows_out, rows_seen), (apart_out, apart_seen) = runs[False], runs[True]
     assert torch.equal(rows_out, apart_out)
+    if beams > 1:  # the beams of a sample differ, so a branch row following the wrong beam would show
+        best = rows_seen[1][0].argmax(-1).view(-1, beams)
+        assert bool((best != best[:, :1]).any()), "the beams did not diverge: the check would not discriminate"
     assert len(rows_seen) == len(apart_seen) == GEN["max_new_tokens"]
     for (main_a, branch_a), (main_b, branch_b) in zip(rows_seen, apart_seen):
         torch.testing.assert_close(main_a, main_b, rtol=0, atol=1e-5)

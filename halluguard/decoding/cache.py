@@ -5,10 +5,14 @@ then the rows of each branch stream (see ``halluguard.decoding.session``), block
 following main row ``i``. ``generate`` only knows the main rows, so its batch operations (beam
 search's reordering, row expansion, selection) name main rows; here each is applied to every
 block alike, and the branch rows follow their main rows through beam search at the cost of one
-``index_select`` per layer, with no token matching and no recomputation.
+``index_select`` per layer, with no token matching and no recomputation. Whatever else follows the
+main rows (the tokens fed to them, which a branch run apart matches its rows by) registers in
+``followers`` and is told each main-row selection.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -22,11 +26,15 @@ class RowGroupsCache(DynamicCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.blocks = 1
+        self.followers: list[Callable[[torch.Tensor], None]] = []  # told every main-row selection
 
     def _rows(self) -> int:
         return cache_rows(self)
 
     def _every_block(self, index: torch.Tensor) -> torch.Tensor:
+        """``index`` (main rows) for every block; the followers are told it."""
+        for follow in self.followers:
+            follow(index)
         main = self._rows() // self.blocks
         return torch.cat([index + b * main for b in range(self.blocks)])
 

@@ -81,7 +81,7 @@ class Session:
         self._extra: list[tuple[Segment, Any]] = []  # extra rows of the current forward: (segment, probe or branch)
         self._main_rows = 0
         self._wants_tuple = False
-        self._history: torch.Tensor | None = None
+        self._history: torch.Tensor | None = None  # every token fed to each main row (for branches run apart)
 
     # ---- the model's forward pre-hook ------------------------------------------------------------
     def before_forward(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -155,8 +155,15 @@ class Session:
                     self.main.prompt_len,
                     rows_per_prompt=self._main_rows // (self._call_rows or self._main_rows),
                 )
+                if isinstance(cache, RowGroupsCache) and self._follow_rows not in cache.followers:
+                    cache.followers.append(self._follow_rows)  # beam search's reordering, told by the cache
             return []
         raise TypeError(f"a method's streams() must return Probe or Branch objects, got {spec!r}")
+
+    def _follow_rows(self, index: torch.Tensor) -> None:
+        """The main rows were selected (beam search's reordering): the token history follows them."""
+        if self._history is not None:
+            self._history = self._history.index_select(0, index.to(self._history.device))
 
     def _probe_apart(self, spec: Probe, state: GuardState, kwargs: dict, shared: dict) -> None:
         """A probe as its own forward before the prompt's (the main rows computed twice)."""
@@ -325,3 +332,4 @@ class Session:
         """After the call: the caller's cache holds the main rows only."""
         if isinstance(cache, RowGroupsCache):
             cache.drop_extra_blocks()
+            cache.followers.clear()
