@@ -306,6 +306,7 @@ def wrap(model: nn.Module, processor: Any = None, methods: Any = ()) -> Guard:
     existing = getattr(model, GUARD_ATTRIBUTE, None)
     if existing is not None:
         raise ValueError(f"this model is already wrapped ({existing!r}); call unwrap() on that guard first")
+    compat.warn_if_untested()
     adapter = adapter_for(model, processor)
     built = _build_methods(methods)
     for method in built:

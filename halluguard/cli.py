@@ -117,6 +117,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main
+
+    return main(effects=not args.skip_effects)
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .adapters import ADAPTERS
 
@@ -455,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(func=_cmd_methods)
     models = _leaf(sub, "models", help="list the supported model types (config.model_type)")
     models.set_defaults(func=_cmd_models)
+    doctor = _leaf(
+        sub, "doctor", help="check the guard's identities and the methods' effects with the installed transformers"
+    )
+    doctor.add_argument(
+        "--skip-effects", action="store_true", help="only the identities (seconds): not the README's method effects"
+    )
+    doctor.set_defaults(func=_cmd_doctor)
     _add_eval_parsers(sub)
     _add_calibrate_parsers(sub)
     _add_demo_parser(sub)
