@@ -174,8 +174,9 @@ class Guard:
                 if kwargs.get("custom_generate") is not None:
                     raise ValueError("a method of this guard owns the decoding loop; custom_generate cannot be given")
                 kwargs["custom_generate"] = loops[0]
-            if self._default_cache(kwargs):
-                kwargs[compat.CACHE] = RowGroupsCache(config=self.model.config.get_text_config(decoder=True))
+            if self._default_cache(kwargs):  # (a cache argument given as None is dropped, under either name)
+                cache = RowGroupsCache(config=self.model.config.get_text_config(decoder=True))
+                kwargs = {**compat.without_cache(kwargs), compat.CACHE: cache}
             else:
                 self._check_beams_apart(kwargs)
             cache = compat.cache_in(kwargs)

@@ -38,6 +38,7 @@ def test_the_doctor_passes_here_and_checks_every_method(capsys):
         assert f"ok    {name}: its branch riding along as extra rows gives what its own forwards give" in out
     assert "ok    lookback: its reading covers every generated token" in out
     assert "ok    vhr: acting changes the next-token scores" in out
+    assert "ok    transformers deprecates nothing halluguard calls" in out  # not even as a log line
 
 
 @pytest.mark.slow
