@@ -86,6 +86,16 @@ class Decoding:
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
 
+    def labels(self) -> list[str]:
+        """What sets this decoding apart from greedy search, for a run's folder name: ``beams5``,
+        ``sampled``, ``t0.9``, ``p0.95``."""
+        labels = [f"beams{self.num_beams}"] if self.num_beams > 1 else []
+        if self.do_sample:
+            labels.append("sampled")
+            labels += [f"t{self.temperature:g}"] if self.temperature != 1.0 else []
+            labels += [f"p{self.top_p:g}"] if self.top_p != 1.0 else []
+        return labels
+
     def generate_kwargs(self) -> dict:
         kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
         if self.do_sample:
@@ -856,11 +866,14 @@ def evaluate(
     return results
 
 
-def default_out_dir(task: Task, model_name: str, methods: str) -> Path:
-    """``runs/<task>-<data>-<model>-<methods>``, e.g. ``runs/chair-testbed-misleading-testbed-pai``."""
+def default_out_dir(task: Task, model_name: str, methods: str, decoding: Decoding) -> Path:
+    """``runs/<task>-<data>-<model>-<methods>[-<decoding>]``, e.g. ``runs/chair-testbed-misleading-testbed-pai``
+    or, beside it, ``...-vanilla-beams5`` and ``...-vcd-sampled``: runs that decode differently get
+    folders of their own (greedy search names none)."""
     name = Path(model_name.rstrip("/")).name or "model"
     data = task.data_label.replace(" ", "-")
-    return Path("runs") / f"{task.name}-{data}-{name}-{methods.replace('+', '_') or 'vanilla'}"
+    folder = f"{task.name}-{data}-{name}-{methods.replace('+', '_') or 'vanilla'}"
+    return Path("runs") / "-".join([folder, *decoding.labels()])
 
 
 __all__ = [

@@ -239,7 +239,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
-    out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method)
+    out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method, settings.decoding)
     prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
     model, processor, name = runner.load_model(args.model, dtype=args.dtype, device=args.device)

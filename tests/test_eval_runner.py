@@ -258,3 +258,18 @@ def test_dtype_and_device_apply_to_the_test_model(tmp_path):
     task = runner.ChairTask(dataset="testbed", num_images=1)
     results = runner.evaluate(task, model, processor, tmp_path / "run", settings=SETTINGS, info=info)
     assert results["model_identity"]["dtype"] == "torch.float16" and results["metrics"]["n"] == 1
+
+
+def test_runs_that_decode_differently_get_folders_of_their_own():
+    def folder(method="", **decoding):
+        return runner.default_out_dir(TESTBED_CHAIR, "testbed", method, runner.Decoding(64, **decoding)).name
+
+    assert folder() == "chair-testbed-misleading-testbed-vanilla"
+    assert folder("pai+vhr") == "chair-testbed-misleading-testbed-pai_vhr"
+    assert folder(num_beams=5) == "chair-testbed-misleading-testbed-vanilla-beams5"
+    assert folder("vcd", do_sample=True) == "chair-testbed-misleading-testbed-vcd-sampled"
+    assert (
+        folder(do_sample=True, temperature=0.9, top_p=0.95)
+        == "chair-testbed-misleading-testbed-vanilla-sampled-t0.9-p0.95"
+    )
+    assert folder(temperature=0.9) == folder()  # greedy search ignores the sampling settings
