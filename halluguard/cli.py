@@ -302,7 +302,8 @@ def _add_eval_parsers(sub) -> None:
         p.add_argument(
             "--out",
             metavar="DIR",
-            help="run folder; a rerun with the same settings resumes it (default: runs/<task>-<data>-<model>-<method>)",
+            help="run folder; a rerun with the same settings resumes it (default: runs/<task>-<data>-<model>-<method>, "
+            "plus -beams5, -sampled, ... when the decoding is not greedy)",
         )
         p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
         p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
