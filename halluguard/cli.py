@@ -582,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("halluguard: interrupted; rerun the same command to resume", file=sys.stderr)
+        resumes = args.command == "eval"  # a run folder keeps every finished row
+        print("halluguard: interrupted" + ("; rerun the same command to resume" if resumes else ""), file=sys.stderr)
         return 130
     except UsageError as err:
         if debug:

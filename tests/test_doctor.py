@@ -58,6 +58,18 @@ def test_a_method_that_changes_nothing_fails_the_doctor(monkeypatch, capsys):
     assert "pip install 'transformers==" in out and "report this output" in out
 
 
+def test_an_interrupted_doctor_says_so_in_one_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(doctor, "run_checks", interrupted)
+    assert cli.main(["doctor"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "halluguard: interrupted"
+    with pytest.raises(SystemExit) as exit_status:  # an unknown option: argparse's one line
+        cli.main(["doctor", "--effects"])
+    assert exit_status.value.code == 2 and "unrecognized arguments: --effects" in capsys.readouterr().err
+
+
 def test_a_check_that_raises_is_a_failure_with_its_reason():
     check = doctor.run_check("divides", lambda: (1 / 0 > 0, ""))
     assert not check.passed and check.line() == "FAIL  divides: raised ZeroDivisionError: division by zero"
