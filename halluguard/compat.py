@@ -78,13 +78,22 @@ def warn_if_untested() -> None:
 # 5.24 renamed the cache argument of every model's forward, of ``generate`` and of
 # ``prepare_inputs_for_generation``, and the cache field of model and generate outputs, from
 # ``past_key_values`` to ``cache`` (the old name is still accepted there, with a warning, until 6.0).
-CACHE = "past_key_values" if Version("5.24") > VERSION else "cache"
+CACHE = "cache" if VERSION.release[:2] >= (5, 24) else "past_key_values"
 _CACHE_NAMES = ("cache", "past_key_values")  # either may reach a forward hook or a generate call
 
 
 def cache_in(kwargs: dict[str, Any]) -> Any:
-    """The cache passed in ``kwargs`` (a forward's or ``generate``'s), under either name; None if none."""
-    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+    """The cache passed in ``kwargs`` (a forward's or ``generate``'s), under either name; None if none.
+    A cache under a name this module does not know (a release that renames it again) is an error, not
+    a call read as cacheless."""
+    found = next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+    stray = next((k for k, v in kwargs.items() if isinstance(v, transformers.Cache) and k not in _CACHE_NAMES), None)
+    if found is None and stray is not None:
+        raise RuntimeError(
+            f"transformers {VERSION} passes the cache as {stray!r}, which this halluguard does not know "
+            f"(tested: {tested_range()}): install a tested transformers release or a newer halluguard"
+        )
+    return found
 
 
 def without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:

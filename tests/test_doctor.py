@@ -6,7 +6,8 @@
   effect misses the README's figure; it warns of deprecations transformers reports;
 * the README's figures are the ones the doctor checks;
 * ``wrap`` warns once, naming the doctor, on a transformers release newer than the newest tested;
-* the floor ``compat`` reports is pyproject's requirement.
+* the floor ``compat`` reports is pyproject's requirement; a cache under a name ``compat`` does not
+  know stops the call instead of being read as no cache.
 """
 
 import logging
@@ -135,3 +136,13 @@ def test_the_floor_is_pyprojects_requirement_and_the_installed_release_is_in_ran
     assert re.fullmatch(r"transformers>=[0-9.]+", requirement), "a lower bound only: no upper pin on transformers"
     assert compat.floor() == Version(requirement.split(">=")[1])
     assert compat.floor() <= compat.VERSION
+
+
+def test_a_cache_under_a_name_compat_does_not_know_is_an_error_not_a_cacheless_call():
+    from transformers import DynamicCache
+
+    assert compat.cache_in({"input_ids": 1}) is None
+    cache = DynamicCache()
+    assert compat.cache_in({"past_key_values": cache}) is cache and compat.cache_in({"cache": cache}) is cache
+    with pytest.raises(RuntimeError, match="passes the cache as 'kv_cache', which this halluguard does not know"):
+        compat.cache_in({"input_ids": 1, "kv_cache": cache})
