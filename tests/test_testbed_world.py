@@ -146,3 +146,38 @@ def test_export_writes_coco_annotations_readable_by_pycocotools(tmp_path):
     assert {r["label"] for r in rows} == {"yes", "no"}
     synonyms = (out / "synonyms.txt").read_text().splitlines()
     assert [line.split(", ")[0] for line in synonyms] == list(world.CATEGORIES)
+
+
+def test_choosing_by_index_draws_what_numpy_draws_from_the_sequence():
+    items, weights = ["red", "blue", "green", "yellow", "purple"], [0.1, 0.2, 0.3, 0.25, 0.15]
+    ours, theirs = np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(300):
+        assert world.pick(ours, items) == theirs.choice(items)
+        assert world.pick(ours, items, p=weights) == theirs.choice(items, p=weights)
+        assert world.pick_distinct(ours, items, 3) == list(theirs.choice(items, size=3, replace=False))
+        assert world.shuffled(ours, items) == list(theirs.permutation(items))
+    assert ours.random() == theirs.random()  # and leave the generator in the same state
+
+
+def test_a_ctrl_c_while_scenes_are_drawn_is_not_lost():
+    """numpy swallows an interrupt that arrives while it turns a Python list into an array (as
+    ``rng.choice(list)`` does); the world chooses by index, so every Ctrl-C stops the drawing."""
+    import os
+    import signal
+    import threading
+    import time
+
+    world.sample_scene("misleading", 0)  # imports done: an interrupt during an import is another matter
+    stopped = 0
+    for trial in range(20):
+        timer = threading.Timer(0.002 + 0.003 * (trial % 5), os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            deadline, index = time.monotonic() + 0.3, 0
+            while time.monotonic() < deadline:
+                world.sample_scene("misleading", index)
+                index += 1
+        except KeyboardInterrupt:
+            stopped += 1
+        timer.join()
+    assert stopped == 20

@@ -89,20 +89,20 @@ def lookalike_question(scene: world.Scene, rng: np.random.Generator, similarity)
     or such a negative, equally likely."""
     present = scene.categories
     if rng.random() < 0.5:
-        category, label = str(rng.choice(present)), "yes"
+        category, label = world.pick(rng, present), "yes"
     else:
         absent = [c for c in world.CATEGORIES if c not in present]
         closest = sorted(absent, key=lambda c: -max(similarity[p][c] for p in present))[:LOOKALIKE_TOP]
-        category, label = str(rng.choice(closest)), "no"
+        category, label = world.pick(rng, closest), "no"
     return {"image_id": scene.image_id, "category": category, "text": world.question(category), "label": label}
 
 
 def draw_question(scene: world.Scene, rng: np.random.Generator, popularity, cooc, similarity=None) -> dict:
     """One yes/no question about ``scene``, its negative kind drawn from ``QUESTION_KINDS``."""
-    kind = str(rng.choice(list(QUESTION_KINDS), p=list(QUESTION_KINDS.values())))
+    kind = world.pick(rng, list(QUESTION_KINDS), p=list(QUESTION_KINDS.values()))
     if kind == "lookalike":
         return lookalike_question(scene, rng, similarity)
-    return rng.choice(world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
+    return world.pick(rng, world.pope_questions(scene, kind, rng, per_side=1, popularity=popularity, cooc=cooc))
 
 
 def make_example(
@@ -119,13 +119,13 @@ def make_example(
     A caption example is one turn; a question example asks up to ``questions`` yes/no questions
     about different categories, one per turn, as multi-turn visual question answering data does."""
     if rng.random() < caption_share:
-        return [(str(rng.choice(CAPTION_PROMPTS)), scene.caption)], True
+        return [(world.pick(rng, CAPTION_PROMPTS), scene.caption)], True
     turns, asked = [], set()
     for _ in range(2 * questions):  # a few extra draws, so repeated categories are rarely short
         q = draw_question(scene, rng, popularity, cooc, similarity)
         if q["category"] not in asked:
             asked.add(q["category"])
-            turns.append((q["text"] + str(rng.choice(QUESTION_SUFFIXES)), q["label"]))
+            turns.append((q["text"] + world.pick(rng, QUESTION_SUFFIXES), q["label"]))
         if len(turns) == questions:
             break
     return turns, False

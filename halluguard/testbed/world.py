@@ -29,8 +29,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -157,6 +158,26 @@ def _rng(split: str, index: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_SEEDS[split], index])
 
 
+T = TypeVar("T")
+
+
+# numpy turns a Python sequence into an array before it chooses from it or shuffles it, and a Ctrl-C
+# that arrives during that conversion is lost; choosing by index draws the same numbers and keeps it.
+def pick(rng: np.random.Generator, items: Sequence[T], p: Sequence[float] | None = None) -> T:
+    """One of ``items`` (weights ``p``): what ``rng.choice(items, p=p)`` draws."""
+    return items[int(rng.choice(len(items), p=p))]
+
+
+def pick_distinct(rng: np.random.Generator, items: Sequence[T], size: int) -> list[T]:
+    """``size`` distinct ``items``: what ``rng.choice(items, size, replace=False)`` draws."""
+    return [items[int(i)] for i in rng.choice(len(items), size=size, replace=False)]
+
+
+def shuffled(rng: np.random.Generator, items: Sequence[T]) -> list[T]:
+    """``items`` in the order ``rng.permutation(items)`` gives."""
+    return [items[int(i)] for i in rng.permutation(len(items))]
+
+
 def neighbours(cell: int) -> list[int]:
     """The cells that share an edge with ``cell``."""
     row, col = divmod(cell, GRID)
@@ -169,14 +190,14 @@ def neighbours(cell: int) -> list[int]:
 
 
 def _place(rng: np.random.Generator, category: str, cell: int, visibility: float = 1.0, size: str | None = None) -> Obj:
-    size = size or str(rng.choice(list(SIZES)))
+    size = size or pick(rng, list(SIZES))
     lo, hi = SIZES[size]
     radius = float(rng.uniform(lo, hi))
     row, col = divmod(cell, GRID)
     slack = CELL / 2 - radius - 1
     cx = col * CELL + CELL / 2 + float(rng.uniform(-slack, slack))
     cy = row * CELL + CELL / 2 + float(rng.uniform(-slack, slack))
-    return Obj(category, str(rng.choice(list(COLORS))), size, cell, (cx, cy), radius, visibility)
+    return Obj(category, pick(rng, list(COLORS)), size, cell, (cx, cy), radius, visibility)
 
 
 def _categories(rng: np.random.Generator, split: str) -> tuple[list[str], list[str]]:
@@ -184,12 +205,12 @@ def _categories(rng: np.random.Generator, split: str) -> tuple[list[str], list[s
     partners = set(PAIRS.values())
     plain = [c for c in CATEGORIES if c not in PAIRS and c not in partners]
     if split in ("misleading", "faint"):
-        anchor = str(rng.choice(list(PAIRS)))
+        anchor = pick(rng, list(PAIRS))
         low = 1 if split == "faint" else 2  # 3-5 objects in all
-        others = [str(c) for c in rng.choice(plain, size=int(rng.integers(low, low + 3)), replace=False)]
+        others = pick_distinct(rng, plain, int(rng.integers(low, low + 3)))
         return [anchor] + others, ([anchor] if split == "faint" else [])
     count = int(rng.integers(3, 6))
-    chosen = [str(c) for c in rng.permutation(CATEGORIES)]
+    chosen = shuffled(rng, CATEGORIES)
     # partners appear mostly through their anchor, which makes the pairing a strong prior
     chosen = [c for c in chosen if c not in partners or rng.random() < PARTNER_ALONE_PROBABILITY][:count]
     paired = [a for a in PAIRS if a in chosen and PAIRS[a] not in chosen and rng.random() < PAIR_PROBABILITY]
@@ -227,9 +248,9 @@ def sample_scene(split: str, index: int, seed: int = 0, max_objects: int | None 
         objects.append(_place(rng, category, cell))
         if category in paired:
             near = [n for n in neighbours(cell) if n not in taken]
-            spot = int(rng.choice(near)) if near else next(c for c in cells if c not in taken)
+            spot = pick(rng, near) if near else next(c for c in cells if c not in taken)
             taken.add(spot)
-            level = "faint" if split == "faint" else str(rng.choice(list(VISIBILITY)))
+            level = "faint" if split == "faint" else pick(rng, list(VISIBILITY))
             visibility = float(rng.uniform(*VISIBILITY[level]))
             objects.append(_place(rng, PAIRS[category], spot, visibility, "small" if level == "faint" else None))
     background = tuple(int(v) for v in rng.integers(200, 246, size=3))
@@ -415,10 +436,10 @@ def pope_questions(
     """
     present = scene.categories
     absent = [c for c in CATEGORIES if c not in present]
-    positives = list(rng.permutation(present))[:per_side]
+    positives = shuffled(rng, present)[:per_side]
     n = len(positives)
     if kind == "random":
-        negatives = list(rng.permutation(absent))[:n]
+        negatives = shuffled(rng, absent)[:n]
     elif kind == "popular":
         popularity = popularity or category_frequencies()
         negatives = sorted(absent, key=lambda c: -popularity[c])[:n]
