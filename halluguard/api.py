@@ -152,8 +152,19 @@ class Guard:
 
     # ---- guarded calls -------------------------------------------------------------------------------
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.generate`` with the methods applied; same arguments and outputs."""
+        """``model.generate`` with the methods applied; same arguments and outputs. A ``streamer`` is
+        ended when the call fails, so a thread reading it never waits for tokens that will not come."""
         self._check_wrapped()
+        streamer = kwargs.get("streamer")
+        try:
+            return self._generate(*args, **kwargs)
+        except BaseException:
+            if streamer is not None:
+                with contextlib.suppress(Exception):  # the call's own error is the one to see
+                    streamer.end()
+            raise
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
         if not self.methods:
             return self._original_generate(*args, **kwargs)
         kwargs = self._with_method_defaults(kwargs)
@@ -163,7 +174,10 @@ class Guard:
             processors = [p for m in self.methods for p in m.logits_processors(state)]
             if processors:
                 kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])
-            loops = [loop for m in self.methods if (loop := m.generate_loop(state)) is not None]
+            loops = [(m, loop) for m in self.methods if (loop := m.generate_loop(state)) is not None]
+            late = [m for m, _ in loops if m.late_tokens is not None]
+            if late and kwargs.get("streamer") is not None:
+                raise ValueError(f"{late[0].name} cannot stream: {late[0].late_tokens}; drop the streamer")
             if loops and processors:
                 raise ValueError(
                     "a method of this guard owns the decoding loop, and another acts through a logits processor "
@@ -173,7 +187,7 @@ class Guard:
             if loops:
                 if kwargs.get("custom_generate") is not None:
                     raise ValueError("a method of this guard owns the decoding loop; custom_generate cannot be given")
-                kwargs["custom_generate"] = loops[0]
+                kwargs["custom_generate"] = loops[0][1]
             if self._default_cache(kwargs):  # (a cache argument given as None is dropped, under either name)
                 cache = RowGroupsCache(config=self.model.config.get_text_config(decoder=True))
                 kwargs = {**compat.without_cache(kwargs), compat.CACHE: cache}

@@ -51,7 +51,6 @@ def guided_search(
         [
             (not cfg.do_sample, "greedy search: guided decoding samples its candidates (do_sample=True)"),
             (cfg.num_beams > 1, "beam search"),
-            (streamer is not None, "a streamer: a chunk's tokens are settled only when its candidates are scored"),
             (synced_gpus, "synced_gpus"),
             (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
         ],

@@ -273,6 +273,12 @@ class Demo:
         self.overrides, self.configs = {}, self._with_classifier(list(configs))
         return self.describe_methods()
 
+    def _methods(self) -> list:
+        """The methods of the current configs (not installed on the model)."""
+        from halluguard.registry import entry
+
+        return [entry(c.name).method_cls(c) for c in self.configs]
+
     def describe_methods(self) -> str:
         if not self.configs:
             return "none (plain decoding only)"
@@ -306,8 +312,9 @@ class Demo:
         tokenizer = self.processor.tokenizer
         kwargs = self.settings.generate_kwargs()
         streamer = None
-        # OPERA's beam search and Lookback's guided decoding settle tokens late and refuse streamers
-        late = guarded and any(c.name == "opera" or getattr(c, "mode", "") == "guide" for c in self.configs)
+        # a decoding loop that settles tokens late (OPERA's beam search, Lookback's guided decoding)
+        # refuses a streamer: its answer comes whole
+        late = guarded and any(m.owns_loop and m.late_tokens for m in self._methods())
         if on_piece is not None and (self.settings.num_beams or 1) == 1 and not late:
             streamer = _PieceStreamer(tokenizer, on_piece)
         torch.manual_seed(self.settings.seed)

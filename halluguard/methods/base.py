@@ -59,6 +59,9 @@ class Method:
     generation_defaults: ClassVar[dict[str, Any]] = {}
     # False for a method whose per-row data cannot follow beam search's reordering (refused with a reason)
     supports_beam_search: ClassVar[bool] = True
+    # a decoding-loop owner whose tokens are final only late says why (a streamer is refused with it);
+    # a loop owner that streams gets generate's streamer and must end it
+    late_tokens: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()

@@ -191,6 +191,7 @@ class Lookback(Method):
 
     config_cls = LookbackConfig
     supports_beam_search = False
+    late_tokens = "guided decoding settles a chunk's tokens only once its candidates are scored"
 
     def __init__(self, config: LookbackConfig | None = None, on_chunk: Any = None):
         super().__init__(config)

@@ -116,6 +116,7 @@ class OPERA(Method):
     a dict describing it (for inspection and tests)."""
 
     config_cls = OPERAConfig
+    late_tokens = "its beam search settles the tokens only at the end"
 
     def __init__(self, config: OPERAConfig | None = None, on_step: Callable[[dict[str, Any]], Any] | None = None):
         super().__init__(config)
