@@ -168,7 +168,7 @@ class Guard:
         if not self.methods:
             return self._original_generate(*args, **kwargs)
         kwargs = self._with_method_defaults(kwargs)
-        self._check_beam_support(kwargs)
+        self._check_decoding(kwargs)
         with self._call(args, kwargs, for_generation=True) as session:
             state = session.main
             processors = [p for m in self.methods for p in m.logits_processors(state)]
@@ -228,13 +228,11 @@ class Guard:
         config = kwargs.get("generation_config") or self.model.generation_config
         return kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
 
-    def _check_beam_support(self, kwargs: dict) -> None:
-        refusing = [m.name for m in self.methods if not m.supports_beam_search]
-        if self._num_beams(kwargs) > 1 and refusing:
-            raise ValueError(
-                f"{', '.join(refusing)} cannot follow beam search (its per-row readings would follow the "
-                "reordered rows, not the tokens): use greedy search or sampling"
-            )
+    def _check_decoding(self, kwargs: dict) -> None:
+        """Refuse, before anything runs, a decoding a method cannot run (``Method.decoding_refusal``)."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        do_sample = bool(kwargs.get("do_sample", getattr(config, "do_sample", False)))
+        check_decoding(self.methods, self._num_beams(kwargs), do_sample)
 
     def _check_beams_apart(self, kwargs: dict) -> None:
         """Refuse beam search where a contrast branch would run apart (a static or caller-supplied
@@ -299,6 +297,17 @@ def _build_methods(spec: Any) -> list[Method]:
     return methods
 
 
+def check_decoding(methods: Any, num_beams: int, do_sample: bool) -> None:
+    """Raise ``ValueError`` if ``methods`` (a spec as ``wrap`` takes, or ``Method`` objects) cannot be
+    composed, or cannot decode with ``num_beams`` beams and ``do_sample``: what a guarded ``generate``
+    would refuse, known before a model runs."""
+    for method in _build_methods(methods):
+        refusal = method.decoding_refusal(num_beams, do_sample)
+        if refusal is not None:
+            how = "sampling" if do_sample else "greedy search" if num_beams == 1 else f"beam search ({num_beams} beams)"
+            raise ValueError(f"{method.name} cannot decode with {how}: {refusal}")
+
+
 def wrap(model: nn.Module, processor: Any = None, methods: Any = ()) -> Guard:
     """Guard ``model.generate`` with ``methods``; returns the ``Guard`` handle.
 
@@ -331,4 +340,4 @@ def wrap(model: nn.Module, processor: Any = None, methods: Any = ()) -> Guard:
     return guard
 
 
-__all__ = ["Guard", "wrap"]
+__all__ = ["Guard", "check_decoding", "wrap"]

@@ -49,8 +49,6 @@ def guided_search(
     check_loop_call(
         "Lookback Lens' guided decoding",
         [
-            (not cfg.do_sample, "greedy search: guided decoding samples its candidates (do_sample=True)"),
-            (cfg.num_beams > 1, "beam search"),
             (synced_gpus, "synced_gpus"),
             (cfg.prefill_chunk_size is not None, "prefill_chunk_size"),
         ],

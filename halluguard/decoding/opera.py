@@ -356,9 +356,6 @@ def opera_search(
     check_loop_call(
         "OPERA",
         [
-            (cfg.do_sample, "sampling (do_sample=True): OPERA is a beam search; pass do_sample=False"),
-            (cfg.num_beams < 2, "num_beams=1: OPERA is a beam search (the official greedy variant is disabled); "
-                                f"pass num_beams>=2 (the official setting is {method.config.num_beams})"),
             (synced_gpus, "synced_gpus"),
             (cfg.output_attentions or cfg.output_hidden_states,
              "output_attentions/output_hidden_states: the search reads attention from the hook, not the outputs"),

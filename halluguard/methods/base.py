@@ -84,6 +84,17 @@ class Method:
         """True when the method provides its own decoding loop (it overrides ``generate_loop``)."""
         return type(self).generate_loop is not Method.generate_loop
 
+    def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
+        """Why the method cannot decode with ``num_beams`` beams and ``do_sample`` (None: it can).
+        A guarded ``generate`` asks before it starts; so may anyone who sets decoding earlier (the
+        demo's ``:set``)."""
+        if num_beams > 1 and not self.supports_beam_search:
+            return (
+                "it cannot follow beam search (its per-row readings would follow the reordered rows, not the "
+                "tokens): use greedy search or sampling"
+            )
+        return None
+
     def setup(self, adapter: Adapter) -> None:
         """Called by ``wrap``: check that the model suits the method (raise ``ValueError`` if not)."""
 

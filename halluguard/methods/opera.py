@@ -131,6 +131,16 @@ class OPERA(Method):
         """Plain beam search: no penalty and no rollback."""
         return self.config.penalty_weights == 0 and not self.config.retrospection
 
+    def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
+        if do_sample:
+            return "it is a beam search, not sampling (do_sample=True): pass do_sample=False"
+        if num_beams < 2:
+            return (
+                "it is a beam search, and num_beams=1 is greedy search (the official greedy variant is disabled): "
+                f"pass num_beams>=2 (the official setting is {self.config.num_beams})"
+            )
+        return super().decoding_refusal(num_beams, do_sample)
+
     def setup(self, adapter: Adapter) -> None:
         layers, sliding = adapter.num_layers, adapter.sliding_layers()
         layer = self.config.layer
