@@ -549,8 +549,8 @@ def _add_demo_parser(sub) -> None:
         sub,
         "demo",
         help="interactive terminal demo: plain and guarded answers side by side",
-        description="Interactive: type questions and :commands (:help). With --prompt (or --json, or input "
-        "that is not a terminal) it answers once, prints and exits.",
+        description="Interactive: type questions and :commands (:help); lines piped in are answered one by one, "
+        "as if typed. With --prompt (or --json) it answers once, prints and exits.",
     )
     demo.add_argument("--model", default="testbed", help="testbed (the shipped test model), a hub id or a local path")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU when there is one)")

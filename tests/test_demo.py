@@ -169,3 +169,103 @@ def test_a_beam_search_method_decodes_with_its_own_beams(capsys):
     code, out, _ = run(capsys, *SCENE, "--prompt", "", "--method", "opera", "--json")
     assert code == 0, "OPERA needs its beams: the demo must not force one"
     assert json.loads(out)["guarded"]["text"]
+
+
+def piped(*lines: str, argv=("--max-new-tokens", "6")):
+    """``halluguard demo`` with ``lines`` piped in, as a script would: (exit status, output)."""
+    import subprocess
+
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="120")
+    done = subprocess.run(
+        [sys.executable, "-m", "halluguard", "demo", *argv],
+        input="".join(f"{line}\n" for line in lines),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_piped_lines_are_answered_one_by_one_as_typed():
+    code, out = piped("Is there a star in the image?", ":method none", "Is there a moon in the image?", ":show", "quit")
+    assert code == 0
+    assert out.count("plain") >= 2 and "guarded: vcd" in out  # the first question compared, the second plain
+    assert "methods: none (plain decoding only)" in out
+    answers = [line.strip("│ ").strip() for line in out.splitlines() if line.startswith("│")]
+    assert answers and all(a.split()[0] in ("yes", "no") for a in answers if a)  # questions, not captions
+
+
+def test_a_failed_line_keeps_the_session_and_makes_a_piped_run_fail(tmp_path):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    code, out = piped(
+        ":attention att.txt",
+        f":attention {folder}",
+        ":scene misleading -1",
+        ":method opera",
+        ":set beams=1",
+        ":set sample=on",
+        "help",
+        ":show",
+    )
+    assert code == 1  # every line ran; one failed
+    assert ":attention att.txt: a picture file ends in one of" in out and ".png" in out
+    assert f":attention {folder} is a folder; give a file name" in out
+    assert "a scene index is 0 or more" in out
+    assert "methods: opera" in out
+    assert "opera cannot decode with greedy search" in out  # refused when set, not at the next question
+    assert "opera cannot decode with sampling" in out
+    assert ":quit" in out  # help, typed alone
+    assert "greedy, up to 6 tokens" in out  # :show: the refused settings were not kept
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "maps.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "x.png", "--scene", "test:1"], "--image and --scene both name the picture; give one"),
+        (["--max-new-tokens", "8", "--set", "max_tokens=16"], "--max-new-tokens and --set max_tokens=... both set"),
+        (["--method", "opera", "--set", "beams=1"], "opera cannot decode with greedy search"),
+        (["--method", "opera", "--set", "sample=on"], "opera cannot decode with sampling"),
+        (["--method", "opera+pai"], "cannot compose 'opera' with 'pai'"),
+        (["--save-attention", "map.txt"], "--save-attention map.txt: a picture file ends in one of"),
+    ],
+)
+def test_impossible_settings_are_refused_before_the_model_loads(capsys, monkeypatch, argv, message):
+    from halluguard.demo import app
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the settings were checked")
+
+    monkeypatch.setattr(app, "load_model", no_loading)
+    code, _, err = run(capsys, *argv, "--prompt", "")
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_while_the_demo_loads_says_interrupted(capsys, monkeypatch):
+    from halluguard.demo import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "load_model", interrupted)
+    assert main(["demo", "--prompt", ""]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
+
+
+def test_bare_words_in_the_terminal_session():
+    child = spawn_demo("--max-new-tokens", "4")
+    try:
+        child.expect("> ")
+        child.sendline("help")
+        child.expect(":attention FILE.png")
+        child.expect("> ")
+        child.sendline(":attention att.txt")
+        child.expect("a picture file ends in one of")
+        child.expect("> ")  # the session goes on
+        child.sendline("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

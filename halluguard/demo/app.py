@@ -15,7 +15,9 @@ for a caption) or a command:
     :help                     this list
     :quit                     leave (or Ctrl-D)
 
-Ctrl-C stops a generation and keeps the session.
+Ctrl-C stops a generation and keeps the session. quit, exit, q and help typed alone are those
+commands. Lines piped in (``halluguard demo < questions.txt``) are answered one by one as if typed;
+the exit status is then 1 when one of them failed.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from rich.table import Table
 from rich.text import Text
 
 from . import render
-from .core import Demo, DemoError, Turn
+from .core import Demo, DemoError, Settings, Turn, split_assignment
 from .meter import ImageAttentionMeter
 
 # a scene of the shipped test model's misleading split where the plain caption names an undrawn object
 DEFAULT_SCENE = "misleading:1"
+# words that, typed alone, are the commands a user means rather than questions for the model
+BARE_COMMANDS = ("quit", "exit", "q", "help")
 HELP = __doc__.split("or a command:", 1)[1].strip("\n")
 
 
@@ -62,20 +66,39 @@ def _scene_args(text: str) -> tuple[str, int]:
 
 
 def configure(demo: Demo, args) -> None:
-    """Picture, methods and settings from the command line (defaults: a misleading scene and VHR)."""
+    """Picture, methods and settings from the command line (defaults: a misleading scene and VCD),
+    each checked before the model loads; the methods are checked against all the settings."""
+    if args.image and args.scene:
+        raise DemoError("--image and --scene both name the picture; give one")
     if args.image:
         demo.load_image(args.image)
     elif demo.is_testbed or args.scene:
         demo.load_scene(*_scene_args(args.scene or DEFAULT_SCENE))
+    assignments = list(args.set or [])
+    if args.max_new_tokens is not None:
+        keys = [Settings.ALIASES.get(key, key) for key, _ in map(split_assignment, assignments)]
+        if "max_new_tokens" in keys:
+            raise DemoError("--max-new-tokens and --set max_tokens=... both set the answer's length; give one")
+        assignments.append(f"max_new_tokens={args.max_new_tokens}")
+    for assignment in assignments:
+        demo.settings.update(assignment)
     if getattr(args, "configs", None) is not None:
         demo.use_configs(args.method, args.configs)
     else:
         demo.set_methods(args.method)
-    for assignment in args.set or []:
-        demo.settings.update(assignment)
-    if args.max_new_tokens is not None:
-        demo.settings.update(f"max_new_tokens={args.max_new_tokens}")
+    if args.save_attention:
+        picture_path(args.save_attention, "--save-attention")
     demo.compare = True  # interactive; the one-shot mode follows --compare
+
+
+def picture_path(path: str, option: str) -> str:
+    """A picture file the attention map can be written to (checked before any answer)."""
+    from halluguard.outputs import picture_file
+
+    try:
+        return str(picture_file(path, option))
+    except ValueError as err:
+        raise DemoError(str(err)) from None
 
 
 # ---- one shot ---------------------------------------------------------------------------------------------
@@ -102,30 +125,38 @@ def run_once(demo: Demo, args, console: Console) -> int:
 
 
 def interactive(demo: Demo, console: Console) -> int:
-    _readline()
+    """The session, on a terminal or on lines piped in (each answered as if typed; then the exit status
+    is 1 when a line failed)."""
+    typing = sys.stdin.isatty()
+    if typing:
+        _readline()
     console.print(f"[bold]halluguard demo[/bold]: {demo.name}. Type a question, Enter for a caption, :help.")
     _show(demo, console)
     last: Turn | None = None
+    failed = False
     while True:
         try:
-            line = input("> ")
+            line = input("> " if typing else "")
         except EOFError:
             console.print()
-            return 0
+            return 1 if failed and not typing else 0
         except KeyboardInterrupt:
             console.print("\n(:quit leaves)")
             continue
         line = line.strip()
+        bare = line.lower()
         try:
-            if line.startswith((":", "/")):
-                if _command(demo, line[1:], console, last) == "quit":
-                    return 0
+            if line.startswith((":", "/")) or bare in BARE_COMMANDS:
+                if _command(demo, line.lstrip(":/"), console, last) == "quit":
+                    return 1 if failed and not typing else 0
                 continue
             last = _ask(demo, line, console)
         except KeyboardInterrupt:
             console.print("\n[dim]stopped[/dim]")
-        except DemoError as err:
-            console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        except Exception as err:  # one line, and the session goes on
+            failed = True
+            text = str(err) if isinstance(err, DemoError) else f"{type(err).__name__}: {err}"
+            console.print(f"[red]error:[/red] {(text.strip().splitlines() or [''])[0]}", soft_wrap=True)
 
 
 def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str | None:
@@ -149,9 +180,12 @@ def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str 
         if not demo.is_testbed:
             raise DemoError(":scene shows the test model's world; with another model use :image PATH")
         split = rest[0] if rest else "misleading"
-        if len(rest) > 1 and not rest[1].isdigit():
-            raise DemoError(f"a scene index is a number, not {rest[1]!r}")
-        index = int(rest[1]) if len(rest) > 1 else _next_index(demo, split)
+        if len(rest) > 2:
+            raise DemoError(":scene takes a split and an index, e.g. :scene misleading 3")
+        try:
+            index = int(rest[1]) if len(rest) > 1 else _next_index(demo, split)
+        except ValueError:
+            raise DemoError(f"a scene index is a whole number, not {rest[1]!r}") from None
         demo.load_scene(split, index)
         _show(demo, console)
     elif name in ("method", "methods"):
@@ -162,7 +196,7 @@ def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str 
         if not rest:
             raise DemoError(":set takes key=value pairs: max_tokens, beams, sample, temperature, top_p, seed")
         for assignment in rest:
-            console.print(demo.settings.update(assignment))
+            console.print(demo.update_setting(assignment))
     elif name == "compare":
         if rest not in (["on"], ["off"]):
             raise DemoError(":compare takes on or off")
@@ -170,11 +204,12 @@ def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str 
         console.print(f"compare: {rest[0]}")
     elif name == "attention":
         if len(rest) != 1:
-            raise DemoError(":attention takes the PNG file to write")
+            raise DemoError(":attention takes the picture file to write, e.g. :attention map.png")
+        target = picture_path(rest[0], ":attention")
         probe = ImageAttentionMeter()
         _ask(demo, last.prompt if last else "", console, probe=probe)
-        save_attention(demo, probe, rest[0])
-        console.print(f"saved {rest[0]}")
+        save_attention(demo, probe, target)
+        console.print(f"saved {target}")
     elif name == "show":
         _show(demo, console)
     else:
@@ -249,7 +284,7 @@ def save_attention(demo: Demo, meter, path: str) -> None:
 def main(args) -> int:
     console = Console(highlight=False, soft_wrap=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    one_shot = args.prompt is not None or args.json or not sys.stdin.isatty()
+    one_shot = args.prompt is not None or args.json
     try:
         demo = Demo(args.model, is_testbed=args.model == "testbed")
         configure(demo, args)  # cheap checks first: a bad picture or method fails before loading

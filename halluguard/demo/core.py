@@ -30,6 +30,8 @@ class DemoError(Exception):
 class Settings:
     """Decoding settings changed with ``:set key=value``."""
 
+    ALIASES = {"max_tokens": "max_new_tokens", "tokens": "max_new_tokens", "beams": "num_beams", "sample": "do_sample"}
+
     max_new_tokens: int = 48
     num_beams: int | None = None  # None: the methods' own (OPERA searches with 5 beams), else 1
     do_sample: bool = False
@@ -39,13 +41,7 @@ class Settings:
 
     def update(self, assignment: str) -> str:
         key, value = split_assignment(assignment)
-        aliases = {
-            "max_tokens": "max_new_tokens",
-            "tokens": "max_new_tokens",
-            "beams": "num_beams",
-            "sample": "do_sample",
-        }
-        key = aliases.get(key, key)
+        key = self.ALIASES.get(key, key)
         kinds = {"max_new_tokens": int, "num_beams": int, "do_sample": bool, "temperature": float, "top_p": float}
         kind = {**kinds, "seed": int}.get(key)
         if kind is None:
@@ -249,8 +245,28 @@ class Demo:
             configs = [get_config(n, **overrides[n]) for n in names]
         except (TypeError, ValueError) as err:
             raise DemoError(str(err).splitlines()[0]) from None
+        self._check(self._with_classifier(configs), self.settings)
         self.methods_spec, self.overrides, self.configs = "+".join(names), overrides, self._with_classifier(configs)
         return self.describe_methods()
+
+    def update_setting(self, assignment: str) -> str:
+        """``:set key=value``, refused when the methods could not decode that way."""
+        settings = dataclasses.replace(self.settings)
+        said = settings.update(assignment)
+        self._check(self.configs, settings)
+        self.settings = settings
+        return said
+
+    def _check(self, configs: list, settings: Settings) -> None:
+        """Refuse now what the next answer could not run: methods that do not compose, or a decoding
+        one of them cannot do (OPERA and one beam, guided decoding and greedy search, ...)."""
+        from halluguard.api import check_decoding
+        from halluguard.registry import method_beams
+
+        try:
+            check_decoding(configs, settings.num_beams or method_beams(configs), settings.do_sample)
+        except ValueError as err:
+            raise DemoError(str(err).splitlines()[0]) from None
 
     def _with_classifier(self, configs: list) -> list:
         """Lookback Lens on the test model reads its shipped classifier unless one is given, so its
@@ -269,6 +285,7 @@ class Demo:
 
     def use_configs(self, spec: str, configs: list) -> str:
         """Methods given as configs (the command line's ``--config``)."""
+        self._check(list(configs), self.settings)
         self.methods_spec = "+".join(c.name for c in configs)
         self.overrides, self.configs = {}, self._with_classifier(list(configs))
         return self.describe_methods()
