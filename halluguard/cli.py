@@ -476,40 +476,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bench_overrides(text: str | None, specs: list[str]) -> dict[str, dict]:
+    """``--config``: JSON (or a JSON file) of fields per benched method, each checked."""
+    from .registry import configs_from_spec
+
+    if text is None:
+        return {}
+    path = Path(text)
+    try:
+        data = json.loads(path.read_text() if len(text) < 4096 and path.is_file() else text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--config is not valid JSON ({err}) and names no file") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError('--config maps each method to its fields, e.g. \'{"pai": {"alpha": 0.5}}\'')
+    benched = {name for spec in specs for name in spec.split("+")}
+    stray = sorted(set(data) - benched)
+    if stray:
+        raise UsageError(f"--config sets {', '.join(stray)}, which --methods does not bench")
+    for name, fields in data.items():
+        try:
+            configs_from_spec(name, fields)
+        except ValueError as err:
+            raise UsageError(f"--config {name}: {err}") from None
+    return data
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import bench
+    from .outputs import output_file, picture_file
     from .registry import list_methods
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     specs = list_methods() if args.methods == ["all"] else args.methods
     for spec in specs:
         method_configs(spec, None)  # unknown names fail before the model loads
-    overrides = json.loads(args.config) if args.config else {}
-    if args.model == "synthetic-medium":
-        overrides = {**bench.SYNTHETIC_OVERRIDES, **overrides}
-    if args.model == "testbed" and "decore" not in overrides:
+    overrides = _bench_overrides(args.config, specs)
+    try:
+        json_out = output_file(args.json, "--json") if args.json else None
+        chart_out = picture_file(args.chart, "--chart") if args.chart else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = dict(bench.SYNTHETIC_OVERRIDES) if args.model == "synthetic-medium" else {}
+    if args.model == "testbed":
         from .testbed import path
 
-        overrides["decore"] = {"retrieval_heads": str(path() / "retrieval_heads.json"), "num_retrieval_heads": 4}
+        defaults["decore"] = {"retrieval_heads": str(path() / "retrieval_heads.json"), "num_retrieval_heads": 4}
+    overrides = {name: {**defaults.get(name, {}), **overrides.get(name, {})} for name in {*defaults, *overrides}}
     model, processor, inputs, name = bench.load(args.model, args.batch, args.device, args.dtype)
     title = (
         f"{name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
         f"{model.device}, median of {args.repeats}"
     )
     print(title, flush=True)
-    rows = bench.measure(
-        model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official
-    )
-    print(bench.markdown(rows))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"setting": title, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
+    try:
+        rows = bench.measure(
+            model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official
         )
-    if args.chart:
-        bench.chart(rows, args.chart, title)
+    except bench.BenchError as err:
+        print(f"halluguard bench: {err}", file=sys.stderr)
+        return 1
+    print(bench.markdown(rows))
+    if json_out:
+        json_out.write_text(json.dumps({"setting": title, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    if chart_out:
+        bench.chart(rows, str(chart_out), title)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from halluguard.cli import main
 
 
@@ -40,11 +42,89 @@ def test_bench_adds_the_official_way_rows_and_restores_the_attention(tmp_path, m
 
     monkeypatch.setattr(bench, "load", keep)
     out = tmp_path / "bench.json"
-    argv = ["bench", "--methods", "vhr", "--new-tokens", "2", "--repeats", "1", "--official", "--json", str(out)]
-    assert main(argv) == 0
+    argv = [
+        "bench",
+        "--methods",
+        "vhr",
+        "lookback",
+        "avc",
+        "opera",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--official",
+    ]
+    assert main([*argv, "--json", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["plain", "vhr", *bench.OFFICIAL]
+    assert list(rows) == ["plain", "vhr", "lookback", "avc", "opera", *bench.OFFICIAL]
     forwards = [rows[name]["forwards_per_token"] for name in bench.OFFICIAL]
     assert forwards == [1.0, 2.0, 1.0]  # maps; maps and a second sequential forward; beams in one forward
+    # only the official rows of the methods benched
+    assert main(["bench", "--methods", "vhr", "avc", "--new-tokens", "2", "--repeats", "1", "--official",
+                 "--json", str(out)]) == 0  # fmt: skip
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]][-1] == "official way: maps + 2nd forward (AvisC)"
+    assert len(json.loads(out.read_text())["rows"]) == 4
     text = loaded["model"].config.get_text_config(decoder=True)
     assert text._attn_implementation == "sdpa"
+
+
+def _no_model(monkeypatch):
+    from halluguard import bench
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(bench, "load", no_loading)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--json", "/no/such/folder/x.json"],
+            "--json /no/such/folder/x.json: the folder /no/such/folder does not exist",
+        ),
+        (["--chart", "c.txt"], "--chart c.txt: a picture file ends in one of"),
+        (["--config", "{bad"], "--config is not valid JSON"),
+        (["--config", '{"alpha": 1}'], "--config maps each method to its fields"),
+        (["--config", '{"vcd": {"alpha": 0.5}}'], "--config sets vcd, which --methods does not bench"),
+        (["--config", '{"pai": {"alpha": -1}}'], "--config pai:"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_loading(capsys, monkeypatch, argv, message):
+    _no_model(monkeypatch)
+    assert main(["bench", "--methods", "pai", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_with_no_method_that_runs_says_why(capsys):
+    assert main(["bench", "--methods", "var", "--new-tokens", "2", "--repeats", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no method could run on this model (var: VAR needs the massive-activation" in err
+
+
+def test_bench_never_prints_an_impossible_time(capsys, monkeypatch):
+    """A repeat whose full run is not slower than its prompt run is measured again; when it never is,
+    the run stops with a reason instead of a negative time or ratio."""
+    from halluguard import bench
+
+    run, slow_prompts = bench._run, {"left": 2}
+
+    def stalled_prompt(model, inputs, new_tokens, counter, memory=False, generate=bench._plain):
+        seconds, calls, peak = run(model, inputs, new_tokens, counter, memory, generate)
+        if new_tokens == 1 and slow_prompts["left"] > 0:  # a prompt run the machine stalled
+            slow_prompts["left"] -= 1
+            return seconds + 60.0, calls, peak
+        return seconds, calls, peak
+
+    monkeypatch.setattr(bench, "_run", stalled_prompt)
+    argv = ["bench", "--methods", "vhr", "--new-tokens", "2", "--repeats", "1"]
+    assert main(argv) == 0  # the two stalled repeats were measured again
+    table = capsys.readouterr().out
+    assert "-" not in "".join(line.split("|")[4] for line in table.splitlines() if line.startswith("| vhr"))
+    slow_prompts["left"] = 10**6  # every prompt run stalls
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "the decode time could not be measured: in 3 tries" in err and "| vhr |" not in out

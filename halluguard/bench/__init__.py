@@ -14,11 +14,15 @@ guarded, plain, guarded, ...) after a warm-up, so drifts of a shared machine hit
 * forwards per decoded token (model forward calls of the full run minus the prompt run, over N):
   1 for plain, 1 for methods whose branches ride as extra rows, more for separate streams.
 
+A repeat whose full run is not slower than its prompt run (a shared machine stalled the prompt
+run) gives no per-token time: it is measured again, up to ``RETRIES`` times, and then the run stops
+with ``BenchError`` instead of printing an impossible time or ratio.
+
 A method's own decoding settings apply (OPERA searches with its 5 beams; plain is greedy). Timings
 are for reading, not for tests.
 
-``official=True`` adds rows that re-enact how the official implementations of the attention-reading
-methods decode (:data:`OFFICIAL`): eager attention with ``output_attentions`` at every step (whole
+``official=True`` adds, for the benched attention-reading methods, rows that re-enact how their
+official implementations decode (:data:`OFFICIAL`): eager attention with ``output_attentions`` at every step (whole
 attention maps materialised and returned), and a contrast branch as a second, sequential forward with
 its own cache. They time that floor (the maps and the forwards), not each method's arithmetic on the
 maps, so the official cost is at least what they show.
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 import statistics
 import time
@@ -40,12 +43,17 @@ from .. import compat
 
 # fields some methods need on a model without calibration data (the synthetic model has no sink table)
 SYNTHETIC_OVERRIDES = {"var": {"sink_dims": [0, 1], "tau": 1.5}}
-# official-way rows: name -> (sequential forwards per step, beams)
+# official-way rows: name -> (sequential forwards per step, beams, the methods whose official code decodes so)
 OFFICIAL = {
-    "official way: maps (VAR, Lookback)": (1, 1),
-    "official way: maps + 2nd forward (AvisC)": (2, 1),
-    "official way: maps, 5 beams (OPERA)": (1, 5),
+    "official way: maps (VAR, Lookback)": (1, 1, ("var", "lookback")),
+    "official way: maps + 2nd forward (AvisC)": (2, 1, ("avc",)),
+    "official way: maps, 5 beams (OPERA)": (1, 5, ("opera",)),
 }
+RETRIES = 3  # tries at a repeat whose per-token time comes out impossible before the run gives up
+
+
+class BenchError(Exception):
+    """A run that cannot give a measurement (one line, exit status 1)."""
 
 
 @dataclasses.dataclass
@@ -185,11 +193,25 @@ def measure(
     """One ``Row`` for plain generation, one per spec, and with ``official`` one per :data:`OFFICIAL`
     re-enactment, timed as the module docstring says."""
     import halluguard as hg
-    from halluguard.cli import method_configs
+    from halluguard.registry import configs_from_spec
 
     counter = _Counter(model)
     batch = inputs["input_ids"].shape[0]
     results = {}
+
+    def pair(name: str, how, memory: bool) -> tuple[float, float, float, float | None]:
+        """A prompt run and a full run: ``(prompt s, full s, forwards per token, peak)``, measured again
+        while the full run is not slower than the prompt run."""
+        for _ in range(RETRIES):
+            prompt, prompt_calls, _ = _run(model, inputs, 1, counter, generate=how)
+            full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=memory, generate=how)
+            if full > prompt:
+                return prompt, full, (full_calls - prompt_calls) / new_tokens, peak
+        raise BenchError(
+            f"{name}: the decode time could not be measured: in {RETRIES} tries the run of {1 + new_tokens} "
+            f"tokens was not slower than the run of 1 ({full:.3f} s against {prompt:.3f} s); the machine is too "
+            "busy, or --new-tokens too few"
+        )
 
     def interleaved(name: str, guarded, generate=_plain) -> None:
         """``repeats`` x (plain run, run inside ``guarded()``), each a prompt run and a full run."""
@@ -199,33 +221,39 @@ def measure(
             for side in ("plain", "guarded"):
                 with guarded() if side == "guarded" else contextlib.nullcontext():
                     how = generate if side == "guarded" else _plain
-                    prompt, prompt_calls, _ = _run(model, inputs, 1, counter, generate=how)
-                    full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=r == 0, generate=how)
+                    prompt, full, per_token, peak = pair(name if side == "guarded" else "plain", how, r == 0)
                 times[side].append((prompt, full))
                 if r == 0:
                     peaks[side] = peak
-                    forwards.append((full_calls - prompt_calls) / new_tokens)
+                    forwards.append(per_token)
         results[name] = (times, forwards, peaks)
         echo(f"  {name}: done")
 
+    skipped = []
     try:
         _run(model, inputs, 2, counter)  # warm-up
         for spec in specs:
             chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
-            configs = method_configs(spec, json.dumps(chosen) if chosen else None)
+            configs = configs_from_spec(spec, chosen or None)
             try:
                 with hg.wrap(model, processor, configs):
                     _run(model, inputs, 2, counter)  # the method's warm-up
             except ValueError as err:  # a method that needs data this model lacks (VAR's sinks, DeCoRe's heads)
+                skipped.append(f"{spec}: {str(err).splitlines()[0]}")
                 echo(f"  {spec}: skipped: {str(err).splitlines()[0]}")
                 continue
             interleaved(spec, lambda configs=configs: hg.wrap(model, processor, configs))
-        for name, (forwards, beams) in OFFICIAL.items() if official else ():
+        benched = {name for spec in specs for name in spec.split("+")}
+        for name, (forwards, beams, methods) in OFFICIAL.items() if official else ():
+            if not benched & set(methods):
+                continue
             with _eager_text(model):
                 _run(model, inputs, 2, counter, generate=_official(forwards, beams))  # warm-up
             interleaved(name, lambda: _eager_text(model), _official(forwards, beams))
     finally:
         counter.handle.remove()
+    if not results:
+        raise BenchError(f"no method could run on this model ({'; '.join(skipped)})")
     plain_runs = [run for times, _, _ in results.values() for run in times["plain"]]
     plain_peaks = [p["plain"] for _, _, p in results.values() if p.get("plain") is not None]
     plain_forwards = [f[0] for _, f, _ in results.values()]
