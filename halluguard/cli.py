@@ -345,7 +345,10 @@ def _add_eval_parsers(sub) -> None:
 def _cmd_calibrate_sink_dims(args: argparse.Namespace) -> int:
     from .calibrate.sink_dims import main as sink_dims
 
-    return sink_dims(args.model, args.out, args.tau, args.top)
+    try:
+        return sink_dims(args.model, args.out, args.tau, args.top)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _fraction(text: str) -> float:
@@ -359,10 +362,11 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_calibrate_retrieval_heads(args: argparse.Namespace) -> int:
-    from .calibrate.retrieval_heads import check_out_path, main
+    from .calibrate.retrieval_heads import main
+    from .outputs import output_file
 
     try:
-        check_out_path(args.out)
+        output_file(args.out)
     except ValueError as err:
         raise UsageError(str(err)) from None
     return main(
@@ -403,7 +407,7 @@ def _add_calibrate_parsers(sub) -> None:
     dims = _leaf(tools, "sink-dims", help="massive-activation dimensions of the text backbone (for VAR)")
     dims.add_argument("--model", required=True, help="hub id or local path, or 'testbed'")
     dims.add_argument("--out", help="save the result as JSON here")
-    dims.add_argument("--tau", type=float, default=20.0, help="score threshold (VAR's tau)")
+    dims.add_argument("--tau", type=_positive_float, default=20.0, help="score threshold (VAR's tau)")
     dims.add_argument("--top", type=_count, default=2, help="how many dimensions to keep at most")
     dims.set_defaults(func=_cmd_calibrate_sink_dims)
     heads = _leaf(

@@ -94,6 +94,19 @@ BAD_INPUTS = [
     ("no command", "", "the following arguments are required: command"),
     ("methods: unknown name", "methods nosuch", "unknown method 'nosuch'"),
     ("sink-dims: missing model", "calibrate sink-dims --model {tmp}/none", "model path {tmp}/none does not exist"),
+    ("sink-dims: --out a folder", "calibrate sink-dims --model {tmp}/none --out {tmp}", "--out {tmp} is a folder"),
+    ("sink-dims: negative tau", "calibrate sink-dims --model testbed --tau -1", "argument --tau: must be a finite"),
+    ("lookback: --out a folder", "calibrate lookback --model {tmp}/none --out {tmp}", "--out {tmp} is a folder"),
+    (
+        "lookback: another model without images",
+        "calibrate lookback --model {tmp}/none --out {tmp}/lb.json",
+        "a model other than the test model needs --coco-images DIR",
+    ),
+    (
+        "lookback: images without annotations",
+        "calibrate lookback --model {tmp}/none --coco-images {coco} --out {tmp}/lb.json",
+        "--coco-images needs --annotations DIR",
+    ),
     ("retrieval-heads: no --out", "calibrate retrieval-heads --model testbed", "required: --out"),
     ("retrieval-heads: zero trials", f"{HEADS} --trials 0", "argument --trials: must be at least 1, got 0"),
     ("retrieval-heads: zero haystack", f"{HEADS} --haystack-length 0", "argument --haystack-length: must be at"),
@@ -254,3 +267,23 @@ def test_config_json_longer_than_a_file_name_is_read_as_json():
     assert len(text) > 300
     (config,) = method_configs("decore", text)
     assert config.num_retrieval_heads == 5 and config.retrieval_heads == heads
+
+
+def test_sink_dims_of_a_model_without_sinks_saves_nothing(tmp_path, capsys):
+    target = tmp_path / "dims.json"
+    assert cli.main(["calibrate", "sink-dims", "--model", "testbed", "--out", str(target)]) == 1
+    out = capsys.readouterr().out
+    assert "no massive-activation dimensions" in out and "saved" not in out
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("tool", ["sink-dims", "retrieval-heads", "lookback"])
+def test_ctrl_c_during_calibration_says_interrupted(tool, tmp_path, capsys, monkeypatch):
+    from halluguard.eval import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "load_model", interrupted)
+    assert cli.main(["calibrate", tool, "--model", "testbed", "--out", str(tmp_path / "out.json")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"

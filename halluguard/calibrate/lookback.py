@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..eval.chair import Chair
+from ..outputs import output_file
 
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")  # CHAIR's word tokens (its punctuation tokens aside)
 
@@ -214,13 +215,25 @@ def main(
         raise ValueError(
             "training a lookback classifier needs scikit-learn: pip install 'halluguard[calibrate]'"
         ) from None
-    target = Path(out)
-    if target.is_dir() or not target.parent.is_dir():
-        raise ValueError(f"--out {out}: give a file in an existing folder")
+    target = output_file(out)
+    if coco_images is None and model_spec != "testbed":
+        raise ValueError("a model other than the test model needs --coco-images DIR and --annotations DIR")
+    if coco_images is not None:  # the data, read before the model loads
+        from PIL import Image
+
+        from ..eval.chair import gt_from_coco_annotations
+
+        if annotations is None:
+            raise ValueError("--coco-images needs --annotations DIR (COCO instances_*.json)")
+        if not Path(coco_images).is_dir():
+            raise ValueError(f"--coco-images {coco_images} is not a folder")
+        truth = gt_from_coco_annotations(annotations)
+        files = sorted(Path(coco_images).glob("*.jpg"))
+        picked = [f for f in files if _coco_id(f) in truth][:num_images]
+        if not picked:
+            raise ValueError(f"no image of {coco_images} has ground truth in {annotations}")
     model, processor, name = load_model(model_spec)
     if coco_images is None:
-        if model_spec != "testbed":
-            raise ValueError("a model other than the test model needs --coco-images DIR and --annotations DIR")
         from ..testbed import world
 
         # the world's held-out splits, far from the scenes the evaluation uses: half misleading (an anchor
@@ -233,17 +246,6 @@ def main(
         truth = {s.image_id: set(s.categories) for s in scenes}
         chair = Chair(synonyms=world.synonyms_text(), gt=truth)
     else:
-        from PIL import Image
-
-        from ..eval.chair import gt_from_coco_annotations
-
-        if annotations is None:
-            raise ValueError("--coco-images needs --annotations DIR (COCO instances_*.json)")
-        truth = gt_from_coco_annotations(annotations)
-        files = sorted(Path(coco_images).glob("*.jpg"))
-        picked = [f for f in files if _coco_id(f) in truth][:num_images]
-        if not picked:
-            raise ValueError(f"no image of {coco_images} has ground truth in {annotations}")
         images = [Image.open(f).convert("RGB") for f in picked]
         ids = [_coco_id(f) for f in picked]
         chair = Chair(gt=truth)

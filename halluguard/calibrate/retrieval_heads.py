@@ -310,16 +310,6 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def check_out_path(out: str | os.PathLike) -> Path:
-    """``out`` as a path, if a file can be written there (checked before the model loads)."""
-    target = Path(out)
-    if target.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name")
-    if not target.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {target.parent} does not exist")
-    return target
-
-
 def main(
     model_spec: str,
     out: str,
@@ -331,8 +321,9 @@ def main(
     show: int = 10,
 ) -> int:
     from ..eval.runner import load_model
+    from ..outputs import output_file
 
-    target = check_out_path(out)
+    target = output_file(out)  # checked before the model loads
     model, processor, name = load_model(model_spec)
     tokenizer = getattr(processor, "tokenizer", processor)
     layout = layout_from_tokenizer(tokenizer, processor)

@@ -11,7 +11,6 @@ of this kind, and VAR does not apply to it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -71,8 +70,11 @@ def calibration_ids(processor, model: nn.Module) -> torch.Tensor:
 
 
 def main(model_spec: str, out: str | None, tau: float, top: int) -> int:
+    """Print the model's sink dimensions and save them to ``out``; 1 (and nothing saved) when it has none."""
     from ..eval.runner import load_model
+    from ..outputs import output_file
 
+    target = output_file(out) if out else None  # checked before the model loads
     model, processor, name = load_model(model_spec)
     result = find_sink_dims(model, calibration_ids(processor, model), tau=tau, top=top)
     result["model"] = name
@@ -86,7 +88,9 @@ def main(model_spec: str, out: str | None, tau: float, top: int) -> int:
             f"{name}: sink dimensions {result['sink_dims']} (scores {result['scores'][: len(result['sink_dims'])]}); "
             f"use VARConfig(sink_dims={tuple(result['sink_dims'])})"
         )
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"saved: {out}")
-    return 0 if result["sink_dims"] else 1
+    if not result["sink_dims"]:
+        return 1
+    if target is not None:
+        target.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved: {target}")
+    return 0
