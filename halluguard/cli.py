@@ -265,7 +265,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .eval.report import report
+    from .outputs import picture_file
 
+    if args.chart:
+        try:
+            picture_file(args.chart, "--chart")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     print(report(args.runs, chart=args.chart))
     if args.chart:
         print(f"chart: {args.chart}")

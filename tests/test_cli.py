@@ -90,6 +90,7 @@ BAD_INPUTS = [
     ("report of an unfinished run", "eval report {tmp}", "no results.json"),
     ("report of a bad results file", "eval report {tmp}/file", "not a results file"),
     ("report without runs", "eval report", "the following arguments are required: runs"),
+    ("report chart not a picture", "eval report {tmp} --chart {tmp}/c.txt", "--chart {tmp}/c.txt: a picture file"),
     ("unknown command", "evaluate", "invalid choice: 'evaluate'"),
     ("no command", "", "the following arguments are required: command"),
     ("methods: unknown name", "methods nosuch", "unknown method 'nosuch'"),
