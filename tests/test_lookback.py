@@ -4,13 +4,16 @@
   with ``output_attentions`` (means over the context and the generated keys), with left padding;
 * detection leaves the generated tokens identical to plain ``generate``;
 * a classifier scores windows of tokens and flags runs; it survives a save/load round trip, and a
-  classifier for another layer/head count (or context) is refused; pickles are never read;
+  classifier for another layer/head count (or context), or with a weight that is not finite, is
+  refused; one trained for another model of the same layout is named in a warning; pickles are
+  never read;
 * guided decoding with one candidate is ``generate``'s sampling exactly; with several it keeps, per
   prompt and chunk, the candidate the classifier rates most faithful (the first when all are the
   same), and the output is the kept chunks;
 * beam search is refused, and guided decoding without a classifier or with greedy search.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -218,3 +221,31 @@ def test_guided_refusals(tmp_path):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     with pytest.raises(ValueError, match="cannot compose"):
         hg.wrap(model, methods=[cfg, hg.get_config("vhr")])
+
+
+def test_a_classifier_with_non_finite_weights_is_refused(tmp_path):
+    path = tmp_path / "nan.json"
+    LookbackClassifier(torch.ones(12), 0.0, 3, 4).save(path)
+    record = json.loads(path.read_text())
+    record["weights"][5] = float("nan")
+    path.write_text(json.dumps(record))
+    model = build_model("llava")
+    with pytest.raises(ValueError, match="holds 1 weight\\(s\\) that are not finite numbers"):
+        hg.wrap(model, methods=hg.get_config("lookback", classifier=str(path)))
+    assert not hasattr(model, "_halluguard_guard")
+
+
+def test_a_classifier_trained_for_another_model_of_the_same_layout_is_named_in_a_warning(tmp_path):
+    import warnings
+
+    from halluguard import testbed
+
+    model, _ = testbed.load()
+    shipped = LookbackClassifier.load(testbed.path() / "lookback.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the test model's own classifier: no warning
+        hg.wrap(model, methods=hg.get_config("lookback", classifier=str(testbed.path() / "lookback.json"))).unwrap()
+    other = tmp_path / "other.json"
+    dataclasses.replace(shipped, model="llava-hf/llava-1.5-7b-hf").save(other)
+    with pytest.warns(UserWarning, match="trained for 'llava-hf/llava-1.5-7b-hf', and this model is '.*testbed"):
+        hg.wrap(model, methods=hg.get_config("lookback", classifier=str(other))).unwrap()

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ import torch
 
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit, Reductions
+from ..calibrate import made_for
 from ..state import GuardState
 from .base import Method
 from .configs import LookbackConfig
@@ -71,9 +74,15 @@ class LookbackClassifier:
                 f"a lookback classifier for {self.num_layers} layers x {self.num_heads} heads needs "
                 f"{self.num_layers * self.num_heads} weights, got {self.weights.numel()}"
             )
+        bad = int((~torch.isfinite(self.weights)).sum()) + (not math.isfinite(self.bias))
+        if bad:
+            raise ValueError(
+                f"this lookback classifier holds {bad} weight(s) that are not finite numbers (NaN or inf); "
+                "train it again with `halluguard calibrate lookback`"
+            )
 
     def check(self, num_layers: int, num_heads: int, context: str | None = None) -> None:
-        """Refuse a model (or context choice) other than the one the classifier was trained for."""
+        """Refuse a model layout (or context choice) other than the one the classifier was trained for."""
         if (num_layers, num_heads) != (self.num_layers, self.num_heads):
             raise ValueError(
                 f"this lookback classifier was trained on {self.num_layers} layers x {self.num_heads} heads"
@@ -225,6 +234,15 @@ class Lookback(Method):
         if cfg.classifier is not None:
             self.classifier = LookbackClassifier.load(cfg.classifier)
             self.classifier.check(self.num_layers, self.num_heads, cfg.context)
+            if not made_for(self.classifier.model, adapter.model):
+                warnings.warn(
+                    f"the lookback classifier {cfg.classifier} was trained for {self.classifier.model!r}, and this "
+                    f"model is {getattr(adapter.model, 'name_or_path', '') or 'unnamed'!r}: they share the layout "
+                    f"({self.num_layers} layers x {self.num_heads} heads), but its scores fit only the model it "
+                    "was trained on",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def chunk_scores(self, means: torch.Tensor) -> torch.Tensor:
         """``p_faithful`` of candidate chunks from the mean ratios of their tokens ``(rows, L, H)``."""
