@@ -67,11 +67,15 @@ def _describe_range(meta: dict) -> str:
     if meta["choices"] is not None:
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
     low, high = meta["low"], meta["high"]
-    left = "(" if meta["low_open"] else "["
-    right = ")" if meta["high_open"] else "]"
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    return f"a number in {left}{lo}, {hi}{right}"
+    if low is not None and high is not None:
+        left = "(" if meta["low_open"] else "["
+        right = ")" if meta["high_open"] else "]"
+        return f"a number in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"a finite number {'>' if meta['low_open'] else '>='} {low:g}"
+    if high is not None:
+        return f"a finite number {'<' if meta['high_open'] else '<='} {high:g}"
+    return "a finite number"
 
 
 @dataclasses.dataclass

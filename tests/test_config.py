@@ -73,6 +73,9 @@ def test_paper_defaults():
         (hg.DeCoReConfig, "masking", "zero", r"DeCoReConfig.masking is 'zero'"),
         (hg.LookbackConfig, "top_p", 0.0, r"LookbackConfig.top_p is 0.0"),
         (hg.VCDConfig, "noise_step", 1000, r"VCDConfig.noise_step is 1000"),
+        (hg.VCDConfig, "alpha", float("inf"), r"VCDConfig.alpha is inf; allowed: a finite number >= 0$"),
+        (hg.VCDConfig, "alpha", -1.0, r"VCDConfig.alpha is -1.0; allowed: a finite number >= 0$"),
+        (hg.LookbackConfig, "temperature", 0.0, r"LookbackConfig.temperature is 0.0; allowed: a finite number > 0$"),
     ],
 )
 def test_bad_values_name_the_field_and_the_range(cls, field, value, message):
