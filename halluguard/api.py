@@ -141,6 +141,8 @@ class Guard:
             raise RuntimeError("a guarded call is already running on this model")
         ids = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs"), *args[:1]) if v is not None), None)
         ids = ids if isinstance(ids, torch.Tensor) else None
+        if ids is not None and 0 in ids.shape:
+            raise ValueError(f"a guarded call needs a prompt: input_ids has shape {tuple(ids.shape)}")
         self.session = Session(
             self.model, self.adapter, self.methods, ids, kwargs.get("attention_mask"), for_generation=for_generation
         )

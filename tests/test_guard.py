@@ -258,3 +258,13 @@ def test_sliding_window_cache_maps_keys_to_positions():
             partial_image |= bool(on_image.any()) and not bool(on_image.all(-1).any())
     assert truncated, "no call saw a truncated cache, so the offset was not exercised"
     assert partial_image, "no truncated window cut through the image, so the offset was not exercised"
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_an_empty_prompt_is_refused_clearly(shape):
+    model = build_model("llava")
+    empty = torch.zeros(shape, dtype=torch.long)
+    with hg.wrap(model, methods="vhr") as guard, pytest.raises(ValueError, match="a guarded call needs a prompt"):
+        guard.generate(input_ids=empty, attention_mask=torch.ones_like(empty), max_new_tokens=2)
+    with hg.wrap(model, methods="vhr") as guard, pytest.raises(ValueError, match="a guarded call needs a prompt"):
+        guard.forward(input_ids=empty)
