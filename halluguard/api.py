@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,7 @@ class Guard:
         self._original_generate = model.generate
         self._own_generate = model.__dict__.get("generate")
         self._handles: list = []
+        self._warned_positions = False
 
     @property
     def state(self) -> GuardState | None:
@@ -167,6 +169,7 @@ class Guard:
             raise
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_positions(args, kwargs)
         if not self.methods:
             return self._original_generate(*args, **kwargs)
         kwargs = self._with_method_defaults(kwargs)
@@ -225,6 +228,26 @@ class Guard:
         if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
             return False
         return kwargs.get("use_cache", getattr(config, "use_cache", True)) is not False
+
+    def _check_positions(self, args: tuple, kwargs: dict) -> None:
+        """Warn once per guard when a call would run past the positions the text backbone was trained
+        on (its rotary positions go on, and its answers degrade there, for every method)."""
+        limit = getattr(self.adapter.text_config, "max_position_embeddings", None)
+        ids = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs"), *args[:1]) if v is not None), None)
+        if self._warned_positions or not limit or not isinstance(ids, torch.Tensor):
+            return
+        config = kwargs.get("generation_config") or self.model.generation_config
+        new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        total = ids.shape[-1] + new if new is not None else kwargs.get("max_length", getattr(config, "max_length", 0))
+        if total > limit:
+            self._warned_positions = True
+            warnings.warn(
+                f"this call may run to {total} tokens (a prompt of {ids.shape[-1]} and up to "
+                f"{total - ids.shape[-1]} new), past the {limit} positions the model was trained on: its answers "
+                "degrade there, with or without halluguard; lower max_new_tokens",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _num_beams(self, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.model.generation_config

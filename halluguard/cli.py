@@ -313,7 +313,7 @@ def _add_eval_parsers(sub) -> None:
         )
         p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
         p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
-        max_tokens = "512 (64 with --short)" if task == "chair" else "10"
+        max_tokens = "512 on COCO, 64 with --short or on the testbed" if task == "chair" else "10"
         p.add_argument("--max-new-tokens", type=_count, help=f"token limit per answer (default: {max_tokens})")
         p.add_argument("--num-beams", type=_count, help="beam count (default: 1, or the method's own, e.g. OPERA's 5)")
         p.add_argument("--do-sample", action="store_true", help="sample (one row at a time, seeded by row)")

@@ -159,7 +159,7 @@ def test_help_shows_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for default in (
         "--num-images NUM_IMAGES images to caption (default: 500)",
-        "(default: 512 (64 with --short))",
+        "(default: 512 on COCO, 64 with --short or on the testbed)",
         "samples per generate call (default: 8)",
         "caption prompt (default: Please describe this image in detail.)",
         "(default: 0)",

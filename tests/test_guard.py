@@ -6,6 +6,7 @@ and sampled tokens as the plain model, batch 2 with left padding included.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -268,3 +269,21 @@ def test_an_empty_prompt_is_refused_clearly(shape):
         guard.generate(input_ids=empty, attention_mask=torch.ones_like(empty), max_new_tokens=2)
     with hg.wrap(model, methods="vhr") as guard, pytest.raises(ValueError, match="a guarded call needs a prompt"):
         guard.forward(input_ids=empty)
+
+
+@pytest.mark.parametrize("name", hg.list_methods(available_only=True))
+def test_a_call_past_the_models_positions_warns_once_for_every_method(name):
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    model.config.get_text_config().max_position_embeddings = inputs["input_ids"].shape[1] + 3
+    settings = {"var": dict(sink_dims=(5, 9), tau=1.8), "decore": dict(retrieval_heads={"0-0": [1.0]})}.get(name, {})
+    beams = 2 if name == "opera" else 1
+    with hg.wrap(model, methods=hg.get_config(name, **settings)):
+        with pytest.warns(UserWarning, match=r"past the \d+ positions the model was trained on"):
+            model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=beams)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per guard
+            model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=beams)
+    with hg.wrap(model, methods=hg.get_config(name, **settings)), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=beams)  # within: no warning
