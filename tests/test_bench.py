@@ -128,3 +128,14 @@ def test_bench_never_prints_an_impossible_time(capsys, monkeypatch):
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert "the decode time could not be measured: in 3 tries" in err and "| vhr |" not in out
+
+
+def test_ctrl_c_during_a_bench_says_interrupted(capsys, monkeypatch):
+    from halluguard import bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "measure", interrupted)
+    assert main(["bench", "--methods", "vhr", "--new-tokens", "2", "--repeats", "1"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
