@@ -329,8 +329,7 @@ def check_decoding(methods: Any, num_beams: int, do_sample: bool) -> None:
     for method in _build_methods(methods):
         refusal = method.decoding_refusal(num_beams, do_sample)
         if refusal is not None:
-            how = "sampling" if do_sample else "greedy search" if num_beams == 1 else f"beam search ({num_beams} beams)"
-            raise ValueError(f"{method.name} cannot decode with {how}: {refusal}")
+            raise ValueError(f"{method.name}: {refusal}")
 
 
 def wrap(model: nn.Module, processor: Any = None, methods: Any = ()) -> Guard:

@@ -239,6 +239,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
+    from .api import check_decoding
+
+    try:  # a method and decoding that cannot run together are refused before the model loads
+        check_decoding(methods, settings.decoding.num_beams, settings.decoding.do_sample)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method, settings.decoding)
     prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
@@ -519,6 +525,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .registry import list_methods
 
     specs = list_methods() if args.methods == ["all"] else args.methods
+    specs = ["+".join(name for name in spec.split("+") if name.strip()) for spec in specs]  # "vhr+" is "vhr"
     for spec in specs:
         method_configs(spec, None)  # unknown names fail before the model loads
     overrides = _bench_overrides(args.config, specs)

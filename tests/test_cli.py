@@ -79,6 +79,11 @@ BAD_INPUTS = [
     ("--config out of range", """eval chair --method pai --config '{{"alpha":-1}}'""", "--config: "),
     ("--config for 2 methods", """eval chair --method pai+vhr --config '{{"alpha":1}}'""", "must map each method"),
     ("unknown method", "eval chair --method nosuch", "unknown method 'nosuch'"),
+    ("OPERA with one beam", "eval chair --method opera --num-beams 1", "opera: a beam search, it does not run with"),
+    ("OPERA sampling", "eval chair --method opera --do-sample", "opera: a beam search, it refuses sampling"),
+    ("guided without a classifier", """eval chair --method lookback --config '{{"mode":"guide"}}'""", "needs a class"),
+    ("Lookback and beams", "eval pope --method lookback --num-beams 2", "lookback: cannot follow beam search"),
+    ("two loop owners", "eval chair --method opera+lookback", "cannot compose"),
     ("empty prompt", "eval chair --prompt ''", "the CHAIR prompt is empty"),
     ("missing model path", "eval chair --model {tmp}/no/model", "model path {tmp}/no/model does not exist"),
     ("device without CUDA", "eval chair --device cuda:0", "CUDA is not available here"),
@@ -288,3 +293,22 @@ def test_ctrl_c_during_calibration_says_interrupted(tool, tmp_path, capsys, monk
     monkeypatch.setattr(runner, "load_model", interrupted)
     assert cli.main(["calibrate", tool, "--model", "testbed", "--out", str(tmp_path / "out.json")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "chair", "--method", "opera", "--num-beams", "1"],
+        ["eval", "chair", "--method", "lookback", "--config", '{"mode": "guide"}'],
+        ["eval", "pope", "--method", "lookback", "--num-beams", "2"],
+    ],
+)
+def test_a_method_and_decoding_that_cannot_run_are_refused_before_the_model_loads(argv, capsys, monkeypatch):
+    from halluguard.eval import runner
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded before the method and decoding were checked")
+
+    monkeypatch.setattr(runner, "load_model", no_loading)
+    assert cli.main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -214,8 +214,8 @@ def test_a_failed_line_keeps_the_session_and_makes_a_piped_run_fail(tmp_path):
     assert f":attention {folder} is a folder; give a file name" in out
     assert "a scene index is 0 or more" in out
     assert "methods: opera" in out
-    assert "opera cannot decode with greedy search" in out  # refused when set, not at the next question
-    assert "opera cannot decode with sampling" in out
+    assert "opera: a beam search, it does not run with num_beams=1" in out  # refused when set, not later
+    assert "opera: a beam search, it refuses sampling" in out
     assert ":quit" in out  # help, typed alone
     assert "greedy, up to 6 tokens" in out  # :show: the refused settings were not kept
     assert not list(tmp_path.glob("*.png")) and not (tmp_path / "maps.png").exists()
@@ -226,8 +226,8 @@ def test_a_failed_line_keeps_the_session_and_makes_a_piped_run_fail(tmp_path):
     [
         (["--image", "x.png", "--scene", "test:1"], "--image and --scene both name the picture; give one"),
         (["--max-new-tokens", "8", "--set", "max_tokens=16"], "--max-new-tokens and --set max_tokens=... both set"),
-        (["--method", "opera", "--set", "beams=1"], "opera cannot decode with greedy search"),
-        (["--method", "opera", "--set", "sample=on"], "opera cannot decode with sampling"),
+        (["--method", "opera", "--set", "beams=1"], "opera: a beam search, it does not run with num_beams=1"),
+        (["--method", "opera", "--set", "sample=on"], "opera: a beam search, it refuses sampling"),
         (["--method", "opera+pai"], "cannot compose 'opera' with 'pai'"),
         (["--save-attention", "map.txt"], "--save-attention map.txt: a picture file ends in one of"),
     ],

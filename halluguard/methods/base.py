@@ -90,7 +90,7 @@ class Method:
         demo's ``:set``)."""
         if num_beams > 1 and not self.supports_beam_search:
             return (
-                "it cannot follow beam search (its per-row readings would follow the reordered rows, not the "
+                "cannot follow beam search (its per-row readings would follow the reordered rows, not the "
                 "tokens): use greedy search or sampling"
             )
         return None

@@ -218,8 +218,13 @@ class Lookback(Method):
         return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
 
     def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
+        if self.config.mode == "guide" and self.config.classifier is None:
+            return (
+                "guided decoding needs a classifier: LookbackConfig(classifier='lb.json'), "
+                "from `halluguard calibrate lookback`"
+            )
         if self.config.mode == "guide" and not do_sample:
-            return "guided decoding samples its candidates, so it refuses greedy search: pass do_sample=True"
+            return "guided decoding samples its candidates and refuses greedy search: pass do_sample=True"
         return super().decoding_refusal(num_beams, do_sample)
 
     def setup(self, adapter: Adapter) -> None:

@@ -133,10 +133,10 @@ class OPERA(Method):
 
     def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
         if do_sample:
-            return "it is a beam search, not sampling (do_sample=True): pass do_sample=False"
+            return "a beam search, it refuses sampling (do_sample=True): pass do_sample=False"
         if num_beams < 2:
             return (
-                "it is a beam search, and num_beams=1 is greedy search (the official greedy variant is disabled): "
+                "a beam search, it does not run with num_beams=1 (the official greedy variant is disabled): "
                 f"pass num_beams>=2 (the official setting is {self.config.num_beams})"
             )
         return super().decoding_refusal(num_beams, do_sample)
