@@ -702,9 +702,18 @@ def _produce(model, processor, generate, batch: list[Sample], settings: RunSetti
 
 
 def generate_rows(
-    model, processor, guard, samples: list[Sample], out_dir: Path, settings: RunSettings, shard: Shard, desc: str
+    model,
+    processor,
+    guard,
+    samples: list[Sample],
+    out_dir: Path,
+    settings: RunSettings,
+    shard: Shard,
+    desc: str,
+    checkpoint: Callable[[], None] | None = None,
 ) -> None:
-    """Generate this process's batches that are not done yet (error rows are retried)."""
+    """Generate this process's batches that are not done yet (error rows are retried); ``checkpoint``
+    is called before each batch."""
     from tqdm import tqdm
 
     done = read_all_rows(out_dir)
@@ -734,6 +743,8 @@ def generate_rows(
     )
     with bar, open(out_file, "a") as f:  # the bar ends its line even when interrupted
         for batch in todo:
+            if checkpoint is not None:
+                checkpoint()
             rows = _produce(model, processor, generate, batch, settings)
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
@@ -809,9 +820,11 @@ def evaluate(
     shard: Shard | None = None,
     overwrite: bool = False,
     prepared: Prepared | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> dict | None:
     """Run ``task`` into ``out_dir`` (resuming it); the results on process 0, ``None`` elsewhere.
-    ``prepared``: the task's samples, if ``task_samples`` was called already.
+    ``prepared``: the task's samples, if ``task_samples`` was called already; ``checkpoint``: called
+    before every batch (it raises to stop the run, e.g. ``Interrupts.check``).
 
     Raises :class:`EvalError` when the folder belongs to other settings or nothing could be scored.
     Failed rows (``results["failed"]``) leave the run incomplete (``results["complete"]`` false);
@@ -825,7 +838,7 @@ def evaluate(
     identity = run_identity(task, settings, info, guard, processor, prepared.data_files)
     open_run_folder(out_dir, identity, shard, overwrite)
     desc = "CHAIR captions" if isinstance(task, ChairTask) else "POPE answers"
-    generate_rows(model, processor, guard, prepared.samples, out_dir, settings, shard, desc)
+    generate_rows(model, processor, guard, prepared.samples, out_dir, settings, shard, desc, checkpoint)
     shard.barrier()
     if not shard.main:
         return None

@@ -19,6 +19,7 @@ from .eval.pope import RULES as ANSWER_RULES
 from .eval.pope import SPLITS as POPE_SPLITS
 from .eval.runner import CHAIR_DATASETS, CHAIR_PROMPT, DTYPES, POPE_DATASETS
 from .eval.runner import TESTBED_CHAIR_SPLITS as TESTBED_SPLITS
+from .interrupts import Interrupts
 
 
 class UsageError(Exception):
@@ -255,7 +256,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     guard = wrap(model, processor, methods) if methods else None
     try:
         results = runner.evaluate(
-            task, model, processor, out, guard, settings, info, shard, overwrite=args.overwrite, prepared=prepared
+            task,
+            model,
+            processor,
+            out,
+            guard,
+            settings,
+            info,
+            shard,
+            overwrite=args.overwrite,
+            prepared=prepared,
+            checkpoint=getattr(args, "checkpoint", None),
         )
     finally:
         if guard is not None:
@@ -628,12 +639,24 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with Interrupts() as interrupts:
+        args.checkpoint = interrupts.check  # long runs stop between batches on a Ctrl-C something swallowed
+        code = _run(args, interrupts)
+    return code
+
+
+def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    """The command, with its errors as one line; a run during which a Ctrl-C came is interrupted,
+    whatever became of the ``KeyboardInterrupt`` (see ``halluguard.interrupts``)."""
     debug = getattr(args, "debug", False)
+    interrupted = "halluguard: interrupted" + ("; rerun the same command to resume" if args.command == "eval" else "")
     try:
-        return args.func(args)
+        code = args.func(args)
+        if args.command != "demo":  # the demo's session takes Ctrl-C as "stop this answer" and goes on
+            interrupts.check()
+        return code
     except KeyboardInterrupt:
-        resumes = args.command == "eval"  # a run folder keeps every finished row
-        print("halluguard: interrupted" + ("; rerun the same command to resume" if resumes else ""), file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except UsageError as err:
         if debug:
@@ -643,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
+        if interrupts.count:  # the interrupt became another error (an import it stopped midway)
+            print(interrupted, file=sys.stderr)
+            return 130
         from .eval.runner import EvalError
 
         known = isinstance(err, (EvalError, ValueError, OSError))

@@ -312,3 +312,52 @@ def test_a_method_and_decoding_that_cannot_run_are_refused_before_the_model_load
     monkeypatch.setattr(runner, "load_model", no_loading)
     assert cli.main(argv) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _swallowed_ctrl_c():
+    """A Ctrl-C that lands where Python swallows it (as in a finalizer, or numpy's list conversion)."""
+    import os
+    import signal
+
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs at the next bytecode
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def test_a_ctrl_c_that_something_swallowed_still_ends_the_command_as_interrupted(monkeypatch, capsys):
+    def swallows(args):
+        _swallowed_ctrl_c()
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_doctor", swallows)
+    assert cli.main(["doctor"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
+
+    def import_stopped(args):  # an interrupt in a C extension's initialisation becomes an ImportError
+        _swallowed_ctrl_c()
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(cli, "_cmd_doctor", import_stopped)
+    assert cli.main(["doctor"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
+
+
+def test_an_eval_stops_before_the_next_batch_after_a_swallowed_ctrl_c(tmp_path, capsys, monkeypatch):
+    from halluguard.eval import runner
+
+    produce, calls = runner._produce, []
+
+    def swallows_in_the_first_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            _swallowed_ctrl_c()
+        return produce(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_produce", swallows_in_the_first_batch)
+    argv = ["eval", "chair", "--num-images", "6", "--batch-size", "2", "--max-new-tokens", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 130
+    assert len(calls) == 1  # the second batch never started
+    assert capsys.readouterr().err.splitlines()[-1] == "halluguard: interrupted; rerun the same command to resume"
