@@ -561,8 +561,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(title, flush=True)
     try:
         rows = bench.measure(
-            model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official
-        )
+            model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official,
+            checkpoint=getattr(args, "checkpoint", None),
+        )  # fmt: skip
     except bench.BenchError as err:
         print(f"halluguard bench: {err}", file=sys.stderr)
         return 1

@@ -188,10 +188,11 @@ def _run(
 
 def measure(
     model, processor, inputs, specs: list[str], new_tokens: int, repeats: int, overrides: dict, echo=print,
-    official: bool = False,
+    official: bool = False, checkpoint=None,
 ):  # fmt: skip
     """One ``Row`` for plain generation, one per spec, and with ``official`` one per :data:`OFFICIAL`
-    re-enactment, timed as the module docstring says."""
+    re-enactment, timed as the module docstring says; ``checkpoint`` is called before every measured
+    pair of runs (it raises to stop, e.g. ``Interrupts.check``)."""
     import halluguard as hg
     from halluguard.registry import configs_from_spec
 
@@ -203,6 +204,8 @@ def measure(
         """A prompt run and a full run: ``(prompt s, full s, forwards per token, peak)``, measured again
         while the full run is not slower than the prompt run."""
         for _ in range(RETRIES):
+            if checkpoint is not None:
+                checkpoint()
             prompt, prompt_calls, _ = _run(model, inputs, 1, counter, generate=how)
             full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=memory, generate=how)
             if full > prompt:
