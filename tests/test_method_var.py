@@ -187,3 +187,38 @@ def test_the_sink_dimension_table_matches_only_its_own_backbones():
     assert known_sink_dims(backbone("qwen2_vl_text", 3584, 28, 4, 152064)) == (458, 2570)
     assert known_sink_dims(backbone("llama", 4096, 32, 8, 128256)) is None  # LLaMA-3-8B: same width and depth
     assert known_sink_dims(backbone("mistral", 4096, 32, 8, 32768)) is None
+
+
+def test_sink_dims_from_the_calibration_file_act_as_the_numbers_do(tmp_path):
+    import json
+    import warnings
+
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    file = tmp_path / "dims.json"
+    file.write_text(json.dumps({"sink_dims": list(TEST_VAR["sink_dims"]), "model": "", "tau": 20.0}))
+    with torch.no_grad():
+        with hg.wrap(model, methods=hg.get_config("var", **TEST_VAR)):
+            want = model.generate(**inputs, **GEN)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with hg.wrap(model, methods=hg.get_config("var", **dict(TEST_VAR, sink_dims=str(file)))):
+                assert torch.equal(model.generate(**inputs, **GEN), want)
+    found_elsewhere = tmp_path / "other.json"
+    found_elsewhere.write_text(json.dumps({"sink_dims": [5, 9], "model": "llava-hf/llava-1.5-7b-hf"}))
+    model.name_or_path = "someone/tiny-llava"
+    names = "found for 'llava-hf/llava-1.5-7b-hf', and this model is 'someone/tiny-llava'"
+    with pytest.warns(UserWarning, match=names):
+        hg.wrap(model, methods=hg.get_config("var", **dict(TEST_VAR, sink_dims=str(found_elsewhere)))).unwrap()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("not json", "cannot read sink dimensions"), ('{"sink_dims": []}', "holds no sink dimensions"),
+     ('{"sink_dims": ["5"]}', "holds no sink dimensions"), ('{"sink_dims": [5, 99999]}', "below the hidden size")],
+)  # fmt: skip
+def test_a_bad_sink_dims_file_is_refused_with_its_name(content, message, tmp_path):
+    file = tmp_path / "dims.json"
+    file.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        hg.wrap(build_model("llava"), methods=hg.get_config("var", **dict(TEST_VAR, sink_dims=str(file))))

@@ -87,6 +87,7 @@ def main(model_spec: str, out: str | None, tau: float, top: int) -> int:
         print(
             f"{name}: sink dimensions {result['sink_dims']} (scores {result['scores'][: len(result['sink_dims'])]}); "
             f"use VARConfig(sink_dims={tuple(result['sink_dims'])})"
+            + (f" or VARConfig(sink_dims={str(out)!r})" if out else "")
         )
     if not result["sink_dims"]:
         return 1

@@ -81,15 +81,16 @@ class VARConfig(MethodConfig):
     skip_last_layer: bool = param(
         False, "leave the last layer unchanged (the paper's intent; the released code edits it)"
     )
-    sink_dims: tuple | None = param(
+    sink_dims: tuple | str | None = param(
         None,
-        "massive-activation dimensions D_sink; None = from the backbone table or `halluguard calibrate sink-dims`",
+        "massive-activation dimensions D_sink, or the file `halluguard calibrate sink-dims --out` writes; "
+        "None = from the backbone table",
         optional=True,
-        kind=tuple,
+        kind=(tuple, str),
     )
 
     def validate(self) -> None:
-        if self.sink_dims is not None and any(
+        if isinstance(self.sink_dims, tuple) and any(
             not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in self.sink_dims
         ):
             raise ValueError(

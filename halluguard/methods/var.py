@@ -11,11 +11,15 @@ a layer whose only sinks are text tokens (BOS) is left alone.
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
+from pathlib import Path
 
 import torch
 
 from ..adapters import Adapter
 from ..attention.edits import AttentionCall, AttentionEdit, Redistribution
+from ..calibrate import made_for
 from ..state import GuardState
 from .base import Method
 from .configs import VARConfig
@@ -52,6 +56,27 @@ KNOWN_SINK_DIMS: tuple[tuple[Backbone, tuple[int, ...]], ...] = (
     # Qwen2-VL-7B: paper
     (Backbone("qwen2_vl_text", 3584, 28, 4, (152064,)), (458, 2570)),
 )
+
+
+def load_sink_dims(path: str, model: torch.nn.Module) -> tuple[int, ...]:
+    """The sink dimensions of a file ``halluguard calibrate sink-dims --out`` wrote: whole numbers, at
+    least one; a file recorded for another model warns with both names."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read sink dimensions from {path}: {err}") from None
+    dims = record.get("sink_dims") if isinstance(record, dict) else None
+    if not isinstance(dims, list) or not dims or any(not isinstance(d, int) or isinstance(d, bool) for d in dims):
+        raise ValueError(f"{path} holds no sink dimensions (a non-empty list of whole numbers under 'sink_dims')")
+    label = str(record.get("model", ""))
+    if not made_for(label, model):
+        warnings.warn(
+            f"the sink dimensions in {path} were found for {label!r}, and this model is "
+            f"{getattr(model, 'name_or_path', '') or 'unnamed'!r}: they fit only the model they were found for",
+            UserWarning,
+            stacklevel=3,
+        )
+    return tuple(dims)
 
 
 def known_sink_dims(adapter: Adapter) -> tuple[int, ...] | None:
@@ -97,7 +122,10 @@ class VAR(Method):
 
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config
-        dims = cfg.sink_dims if cfg.sink_dims is not None else known_sink_dims(adapter)
+        if isinstance(cfg.sink_dims, str):
+            dims = load_sink_dims(cfg.sink_dims, adapter.model)
+        else:
+            dims = cfg.sink_dims if cfg.sink_dims is not None else known_sink_dims(adapter)
         if dims is None:
             tc = adapter.text_config
             raise ValueError(
