@@ -21,6 +21,7 @@ _EXPORTS = {
     "supported_model_types": ".adapters",
     "MethodConfig": ".config",
     "AVCConfig": ".methods",
+    "Capabilities": ".methods",
     "DeCoReConfig": ".methods",
     "LookbackConfig": ".methods",
     "Method": ".methods",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .config import MethodConfig
     from .methods import (
         AVCConfig,
+        Capabilities,
         DeCoReConfig,
         LookbackConfig,
         Method,
@@ -67,6 +69,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AVCConfig",
+    "Capabilities",
     "DeCoReConfig",
     "Guard",
     "LookbackConfig",

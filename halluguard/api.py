@@ -4,7 +4,8 @@
 
 1. the text backbone's attention implementation becomes ``"halluguard"`` (the previous one is
    kept and restored; the vision tower is untouched);
-2. each text attention module gets a reference to the guard, which the hook reads;
+2. every guarded call makes its routing current for the hook (``halluguard.attention.routing``):
+   which rows of each forward belong to which stream, for this model's text attention modules;
 3. a forward pre-hook and a forward hook on the model report every forward to the call's
    ``Session`` (``halluguard.decoding``), which adds and removes the rows of the streams methods
    ask for (and, for methods that read the residual stream, pre-hooks on the decoder layers hand
@@ -30,11 +31,13 @@ from transformers import GenerationMixin, LogitsProcessorList
 
 from . import compat, registry
 from .adapters import Adapter, adapter_for
-from .attention import GUARD_ATTRIBUTE, HOOK_NAME
+from .attention import hook_name, routed
 from .config import MethodConfig
 from .decoding import RowGroupsCache, Session
 from .methods.base import Method
 from .state import GuardState
+
+GUARD_ATTRIBUTE = "_halluguard_guard"  # the guard of a wrapped model, on the model itself
 
 
 class Guard:
@@ -57,6 +60,7 @@ class Guard:
         self._own_generate = model.__dict__.get("generate")
         self._handles: list = []
         self._warned_positions = False
+        self._attention_modules: frozenset[int] = frozenset()
 
     @property
     def state(self) -> GuardState | None:
@@ -65,9 +69,8 @@ class Guard:
 
     # ---- install / restore ------------------------------------------------------------------------
     def _install(self) -> None:
-        self.adapter.set_text_attn_implementation(HOOK_NAME)
-        for module in self.adapter.attention_modules():
-            setattr(module, GUARD_ATTRIBUTE, self)
+        self.adapter.set_text_attn_implementation(hook_name(self.base_attention))
+        self._attention_modules = frozenset(id(m) for m in self.adapter.attention_modules())
         setattr(self.model, GUARD_ATTRIBUTE, self)
         self._handles = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -97,9 +100,6 @@ class Guard:
             self.model.generate = self._own_generate
         else:
             del self.model.generate
-        for module in self.adapter.attention_modules():
-            if getattr(module, GUARD_ATTRIBUTE, None) is self:
-                delattr(module, GUARD_ATTRIBUTE)
         delattr(self.model, GUARD_ATTRIBUTE)
         self.adapter.set_text_attn_implementation(self._previous_attn)
         return self.model
@@ -146,11 +146,18 @@ class Guard:
         if ids is not None and 0 in ids.shape:
             raise ValueError(f"a guarded call needs a prompt: input_ids has shape {tuple(ids.shape)}")
         self.session = Session(
-            self.model, self.adapter, self.methods, ids, kwargs.get("attention_mask"), for_generation=for_generation
+            self.model,
+            self.adapter,
+            self.methods,
+            ids,
+            kwargs.get("attention_mask"),
+            for_generation=for_generation,
+            attention_modules=self._attention_modules,
         )
         self.session.main.call_inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         try:
-            yield self.session
+            with routed(self.session):
+                yield self.session
         finally:
             self.session = None
 
@@ -180,9 +187,9 @@ class Guard:
             if processors:
                 kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), *processors])
             loops = [(m, loop) for m in self.methods if (loop := m.generate_loop(state)) is not None]
-            late = [m for m, _ in loops if m.late_tokens is not None]
+            late = [m for m, _ in loops if m.capabilities.late_tokens is not None]
             if late and kwargs.get("streamer") is not None:
-                raise ValueError(f"{late[0].name} cannot stream: {late[0].late_tokens}; drop the streamer")
+                raise ValueError(f"{late[0].name} cannot stream: {late[0].capabilities.late_tokens}; drop the streamer")
             if loops and processors:
                 raise ValueError(
                     "a method of this guard owns the decoding loop, and another acts through a logits processor "
@@ -214,7 +221,7 @@ class Guard:
     def _with_method_defaults(self, kwargs: dict) -> dict:
         """``kwargs`` with the methods' ``generation_defaults`` (the official runs' decoding, e.g. VCD's
         sampling) when the caller chose none of them and gave no generation config."""
-        defaults = {k: v for m in self.methods for k, v in m.generation_defaults.items()}
+        defaults = {k: v for m in self.methods for k, v in m.capabilities.generation_defaults.items()}
         if not defaults or "generation_config" in kwargs or any(k in kwargs for k in defaults):
             return kwargs
         return {**kwargs, **defaults}

@@ -138,7 +138,7 @@ class Doctor:
         if beams > 1:
             widths = {"beam search": beams}
         else:
-            widths = {"greedy": 1, **({"beam search": BEAMS} if entry.method_cls.supports_beam_search else {})}
+            widths = {"greedy": 1, **({"beam search": BEAMS} if entry.capabilities_for().beams != "one" else {})}
         planned = [(f"{name}: its neutral config gives plain generate's tokens ({', '.join(widths)})",
                     lambda: self._neutral(neutral, widths))]  # fmt: skip
         if acting == neutral:  # its defaults only read

@@ -1,111 +1,86 @@
-"""The method registry: the one place that maps a method name to its config and implementation.
+"""The method registry: the one place that maps a method name to its entry (config, implementation,
+capabilities).
 
-``halluguard.methods.configs`` calls :func:`register_method` once per method (a method defined
-elsewhere registers itself the same way). ``wrap`` resolves names,
-``"a+b"`` compositions and config objects through this table.
+Every built-in method declares its entry in its own package (``halluguard.methods.<name>.ENTRY``);
+the registry starts with those (``halluguard.methods.BUILTIN``), and a method defined elsewhere joins
+with :func:`register_method`. ``wrap`` resolves names, ``"a+b"`` compositions and config objects
+through this table, and checks compositions against the capabilities declared there.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .config import MethodConfig
+from .methods import BUILTIN
+from .methods.base import Method
+from .methods.capabilities import Capabilities, Declared, MethodEntry
 
-if TYPE_CHECKING:
-    from .methods.base import Method
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodEntry:
-    name: str
-    config_cls: type[MethodConfig]
-    # the Method class, its import path "module:Class" (imported on first use), or None: the config is
-    # defined, the implementation is not shipped yet
-    implementation: type[Method] | str | None
-    summary: str
-
-    @property
-    def available(self) -> bool:
-        return self.implementation is not None
-
-    @property
-    def method_cls(self) -> type[Method] | None:
-        if isinstance(self.implementation, str):
-            module, _, name = self.implementation.partition(":")
-            return getattr(importlib.import_module(module), name)
-        return self.implementation
-
-
-_REGISTRY: dict[str, MethodEntry] = {}
+_REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in BUILTIN}
 
 
 def register_method(
-    name: str, config_cls: type[MethodConfig], implementation: type[Method] | str | None, summary: str
+    name: str,
+    config_cls: type[MethodConfig],
+    implementation: type[Method] | str | None,
+    summary: str,
+    capabilities: Declared | None = None,
 ) -> None:
-    """Register a method under ``name``: its config class and its ``Method`` class (or the import path
-    ``"module:Class"`` of one, imported on first use; None while only the config exists)."""
+    """Register a method under ``name``: its config class, its ``Method`` class (or the import path
+    ``"module:Class"`` of one, imported on first use; None while only the config exists) and its
+    capabilities (by default those the class declares)."""
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
-    if config_cls.name != name:
-        raise ValueError(f"{config_cls.__name__}.name is {config_cls.name!r}, expected {name!r}")
-    _REGISTRY[name] = MethodEntry(name, config_cls, implementation, summary)
-
-
-# Pairs of decoding-loop owners whose combination is defined and tested (none yet).
-COMPOSABLE_LOOP_OWNERS: frozenset[frozenset[str]] = frozenset()
-# The methods each decoding-loop owner composes with, defined and tested (tests/test_opera.py): they act
-# inside the loop's forwards on every query row (OPERA forwards several candidate tokens per row, so a
-# method that edits only a call's last query row, PAI, would reach one candidate of each beam).
-LOOP_OWNER_COMPANIONS: dict[str, frozenset[str]] = {
-    "opera": frozenset({"vhr", "var"}),
-    "lookback": frozenset(),  # guided decoding (its detection composes with every method)
-}
+    if capabilities is None:
+        capabilities = implementation.capabilities if isinstance(implementation, type) else Capabilities()
+    _REGISTRY[name] = MethodEntry(name, config_cls, implementation, summary, capabilities)
 
 
 def check_composition(methods: list[Method]) -> None:
-    """Refuse compositions that are not defined: two methods that each own the decoding loop, or two
-    contrastive methods (each would contrast the other's already contrasted logits)."""
-    contrastive = [m.name for m in methods if m.edits_next_logits]
+    """Refuse compositions that are not defined: two contrastive methods (each would contrast the
+    other's already contrasted logits), a loop owner with a contrast or with a method that does not
+    declare it runs inside that loop (``Capabilities.runs_inside``; a method of the user's own, not
+    registered, is theirs to compose), or two loop owners."""
+    contrastive = [m.name for m in methods if m.capabilities.contrasts]
     if len(contrastive) > 1:
         raise ValueError(
             f"cannot compose {' and '.join(repr(n) for n in contrastive)}: each contrasts the next-token "
             "logits with its own branch, and no combination of two contrasts is defined"
         )
-    owners = [m for m in methods if m.owns_loop]
+    owners = [m for m in methods if m.capabilities.owns_loop]
     if owners and contrastive:
         raise ValueError(
             f"cannot compose {owners[0].name!r} with {contrastive[0]!r}: {owners[0].name} runs its own decoding "
             "loop, whose rows a contrast branch cannot follow"
         )
+    if len(owners) > 1:
+        raise ValueError(
+            f"cannot compose {owners[0].name!r} with {owners[1].name!r}: both take over the decoding loop and no "
+            "combination of the two is defined"
+        )
     for owner in owners:
-        if owner.name not in LOOP_OWNER_COMPANIONS:  # a loop of the user's own: theirs to compose
+        if owner.name not in _REGISTRY:  # a loop of the user's own: theirs to compose
             continue
-        companions = LOOP_OWNER_COMPANIONS[owner.name]
-        others = [m.name for m in methods if not m.owns_loop and m.name not in companions and m.name in _REGISTRY]
+        others = [
+            m
+            for m in methods
+            if m is not owner and m.name in _REGISTRY and owner.name not in m.capabilities.runs_inside
+        ]
         if others:
+            inside = sorted(n for n, e in _REGISTRY.items() if owner.name in _runs_inside(e))
             raise ValueError(
-                f"cannot compose {owner.name!r} with {others[0]!r}: {owner.name} runs its own decoding loop, and the "
-                f"methods defined and tested inside it are {sorted(companions) or 'none'}"
+                f"cannot compose {owner.name!r} with {others[0].name!r}: {owner.name} runs its own decoding loop, "
+                f"and the methods defined and tested inside it are {inside or 'none'}"
             )
-    for i, a in enumerate(owners):
-        for b in owners[i + 1 :]:
-            if frozenset((a.name, b.name)) not in COMPOSABLE_LOOP_OWNERS:
-                raise ValueError(
-                    f"cannot compose {a.name!r} with {b.name!r}: both take over the decoding loop and no "
-                    "combination of the two is defined"
-                )
 
 
-def _ensure_loaded() -> None:
-    from . import methods  # noqa: F401  (importing the package registers every method)
+def _runs_inside(entry: MethodEntry) -> frozenset[str]:
+    return entry.capabilities_for().runs_inside
 
 
 def entry(name: str) -> MethodEntry:
-    _ensure_loaded()
     key = name.strip().lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
@@ -114,7 +89,6 @@ def entry(name: str) -> MethodEntry:
 
 def list_methods(available_only: bool = False) -> list[str]:
     """Names of the registered methods (``available_only``: those with an implementation)."""
-    _ensure_loaded()
     return sorted(n for n, e in _REGISTRY.items() if e.available or not available_only)
 
 
@@ -165,9 +139,14 @@ def configs_from_spec(
 
 
 def method_beams(configs: list) -> int:
-    """The beam count a composition runs with when a call names none: a beam-search method's own
-    (OPERA's ``num_beams``), else 1."""
-    return next((int(c.num_beams) for c in configs if getattr(c, "num_beams", None)), 1)
+    """The beam count a composition runs with when a call names none: the one a method's capabilities
+    set as a generation default (OPERA's ``num_beams``), else 1."""
+    for config in configs:
+        declared = _REGISTRY.get(config.name)
+        beams = declared.capabilities_for(config).generation_defaults.get("num_beams") if declared else None
+        if beams:
+            return int(beams)
+    return 1
 
 
 def parse_methods(spec: Any) -> list[Any]:
@@ -176,8 +155,6 @@ def parse_methods(spec: Any) -> list[Any]:
     Accepted: a name (``"vhr"``), a ``+``-joined composition (``"vhr+opera"``), a config object,
     a ``Method`` instance, ``None`` or a list/tuple of any of these.
     """
-    from .methods.base import Method
-
     if spec is None:
         return []
     if isinstance(spec, (list, tuple)):

@@ -116,7 +116,9 @@ class GuardState:
         # Absent leading tokens: a stream whose compact prompt is prefilled on its own, then joins a
         # longer cache left-padded, sees its keys at positions shifted by this many (see decoding.session).
         self.position_offset = 0
-        self.session: Any = None  # the call's session (set on the main stream's state)
+        # the branch streams of the call, by owner (set on the main stream's state): each gives its
+        # next-token logits with ``next_logits(input_ids)`` (``halluguard.decoding.streams.BranchRun``)
+        self.branches: dict[Method, Any] = {}
         # the tensors the caller passed (pixel_values and the like: generate hands the model's forward
         # encoder outputs instead, so a branch with its own image inputs builds them from these)
         self.call_inputs: dict[str, torch.Tensor] = {}
@@ -303,9 +305,10 @@ class GuardState:
         """Next-token logits ``(rows, vocab)`` of ``owner``'s branch stream: for the main rows
         ``input_ids`` (from a logits processor), or, without them, those of the forward that just
         ran (from ``Method.next_token_logits``)."""
-        if self.session is None:
-            raise RuntimeError("this state belongs to no guarded call")
-        return self.session.branch_logits(owner, input_ids)
+        branch = self.branches.get(owner)
+        if branch is None:
+            raise RuntimeError(f"{owner.name} has no branch in this call")
+        return branch.next_logits(input_ids)
 
     def late_head_scale(self, call: AttentionCall, method: Method) -> torch.Tensor | None:
         """Phase two of a call: the head scale ``method`` chose from the call's statistics (``(B, H)``)."""

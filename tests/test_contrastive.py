@@ -22,8 +22,8 @@ import halluguard as hg
 from halluguard import registry
 from halluguard.attention.edits import AttentionEdit
 from halluguard.attention.hook import _edited
-from halluguard.methods.avc import select_layers
-from halluguard.methods.vcd import add_diffusion_noise, noise_level
+from halluguard.methods.avc.method import select_layers
+from halluguard.methods.vcd.method import add_diffusion_noise, noise_level
 
 HEADS = {"0-0": [0.9, 1.0], "1-1": [0.8], "0-2": [0.5], "1-3": [0.1]}
 SETTINGS = {"vcd": {}, "avc": {}, "decore": dict(retrieval_heads=HEADS, num_retrieval_heads=3)}
@@ -229,7 +229,7 @@ def test_uniform_masking_makes_a_head_output_the_mean_of_its_visible_values():
         k,
         v,
         None,
-        [(None, AttentionEdit(query_scale=scale))],
+        [AttentionEdit(query_scale=scale)],
         "sdpa",
         dict(dropout=0.0, scaling=None, is_causal=None),
     )
@@ -239,7 +239,7 @@ def test_uniform_masking_makes_a_head_output_the_mean_of_its_visible_values():
         means = torch.stack([values[: i + 1].mean(0) for i in range(5)])  # causal: keys up to the row
         torch.testing.assert_close(out[b, :, h], means, rtol=0, atol=1e-5)
     plain, _, _ = _edited(
-        attn, q, k, v, None, [(None, AttentionEdit())], "sdpa", dict(dropout=0.0, scaling=None, is_causal=None)
+        attn, q, k, v, None, [AttentionEdit()], "sdpa", dict(dropout=0.0, scaling=None, is_causal=None)
     )
     untouched = scale.bool()
     assert torch.equal(out.transpose(1, 2)[untouched], plain.transpose(1, 2)[untouched])

@@ -22,7 +22,7 @@ from tiny_models import build_model
 
 import halluguard as hg
 from halluguard import cli, compat, doctor
-from halluguard.methods.vcd import VCD
+from halluguard.methods.vcd.method import VCD
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ from probes import Probe, assert_batch_rows_equal_single_rows, reference_everywh
 from tiny_models import build_model, family_params, make_inputs
 
 import halluguard as hg
-from halluguard.attention import GUARD_ATTRIBUTE, AttentionEdit, Reductions
+from halluguard.api import GUARD_ATTRIBUTE
+from halluguard.attention import AttentionEdit, Reductions
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6)
 

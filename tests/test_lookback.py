@@ -21,12 +21,8 @@ import torch
 from tiny_models import CORE_FAMILIES, FAMILIES, build_model, family_params, image_token_id, make_inputs
 
 import halluguard as hg
-from halluguard.methods.lookback import (
-    LookbackClassifier,
-    flagged_spans,
-    train_classifier,
-    window_means,
-)
+from halluguard.methods.lookback.classifier import LookbackClassifier, train_classifier
+from halluguard.methods.lookback.method import flagged_spans, window_means
 
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
 
@@ -162,7 +158,7 @@ def test_guided_with_one_candidate_is_sampling(family, tmp_path):
 
 @pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_guided_keeps_the_candidate_the_classifier_prefers(family, tmp_path):
-    from halluguard.methods.lookback import Lookback
+    from halluguard.methods.lookback.method import Lookback
 
     model = build_model(family)
     inputs, _ = make_inputs(model, family, batch=2)
@@ -186,7 +182,7 @@ def test_guided_keeps_the_candidate_the_classifier_prefers(family, tmp_path):
 
 
 def test_a_classifier_that_prefers_a_known_continuation_makes_guided_decoding_pick_it(tmp_path):
-    from halluguard.methods.lookback import Lookback
+    from halluguard.methods.lookback.method import Lookback
 
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=1)

@@ -14,7 +14,7 @@ from halluguard import testbed
 from halluguard.calibrate.lookback import Examples, auroc, calibrate, caption_examples, mention_spans, token_spans
 from halluguard.eval.chair import Chair
 from halluguard.eval.runner import build_prompt
-from halluguard.methods.lookback import LookbackClassifier
+from halluguard.methods.lookback.classifier import LookbackClassifier
 from halluguard.testbed import world
 
 

@@ -179,7 +179,7 @@ def backbone(model_type, hidden, layers, kv_heads, vocab):
 
 
 def test_the_sink_dimension_table_matches_only_its_own_backbones():
-    from halluguard.methods.var import known_sink_dims
+    from halluguard.methods.var.method import known_sink_dims
 
     assert known_sink_dims(backbone("llama", 4096, 32, 32, 32064)) == (1415, 2533)  # llava-1.5-7b-hf
     assert known_sink_dims(backbone("llama", 4096, 32, 32, 32000)) == (1415, 2533)  # LLaMA-2-7B

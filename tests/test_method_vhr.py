@@ -17,7 +17,7 @@ from tiny_models import (
 
 import halluguard as hg
 from halluguard.adapters import adapter_for
-from halluguard.methods.vhr import VHR, default_layers, head_divergence, select_heads
+from halluguard.methods.vhr.method import VHR, default_layers, head_divergence, select_heads
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
 DROPPED = {IMAGE, VISION_START, VISION_END, BOI, EOI}  # image tokens and the delimiters configs name

@@ -24,7 +24,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import halluguard as hg
 from halluguard.attention.edits import AttentionEdit
 from halluguard.methods.base import Method
-from halluguard.methods.opera import OPERA, column_log_products, over_trust
+from halluguard.methods.opera.method import OPERA
+from halluguard.methods.opera.scores import column_log_products, over_trust
 
 NEUTRAL = dict(penalty_weights=0.0, retrospection=False)
 
@@ -266,13 +267,18 @@ def test_the_layer_read_sees_the_whole_response():
         hg.wrap(model, methods=hg.get_config("opera", layer=3))
 
 
-def test_every_registered_loop_owner_names_its_companions():
+def test_the_methods_declared_to_run_inside_opera_compose_with_it():
     from halluguard import registry
 
     for name in hg.list_methods(available_only=True):
         method = registry.entry(name).method_cls(hg.get_config(name))
         if method.owns_loop:
-            assert name in registry.LOOP_OWNER_COMPANIONS, f"{name} owns the loop: list what it composes with"
+            inside = [
+                n
+                for n in hg.list_methods(available_only=True)
+                if name in registry.entry(n).capabilities_for().runs_inside
+            ]
+            assert inside, f"{name} owns the loop: no method declares it runs inside it"
 
 
 @pytest.mark.parametrize("record", ["output_scores", "output_logits"])

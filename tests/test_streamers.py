@@ -17,7 +17,7 @@ from transformers import TextIteratorStreamer
 import halluguard as hg
 from halluguard.attention.edits import AttentionEdit
 from halluguard.methods.base import Method
-from halluguard.methods.lookback import LookbackClassifier
+from halluguard.methods.lookback.classifier import LookbackClassifier
 
 
 class Digits:

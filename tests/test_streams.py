@@ -39,6 +39,7 @@ class GreedyLoop(hg.Method):
     """Owns the loop: prefill, then one token at a time with the cache, argmax of the processed scores."""
 
     config_cls = GreedyLoopConfig
+    capabilities = hg.Capabilities(owns_loop=True)
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -1,8 +1,9 @@
 """The single attention hook, registered in transformers' attention and mask interfaces.
 
-``wrap`` selects ``"halluguard"`` as the attention implementation of the text backbone only and
-points every text attention module at its ``Guard``. For each call the hook asks the state of
-each stream in the forward (``Session.segments``: which rows belong to which stream) for edits:
+``wrap`` selects ``"halluguard"`` (``"halluguard_eager"`` for a model loaded with eager attention) as
+the attention implementation of the text backbone only. For each call the hook asks the state of
+each stream in the forward for edits; which rows belong to which stream is the guarded call's
+routing (``routing``: a context variable the call sets, covering its model's modules):
 
 * no state (outside a guarded call) or no edits: the model's own attention runs (SDPA, or eager
   when the model was loaded with eager), so results are unchanged;
@@ -36,11 +37,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import dispatch
-from .edits import AttentionEdit
+from .edits import AttentionCall, AttentionEdit
 from .reference import attention_probabilities, causal_mask, reduce_last_row, reference_attention
+from .routing import Route, StreamHandle, routing_for
 
-HOOK_NAME = "halluguard"
-GUARD_ATTRIBUTE = "_halluguard_guard"
+HOOK_NAME = "halluguard"  # unedited calls run SDPA
+EAGER_HOOK_NAME = "halluguard_eager"  # unedited calls run the family's eager attention
 
 
 def _eager_for(module: nn.Module) -> Callable:
@@ -97,6 +99,24 @@ def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
 _UNSUPPORTED = ("position_bias", "s_aux", "sinks")
 
 
+def _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, base: str, **kwargs):
+    """The hook for a model whose unedited calls run ``base`` attention (see the module docstring)."""
+    call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
+    routing = routing_for(module)
+    if routing is None:
+        return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+    parts = [
+        _StreamPart.run(module, route, query, key, value, attention_mask, base, call_kwargs) for route in routing.routes
+    ]
+    for part in parts:  # the statistics go to each stream's state, which hands them to its methods
+        part.deliver()
+    outs = [part.scaled_output() for part in parts]  # phase two: head scales, given or chosen from the statistics
+    weights = [part.weights for part in parts]
+    if len(outs) == 1:
+        return outs[0], weights[0]
+    return torch.cat(outs), torch.cat(weights) if all(w is not None for w in weights) else None
+
+
 def halluguard_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -108,126 +128,212 @@ def halluguard_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention function with the transformers interface signature (see module docstring)."""
-    guard = getattr(module, GUARD_ATTRIBUTE, None)
-    base = guard.base_attention if guard is not None else "sdpa"
-    session = guard.session if guard is not None else None
-    call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
-    if session is None:
-        return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+    """Attention function with the transformers interface signature; unedited calls run SDPA."""
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, base="sdpa", **kwargs)
 
-    # phase one, per stream: edits and reductions of its rows
-    parts = []
-    for segment in session.segments:
-        rows = segment.rows
+
+def halluguard_eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same for a model loaded with eager attention: unedited calls run its eager attention."""
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, base="eager", **kwargs)
+
+
+def hook_name(base: str) -> str:
+    """The attention implementation name of the hook whose unedited calls run ``base`` attention."""
+    return EAGER_HOOK_NAME if base == "eager" else HOOK_NAME
+
+
+@dataclasses.dataclass
+class _StreamPart:
+    """One stream's rows of an attention call: its call, the edits asked, output, weights and statistics."""
+
+    stream: StreamHandle
+    call: AttentionCall
+    requests: list
+    out: torch.Tensor
+    weights: torch.Tensor | None
+    stats: list
+
+    @classmethod
+    def run(cls, module, route: Route, query, key, value, attention_mask, base, call_kwargs) -> _StreamPart:
+        """Phase one for the rows of ``route``: the stream's edits and reductions, then its attention."""
+        rows = route.rows
         mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
         q, k, v = query[rows], key[rows], value[rows]
-        call = segment.state.describe_call(module.layer_idx, q, k)
-        requests = segment.state.edits_for(call)
+        call = route.stream.describe_call(module.layer_idx, q, k)
+        requests = route.stream.edits_for(call)
         if requests:
-            out, weights, stats = _edited(module, q, k, v, mask, requests, base, call_kwargs)
+            out, weights, stats = _edited(module, q, k, v, mask, [edit for _, edit in requests], base, call_kwargs)
         else:
             (out, weights), stats = base_attention(module, q, k, v, mask, base=base, **call_kwargs), []
-        parts.append((segment.state, call, requests, out, weights, stats))
-    # the statistics go to each stream's state, which hands them to its methods
-    for state, call, requests, _, _, stats in parts:
-        for (method, _), reported in zip(requests, stats):
+        return cls(route.stream, call, requests, out, weights, stats)
+
+    def deliver(self) -> None:
+        for (method, _), reported in zip(self.requests, self.stats):
             if reported is not None:
-                state.deliver(call, method, reported)
-    # phase two: head scales, given with the edit or chosen from the statistics just delivered
-    outs = []
-    for state, call, requests, out, _, _ in parts:
+                self.stream.deliver(self.call, method, reported)
+
+    def scaled_output(self) -> torch.Tensor:
+        """The output with every head scale applied: given with an edit, or chosen from the statistics."""
         scales = []
-        for method, edit in requests:
-            scale = state.late_head_scale(call, method) if edit.head_scale_from_stats else edit.head_scale
+        for method, edit in self.requests:
+            scale = self.stream.late_head_scale(self.call, method) if edit.head_scale_from_stats else edit.head_scale
             if scale is not None:
                 scales.append((scale, edit.last_row_only))
-        outs.append(_apply_head_scales(out, scales))
-    weights = [part[4] for part in parts]
-    if len(outs) == 1:
-        return outs[0], weights[0]
-    return torch.cat(outs), torch.cat(weights) if all(w is not None for w in weights) else None
+        return _apply_head_scales(self.out, scales)
 
 
-def _edited(module, query, key, value, attention_mask, requests, base, call_kwargs):
-    """Attention of one stream's rows with its edits (head scales aside): ``(out, weights, stats)``,
-    where ``stats`` holds each request's reductions (None where it asked for none)."""
+@dataclasses.dataclass(frozen=True)
+class _EditedCall:
+    """The inputs of one stream's edited attention, and what every path needs of them."""
+
+    module: nn.Module
+    query: torch.Tensor  # (B, H, Q, D), already scaled by the edits' query scales
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    base: str
+    kwargs: dict
+    reductions: list  # each edit's Reductions or None
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def causal(self) -> bool:
+        """Eager models receive a causal mask where ``sdpa_mask`` gives None; SDPA uses the module's flag."""
+        if self.base == "eager":
+            return True
+        flag = self.kwargs["is_causal"]
+        return getattr(self.module, "is_causal", True) if flag is None else flag
+
+    @property
+    def reference(self) -> dict:
+        scaling = self.kwargs["scaling"]
+        return dict(
+            scaling=self.module.scaling if scaling is None else scaling,
+            is_causal=self.causal,
+            softcap=self.kwargs.get("softcap"),
+        )
+
+    def last_rows_mask(self, rows: int) -> torch.Tensor | None:
+        return self.mask[..., -rows:, :] if self.mask is not None else None
+
+    def base_output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return base_attention(self.module, self.query, self.key, self.value, self.mask, base=self.base, **self.kwargs)
+
+    def kernel(self, rows: int, row_edits: list[AttentionEdit]):
+        """``(output of the last rows, each request's statistics)`` from the Triton kernel, or None
+        when it is not chosen here or the edits do not fit it (``dispatch``)."""
+        if self.kwargs.get("output_attentions") or not dispatch.use_kernel(self.query.device):
+            return None
+        launch = dispatch.fold(
+            row_edits, self.reductions, rows=rows, mask=self.last_rows_mask(rows), causal=self.causal,
+            kv_len=self.key.shape[2], first_row=self.q_len - rows, device=self.query.device,
+        )  # fmt: skip
+        if launch is None:
+            return None
+        reference = self.reference
+        edited, found = dispatch.run_kernel(
+            self.query[:, :, -rows:], self.key, self.value, launch,
+            scaling=reference["scaling"], softcap=reference["softcap"],
+        )  # fmt: skip
+        return edited, dispatch.split_stats(launch, self.reductions, found)
+
+
+def _check_editable(module: nn.Module, call_kwargs: dict) -> None:
     present = [name for name in _UNSUPPORTED if call_kwargs.get(name) is not None]
     if present or call_kwargs.get("cache") is not None:
         raise RuntimeError(f"halluguard cannot edit attention that uses {present or ['a paged cache']}")
     if call_kwargs["dropout"] and module.training:
         raise RuntimeError("halluguard edits attention at inference only; call model.eval() first")
-    edits = [edit for _, edit in requests]
+
+
+def _scale_queries(query: torch.Tensor, edits: list[AttentionEdit]) -> torch.Tensor:
+    """``query`` scaled per head by the edits' query scales (first: scores, statistics and the output
+    all see these queries)."""
     for edit in edits:
-        if edit.query_scale is not None:  # first: scores, statistics and the output all see these queries
+        if edit.query_scale is not None:
             scale = torch.ones(query.shape[:3] + (1,), dtype=query.dtype, device=query.device)
             rows = slice(-1, None) if edit.last_row_only else slice(None)
             scale[:, :, rows] = edit.query_scale.to(device=query.device, dtype=query.dtype)[:, :, None, None]
             query = query * scale
+    return query
+
+
+def _edited(module, query, key, value, attention_mask, edits, base, call_kwargs):
+    """Attention of one stream's rows with its edits (head scales aside): ``(out, weights, stats)``,
+    where ``stats`` holds each edit's reductions (None where it asked for none)."""
+    _check_editable(module, call_kwargs)
+    query = _scale_queries(query, edits)
+    call = _EditedCall(module, query, key, value, attention_mask, base, call_kwargs, [e.reductions for e in edits])
     score_edits = [e for e in edits if e.changes_probabilities]
-    q_len, kv_len = query.shape[2], key.shape[2]
-    is_causal = call_kwargs["is_causal"]
-    # eager models receive a causal mask where sdpa_mask gives None; SDPA uses the module's flag
-    causal = True if base == "eager" else (getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    scaling = call_kwargs["scaling"]
-    reference = dict(
-        scaling=module.scaling if scaling is None else scaling, is_causal=causal, softcap=call_kwargs.get("softcap")
-    )
-    reductions = [e.reductions for e in edits]
-    wanted = [r for r in reductions if r is not None and r.needs_probabilities]
-
-    def last_rows_mask(rows: int) -> torch.Tensor | None:
-        return attention_mask[..., -rows:, :] if attention_mask is not None else None
-
-    def kernel(rows: int, row_edits: list[AttentionEdit]):
-        """``(output of the last rows, each request's statistics)`` from the Triton kernel, or None
-        when it is not chosen here or the edits do not fit it (``dispatch``)."""
-        if call_kwargs.get("output_attentions") or not dispatch.use_kernel(query.device):
-            return None
-        launch = dispatch.fold(
-            row_edits, reductions, rows=rows, mask=last_rows_mask(rows), causal=causal, kv_len=kv_len,
-            first_row=q_len - rows, device=query.device,
-        )  # fmt: skip
-        if launch is None:
-            return None
-        edited, found = dispatch.run_kernel(
-            query[:, :, -rows:], key, value, launch, scaling=reference["scaling"], softcap=reference["softcap"]
-        )
-        return edited, dispatch.split_stats(launch, reductions, found)
-
-    weights, probs, kernel_stats = None, None, None
     if score_edits:
-        reported_rows = max((r.headmax_rows for r in reductions if r is not None), default=1)
-        rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
-        row_edits = [_for_rows(e, rows) for e in score_edits]
-        ran = kernel(rows, row_edits)
-        if ran is not None:
-            edited, kernel_stats = ran
-        else:
-            edited, probs = reference_attention(
-                query[:, :, -rows:], key, value, mask=last_rows_mask(rows), edits=row_edits, first_row=q_len - rows,
-                **reference,
-            )  # fmt: skip
-        if rows == q_len:
-            out = edited
-            weights = probs.to(query.dtype) if call_kwargs.get("output_attentions") else None
-        else:
-            out, _ = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-            out = torch.cat([out[:, :-rows], edited], dim=1)
+        out, weights, probs, kernel_stats = _with_score_edits(call, score_edits)
     else:
-        # statistics only (or nothing): the model's own output; the last rows' probabilities recomputed
-        rows = min(max((r.headmax_rows for r in wanted), default=1), q_len)
-        ran = kernel(rows, []) if wanted else None
-        if ran is not None:
-            edited, kernel_stats = ran
-        if ran is not None and rows == q_len:  # a decode-shaped call: the kernel's output is the attention
-            out = edited
-        else:
-            out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-        if wanted and ran is None:
-            probs = attention_probabilities(
-                query[:, :, -rows:], key, mask=last_rows_mask(rows), first_row=q_len - rows, **reference
-            )
+        out, weights, probs, kernel_stats = _with_statistics_only(call)
+    return out, weights, _statistics(edits, out, probs, kernel_stats)
+
+
+def _with_score_edits(call: _EditedCall, score_edits: list[AttentionEdit]):
+    """Edited probabilities: the rows that need them (all, or only the last) run through the fused
+    operation (kernel or reference), the other rows keep the base attention."""
+    reported_rows = max((r.headmax_rows for r in call.reductions if r is not None), default=1)
+    q_len = call.q_len
+    rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
+    row_edits = [_for_rows(e, rows) for e in score_edits]
+    probs, kernel_stats, weights = None, None, None
+    ran = call.kernel(rows, row_edits)
+    if ran is not None:
+        edited, kernel_stats = ran
+    else:
+        edited, probs = reference_attention(
+            call.query[:, :, -rows:], call.key, call.value, mask=call.last_rows_mask(rows), edits=row_edits,
+            first_row=q_len - rows, **call.reference,
+        )  # fmt: skip
+    if rows == q_len:
+        out = edited
+        weights = probs.to(call.query.dtype) if call.kwargs.get("output_attentions") else None
+    else:
+        out, _ = call.base_output()
+        out = torch.cat([out[:, :-rows], edited], dim=1)
+    return out, weights, probs, kernel_stats
+
+
+def _with_statistics_only(call: _EditedCall):
+    """Statistics only (or nothing): the model's own output; the last rows' probabilities recomputed,
+    or, for a decode-shaped call the kernel can run, the kernel's output and statistics in one pass."""
+    wanted = [r for r in call.reductions if r is not None and r.needs_probabilities]
+    rows = min(max((r.headmax_rows for r in wanted), default=1), call.q_len)
+    ran = call.kernel(rows, []) if wanted else None
+    probs, kernel_stats, weights = None, None, None
+    if ran is not None:
+        edited, kernel_stats = ran
+    if ran is not None and rows == call.q_len:  # a decode-shaped call: the kernel's output is the attention
+        out = edited
+    else:
+        out, weights = call.base_output()
+    if wanted and ran is None:
+        probs = attention_probabilities(
+            call.query[:, :, -rows:], call.key, mask=call.last_rows_mask(rows), first_row=call.q_len - rows,
+            **call.reference,
+        )  # fmt: skip
+    return out, weights, probs, kernel_stats
+
+
+def _statistics(edits: list[AttentionEdit], out: torch.Tensor, probs, kernel_stats) -> list:
+    """Each edit's reductions: from the kernel's pass, or reduced from the last rows' probabilities;
+    head outputs from the output's last row."""
     stats: list[dict[str, torch.Tensor] | None] = []
     for index, edit in enumerate(edits):
         asked, reported = edit.reductions, None
@@ -241,8 +347,9 @@ def _edited(module, query, key, value, attention_mask, requests, base, call_kwar
             if asked.head_outputs:
                 reported["head_outputs"] = out[:, -1].float()
         stats.append(reported)
-    return out, weights, stats
+    return stats
 
 
-AttentionInterface.register(HOOK_NAME, halluguard_attention)
-AttentionMaskInterface.register(HOOK_NAME, sdpa_mask)
+for _name, _function in ((HOOK_NAME, halluguard_attention), (EAGER_HOOK_NAME, halluguard_eager_attention)):
+    AttentionInterface.register(_name, _function)
+    AttentionMaskInterface.register(_name, sdpa_mask)

@@ -138,7 +138,7 @@ def calibrate(
     """Caption, label, train and evaluate (see the module docstring); returns ``(classifier, report)``."""
     import halluguard as hg
 
-    from ..methods.lookback import train_classifier
+    from ..methods.lookback.classifier import train_classifier
 
     if level not in ("window", "mention"):
         raise ValueError(f"level must be 'window' or 'mention', got {level!r}")

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
-from ..attention import HOOK_NAME
+from ..attention import EAGER_HOOK_NAME, HOOK_NAME
 
 CUE = "The answer is:"
 END = "."
@@ -208,7 +208,7 @@ def retrieval_scores(
 
     adapter = adapter_for(model)
     previous = adapter.text_attn_implementation()
-    if previous == HOOK_NAME:
+    if previous in (HOOK_NAME, EAGER_HOOK_NAME):
         raise ValueError(f"the text attention is {previous!r} (a wrapped model?); calibrate the unwrapped model")
     rng = random.Random(seed)
     recorded: list[torch.Tensor] = []

@@ -12,7 +12,7 @@
 from .cache import RowGroupsCache
 from .contrast import contrast, entropy
 from .loops import DecodingLoop
-from .session import Segment, Session
+from .session import Session
 from .side_stream import SideStream
 from .streams import Branch, Probe
 
@@ -21,7 +21,6 @@ __all__ = [
     "DecodingLoop",
     "Probe",
     "RowGroupsCache",
-    "Segment",
     "Session",
     "SideStream",
     "contrast",

@@ -9,9 +9,9 @@ signature of transformers' ``generate(custom_generate=...)``,
 
 called after ``generate`` has prepared the inputs (expanded rows, attention mask, position ids,
 the cache, encoder outputs). The loop runs the model's forwards itself; every forward still goes
-through the guard, so attention edits, statistics and streams act inside it. At most one method of
-a guard may own the loop, unless the registry lists the pair as composable
-(``registry.COMPOSABLE_LOOP_OWNERS``).
+through the guard, so attention edits, statistics and streams act inside it. A method that owns the
+loop declares it (``Capabilities(owns_loop=True)``); at most one method of a guard may, and the
+methods that act inside its forwards declare that they run inside it (``Capabilities.runs_inside``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The model's forward pre-hook and post-hook report every forward to it:
 
 * before a forward, ``before_forward`` tells each stream's state where the forward starts, opens
   the streams the methods ask for at the first forward (``Method.streams``), and adds the rows of
-  probes (first forward) and branches (later forwards) to the forward's inputs; ``segments`` then
+  probes (first forward) and branches (later forwards) to the forward's inputs; ``routes`` then
   lists, for the attention hook, which rows of the forward belong to which stream's state;
 * after it, ``after_forward`` takes the extra rows back out of the output (the caller sees only its
   own rows), hands each branch its next-token logits, drops probe rows from the cache, and after
@@ -15,7 +15,7 @@ One guarded step then looks like this (a branch riding along; ``N`` main rows)::
 
     generate ──> forward(N rows) ──pre-hook──> forward(N main + N branch rows)
                                                   │  attention hook, per layer:
-                                                  │    segments: rows [0, N) main state, [N, 2N) branch state
+                                                  │    routes: rows [0, N) main state, [N, 2N) branch state
                                                   │    phase 1: edits + reductions -> states -> methods
                                                   │    phase 2: head scales chosen from the statistics
                  logits(N) <──post-hook── logits(2N): rows [N, 2N) -> branch.logits
@@ -24,13 +24,13 @@ One guarded step then looks like this (a branch riding along; ``N`` main rows)::
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
 
 from .. import compat
+from ..attention.routing import Route
 from ..compat import CACHE, cache_in, cache_of, without_cache
 from ..state import GuardState, StreamRole
 from .cache import RowGroupsCache
@@ -42,14 +42,6 @@ if TYPE_CHECKING:
 
     from ..adapters import Adapter
     from ..methods.base import Method
-
-
-@dataclasses.dataclass
-class Segment:
-    """Rows ``rows`` of the current forward belong to the stream whose state is ``state``."""
-
-    state: GuardState
-    rows: slice
 
 
 def cache_length(cache: Any) -> int:
@@ -68,27 +60,33 @@ class Session:
         attention_mask: torch.Tensor | None,
         *,
         for_generation: bool,
+        attention_modules: frozenset[int] = frozenset(),
     ):
         self.model = model
+        self._attention_modules = attention_modules  # ids of the text attention modules the hook routes
         self.adapter = adapter
         self.methods = methods
         self.main = GuardState(adapter, methods, input_ids, attention_mask, for_generation=for_generation)
-        self.main.session = self
         self._call_rows = input_ids.shape[0] if input_ids is not None else None
-        self.segments: list[Segment] = [Segment(self.main, slice(None))]
-        self.branches: dict[Method, BranchRun] = {}
-        self._apart: list[Segment] | None = None  # segments of a forward the session runs itself
-        self._extra: list[tuple[Segment, Any]] = []  # extra rows of the current forward: (segment, probe or branch)
+        self.routes: list[Route] = [Route(self.main, slice(None))]
+        self.branches: dict[Method, BranchRun] = self.main.branches  # the main state gives their logits
+        self._apart: list[Route] | None = None  # routes of a forward the session runs itself
+        self._extra: list[tuple[Route, Any]] = []  # extra rows of the current forward: (segment, probe or branch)
         self._main_rows = 0
         self._wants_tuple = False
         self._history: torch.Tensor | None = None  # every token fed to each main row (for branches run apart)
+
+    # ---- the routing the attention hook reads (``halluguard.attention.routing``) ------------------
+    def covers(self, module: Any) -> bool:
+        """Whether ``module`` is one of the guarded model's text attention modules."""
+        return id(module) in self._attention_modules
 
     # ---- the model's forward pre-hook ------------------------------------------------------------
     def before_forward(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         """Record a forward; returns its inputs with stream rows added, or None to leave them."""
         if self._apart is not None:
             self._feed(self._apart, kwargs)
-            self.segments = self._apart
+            self.routes = self._apart
             return None
         ids = kwargs.get("input_ids")
         tokens = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -104,7 +102,7 @@ class Session:
             self._history = ids
         elif ids is not None and any(run.side is not None for run in self.branches.values()):
             self._history = torch.cat([self._history, ids], 1)
-        self.segments = [Segment(self.main, slice(0, rows))]
+        self.routes = [Route(self.main, slice(0, rows))]
         self._extra = []
         extra: list[tuple[GuardState, dict, Any]] = []
         if self.main.forwards == 1:
@@ -118,9 +116,9 @@ class Session:
         merged, start = dict(kwargs, return_dict=True), rows
         for state, inputs, stream in extra:
             count = inputs["input_ids"].shape[0]
-            segment = Segment(state, slice(start, start + count))
+            segment = Route(state, slice(start, start + count))
             state.on_forward(inputs["input_ids"], inputs.get("attention_mask"), cache_len, new, count)
-            self.segments.append(segment)
+            self.routes.append(segment)
             self._extra.append((segment, stream))
             merged = self._merge_rows(merged, inputs, start)
             start += count
@@ -172,7 +170,7 @@ class Session:
         inputs = {k: v for k, v in without_cache(self.main.with_2d_mask(kwargs)).items() if k != "logits_to_keep"}
         inputs = self._merge_rows(dict(inputs, use_cache=False), spec.rows, rows)
         extra = spec.rows["input_ids"].shape[0]
-        self._run_apart([Segment(copy, slice(0, rows)), Segment(state, slice(rows, rows + extra))], inputs)
+        self._run_apart([Route(copy, slice(0, rows)), Route(state, slice(rows, rows + extra))], inputs)
 
     def _prefill_branch(self, run: BranchRun) -> DynamicCache:
         """Prefill a branch's prompt apart (after the main prompt's forward); returns its cache."""
@@ -185,14 +183,14 @@ class Session:
         """One forward of a branch that runs apart (its first one is its prefill)."""
         if run.side is not None and run.side.cache is None:
             return self._branch_prefill(run, inputs)
-        return self._run_apart([Segment(run.state, slice(None))], inputs)
+        return self._run_apart([Route(run.state, slice(None))], inputs)
 
     def _branch_prefill(self, run: BranchRun, inputs: dict) -> Any:
         """The branch's first forward; with ``shares_prompt_cache``, its prompt but the last token runs
         first without the branch's owner (the other methods of the branch act, with the branch's own
         per-call data), then the last token under the branch's state."""
         if not run.spec.shares_prompt_cache:
-            return self._run_apart([Segment(run.state, slice(None))], inputs)
+            return self._run_apart([Route(run.state, slice(None))], inputs)
         width = run.prompt["input_ids"].shape[1]
         if inputs["input_ids"].shape[1] != width:
             raise RuntimeError(f"{run.spec.owner.name}: the branch must start at the first step of generation")
@@ -202,28 +200,28 @@ class Session:
         plain = GuardState(self.adapter, others, for_generation=False, role=run.state.role, shared_data=shared)
         plain.position_offset = run.state.position_offset
         plain.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))  # the whole prompt, as the branch's
-        out = self._run_apart([Segment(plain, slice(None))], prefix)
+        out = self._run_apart([Route(plain, slice(None))], prefix)
         last[CACHE] = cache_of(out)  # the cache it was given, or the one it made
         run.state.set_prompt(inputs["input_ids"], inputs.get("attention_mask"))
-        return self._run_apart([Segment(run.state, slice(None))], last)
+        return self._run_apart([Route(run.state, slice(None))], last)
 
-    def _run_apart(self, segments: list[Segment], inputs: dict) -> Any:
-        """Run one forward of the model under ``segments`` (not the main stream), without gradients."""
-        previous, self._apart = self._apart, segments
-        current = self.segments
+    def _run_apart(self, routes: list[Route], inputs: dict) -> Any:
+        """Run one forward of the model under ``routes`` (not the main stream), without gradients."""
+        previous, self._apart = self._apart, routes
+        current = self.routes
         try:
             with torch.no_grad():
                 return self.model(**inputs)
         finally:
-            self._apart, self.segments = previous, current
+            self._apart, self.routes = previous, current
 
-    def _feed(self, segments: list[Segment], kwargs: dict) -> None:
+    def _feed(self, routes: list[Route], kwargs: dict) -> None:
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         cache_len = cache_length(cache_in(kwargs))
-        for seg in segments:
+        for seg in routes:
             rows = ids[seg.rows]
             seg_mask = mask[seg.rows] if mask is not None and mask.dim() == 2 else None
-            seg.state.on_forward(rows, seg_mask, cache_len, ids.shape[1], rows.shape[0])
+            seg.stream.on_forward(rows, seg_mask, cache_len, ids.shape[1], rows.shape[0])
 
     def _merge_rows(self, kwargs: dict, extra: dict, rows: int) -> dict:
         """``kwargs`` (its first ``rows`` rows are the main rows) with the rows of ``extra`` appended."""
@@ -277,7 +275,7 @@ class Session:
                 elif isinstance(value, tuple):
                     output[key] = tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value)
         self._extra = []
-        self.segments = [Segment(self.main, slice(None))]
+        self.routes = [Route(self.main, slice(None))]
         for run in self.branches.values():
             if run.pending:  # after the prompt's forward: prefill apart, then ride along as rows
                 cache.add_block(self._prefill_branch(run))
@@ -306,28 +304,20 @@ class Session:
 
     # ---- the decoder layers' pre-hooks -----------------------------------------------------------
     def on_layer_input(self, layer_idx: int, hidden: torch.Tensor) -> None:
-        for segment in self.segments:
-            segment.state.layer_input(layer_idx, hidden[segment.rows])
+        for segment in self.routes:
+            segment.stream.layer_input(layer_idx, hidden[segment.rows])
 
     def on_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """The text backbone's input embeddings, after each stream's methods edited their rows."""
         parts, changed = [], False
-        for segment in self.segments:
+        for segment in self.routes:
             rows = embeds[segment.rows]
-            edited = segment.state.edit_input_embeds(rows)
+            edited = segment.stream.edit_input_embeds(rows)
             changed = changed or edited is not rows
             parts.append(edited)
         return torch.cat(parts) if changed else embeds
 
-    # ---- for the methods -------------------------------------------------------------------------
-    def branch_logits(self, owner: Method, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The next-token logits ``(rows, vocab)`` of ``owner``'s branch for the main rows ``input_ids``
-        (or, without them, those of the forward that just ran)."""
-        run = self.branches.get(owner)
-        if run is None:
-            raise RuntimeError(f"{owner.name} has no branch in this call")
-        return run.next_logits(input_ids)
-
+    # ---- after the call ------------------------------------------------------------------------
     def finish(self, cache: Any) -> None:
         """After the call: the caller's cache holds the main rows only."""
         if isinstance(cache, RowGroupsCache):

@@ -13,7 +13,7 @@ forward's inputs) returns any of:
   carry its own image inputs, used at its first forward only) is prefilled once at its own length;
   its cache then joins the main cache as extra rows, left-padded, and at every step it is fed the
   main row's new token *as extra rows of the main forward*: one forward per step, not two. Its
-  next-token logits go to the owner (``Session.branch_logits``).
+  next-token logits go to the owner (``GuardState.branch_logits``).
 
 When the cache cannot carry extra rows (a static or caller-supplied cache), a probe runs as a
 separate forward before the prompt's, and a branch as a ``SideStream`` (its own forward per step),

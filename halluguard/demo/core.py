@@ -331,7 +331,7 @@ class Demo:
         streamer = None
         # a decoding loop that settles tokens late (OPERA's beam search, Lookback's guided decoding)
         # refuses a streamer: its answer comes whole
-        late = guarded and any(m.owns_loop and m.late_tokens for m in self._methods())
+        late = guarded and any(m.capabilities.late_tokens for m in self._methods())
         if on_piece is not None and (self.settings.num_beams or 1) == 1 and not late:
             streamer = _PieceStreamer(tokenizer, on_piece)
         torch.manual_seed(self.settings.seed)

@@ -1,23 +1,31 @@
-"""Methods: every method's settings and registration in ``configs``; one implementation module per
-method (``vhr``, ``var``, ``pai``), imported when the method is first used."""
+"""Methods: one package per method (``vhr``, ``var``, ``pai``, ``vcd``, ``avc``, ``decore``,
+``lookback``, ``opera``), each with its settings and capabilities (``config``), its entry
+(``ENTRY``, in the package's ``__init__``) and its implementation (``method``, and more modules
+for a method of several parts), imported when the method is first used. ``BUILTIN`` lists the
+entries the registry starts with."""
 
+from . import avc, decore, lookback, opera, pai, var, vcd, vhr
+from .avc import AVCConfig
 from .base import Method
-from .configs import (
-    AVCConfig,
-    DeCoReConfig,
-    LookbackConfig,
-    OPERAConfig,
-    PAIConfig,
-    VARConfig,
-    VCDConfig,
-    VHRConfig,
-)
+from .capabilities import Capabilities, MethodEntry
+from .decore import DeCoReConfig
+from .lookback import LookbackConfig
+from .opera import OPERAConfig
+from .pai import PAIConfig
+from .var import VARConfig
+from .vcd import VCDConfig
+from .vhr import VHRConfig
+
+BUILTIN: tuple[MethodEntry, ...] = tuple(m.ENTRY for m in (vhr, var, pai, avc, decore, lookback, opera, vcd))
 
 __all__ = [
+    "BUILTIN",
     "AVCConfig",
+    "Capabilities",
     "DeCoReConfig",
     "LookbackConfig",
     "Method",
+    "MethodEntry",
     "OPERAConfig",
     "PAIConfig",
     "VARConfig",

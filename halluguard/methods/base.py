@@ -19,11 +19,13 @@ the state calls the method:
 * ``edit_input_embeds(state, embeds)`` on the text backbone's input embeddings of the streams the
   method acts in, for methods that set ``edits_input_embeds`` (AvisC's blind-token view);
 * ``next_token_logits(state, logits)``: the main rows' next-token logits as the model returns
-  them, before ``generate``'s processors and warpers (contrastive decoding: VCD, AvisC, DeCoRe);
+  them, before ``generate``'s processors and warpers (contrastive decoding: VCD, AvisC, DeCoRe; a
+  method that implements it declares ``Capabilities(contrasts=True)``);
 * ``logits_processors(state)`` once per ``generate``, to act on the next-token scores after
   ``generate``'s own processors (PAI's guidance);
 * ``generate_loop(state)``: a method that owns the decoding loop returns it (a ``custom_generate``
-  callable, see ``halluguard.decoding.loops``); at most one method of a guard may;
+  callable, see ``halluguard.decoding.loops``) and declares ``Capabilities(owns_loop=True)``; at most
+  one method of a guard may;
 * ``call_result(state, sequences)`` after the call: what the method read (Lookback Lens' detections),
   kept as ``guard.results[name]``.
 """
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..config import MethodConfig
+from .capabilities import Capabilities, Declared, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -44,24 +47,18 @@ if TYPE_CHECKING:
 
 
 class Method:
+    """A method's implementation. What it can do is its ``capabilities`` (``halluguard.methods.capabilities``),
+    declared once with its registration: on the class, the declaration (a ``Capabilities`` or a function
+    of the config); on an instance, the capabilities for its config."""
+
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    capabilities: ClassVar[Declared] = Capabilities()
+    # which of the guard's hooks the method needs (wiring, not capabilities)
     reads_layer_inputs: ClassVar[bool] = False
     edits_input_embeds: ClassVar[bool] = False
-    # an attention-level method also acts in the contrast branches of other methods (VCD's noised
-    # image, AvisC's blind view, DeCoRe's masked heads), so that both sides of a contrast differ
-    # only in what the contrast is about
-    acts_in_branches: ClassVar[bool] = False
     # a branch stream shares this method's per-call data with the main stream (VHR's heads, chosen
     # in the main stream, are reinforced in the branch too) instead of starting its own
     shares_data_with_branches: ClassVar[bool] = False
-    # generate arguments the method's official runs use, applied when the caller sets none of them
-    # (neither these arguments nor a generation_config)
-    generation_defaults: ClassVar[dict[str, Any]] = {}
-    # False for a method whose per-row data cannot follow beam search's reordering (refused with a reason)
-    supports_beam_search: ClassVar[bool] = True
-    # a decoding-loop owner whose tokens are final only late says why (a streamer is refused with it);
-    # a loop owner that streams gets generate's streamer and must end it
-    late_tokens: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -69,6 +66,20 @@ class Method:
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(self.config).__name__}"
             )
+        self.capabilities = resolve(type(self).capabilities, self.config)
+        self._check_declared()
+
+    def _check_declared(self) -> None:
+        """A hook the capabilities name is implemented, and an implemented hook is declared (else it
+        would silently never run)."""
+        cls, declared = type(self), type(self).capabilities
+        for hook, flag in (("generate_loop", "owns_loop"), ("next_token_logits", "contrasts")):
+            overridden = getattr(cls, hook) is not getattr(Method, hook)
+            says = getattr(self.capabilities, flag)
+            if says and not overridden:
+                raise TypeError(f"{cls.__name__} declares {flag} but does not implement {hook}")
+            if overridden and not says and isinstance(declared, Capabilities):
+                raise TypeError(f"{cls.__name__} implements {hook}: declare Capabilities({flag}=True)")
 
     @property
     def name(self) -> str:
@@ -76,24 +87,19 @@ class Method:
 
     @property
     def edits_next_logits(self) -> bool:
-        """True when the method changes the next-token logits (it overrides ``next_token_logits``)."""
-        return type(self).next_token_logits is not Method.next_token_logits
+        """True when the method changes the next-token logits (a contrast of its own)."""
+        return self.capabilities.contrasts
 
     @property
     def owns_loop(self) -> bool:
-        """True when the method provides its own decoding loop (it overrides ``generate_loop``)."""
-        return type(self).generate_loop is not Method.generate_loop
+        """True when the method provides its own decoding loop (``generate_loop``)."""
+        return self.capabilities.owns_loop
 
     def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
-        """Why the method cannot decode with ``num_beams`` beams and ``do_sample`` (None: it can).
-        A guarded ``generate`` asks before it starts; so may anyone who sets decoding earlier (the
-        demo's ``:set``)."""
-        if num_beams > 1 and not self.supports_beam_search:
-            return (
-                "cannot follow beam search (its per-row readings would follow the reordered rows, not the "
-                "tokens): use greedy search or sampling"
-            )
-        return None
+        """Why the method cannot decode with ``num_beams`` beams and ``do_sample`` (None: it can),
+        from its capabilities. A guarded ``generate`` asks before it starts; so may anyone who sets
+        decoding earlier (the demo's ``:set``)."""
+        return self.capabilities.decoding_refusal(self.config, num_beams, do_sample)
 
     def setup(self, adapter: Adapter) -> None:
         """Called by ``wrap``: check that the model suits the method (raise ``ValueError`` if not)."""

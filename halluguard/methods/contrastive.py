@@ -60,7 +60,7 @@ class ContrastMethod(Method):
     def branch_methods(self, state: GuardState) -> tuple[Method, ...]:
         """The method itself (for the edits that make the branch what it is: AvisC's embeddings,
         DeCoRe's heads), then the guard's methods that act in contrast branches."""
-        return (self, *(m for m in state.methods if m is not self and m.acts_in_branches))
+        return (self, *(m for m in state.methods if m is not self and m.capabilities.acts_in_branches))
 
     def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
         """The branch's prompt: the main prompt (VCD replaces its image)."""

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit, Redistribution
-from ..calibrate import made_for
-from ..state import GuardState
-from .base import Method
-from .configs import VARConfig
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit, Redistribution
+from ...calibrate import made_for
+from ...state import GuardState
+from ..base import Method
+from .config import CAPABILITIES, VARConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ class VAR(Method):
     """
 
     config_cls = VARConfig
-    acts_in_branches = True
+    capabilities = CAPABILITIES
     reads_layer_inputs = True
 
     def setup(self, adapter: Adapter) -> None:

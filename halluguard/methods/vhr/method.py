@@ -47,12 +47,12 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit, Reductions
-from ..decoding.streams import Probe
-from ..state import GuardState
-from .base import Method
-from .configs import VHRConfig
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit, Reductions
+from ...decoding.streams import Probe
+from ...state import GuardState
+from ..base import Method
+from .config import CAPABILITIES, VHRConfig
 
 
 def default_layers(num_layers: int, include_layer1: bool = True) -> tuple[int, ...]:
@@ -100,7 +100,7 @@ class VHR(Method):
     """
 
     config_cls = VHRConfig
-    acts_in_branches = True
+    capabilities = CAPABILITIES
     shares_data_with_branches = True  # the branch reinforces the heads chosen in the main stream
 
     def __init__(

@@ -30,125 +30,24 @@ Classifier-guided decoding (``mode="guide"``, the official mitigation; it needs 
 chunk of ``chunk_size`` tokens (8), ``num_candidates`` (8) continuations are sampled from the shared
 prefix as rows of one batch (temperature 0.9, top-p 0.95, no top-k: the official sampling, unless the
 call sets its own), each is scored by ``p_faithful`` of its tokens' mean ratios, and the best one is
-kept with its cache (``halluguard.decoding.guided``). Batches work: every prompt keeps its own best.
+kept with its cache (``halluguard.methods.lookback.guided``). Batches work: every prompt keeps its own best.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit, Reductions
-from ..calibrate import made_for
-from ..state import GuardState
-from .base import Method
-from .configs import LookbackConfig
-
-FORMAT = "halluguard-lookback-classifier/1"
-
-
-@dataclasses.dataclass
-class LookbackClassifier:
-    """A logistic classifier over lookback-ratio features: ``p_faithful = sigmoid(w . x + b)``."""
-
-    weights: torch.Tensor  # (num_layers * num_heads,), layer-major
-    bias: float
-    num_layers: int
-    num_heads: int
-    context: str = "prompt"
-    model: str = ""  # the model it was trained for (a name, for the record)
-    window: int = 8  # tokens per example it was trained on
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        self.weights = torch.as_tensor(self.weights, dtype=torch.float32).flatten()
-        if self.weights.numel() != self.num_layers * self.num_heads:
-            raise ValueError(
-                f"a lookback classifier for {self.num_layers} layers x {self.num_heads} heads needs "
-                f"{self.num_layers * self.num_heads} weights, got {self.weights.numel()}"
-            )
-        bad = int((~torch.isfinite(self.weights)).sum()) + (not math.isfinite(self.bias))
-        if bad:
-            raise ValueError(
-                f"this lookback classifier holds {bad} weight(s) that are not finite numbers (NaN or inf); "
-                "train it again with `halluguard calibrate lookback`"
-            )
-
-    def check(self, num_layers: int, num_heads: int, context: str | None = None) -> None:
-        """Refuse a model layout (or context choice) other than the one the classifier was trained for."""
-        if (num_layers, num_heads) != (self.num_layers, self.num_heads):
-            raise ValueError(
-                f"this lookback classifier was trained on {self.num_layers} layers x {self.num_heads} heads"
-                f"{f' ({self.model})' if self.model else ''}; the model has {num_layers} x {num_heads}"
-            )
-        if context is not None and context != self.context:
-            raise ValueError(f"this lookback classifier was trained with context={self.context!r}, not {context!r}")
-
-    def faithful_probability(self, features: torch.Tensor) -> torch.Tensor:
-        """``p_faithful`` for features ``(..., L, H)`` or ``(..., L * H)``."""
-        per_head = features.shape[-2:] == (self.num_layers, self.num_heads)
-        flat = features.float().flatten(-2) if per_head else features.float()
-        return torch.sigmoid(flat @ self.weights.to(flat.device) + self.bias)
-
-    def save(self, path: str | Path) -> None:
-        """Write the classifier as JSON (weights, layout, context, model, metrics)."""
-        record = {
-            "format": FORMAT,
-            "num_layers": self.num_layers,
-            "num_heads": self.num_heads,
-            "context": self.context,
-            "model": self.model,
-            "window": self.window,
-            "label": "1 = faithful (not hallucinated)",
-            "bias": float(self.bias),
-            "weights": [float(w) for w in self.weights],
-            "metrics": self.metrics,
-        }
-        Path(path).write_text(json.dumps(record, indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> LookbackClassifier:
-        """Read a classifier written by ``save`` (JSON only: pickled classifiers are never read)."""
-        path = Path(path)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read a lookback classifier from {path}: {err}") from None
-        if not isinstance(record, dict) or record.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a halluguard lookback classifier (format {FORMAT!r})")
-        return cls(
-            weights=torch.tensor(record["weights"]),
-            bias=float(record["bias"]),
-            num_layers=int(record["num_layers"]),
-            num_heads=int(record["num_heads"]),
-            context=record.get("context", "prompt"),
-            model=record.get("model", ""),
-            window=int(record.get("window", 8)),
-            metrics=dict(record.get("metrics", {})),
-        )
-
-
-def train_classifier(
-    features: torch.Tensor, labels: torch.Tensor, num_layers: int, num_heads: int, **fields: Any
-) -> LookbackClassifier:
-    """Fit the official classifier (scikit-learn ``LogisticRegression(max_iter=1000)``, L2, C = 1) on
-    span features ``(N, L * H)`` and labels ``(N,)`` (1 = faithful)."""
-    try:
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "training a lookback classifier needs scikit-learn: pip install 'halluguard[calibrate]'"
-        ) from None
-    model = LogisticRegression(max_iter=1000)
-    model.fit(features.reshape(len(features), -1).double().numpy(), labels.long().numpy())
-    return LookbackClassifier(torch.tensor(model.coef_[0]), float(model.intercept_[0]), num_layers, num_heads, **fields)
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit, Reductions
+from ...calibrate import made_for
+from ...state import GuardState
+from ..base import Method
+from .classifier import LookbackClassifier
+from .config import CAPABILITIES, LookbackConfig
 
 
 def window_means(features: torch.Tensor, window: int) -> torch.Tensor:
@@ -199,33 +98,11 @@ class Lookback(Method):
     called after every chunk of guided decoding with its candidates, their scores and the kept one."""
 
     config_cls = LookbackConfig
-    supports_beam_search = False
-    late_tokens = "guided decoding settles a chunk's tokens only once its candidates are scored"
+    capabilities = CAPABILITIES
 
     def __init__(self, config: LookbackConfig | None = None, on_chunk: Any = None):
         super().__init__(config)
         self.on_chunk = on_chunk
-
-    @property
-    def owns_loop(self) -> bool:
-        return self.config.mode == "guide"
-
-    @property
-    def generation_defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        cfg = self.config
-        if cfg.mode != "guide":
-            return {}
-        return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-
-    def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
-        if self.config.mode == "guide" and self.config.classifier is None:
-            return (
-                "guided decoding needs a classifier: LookbackConfig(classifier='lb.json'), "
-                "from `halluguard calibrate lookback`"
-            )
-        if self.config.mode == "guide" and not do_sample:
-            return "guided decoding samples its candidates and refuses greedy search: pass do_sample=True"
-        return super().decoding_refusal(num_beams, do_sample)
 
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config
@@ -258,7 +135,7 @@ class Lookback(Method):
             return None
         import functools
 
-        from ..decoding.guided import guided_search
+        from .guided import guided_search
 
         return functools.partial(guided_search, method=self, state=state)
 
@@ -312,4 +189,4 @@ class Lookback(Method):
         return results
 
 
-__all__ = ["Detection", "Lookback", "LookbackClassifier", "flagged_spans", "train_classifier", "window_means"]
+__all__ = ["Detection", "Lookback", "flagged_spans", "window_means"]

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from ..state import GuardState
-from .configs import VCDConfig
-from .contrastive import ContrastMethod, same_prompt
+from ...state import GuardState
+from ..contrastive import ContrastMethod, same_prompt
+from .config import CAPABILITIES, VCDConfig
 
 NUM_STEPS = 1000
 
@@ -59,7 +59,7 @@ class VCD(ContrastMethod):
     """Visual contrastive decoding (see the module docstring)."""
 
     config_cls = VCDConfig
-    generation_defaults = {"do_sample": True, "top_k": 0}  # the official runs sample (temperature 1, top-p 1)
+    capabilities = CAPABILITIES
 
     def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config

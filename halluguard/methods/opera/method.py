@@ -51,52 +51,24 @@ disabled in the official code) and sampling are refused.
 
 **Batches.** The prompt's forward runs once for the whole (left-padded) batch, then each sample's
 beams are searched on their own rows of the cache, one sample after another, so a rollback in one
-never touches another. The search itself is ``halluguard.decoding.opera``.
+never touches another. The search itself is ``halluguard.methods.opera.search``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit, Reductions
-from ..state import GuardState
-from .base import Method
-from .configs import OPERAConfig
-
-LOG_EPSILON = math.log(1e-7)  # the code's constant in psi_j = 1e-7 * prod(...)
-FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def column_log_products(history: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
-    """``log prod_{i >= j} scale * w_ij`` per column ``j`` once row ``weights`` joins the history.
-
-    ``history (R, L)``: the sums ``sum_i log(scale * w_ij)`` over the rows already generated;
-    ``weights (R, L + 1)``: the new row's weights on those ``L`` tokens and on itself. Returns
-    ``(R, L + 1)``, the history of the new row's beam once it is chosen (a zero weight gives
-    ``-inf``: that column's product is 0)."""
-    logs = torch.log(scale * weights.float())
-    return torch.cat([history, history.new_zeros(history.shape[0], 1)], -1) + logs
-
-
-def over_trust(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(phi, loc)`` per row of ``columns`` (``column_log_products``): ``phi = 1e-7 * max_j prod``,
-    in float32 and capped at its maximum, and the column ``loc`` where it is reached."""
-    best, loc = columns.max(-1)
-    return torch.exp(best + LOG_EPSILON).clamp(max=FLOAT32_MAX), loc
-
-
-def rollback_location(locs: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """From ``locs (B, N)`` (each candidate's ``loc``): each beam's most frequent location ``(B,)``
-    and the most frequent of those, ``s`` (``torch.mode``, as the official code)."""
-    per_beam = locs.mode(-1).values
-    return per_beam, int(per_beam.mode().values)
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit, Reductions
+from ...state import GuardState
+from ..base import Method
+from .config import CAPABILITIES, OPERAConfig
+from .scores import column_log_products, over_trust
 
 
 @dataclasses.dataclass
@@ -116,30 +88,16 @@ class OPERA(Method):
     a dict describing it (for inspection and tests)."""
 
     config_cls = OPERAConfig
-    late_tokens = "its beam search settles the tokens only at the end"
+    capabilities = CAPABILITIES
 
     def __init__(self, config: OPERAConfig | None = None, on_step: Callable[[dict[str, Any]], Any] | None = None):
         super().__init__(config)
         self.on_step = on_step
 
     @property
-    def generation_defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"num_beams": self.config.num_beams}
-
-    @property
     def neutral(self) -> bool:
         """Plain beam search: no penalty and no rollback."""
         return self.config.penalty_weights == 0 and not self.config.retrospection
-
-    def decoding_refusal(self, num_beams: int, do_sample: bool) -> str | None:
-        if do_sample:
-            return "a beam search, it refuses sampling (do_sample=True): pass do_sample=False"
-        if num_beams < 2:
-            return (
-                "a beam search, it does not run with num_beams=1 (the official greedy variant is disabled): "
-                f"pass num_beams>=2 (the official setting is {self.config.num_beams})"
-            )
-        return super().decoding_refusal(num_beams, do_sample)
 
     def setup(self, adapter: Adapter) -> None:
         layers, sliding = adapter.num_layers, adapter.sliding_layers()
@@ -207,6 +165,6 @@ class OPERA(Method):
         return penalty, loc, columns
 
     def generate_loop(self, state: GuardState) -> Callable[..., Any]:
-        from ..decoding.opera import opera_search
+        from .search import opera_search
 
         return functools.partial(opera_search, method=self, state=state)

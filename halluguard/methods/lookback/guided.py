@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .. import compat
-from .loops import check_loop_call, pad_token, select_input_rows
+from ... import compat
+from ...decoding.loops import check_loop_call, pad_token, select_input_rows
 
 if TYPE_CHECKING:
-    from ..methods.lookback import Lookback
-    from ..state import GuardState
+    from ...state import GuardState
+    from .method import Lookback
 
 
 def guided_search(

@@ -1,6 +1,6 @@
 """OPERA's beam search: a decoding loop (``custom_generate``) with look-ahead and rollback.
 
-The scores are ``halluguard.methods.opera``'s; this module runs the search. The prompt's forward
+The scores are ``halluguard.methods.opera.scores``; this module runs the search. The prompt's forward
 runs once for the whole batch; each sample's beams are then searched one sample after another on
 their own rows of the cache (a rollback crops one sample's cache, never another's). The beam
 bookkeeping (finished hypotheses, length penalty, early stopping, stopping criteria) is
@@ -35,14 +35,14 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
-from .. import compat
-from ..methods.opera import rollback_location
+from ... import compat
+from ...decoding.loops import PER_TOKEN_INPUTS, check_loop_call, end_tokens, pad_token, select_input_rows, trim_inputs
 from .beams import Beams, BeamSearch
-from .loops import PER_TOKEN_INPUTS, check_loop_call, end_tokens, pad_token, select_input_rows, trim_inputs
+from .scores import rollback_location
 
 if TYPE_CHECKING:
-    from ..methods.opera import OPERA
-    from ..state import GuardState
+    from ...state import GuardState
+    from .method import OPERA
 
 
 def decode_inputs(model_kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:

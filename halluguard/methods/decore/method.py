@@ -35,19 +35,20 @@ import math
 
 import torch
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit
-from ..calibrate.retrieval_heads import check_heads, load_retrieval_heads
-from ..decoding import contrast, entropy
-from ..state import GuardState
-from .configs import DeCoReConfig
-from .contrastive import ContrastMethod
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit
+from ...calibrate.retrieval_heads import check_heads, load_retrieval_heads
+from ...decoding import contrast, entropy
+from ...state import GuardState
+from ..contrastive import ContrastMethod
+from .config import CAPABILITIES, DeCoReConfig
 
 
 class DeCoRe(ContrastMethod):
     """Decoding by contrasting retrieval heads (see the module docstring)."""
 
     config_cls = DeCoReConfig
+    capabilities = CAPABILITIES
 
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config

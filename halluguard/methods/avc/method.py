@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit, Reductions
-from ..state import GuardState
-from .configs import AVCConfig
-from .contrastive import ContrastMethod
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit, Reductions
+from ...state import GuardState
+from ..contrastive import ContrastMethod
+from .config import CAPABILITIES, AVCConfig
 
 
 def select_layers(masses: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -83,7 +83,7 @@ class AVC(ContrastMethod):
     """Attentional vision calibration (see the module docstring)."""
 
     config_cls = AVCConfig
-    generation_defaults = {"do_sample": True, "top_k": 0}  # the official runs sample (temperature 1, top-p 1)
+    capabilities = CAPABILITIES
     edits_input_embeds = True
     shares_data_with_branches = True
 

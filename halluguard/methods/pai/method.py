@@ -37,19 +37,19 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from ..adapters import Adapter
-from ..attention.edits import AttentionCall, AttentionEdit
-from ..decoding import Branch, contrast
-from ..state import GuardState
-from .base import Method
-from .configs import PAIConfig
+from ...adapters import Adapter
+from ...attention.edits import AttentionCall, AttentionEdit
+from ...decoding import Branch, contrast
+from ...state import GuardState
+from ..base import Method
+from .config import CAPABILITIES, PAIConfig
 
 
 class PAI(Method):
     """Image-key logit amplification and image-free guidance (see the module docstring)."""
 
     config_cls = PAIConfig
-    acts_in_branches = True  # amplification only: the guidance branch is PAI's own
+    capabilities = CAPABILITIES
 
     def setup(self, adapter: Adapter) -> None:
         cfg = self.config
