@@ -312,8 +312,9 @@ def measure_speed(model, processor, threads: int) -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - t0), "threads": threads}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the output folder, the phases' lengths and learning rates, the evaluations, the seed and
+    the threads."""
     parser.add_argument("--out", default=str(Path(__file__).parent / "model"), help="output folder")
     parser.add_argument("--vision-steps", type=int, default=500, help="phase 1: vision tower and cell head alone")
     parser.add_argument("--text-steps", type=int, default=300, help="phase 2: text-only captions")
@@ -334,6 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the joint phase's example mix, of a continued run (``--init``) and of the world's
+    training-time overrides."""
     parser.add_argument(
         "--questions-per-example",
         type=int,
@@ -372,10 +378,23 @@ def main(argv: list[str] | None = None) -> None:
         metavar=("LOW", "HIGH"),
         help="train on faint partners drawn at this visibility range instead of the world's (recorded)",
     )
-    args = parser.parse_args(argv)
 
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser (its help is this module's docstring) and the parsed, checked arguments."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_schedule_arguments(parser)
+    add_data_arguments(parser)
+    args = parser.parse_args(argv)
     if not 0 <= args.lr_floor <= 1:
         parser.error("--lr-floor must be between 0 and 1")
+    return parser, args
+
+
+def apply_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set torch's threads and the overrides of the world and the question mix the arguments ask for:
+    ``--random-questions q`` gives random ``q`` and popular and adversarial ``(1 - q) / 2`` each;
+    ``--lookalike-questions l`` takes ``l`` from the random share (an error when ``l`` exceeds it)."""
     torch.set_num_threads(args.threads)
     if args.faint_visibility:
         world.VISIBILITY["faint"] = tuple(args.faint_visibility)
@@ -389,6 +408,11 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 <= args.lookalike_questions <= pool:
             parser.error(f"--lookalike-questions must be between 0 and the random share ({pool:g})")
         QUESTION_KINDS.update(random=pool - args.lookalike_questions, lookalike=args.lookalike_questions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    apply_overrides(parser, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
