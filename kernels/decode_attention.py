@@ -40,6 +40,8 @@ path and the oracle of the tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ._compat import interpreting, require_triton, tl, triton
@@ -573,6 +575,299 @@ def _default_splits(programs: int, blocks: int, device: torch.device) -> int:
     return max(1, min(blocks, -(-target // max(programs, 1)), 128))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The sizes of one call and how its heads and keys are cut into blocks and splits."""
+
+    bsz: int
+    num_heads: int
+    num_rows: int
+    head_dim: int
+    kv_heads: int
+    kv_len: int
+    group: int  # query heads per key/value head
+    dot: bool  # tensor-core products for the query heads of a group (group > 1)
+    block_g: int
+    block_d: int
+    block_t: int
+    splits: int
+    keys_per_split: int
+    first_row: int
+    interpreted_bf16: bool  # bfloat16 under the interpreter: float32 products, output rounded by torch
+
+    @property
+    def rows(self) -> int:
+        """Batch rows times query rows: the first grid dimension of every kernel."""
+        return self.bsz * self.num_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """The optional inputs on the query's device in the kernels' dtypes (None where absent), and the
+    per-key kernel arguments both passes read."""
+
+    placeholder: torch.Tensor  # stands for absent inputs: their flags keep them unread
+    redistribution: object | None
+    allowed: torch.Tensor | None
+    gate: torch.Tensor | None
+    eligible: torch.Tensor | None
+    weights: torch.Tensor | None
+    scale: torch.Tensor | None
+    key_inputs: tuple  # mask, boost, bias, source and target of a redistribution, with their strides
+
+    @property
+    def num_groups(self) -> int:
+        """``NG``, the number of key-weight groups (0 without ``group_weights``)."""
+        return 0 if self.weights is None else self.weights.shape[1]
+
+    @property
+    def parts(self) -> int:
+        """Partial outputs kept per split: ``O_O, O_S, O_T`` with a redistribution, else ``O`` alone."""
+        return 3 if self.redistribution is not None else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buffers:
+    """The float32 partials of every split, the output and the merged results the last pass reads."""
+
+    part_m: torch.Tensor  # (B*R, H, S): running maximum of each split
+    part_l: torch.Tensor  # (B*R, H, S): running sum of each split
+    part_acc: torch.Tensor  # (B*R, H, S, PARTS, D): partial outputs
+    part_mass: torch.Tensor  # (B*R, H, S, 4): masses M_S, M_T, M_G, M_GS (placeholder without redistribution)
+    part_w: torch.Tensor  # (B*R, H, S, PARTS, NG): group sums (placeholder without group weights)
+    out: torch.Tensor  # (B, R, H, D)
+    mass: torch.Tensor  # (B*R, H, max(NG, 1))
+    final: torch.Tensor  # (B*R, H, 4): merged maximum, 1 / sum, f_S and f_T
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless the query heads share the key/value heads evenly (``H % Hkv == 0``)
+    and query, key and value have a contiguous last dimension."""
+    num_heads, kv_heads = query.shape[1], key.shape[1]
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
+        raise ValueError("query, key and value need a contiguous last (head) dimension")
+
+
+def _default_block_t(dot: bool, block_d: int) -> int:
+    """Keys per block: 64 for tensor-core products, else about ``8192 / BLOCK_D`` (16 to 64) so a
+    block of keys stays a fixed number of elements."""
+    return 64 if dot else max(16, min(64, triton.next_power_of_2(max(8192 // block_d, 1))))
+
+
+def _key_splits(
+    programs: int, kv_len: int, block_t: int, num_splits: int | None, device: torch.device
+) -> tuple[int, int]:
+    """The number of key ranges and the keys per range: ``num_splits`` (default ``_default_splits``)
+    capped at the number of key blocks, each range whole blocks, then as many ranges as cover the
+    keys (``ceil(T / keys_per_split)``), so that no range is left empty."""
+    blocks = triton.cdiv(max(kv_len, 1), block_t)
+    splits = max(1, min(num_splits or _default_splits(programs, blocks, device), blocks))
+    keys_per_split = triton.cdiv(blocks, splits) * block_t
+    return triton.cdiv(max(kv_len, 1), keys_per_split), keys_per_split
+
+
+def _plan(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first_row: int | None,
+    num_splits: int | None,
+    block_t: int | None,
+) -> _Plan:
+    """Check the inputs and choose the blocks and splits of the call."""
+    bsz, num_heads, num_rows, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    _check_inputs(query, key, value)
+    group = num_heads // kv_heads
+    # query heads sharing a key/value head go through tensor-core products, padded to 16 rows
+    dot = group > 1
+    block_d = triton.next_power_of_2(head_dim)
+    block_t = _default_block_t(dot, block_d) if block_t is None else block_t
+    splits, keys_per_split = _key_splits(bsz * num_rows * kv_heads, kv_len, block_t, num_splits, query.device)
+    return _Plan(
+        bsz=bsz,
+        num_heads=num_heads,
+        num_rows=num_rows,
+        head_dim=head_dim,
+        kv_heads=kv_heads,
+        kv_len=kv_len,
+        group=group,
+        dot=dot,
+        block_g=max(16, triton.next_power_of_2(group)) if dot else 1,
+        block_d=block_d,
+        block_t=block_t,
+        splits=splits,
+        keys_per_split=keys_per_split,
+        first_row=kv_len - num_rows if first_row is None else first_row,
+        # the interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even) and gets bfloat16
+        # products wrong: there the output is rounded by torch and the products take float32 operands
+        interpreted_bf16=interpreting() and query.dtype == torch.bfloat16,
+    )
+
+
+def _as_float(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``t`` as float32 on ``device``; None stays None."""
+    return None if t is None else t.to(device, torch.float32)
+
+
+def _as_flag(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``t`` as int8 flags (0 or not) on ``device``; None stays None."""
+    return None if t is None else t.to(device, torch.int8)
+
+
+def _prepare_inputs(
+    query: torch.Tensor,
+    plan: _Plan,
+    allowed: torch.Tensor | None,
+    key_boost: torch.Tensor | None,
+    key_bias: torch.Tensor | None,
+    spec,
+    head_scale: torch.Tensor | None,
+    group_weights: torch.Tensor | None,
+) -> _Inputs:
+    """The optional inputs converted for the kernels: masks and key sets as int8 flags, the mask
+    expanded to ``(B, R, T)``, per-key edits as float32 ``(B, H, T)`` (``_per_key``), weights and head
+    scales as float32."""
+    device, num_heads = query.device, plan.num_heads
+    if allowed is not None:
+        allowed = _as_flag(allowed, device).expand(plan.bsz, plan.num_rows, plan.kv_len)
+    tgt, gate, eligible = (
+        (None,) * 3 if spec is None else (_as_flag(t, device) for t in (spec.target, spec.gate, spec.query_mask))
+    )
+    weights, scale = _as_float(group_weights, device), _as_float(head_scale, device)
+    placeholder = query  # any tensor: flags keep absent inputs unread
+    key_inputs = (
+        *_operand(allowed, placeholder, 3),
+        *_operand(_per_key(_as_float(key_boost, device), num_heads), placeholder, 3),
+        *_operand(_per_key(_as_float(key_bias, device), num_heads), placeholder, 3),
+        *_operand(None if spec is None else _per_key(_as_flag(spec.source, device), num_heads), placeholder, 3),
+        *_operand(tgt, placeholder, 2),
+    )
+    return _Inputs(placeholder, spec, allowed, gate, eligible, weights, scale, key_inputs)
+
+
+def _allocate(query: torch.Tensor, plan: _Plan, inputs: _Inputs) -> _Buffers:
+    """Uninitialised buffers for the partials, the output (float32 for bfloat16 under the interpreter,
+    else the query's dtype) and the merged results."""
+    f32 = dict(device=query.device, dtype=torch.float32)
+    per_split = (plan.rows, plan.num_heads, plan.splits)  # one slot per split of each (row, head)
+    parts, num_groups, placeholder = inputs.parts, inputs.num_groups, inputs.placeholder
+    out_dtype = torch.float32 if plan.interpreted_bf16 else query.dtype
+    return _Buffers(
+        part_m=torch.empty(*per_split, **f32),
+        part_l=torch.empty(*per_split, **f32),
+        part_acc=torch.empty(*per_split, parts, plan.head_dim, **f32),
+        part_mass=torch.empty(*per_split, 4, **f32) if inputs.redistribution is not None else placeholder,
+        part_w=torch.empty(*per_split, parts, num_groups, **f32) if inputs.weights is not None else placeholder,
+        out=torch.empty(plan.bsz, plan.num_rows, plan.num_heads, plan.head_dim, device=query.device, dtype=out_dtype),
+        mass=torch.empty(plan.rows, plan.num_heads, max(num_groups, 1), **f32),
+        final=torch.empty(plan.rows, plan.num_heads, 4, **f32),
+    )
+
+
+def _edit_flags(plan: _Plan, inputs: _Inputs, softcap: float | None, key_boost, key_bias) -> dict:
+    """The compile-time flags of the score edits, shared by the main pass and the head-row pass.
+    Without a mask, several query rows are causal (row ``r`` sees keys up to ``first_row + r``)."""
+    return dict(
+        SOFTCAP=softcap is not None,
+        DOT=plan.dot,
+        DOT_F32=plan.dot and plan.interpreted_bf16,
+        BOOST=key_boost is not None,
+        BIAS=key_bias is not None,
+        MASK=inputs.allowed is not None,
+        CAUSAL=inputs.allowed is None and plan.num_rows > 1,
+    )
+
+
+def _launch_partials(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: _Plan,
+    inputs: _Inputs,
+    buffers: _Buffers,
+    edits: dict,
+    scores: tuple[float, float],
+    num_warps: int | None,
+) -> None:
+    """The main pass: one program per (batch row x query row, key/value head, split) writes the split's
+    running maximum and sum and its partial outputs, masses and group sums into ``buffers``."""
+    b, p, ng = buffers, inputs.placeholder, inputs.num_groups
+    _partials_kernel[(plan.rows, plan.kv_heads, plan.splits)](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        key, key.stride(0), key.stride(1), key.stride(2),
+        value, value.stride(0), value.stride(1), value.stride(2),
+        *inputs.key_inputs, *_operand(inputs.gate, p, 2), *_operand(inputs.weights, p, 3),
+        b.part_m, b.part_l, b.part_acc, b.part_mass, b.part_w,
+        plan.num_rows, plan.num_heads, plan.group, plan.kv_len, plan.head_dim, ng, plan.first_row,
+        plan.keys_per_split, *scores,
+        NUM_SPLITS=plan.splits, PARTS=inputs.parts, BLOCK_G=plan.block_g, BLOCK_T=plan.block_t,
+        BLOCK_D=plan.block_d, BLOCK_NG=triton.next_power_of_2(max(ng, 1)),
+        REDISTRIBUTE=inputs.redistribution is not None, GATE=inputs.gate is not None,
+        GROUPS=inputs.weights is not None, **edits,
+        num_warps=num_warps or 2,
+    )  # fmt: skip
+
+
+def _launch_merge(plan: _Plan, inputs: _Inputs, buffers: _Buffers) -> None:
+    """The merge: one program per (batch row x query row, query head) combines the splits under the
+    shared normaliser ``m = max_s m_s``, ``l = sum_s exp(m_s - m) l_s``, applies the redistribution's
+    factors and the head scale, and writes the output, the group masses and ``final``."""
+    b, p, ng, spec = buffers, inputs.placeholder, inputs.num_groups, inputs.redistribution
+    # one merge program per query head: grouping heads here (no products) only piles up registers
+    _merge_kernel[(plan.rows, plan.num_heads)](
+        b.part_m, b.part_l, b.part_acc, b.part_mass, b.part_w,
+        b.out, b.out.stride(0), b.out.stride(1), b.out.stride(2),
+        *_operand(inputs.scale, p, 2), *_operand(inputs.eligible, p, 2),
+        b.mass, b.final,
+        plan.num_rows, plan.num_heads, 1, plan.head_dim, ng,
+        float(spec.keep) if spec is not None else 1.0,
+        float(spec.gate_min_mass) if spec is not None else 0.0,
+        float(spec.gate_max_source_share) if spec is not None else 1.0,
+        NUM_SPLITS=plan.splits, PARTS=inputs.parts, BLOCK_G=1, BLOCK_S=triton.next_power_of_2(plan.splits),
+        BLOCK_D=plan.block_d, BLOCK_NG=triton.next_power_of_2(max(ng, 1)),
+        REDISTRIBUTE=spec is not None, GATE=inputs.gate is not None, ELIGIBLE=inputs.eligible is not None,
+        GROUPS=inputs.weights is not None, HEAD_SCALE=inputs.scale is not None,
+    )  # fmt: skip
+
+
+def _group_masses(plan: _Plan, inputs: _Inputs, buffers: _Buffers) -> dict[str, torch.Tensor]:
+    """``{"mass": (B, R, H, NG)}`` with group weights, else an empty dict."""
+    if inputs.weights is None:
+        return {}
+    return {"mass": buffers.mass.view(plan.bsz, plan.num_rows, plan.num_heads, inputs.num_groups)}
+
+
+def _head_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    plan: _Plan,
+    inputs: _Inputs,
+    buffers: _Buffers,
+    edits: dict,
+    scores: tuple[float, float],
+) -> dict[str, torch.Tensor]:
+    """The second pass: ``max_h a_j`` and ``mean_h a_j``, ``(B, R, T)`` each, from the scores recomputed
+    with the merged normaliser and factors, one program per (batch row x query row, block of keys)."""
+    f32 = dict(device=query.device, dtype=torch.float32)
+    head_max = torch.empty(plan.rows, plan.kv_len, **f32)
+    head_mean = torch.empty(plan.rows, plan.kv_len, **f32)
+    _rows_kernel[(plan.rows, triton.cdiv(max(plan.kv_len, 1), plan.block_t))](
+        query, query.stride(0), query.stride(1), query.stride(2),
+        key, key.stride(0), key.stride(1), key.stride(2),
+        *inputs.key_inputs,
+        buffers.final, head_max, head_mean,
+        plan.num_rows, plan.num_heads, plan.kv_heads, plan.group, plan.kv_len, plan.head_dim, plan.first_row,
+        *scores,
+        BLOCK_G=plan.block_g, BLOCK_T=plan.block_t, BLOCK_D=plan.block_d,
+        REDISTRIBUTE=inputs.redistribution is not None, **edits,
+    )  # fmt: skip
+    shape = (plan.bsz, plan.num_rows, plan.kv_len)
+    return {"head_max": head_max.view(shape), "head_mean": head_mean.view(shape)}
+
+
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -615,115 +910,14 @@ def decode_attention(
         with ``group_weights``; ``"head_max"`` and ``"head_mean" (B, R, T)`` with ``head_rows``.
     """
     require_triton()
-    bsz, num_heads, num_rows, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    if num_heads % kv_heads:
-        raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
-    if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
-        raise ValueError("query, key and value need a contiguous last (head) dimension")
-    group = num_heads // kv_heads
-    # query heads sharing a key/value head go through tensor-core products, padded to 16 rows
-    dot = group > 1
-    block_g = max(16, triton.next_power_of_2(group)) if dot else 1
-    block_d = triton.next_power_of_2(head_dim)
-    if block_t is None:
-        block_t = 64 if dot else max(16, min(64, triton.next_power_of_2(max(8192 // block_d, 1))))
-    blocks = triton.cdiv(max(kv_len, 1), block_t)
-    programs = bsz * num_rows * kv_heads
-    splits = max(1, min(num_splits or _default_splits(programs, blocks, query.device), blocks))
-    keys_per_split = triton.cdiv(blocks, splits) * block_t
-    splits = triton.cdiv(max(kv_len, 1), keys_per_split)  # no split left empty
-    device = query.device
-    first_row = kv_len - num_rows if first_row is None else first_row
-
-    spec = redistribution
-    as_float = lambda t: None if t is None else t.to(device, torch.float32)
-    as_flag = lambda t: None if t is None else t.to(device, torch.int8)
-    if allowed is not None:
-        allowed = as_flag(allowed).expand(bsz, num_rows, kv_len)
-    tgt, gate, eligible = (None,) * 3 if spec is None else map(as_flag, (spec.target, spec.gate, spec.query_mask))
-    weights, scale = as_float(group_weights), as_float(head_scale)
-    num_groups = 0 if weights is None else weights.shape[1]
-    parts = 3 if spec is not None else 1
-    placeholder = query  # any tensor: flags keep absent inputs unread
-    # the per-key inputs both passes read: mask, boost, bias, source and target of a redistribution
-    key_inputs = (
-        *_operand(allowed, placeholder, 3),
-        *_operand(_per_key(as_float(key_boost), num_heads), placeholder, 3),
-        *_operand(_per_key(as_float(key_bias), num_heads), placeholder, 3),
-        *_operand(None if spec is None else _per_key(as_flag(spec.source), num_heads), placeholder, 3),
-        *_operand(tgt, placeholder, 2),
-    )
-
-    rows = bsz * num_rows
-    f32 = dict(device=device, dtype=torch.float32)
-    part_m = torch.empty(rows, num_heads, splits, **f32)
-    part_l = torch.empty(rows, num_heads, splits, **f32)
-    part_acc = torch.empty(rows, num_heads, splits, parts, head_dim, **f32)
-    part_mass = torch.empty(rows, num_heads, splits, 4, **f32) if spec is not None else placeholder
-    part_w = torch.empty(rows, num_heads, splits, parts, num_groups, **f32) if weights is not None else placeholder
-    # the interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even) and gets bfloat16
-    # products wrong: there the output is rounded by torch and the products take float32 operands
-    interpreted_bf16 = interpreting() and query.dtype == torch.bfloat16
-    out = torch.empty(
-        bsz, num_rows, num_heads, head_dim, device=device, dtype=f32["dtype"] if interpreted_bf16 else query.dtype
-    )
-    mass = torch.empty(rows, num_heads, max(num_groups, 1), **f32)
-    final = torch.empty(rows, num_heads, 4, **f32)
-
-    edits = dict(
-        SOFTCAP=softcap is not None,
-        DOT=dot,
-        DOT_F32=dot and interpreted_bf16,
-        BOOST=key_boost is not None,
-        BIAS=key_bias is not None,
-        MASK=allowed is not None,
-        CAUSAL=allowed is None and num_rows > 1,
-    )
-    _partials_kernel[(rows, kv_heads, splits)](
-        query, query.stride(0), query.stride(1), query.stride(2),
-        key, key.stride(0), key.stride(1), key.stride(2),
-        value, value.stride(0), value.stride(1), value.stride(2),
-        *key_inputs, *_operand(gate, placeholder, 2), *_operand(weights, placeholder, 3),
-        part_m, part_l, part_acc, part_mass, part_w,
-        num_rows, num_heads, group, kv_len, head_dim, num_groups, first_row, keys_per_split,
-        float(scaling), float(softcap or 1.0),
-        NUM_SPLITS=splits, PARTS=parts, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d,
-        BLOCK_NG=triton.next_power_of_2(max(num_groups, 1)),
-        REDISTRIBUTE=spec is not None, GATE=gate is not None, GROUPS=weights is not None, **edits,
-        num_warps=num_warps or 2,
-    )  # fmt: skip
-    # one merge program per query head: grouping heads here (no products) only piles up registers
-    _merge_kernel[(rows, num_heads)](
-        part_m, part_l, part_acc, part_mass, part_w,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        *_operand(scale, placeholder, 2), *_operand(eligible, placeholder, 2),
-        mass, final,
-        num_rows, num_heads, 1, head_dim, num_groups,
-        float(spec.keep) if spec is not None else 1.0,
-        float(spec.gate_min_mass) if spec is not None else 0.0,
-        float(spec.gate_max_source_share) if spec is not None else 1.0,
-        NUM_SPLITS=splits, PARTS=parts, BLOCK_G=1, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
-        BLOCK_NG=triton.next_power_of_2(max(num_groups, 1)),
-        REDISTRIBUTE=spec is not None, GATE=gate is not None, ELIGIBLE=eligible is not None,
-        GROUPS=weights is not None, HEAD_SCALE=head_scale is not None,
-    )  # fmt: skip
-    out = out.to(query.dtype)
-    stats: dict[str, torch.Tensor] = {}
-    if weights is not None:
-        stats["mass"] = mass.view(bsz, num_rows, num_heads, num_groups)
+    plan = _plan(query, key, value, first_row, num_splits, block_t)
+    inputs = _prepare_inputs(query, plan, allowed, key_boost, key_bias, redistribution, head_scale, group_weights)
+    buffers = _allocate(query, plan, inputs)
+    edits = _edit_flags(plan, inputs, softcap, key_boost, key_bias)
+    scores = (float(scaling), float(softcap or 1.0))
+    _launch_partials(query, key, value, plan, inputs, buffers, edits, scores, num_warps)
+    _launch_merge(plan, inputs, buffers)
+    stats = _group_masses(plan, inputs, buffers)
     if head_rows:
-        head_max = torch.empty(rows, kv_len, **f32)
-        head_mean = torch.empty(rows, kv_len, **f32)
-        _rows_kernel[(rows, triton.cdiv(max(kv_len, 1), block_t))](
-            query, query.stride(0), query.stride(1), query.stride(2),
-            key, key.stride(0), key.stride(1), key.stride(2),
-            *key_inputs,
-            final, head_max, head_mean,
-            num_rows, num_heads, kv_heads, group, kv_len, head_dim, first_row,
-            float(scaling), float(softcap or 1.0),
-            BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d, REDISTRIBUTE=spec is not None, **edits,
-        )  # fmt: skip
-        stats["head_max"] = head_max.view(bsz, num_rows, kv_len)
-        stats["head_mean"] = head_mean.view(bsz, num_rows, kv_len)
-    return out, stats
+        stats.update(_head_rows(query, key, plan, inputs, buffers, edits, scores))
+    return buffers.out.to(query.dtype), stats

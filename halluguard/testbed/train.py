@@ -39,6 +39,7 @@ both runs' minutes and keeps both histories and phase lists).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -206,6 +207,7 @@ class CellHead(torch.nn.Module):
         self.features = output.last_hidden_state[:, 1:]  # patches, without the class token
 
     def loss(self, scenes: list[world.Scene]) -> torch.Tensor:
+        """Cross-entropy of each cell's category and colour against ``scenes`` (faint objects left out)."""
         b, _, h = self.features.shape
         per = self.side // world.GRID
         f = self.features.reshape(b, world.GRID, per, world.GRID, per, h).mean(dim=(2, 4)).reshape(b, world.CELLS, h)
@@ -232,6 +234,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = LR_FLO
 
 
 def summary(metrics: dict) -> str:
+    """One line of the held-out metrics: recall and CHAIR_i, the partner rates and POPE accuracies."""
     return (
         f"recall {metrics['test']['recall']:.1f}  chair_i {metrics['test']['chair_i']:.1f}  "
         f"misleading chair_i {metrics['misleading']['chair_i']:.1f} "
@@ -243,6 +246,7 @@ def summary(metrics: dict) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
+    """Write ``report`` to ``report.json`` and its readable summary to ``REPORT.md`` in ``out``."""
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["final"]
     lines = [
@@ -301,6 +305,7 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def measure_speed(model, processor, threads: int) -> dict:
+    """Greedy caption tokens per second (batch 1, up to 64 new tokens) over 20 test scenes."""
     from .evaluate import CAPTION_PROMPT, generate_texts
 
     scene_list = list(world.scenes("test", 20, 0, start=10_000))
@@ -312,8 +317,9 @@ def measure_speed(model, processor, threads: int) -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - t0), "threads": threads}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the output folder, the phases' lengths and learning rates, the evaluations, the seed and
+    the threads."""
     parser.add_argument("--out", default=str(Path(__file__).parent / "model"), help="output folder")
     parser.add_argument("--vision-steps", type=int, default=500, help="phase 1: vision tower and cell head alone")
     parser.add_argument("--text-steps", type=int, default=300, help="phase 2: text-only captions")
@@ -334,6 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final-count", type=int, default=500, help="scenes per split in the final evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the joint phase's example mix, of a continued run (``--init``) and of the world's
+    training-time overrides."""
     parser.add_argument(
         "--questions-per-example",
         type=int,
@@ -372,10 +383,23 @@ def main(argv: list[str] | None = None) -> None:
         metavar=("LOW", "HIGH"),
         help="train on faint partners drawn at this visibility range instead of the world's (recorded)",
     )
-    args = parser.parse_args(argv)
 
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser (its help is this module's docstring) and the parsed, checked arguments."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_schedule_arguments(parser)
+    add_data_arguments(parser)
+    args = parser.parse_args(argv)
     if not 0 <= args.lr_floor <= 1:
         parser.error("--lr-floor must be between 0 and 1")
+    return parser, args
+
+
+def apply_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set torch's threads and the overrides of the world and the question mix the arguments ask for:
+    ``--random-questions q`` gives random ``q`` and popular and adversarial ``(1 - q) / 2`` each;
+    ``--lookalike-questions l`` takes ``l`` from the random share (an error when ``l`` exceeds it)."""
     torch.set_num_threads(args.threads)
     if args.faint_visibility:
         world.VISIBILITY["faint"] = tuple(args.faint_visibility)
@@ -389,139 +413,259 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 <= args.lookalike_questions <= pool:
             parser.error(f"--lookalike-questions must be between 0 and the random share ({pool:g})")
         QUESTION_KINDS.update(random=pool - args.lookalike_questions, lookalike=args.lookalike_questions)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    processor = build_processor()
-    train_processor = build_processor()
-    train_processor.tokenizer.padding_side = "right"
-    previous = None
-    if args.init:
-        from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
-        report_file = Path(args.init) / "report.json"
-        previous = json.loads(report_file.read_text()) if report_file.exists() else None
-    else:
-        model = build_model(args.seed)
-    cells = CellHead(model)
+
+@dataclasses.dataclass
+class Training:
+    """What the training loop works with and what it records: the model, its cell head and optimizer,
+    the processors and data sources, each phase's global step range ``[first, end)``, the report of the
+    run continued (``--init``), and the losses, held-out history and finished phases so far."""
+
+    args: argparse.Namespace
+    model: torch.nn.Module
+    cells: CellHead
+    params: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    processor: object  # evaluation and saving
+    train_processor: object  # right padding, for training batches
+    popularity: object
+    cooc: object
+    similarity: object
+    rng: np.random.Generator
+    bounds: dict[str, tuple[int, int]]
+    previous: dict | None
+    previous_minutes: float  # wall-clock and CPU minutes of the run continued (0 for a run from scratch)
+    previous_cpu_minutes: float
+    history: list[dict] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    phases: list[dict] = dataclasses.field(default_factory=list)
+    start: float = 0.0  # wall-clock and CPU clocks at the first step
+    cpu_start: float = 0.0
+    phase_start: tuple[float, float, int] = (0.0, 0.0, 0)  # clocks and first step of the current phase
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict | None]:
+    """The model to train: a fresh one from ``--seed``, or with ``--init`` the saved model (in float32)
+    and the report beside it (None when there is none)."""
+    if not args.init:
+        return build_model(args.seed), None
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+    report_file = Path(args.init) / "report.json"
+    return model, json.loads(report_file.read_text()) if report_file.exists() else None
+
+
+def make_optimizer(model: torch.nn.Module, cells: CellHead, lr: float) -> tuple[list, torch.optim.Optimizer]:
+    """The named parameters of the model and the cell head, and AdamW over them (betas 0.9, 0.98),
+    weight decay 0.01 on matrices and none on vectors."""
     params = list(model.named_parameters()) + list(cells.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
+        lr=lr,
         betas=(0.9, 0.98),
     )
+    return params, optimizer
+
+
+def phase_bounds(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """Each phase's global step range ``[first, end)``: vision, text then joint one after the other,
+    or with ``--init`` a single joint phase of ``--steps`` from ``--first-step``."""
+    if args.init:  # a further joint phase, with its own learning-rate schedule
+        return {"joint": (args.first_step, args.first_step + args.steps)}
+    vision, text = args.vision_steps, args.vision_steps + args.text_steps
+    return {"vision": (0, vision), "text": (vision, text), "joint": (text, text + args.steps)}
+
+
+def prepare(args: argparse.Namespace) -> Training:
+    """The processors, the model with its cell head and optimizer, the world's statistics and the
+    example generator (seeded by ``--seed`` and ``--first-step``), ready for ``train``."""
+    processor = build_processor()
+    train_processor = build_processor()
+    train_processor.tokenizer.padding_side = "right"
+    model, previous = load_model(args)
+    cells = CellHead(model)
+    params, optimizer = make_optimizer(model, cells, args.lr)
     popularity, cooc = world.category_frequencies(seed=args.seed), world.cooccurrence(seed=args.seed)
     similarity = world.shape_similarity()
     rng = np.random.default_rng([args.seed, 99, args.first_step])
-    if args.init:  # a further joint phase, with its own learning-rate schedule
-        bounds = {"joint": (args.first_step, args.first_step + args.steps)}
-    else:
-        bounds = {
-            "vision": (0, args.vision_steps),
-            "text": (args.vision_steps, args.vision_steps + args.text_steps),
-            "joint": (args.vision_steps + args.text_steps, args.vision_steps + args.text_steps + args.steps),
-        }
-    total = bounds["joint"][1]
-    history, losses, phases = [], [], []
-    previous_minutes = previous["train_minutes"] if previous else 0.0
-    previous_cpu = previous.get("train_cpu_minutes", 0.0) if previous else 0.0
-    start, cpu_start = time.perf_counter(), time.process_time()
-    phase_start = (start, cpu_start, args.first_step)
-    joint_mix = {
+    return Training(
+        args=args,
+        model=model,
+        cells=cells,
+        params=params,
+        optimizer=optimizer,
+        processor=processor,
+        train_processor=train_processor,
+        popularity=popularity,
+        cooc=cooc,
+        similarity=similarity,
+        rng=rng,
+        bounds=phase_bounds(args),
+        previous=previous,
+        previous_minutes=previous["train_minutes"] if previous else 0.0,
+        previous_cpu_minutes=previous.get("train_cpu_minutes", 0.0) if previous else 0.0,
+    )
+
+
+def phase_loss(run: Training, phase: str, scenes: list[world.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss to minimise and the loss to report on a batch of ``scenes``. vision: the cell head's
+    loss, both. text (captions without images) and joint: the language-model loss ``L`` on the answers,
+    and ``L + cell_weight * cell loss`` of the scenes whose image the batch carries."""
+    if phase == "vision":
+        pixels = run.train_processor.image_processor([s.render() for s in scenes], return_tensors="pt")
+        run.model.model.vision_tower(pixels["pixel_values"])
+        loss = run.cells.loss(scenes)
+        return loss, loss
+    args, text = run.args, phase == "text"
+    batch, imaged = make_batch(
+        run.train_processor,
+        scenes,
+        run.rng,
+        run.popularity,
+        run.cooc,
+        1.0 if text else args.caption_share,
+        1.0 if text else args.image_drop,
+        run.similarity,
+        args.questions_per_example,
+    )
+    lm_loss = run.model(**batch).loss
+    return lm_loss + (args.cell_weight * run.cells.loss(imaged) if imaged else 0.0), lm_loss
+
+
+def train_step(run: Training, at: int, phase: str) -> float:
+    """One optimizer step at global step ``at``: the phase's learning rate (``lr_at`` from the phase's
+    first step), a fresh batch of training scenes, the phase's loss, gradients clipped to norm 1.
+    Returns the reported loss."""
+    args = run.args
+    first, end = run.bounds[phase]
+    run.model.train()
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(at - first, end - first, args.lr, args.warmup, args.lr_floor)
+    batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
+    loss, lm_loss = phase_loss(run, phase, batch_scenes)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in run.params], 1.0)
+    run.optimizer.step()
+    return lm_loss.item()
+
+
+def joint_mix(args: argparse.Namespace) -> dict:
+    """The joint phase's example mix, recorded with it."""
+    return {
         "caption_share": args.caption_share,
         "image_drop": args.image_drop,
         "cell_weight": args.cell_weight,
         "question_kinds": dict(QUESTION_KINDS),
         "questions_per_example": args.questions_per_example,
     }
+
+
+def record_phase(run: Training, phase: str, at: int) -> None:
+    """Close ``phase`` after step ``at``: record its steps, rate, minutes and world settings, print the
+    record and start the next phase's clocks."""
+    wall, cpu, begin = run.phase_start
+    run.phases.append(
+        {
+            "phase": phase,
+            "first_step": begin,
+            "steps": at + 1 - begin,
+            "lr": run.args.lr,
+            "lr_floor": run.args.lr_floor,
+            "minutes": (time.perf_counter() - wall) / 60,
+            "cpu_minutes": (time.process_time() - cpu) / 60,
+            "faint_visibility": list(world.VISIBILITY["faint"]),
+            "pair_probability": world.PAIR_PROBABILITY,
+            **(joint_mix(run.args) if phase == "joint" else {}),
+        }
+    )
+    tqdm.write(f"phase {phase} done at step {at + 1}: {run.phases[-1]}")
+    run.phase_start = (time.perf_counter(), time.process_time(), at + 1)
+
+
+def record_evaluation(run: Training, at: int, minutes: float) -> None:
+    """A periodic held-out evaluation (``--eval-count`` scenes per split) after step ``at``, added to
+    the history with the mean loss of the last 50 steps, and printed."""
+    count = run.args.eval_count
+    metrics = evaluate(run.model, run.processor, count=count, pope_images=count // 2, seed=run.args.seed)
+    run.history.append(
+        {
+            "step": at + 1,
+            "minutes": minutes + run.previous_minutes,
+            "loss": float(np.mean(run.losses[-50:])),
+            "summary": summary(metrics),
+        }
+    )
+    tqdm.write(f"step {at + 1} ({minutes:.1f} min): {run.history[-1]['summary']}")
+
+
+def train(run: Training) -> int:
+    """Train from ``--first-step`` through the phases until the last step, or the first step that ends
+    past ``--minutes``; closes each phase at its end and evaluates every ``--eval-every`` joint steps
+    (not at the last). Returns the global index of the last step taken."""
+    args = run.args
+    total = run.bounds["joint"][1]
+    run.start, run.cpu_start = time.perf_counter(), time.process_time()
+    run.phase_start = (run.start, run.cpu_start, args.first_step)
     bar = tqdm(range(args.first_step, total), desc="training", unit="step")
     at = args.first_step
     for at in bar:
-        phase = next(name for name, (first, end) in bounds.items() if first <= at < end)
-        first, last_of_phase = bounds[phase]
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(at - first, last_of_phase - first, args.lr, args.warmup, args.lr_floor)
-        batch_scenes = list(world.scenes("train", args.batch_size, args.seed, start=at * args.batch_size))
-        if phase == "vision":
-            pixels = train_processor.image_processor([s.render() for s in batch_scenes], return_tensors="pt")
-            model.model.vision_tower(pixels["pixel_values"])
-            loss = lm_loss = cells.loss(batch_scenes)
-        else:
-            text = phase == "text"
-            batch, imaged = make_batch(
-                train_processor,
-                batch_scenes,
-                rng,
-                popularity,
-                cooc,
-                1.0 if text else args.caption_share,
-                1.0 if text else args.image_drop,
-                similarity,
-                args.questions_per_example,
-            )
-            lm_loss = model(**batch).loss
-            loss = lm_loss + (args.cell_weight * cells.loss(imaged) if imaged else 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        optimizer.step()
-        losses.append(lm_loss.item())
-        bar.set_postfix(phase=phase, loss=f"{np.mean(losses[-20:]):.3f}")
-        minutes = (time.perf_counter() - start) / 60
+        phase = next(name for name, (first, end) in run.bounds.items() if first <= at < end)
+        first, last_of_phase = run.bounds[phase]
+        run.losses.append(train_step(run, at, phase))
+        bar.set_postfix(phase=phase, loss=f"{np.mean(run.losses[-20:]):.3f}")
+        minutes = (time.perf_counter() - run.start) / 60
         last = at + 1 == total or minutes >= args.minutes
         if at + 1 == last_of_phase or last:
-            wall, cpu, begin = phase_start
-            phases.append(
-                {
-                    "phase": phase,
-                    "first_step": begin,
-                    "steps": at + 1 - begin,
-                    "lr": args.lr,
-                    "lr_floor": args.lr_floor,
-                    "minutes": (time.perf_counter() - wall) / 60,
-                    "cpu_minutes": (time.process_time() - cpu) / 60,
-                    "faint_visibility": list(world.VISIBILITY["faint"]),
-                    "pair_probability": world.PAIR_PROBABILITY,
-                    **(joint_mix if phase == "joint" else {}),
-                }
-            )
-            tqdm.write(f"phase {phase} done at step {at + 1}: {phases[-1]}")
-            phase_start = (time.perf_counter(), time.process_time(), at + 1)
+            record_phase(run, phase, at)
         if phase == "joint" and (at + 1 - first) % args.eval_every == 0 and not last:
-            count = args.eval_count
-            metrics = evaluate(model, processor, count=count, pope_images=count // 2, seed=args.seed)
-            history.append(
-                {
-                    "step": at + 1,
-                    "minutes": minutes + previous_minutes,
-                    "loss": float(np.mean(losses[-50:])),
-                    "summary": summary(metrics),
-                }
-            )
-            tqdm.write(f"step {at + 1} ({minutes:.1f} min): {history[-1]['summary']}")
+            record_evaluation(run, at, minutes)
         if last:
             break
-    train_minutes = (time.perf_counter() - start) / 60 + previous_minutes
-    train_cpu_minutes = (time.process_time() - cpu_start) / 60 + previous_cpu
-    cells.handle.remove()
-    model.eval()
-    final = evaluate(model, processor, count=args.final_count, pope_images=args.final_count // 2, seed=args.seed)
-    history.append(
-        {"step": at + 1, "minutes": train_minutes, "loss": float(np.mean(losses[-50:])), "summary": summary(final)}
+    return at
+
+
+def final_evaluation(run: Training, steps: int, train_minutes: float) -> dict:
+    """The final held-out evaluation (``--final-count`` scenes per split) of the model without its cell
+    head, added to the history and printed."""
+    count = run.args.final_count
+    run.cells.handle.remove()
+    run.model.eval()
+    final = evaluate(run.model, run.processor, count=count, pope_images=count // 2, seed=run.args.seed)
+    run.history.append(
+        {"step": steps, "minutes": train_minutes, "loss": float(np.mean(run.losses[-50:])), "summary": summary(final)}
     )
     print("final:", summary(final))
-    speed = measure_speed(model, processor, args.threads)
+    return final
 
-    model.to(torch.float16).save_pretrained(out)
-    processor.save_pretrained(out)
-    weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
-    report = {
-        "parameters": sum(p.numel() for p in model.parameters()),
+
+def save_model(run: Training, out: Path) -> float:
+    """Save the model in float16 and the processor to ``out``; returns the weights' size in MB."""
+    run.model.to(torch.float16).save_pretrained(out)
+    run.processor.save_pretrained(out)
+    return sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+
+
+def joined_history(previous: dict | None, history: list[dict]) -> list[dict]:
+    """This run's history after the continued run's, whose final entry is marked "(end of run)"."""
+    if not previous:
+        return history
+    ended = [dict(h, summary="(end of run) " + h["summary"]) for h in previous["history"][-1:]]
+    return previous["history"][:-1] + ended + history
+
+
+def build_report(run: Training, steps: int, final: dict, speed: dict, weights_mb: float, minutes: tuple) -> dict:
+    """The report: size, schedule, wall-clock and CPU minutes ``minutes`` (including the continued
+    run's), peak memory, the final evaluation, the history, generation speed and the phases."""
+    args = run.args
+    train_minutes, train_cpu_minutes = minutes
+    return {
+        "parameters": sum(p.numel() for p in run.model.parameters()),
         "weights_mb": weights_mb,
-        "steps": at + 1,
+        "steps": steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
@@ -531,16 +675,26 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "final": final,
-        "history": history,
+        "history": joined_history(run.previous, run.history),
         "speed": speed,
-        "phases": (previous or {}).get("phases", []) + phases,
+        "phases": (run.previous or {}).get("phases", []) + run.phases,
     }
-    if previous:
-        report["history"] = (
-            previous["history"][:-1]
-            + [dict(h, summary="(end of run) " + h["summary"]) for h in previous["history"][-1:]]
-            + history
-        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train, evaluate and save the test model as the command line asks (see the module docstring)."""
+    parser, args = parse_args(argv)
+    apply_overrides(parser, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = prepare(args)
+    at = train(run)
+    train_minutes = (time.perf_counter() - run.start) / 60 + run.previous_minutes
+    train_cpu_minutes = (time.process_time() - run.cpu_start) / 60 + run.previous_cpu_minutes
+    final = final_evaluation(run, at + 1, train_minutes)
+    speed = measure_speed(run.model, run.processor, args.threads)
+    weights_mb = save_model(run, out)
+    report = build_report(run, at + 1, final, speed, weights_mb, (train_minutes, train_cpu_minutes))
     write_report(out, report)
     print(f"saved to {out} ({weights_mb:.1f} MB)")
 
