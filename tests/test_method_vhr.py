@@ -17,6 +17,7 @@ from tiny_models import (
 
 import halluguard as hg
 from halluguard.adapters import adapter_for
+from halluguard.decoding.layout import merge_rows, text_only_rows
 from halluguard.methods.vhr.method import VHR, default_layers, head_divergence, select_heads
 
 GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -36,6 +37,19 @@ def selection(model, inputs, cfg, forward=False, **generate_kwargs):
         else:
             model.generate(**inputs, **(generate_kwargs or GEN))
     return vhd, heads
+
+
+def text_only_rows_of(adapter, inputs: dict) -> dict:
+    """The text-only rows VHR's probe runs: the adapter's image tokens and delimiters dropped."""
+    return text_only_rows(inputs, adapter.image_and_marker_mask(inputs["input_ids"]))
+
+
+def with_text_only_rows(adapter, inputs: dict) -> dict:
+    """The prompt's forward with the probe's rows appended, as the guarded call lays it out."""
+    extra = text_only_rows_of(adapter, inputs)
+    return merge_rows(
+        inputs, extra, 0, positions_from_ids=adapter.positions_from_ids, row_image_inputs=adapter.row_image_inputs
+    )
 
 
 def text_only(row: dict) -> dict:
@@ -202,8 +216,8 @@ def test_greedy_beam_and_sampling_run_and_strong_vhr_changes_outputs():
 def test_text_only_rows_drop_images_and_delimiters_and_count_positions_from_zero():
     model = build_model("qwen2_vl")
     inputs, _ = make_inputs(model, "qwen2_vl")
-    paired = adapter_for(model).with_text_only_rows(
-        dict(inputs, position_ids=torch.zeros(4, 2, inputs["input_ids"].shape[1], dtype=torch.long))
+    paired = with_text_only_rows(
+        adapter_for(model), dict(inputs, position_ids=torch.zeros(4, 2, inputs["input_ids"].shape[1], dtype=torch.long))
     )
     for r in range(2):
         row = row_inputs(inputs, r, "qwen2_vl")
@@ -218,7 +232,7 @@ def test_text_only_rows_drop_images_and_delimiters_and_count_positions_from_zero
     assert torch.equal(paired["pixel_values"], inputs["pixel_values"])
     idefics = build_model("idefics3")
     inputs, _ = make_inputs(idefics, "idefics3")
-    paired = adapter_for(idefics).with_text_only_rows(inputs)
+    paired = with_text_only_rows(adapter_for(idefics), inputs)
     assert paired["pixel_values"].shape[0] == 4 and paired["pixel_values"][2:].abs().sum() == 0
 
 
@@ -319,6 +333,6 @@ def test_idefics_wrapper_tokens_come_from_the_processor():
     adapter = adapter_for(model, Processor())
     assert adapter.processor_marker_ids == (504, 505, 508)
     inputs, _ = make_inputs(model, "idefics3", batch=1)
-    text = adapter.text_only_rows(inputs)["input_ids"][0]
+    text = text_only_rows_of(adapter, inputs)["input_ids"][0]
     assert not torch.isin(text, torch.tensor([IMAGE, 504, 505])).any()
-    assert torch.isin(adapter_for(model).text_only_rows(inputs)["input_ids"][0], torch.tensor([504, 505])).any()
+    assert torch.isin(text_only_rows_of(adapter_for(model), inputs)["input_ids"][0], torch.tensor([504, 505])).any()

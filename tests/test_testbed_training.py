@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from halluguard.adapters import adapter_for
+from halluguard.decoding.layout import text_only_rows
 from halluguard.testbed import model as testbed_model
 from halluguard.testbed import train, world
 
@@ -40,7 +41,8 @@ def test_image_dropped_caption_rows_are_the_prompt_the_image_free_stream_builds(
         assert torch.equal(got, want)
         labels = without["labels"][row][without["labels"][row] != -100]
         assert processor.tokenizer.decode(labels, skip_special_tokens=True).rstrip(".") in scenes[row].caption
-    text_only = adapter.text_only_rows({k: v[:1] for k, v in with_image.items() if k != "labels"})
+    first = {k: v[:1] for k, v in with_image.items() if k != "labels"}
+    text_only = text_only_rows(first, adapter.image_and_marker_mask(first["input_ids"]))
     assert int((text_only["input_ids"] == model.config.image_token_id).sum()) == 0
 
 

@@ -21,9 +21,6 @@ from typing import Any, Protocol
 import torch
 from transformers import DynamicCache
 
-# generate's inputs that hold one entry per token (the last dimension); all others are the prompt's
-PER_TOKEN_INPUTS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
-
 
 class DecodingLoop(Protocol):
     """What ``Method.generate_loop`` returns (transformers' ``custom_generate`` signature)."""
@@ -39,24 +36,6 @@ class DecodingLoop(Protocol):
         streamer: Any = None,
         **model_kwargs: Any,
     ) -> Any: ...
-
-
-def row_dim(key: str, value: torch.Tensor) -> int:
-    """The batch-row dimension of a per-token input (M-RoPE positions are ``(K, rows, T)``)."""
-    return 1 if key == "position_ids" and value.dim() == 3 else 0
-
-
-def select_input_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """``inputs`` with every per-token tensor taken at batch rows ``rows`` (the rest as it is)."""
-    return {
-        k: v.index_select(row_dim(k, v), rows.to(v.device)) if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v
-        for k, v in inputs.items()
-    }
-
-
-def trim_inputs(inputs: dict[str, Any], length: int) -> dict[str, Any]:
-    """``inputs`` with every per-token tensor cut to the first ``length`` tokens."""
-    return {k: v[..., :length] if k in PER_TOKEN_INPUTS and torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def check_loop_call(who: str, refused: list[tuple[bool, str]], cache: Any, cache_use: str) -> None:

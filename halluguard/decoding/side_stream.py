@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..compat import CACHE, cache_of
-from .loops import row_dim
+from .layout import is_per_token, row_dim
 
 
 class SideStream:
@@ -67,12 +67,12 @@ class SideStream:
         """Prompt rows expanded to the main rows (and any tokens generated before the first call); the
         prompt's other inputs (image tensors, encoder outputs) go to this first forward only."""
         rows = generated.shape[0]
-        batch, width = self.prompt["input_ids"].shape
+        batch = self.prompt["input_ids"].shape[0]
         if rows % batch:
             raise ValueError(f"{rows} generated rows do not extend the {batch} prompts of the side stream")
         expand = rows // batch
         self.group = expand * self.rows_per_prompt
-        per_row = {k: v for k, v in self.prompt.items() if k != "input_ids" and _is_per_token(k, v, batch, width)}
+        per_row = {k: v for k, v in self.prompt.items() if k != "input_ids" and is_per_token(k, v)}
         self.rows = {k: v.repeat_interleave(expand, row_dim(k, v)) for k, v in per_row.items()}
         first_only = {k: v for k, v in self.prompt.items() if k != "input_ids" and k not in per_row}
         inputs = self._extend(generated, already=self.prompt["input_ids"].repeat_interleave(expand, 0))
@@ -120,8 +120,21 @@ class SideStream:
         self.rows = {k: v.index_select(row_dim(k, v), index) for k, v in self.rows.items()}
 
 
-def _is_per_token(key: str, value: object, rows: int, width: int) -> bool:
-    if not isinstance(value, torch.Tensor):
-        return False
-    dim = row_dim(key, value)
-    return value.dim() >= 2 and tuple(value.shape[dim : dim + 2]) == (rows, width)
+class TokenHistory:
+    """Every token fed to each main row so far, ``(rows, tokens)``: what a side stream is matched
+    against, kept in the order of the rows as beam search reorders them."""
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+
+    def record(self, ids: torch.Tensor | None, *, first: bool) -> None:
+        """The tokens of a forward of the main rows (its first: the prompt)."""
+        if first:
+            self.tokens = ids
+        elif ids is not None:
+            self.tokens = torch.cat([self.tokens, ids], 1)
+
+    def follow(self, index: torch.Tensor) -> None:
+        """The main rows were selected (beam search's reordering): the history follows them."""
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, index.to(self.tokens.device))

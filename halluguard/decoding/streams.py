@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .layout import drop_padding_columns, positions_like
 from .side_stream import SideStream
 
 if TYPE_CHECKING:
@@ -56,64 +57,6 @@ class Branch:
     methods: Sequence[Method] = ()
     separate: bool = False
     shares_prompt_cache: bool = False
-
-
-def split_last_token(prompt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``prompt`` as two forwards: all tokens but the last (with the image inputs), then the last one
-    (its attention mask still covers the whole prompt)."""
-    ids = prompt["input_ids"]
-    rows, width = ids.shape
-    if width < 2:
-        raise ValueError("a prompt of one token cannot be split before its last token")
-    prefix, last = {}, {}
-    for key, value in prompt.items():
-        if key == "attention_mask" and isinstance(value, torch.Tensor):
-            prefix[key], last[key] = value[:, :-1], value
-        elif key == "position_ids" and isinstance(value, torch.Tensor):
-            prefix[key], last[key] = value[..., :-1], value[..., -1:]
-        elif isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (rows, width):
-            prefix[key], last[key] = value[:, :-1], value[:, -1:]
-        else:  # image inputs and flags: the prefix holds every image token
-            prefix[key] = value
-    return prefix, last
-
-
-def per_token_inputs(inputs: dict[str, Any], rows: int, width: int) -> dict[str, torch.Tensor]:
-    """The per-token tensors ``(rows, width, ...)`` of ``inputs`` other than ids, mask and positions."""
-    skip = ("input_ids", "attention_mask", "position_ids")
-    return {
-        k: v
-        for k, v in inputs.items()
-        if k not in skip and isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (rows, width)
-    }
-
-
-def positions_like(positions: torch.Tensor, main: torch.Tensor | None) -> torch.Tensor:
-    """2-D positions ``(rows, T)`` in the layout of the main positions (``(K, rows, T)`` for M-RoPE)."""
-    if main is not None and main.dim() == 3 and positions.dim() == 2:
-        return positions[None].expand(main.shape[0], -1, -1)
-    return positions
-
-
-def drop_padding_columns(prompt: dict[str, Any]) -> dict[str, Any]:
-    """The prompt without its leading columns that are padding in every row (an image-free prompt
-    built at the main width is mostly padding): its prefill then costs what its length does."""
-    mask = prompt.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not bool(mask.any()):
-        return prompt
-    first = int(mask.bool().any(0).nonzero()[0])
-    if first == 0:
-        return prompt
-    rows, width = mask.shape
-    out = dict(prompt)
-    for key, value in prompt.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if key == "position_ids" and value.dim() == 3:
-            out[key] = value[..., first:]
-        elif value.dim() >= 2 and tuple(value.shape[:2]) == (rows, width):
-            out[key] = value[:, first:]
-    return out
 
 
 class BranchRun:

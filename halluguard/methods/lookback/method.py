@@ -126,6 +126,15 @@ class Lookback(Method):
                     stacklevel=2,
                 )
 
+    def last_ratios(self, state: GuardState) -> torch.Tensor:
+        """``(rows, L, H)``: the lookback ratios of the latest forward's query (the one producing each
+        row's next token)."""
+        return state.data_of(self).steps[-1]
+
+    def keep_path(self, state: GuardState, path: torch.Tensor | None) -> None:
+        """Guided decoding's kept tokens' ratios ``(rows, T, L, H)``: the features of its detections."""
+        state.data_of(self).path = path
+
     def chunk_scores(self, means: torch.Tensor) -> torch.Tensor:
         """``p_faithful`` of candidate chunks from the mean ratios of their tokens ``(rows, L, H)``."""
         return self.classifier.faithful_probability(means)

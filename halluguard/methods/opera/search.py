@@ -36,7 +36,8 @@ from transformers import DynamicCache
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput
 
 from ... import compat
-from ...decoding.loops import PER_TOKEN_INPUTS, check_loop_call, end_tokens, pad_token, select_input_rows, trim_inputs
+from ...decoding.layout import PER_TOKEN_INPUTS, select_input_rows, trim_inputs
+from ...decoding.loops import check_loop_call, end_tokens, pad_token
 from .beams import Beams, BeamSearch
 from .scores import rollback_location
 

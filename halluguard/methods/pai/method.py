@@ -40,6 +40,7 @@ from transformers import LogitsProcessor
 from ...adapters import Adapter
 from ...attention.edits import AttentionCall, AttentionEdit
 from ...decoding import Branch, contrast
+from ...decoding.layout import text_only_rows
 from ...state import GuardState
 from ..base import Method
 from .config import CAPABILITIES, PAIConfig
@@ -75,7 +76,8 @@ class PAI(Method):
     def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
         if not self.config.guided:
             return []
-        prompt = state.adapter.text_only_rows(state.with_2d_mask(inputs))
+        inputs = state.with_2d_mask(inputs)
+        prompt = text_only_rows(inputs, state.adapter.image_and_marker_mask(inputs["input_ids"]))
         return [Branch(self, prompt, methods=(), separate=self.config.separate_stream)]
 
     def logits_processors(self, state: GuardState) -> list:

@@ -49,6 +49,7 @@ import torch
 
 from ...adapters import Adapter
 from ...attention.edits import AttentionCall, AttentionEdit, Reductions
+from ...decoding.layout import text_only_rows
 from ...decoding.streams import Probe
 from ...state import GuardState
 from ..base import Method
@@ -151,7 +152,9 @@ class VHR(Method):
                 "VHR selects its heads from the whole prompt in one forward: a call that starts from "
                 "a filled cache or forwards the prompt in chunks is not supported"
             )
-        return [Probe(self, state.adapter.text_only_rows(state.with_2d_mask(inputs)))]
+        inputs = state.with_2d_mask(inputs)
+        dropped = state.adapter.image_and_marker_mask(inputs["input_ids"])
+        return [Probe(self, text_only_rows(inputs, dropped))]
 
     def _scale(self, heads: torch.Tensor) -> torch.Tensor:
         return torch.where(heads, self.config.alpha, 1.0).to(torch.float32)
