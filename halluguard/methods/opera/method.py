@@ -99,6 +99,12 @@ class OPERA(Method):
         """Plain beam search: no penalty and no rollback."""
         return self.config.penalty_weights == 0 and not self.config.retrospection
 
+    def last_reading(self, state: GuardState) -> dict[str, Any]:
+        """The latest report of the chosen layer: ``rows`` (head-max attention from key ``from_key``)
+        and ``sums`` (the full rows' sums), for a step's description."""
+        data = state.data_of(self)
+        return {"rows": data.rows, "sums": data.sums, "from_key": data.from_key}
+
     def setup(self, adapter: Adapter) -> None:
         layers, sliding = adapter.num_layers, adapter.sliding_layers()
         layer = self.config.layer

@@ -214,9 +214,7 @@ class SampleSearch:
             "penalty": penalty.view(B, N),
             "location": loc.view(B, N),
             "sequences": self._sequences(),
-            "rows": self.state.data_of(self.method).rows,
-            "sums": self.state.data_of(self.method).sums,
-            "from_key": self.state.data_of(self.method).from_key,
+            **self.method.last_reading(self.state),
             "kept": len(self.snapshots),
         }
         if self.config.retrospection:
