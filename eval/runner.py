@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..models import build_prompt
 from . import chair as chair_lib
 from . import pope as pope_lib
 
@@ -50,7 +51,6 @@ CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_DATASETS = ("coco", "testbed")
 POPE_DATASETS = (*pope_lib.DATASETS, "testbed")
 TESTBED_CHAIR_SPLITS = ("misleading", "test", "faint")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CAPTIONS_FILE = "chair_captions.json"
@@ -228,76 +228,6 @@ def model_info(model, name: str | None = None) -> ModelInfo:
     else:
         identity.update(id=source, revision=getattr(getattr(model, "config", None), "_commit_hash", None))
     return ModelInfo(name, identity)
-
-
-def looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
-
-
-def load_model(spec: str, dtype: str = "auto", device: str | None = None):
-    """``(model, processor, name)`` for ``"testbed"`` (the shipped model) or a hub id / local path;
-    ``model_info(model, name)`` gives its identity."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if device:
-        try:
-            target = torch.device(device)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"unknown device {device!r} ({err})") from None
-        if target.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
-    if spec == "testbed":
-        from ..testbed import load
-
-        model, processor = load(dtype=torch_dtype or torch.float32)
-    else:
-        if looks_like_path(spec) and not Path(spec).expanduser().exists():
-            raise EvalError(f"model path {spec} does not exist")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype or "auto")
-        processor = AutoProcessor.from_pretrained(spec)
-        processor.tokenizer.padding_side = "left"
-    if device is None and torch.cuda.is_available():
-        from accelerate import PartialState
-
-        device = str(PartialState().device)  # under a launcher: this process's GPU
-    if device:
-        model.to(device)
-    return model.eval(), processor, spec
-
-
-def build_prompt(processor, text: str) -> str:
-    """The model's chat prompt with one image and ``text`` (llava-style fallback without a template)."""
-    return chat_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}])
-
-
-def chat_prompt(processor, messages: list[dict]) -> str:
-    """The model's chat prompt for ``messages`` (transformers' chat format: each content a list of
-    ``{"type": "image"}`` and ``{"type": "text", "text": ...}`` parts), ready for the answer.
-
-    Without a chat template: llava-1.5's plain form, ``"USER: <image>\n{text} ASSISTANT:"`` per
-    user turn (one image token per image), an assistant turn's text after ``ASSISTANT:``, a system
-    turn's text first."""
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    pieces = []
-    for message in messages:
-        content = message["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        text = " ".join(p["text"] for p in parts if p["type"] == "text")
-        images = sum(p["type"] == "image" for p in parts)
-        if message["role"] == "system":
-            pieces.append(text)
-        elif message["role"] == "user":
-            pieces.append("USER: " + f"{image_token}\n" * images + text)
-        else:
-            pieces.append(f"ASSISTANT: {text}")
-    return " ".join([*pieces, "ASSISTANT:"])
 
 
 def method_record(guard) -> list[dict]:
@@ -478,30 +408,12 @@ def chair_samples(task: ChairTask, seed: int) -> Prepared:
     return Prepared(samples, data_files, ids, scorer)
 
 
-def testbed_pope(split: str, num_images: int, seed: int) -> tuple[list[dict], dict]:
-    """POPE questions on held-out scenes of the synthetic world, as the official files lay them out."""
-    import numpy as np
-
-    from ..testbed import world
-
-    scenes = list(world.scenes("test", num_images, seed))
-    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
-    rng = np.random.default_rng([seed, 17, world.SPLIT_SEEDS["test"], pope_lib.SPLITS.index(split)])
-    questions, loaders = [], {}
-    for scene in scenes:
-        name = world.file_name(scene)
-        loaders[name] = scene.render
-        for q in world.pope_questions(scene, split, rng, popularity=popularity, cooc=cooc):
-            questions.append({"question_id": len(questions) + 1, "image": name, "text": q["text"], "label": q["label"]})
-    return questions, loaders
-
-
 def pope_samples(task: PopeTask, seed: int) -> Prepared:
     samples: list[Sample] = []
     data_files: dict[str, str] = {}
     for split in task.splits:
         if task.dataset == "testbed":
-            questions, loaders = testbed_pope(split, task.num_images, seed)
+            questions, loaders = pope_lib.testbed_questions(split, task.num_images, seed)
         else:
             path = pope_lib.question_file(task.dataset, split)
             data_files[path.name] = sha256(path)
@@ -901,11 +813,9 @@ __all__ = [
     "RunSettings",
     "Sample",
     "Shard",
-    "build_prompt",
     "default_out_dir",
     "evaluate",
     "launcher_shard",
-    "load_model",
     "model_info",
     "read_rows",
     "row_seed",

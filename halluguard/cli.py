@@ -17,9 +17,10 @@ from pathlib import Path
 from ._version import __version__
 from .eval.pope import RULES as ANSWER_RULES
 from .eval.pope import SPLITS as POPE_SPLITS
-from .eval.runner import CHAIR_DATASETS, CHAIR_PROMPT, DTYPES, POPE_DATASETS
+from .eval.runner import CHAIR_DATASETS, CHAIR_PROMPT, POPE_DATASETS
 from .eval.runner import TESTBED_CHAIR_SPLITS as TESTBED_SPLITS
 from .interrupts import Interrupts
+from .models import DTYPES, ModelError, looks_like_path
 
 
 class UsageError(Exception):
@@ -152,8 +153,6 @@ def _given(args: argparse.Namespace, name: str) -> bool:
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on other options and refuse options that do not apply."""
-    from .eval.runner import looks_like_path
-
     if args.model != "testbed" and looks_like_path(args.model) and not Path(args.model).expanduser().exists():
         raise UsageError(f"model path {args.model} does not exist")
     testbed_data = args.dataset == "testbed" if args.dataset else args.model == "testbed"
@@ -249,7 +248,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method, settings.decoding)
     prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
-    model, processor, name = runner.load_model(args.model, dtype=args.dtype, device=args.device)
+    from .models import load_model
+
+    model, processor, name = load_model(args.model, dtype=args.dtype, device=args.device)
     info = runner.model_info(model, name)
     from .api import wrap
 
@@ -605,8 +606,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo_parser(sub) -> None:
-    from .eval.runner import DTYPES
-
     demo = _leaf(
         sub,
         "demo",
@@ -672,7 +671,7 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
             return 130
         from .eval.runner import EvalError
 
-        known = isinstance(err, (EvalError, ValueError, OSError))
+        known = isinstance(err, (EvalError, ModelError, ValueError, OSError))
         prefix = "" if known else f"{type(err).__name__}: "
         hint = "" if known else " (--debug shows the traceback)"
         print(f"halluguard: error: {prefix}{_one_line(err)}{hint}", file=sys.stderr)

@@ -109,7 +109,7 @@ class Doctor:
         self.inputs = self.encode([s.render() for s in scenes], prompts)  # two lengths: left padding
 
     def prompt(self, text: str) -> str:
-        from .eval.runner import build_prompt
+        from .models import build_prompt
 
         return build_prompt(self.processor, text)
 

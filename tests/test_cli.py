@@ -285,12 +285,12 @@ def test_sink_dims_of_a_model_without_sinks_saves_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("tool", ["sink-dims", "retrieval-heads", "lookback"])
 def test_ctrl_c_during_calibration_says_interrupted(tool, tmp_path, capsys, monkeypatch):
-    from halluguard.eval import runner
+    from halluguard import models
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "load_model", interrupted)
+    monkeypatch.setattr(models, "load_model", interrupted)
     assert cli.main(["calibrate", tool, "--model", "testbed", "--out", str(tmp_path / "out.json")]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
 
@@ -304,12 +304,12 @@ def test_ctrl_c_during_calibration_says_interrupted(tool, tmp_path, capsys, monk
     ],
 )
 def test_a_method_and_decoding_that_cannot_run_are_refused_before_the_model_loads(argv, capsys, monkeypatch):
-    from halluguard.eval import runner
+    from halluguard import models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model loaded before the method and decoding were checked")
 
-    monkeypatch.setattr(runner, "load_model", no_loading)
+    monkeypatch.setattr(models, "load_model", no_loading)
     assert cli.main(argv) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 

@@ -79,7 +79,7 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
             model.to(device)
         inputs = {k: v.to(model.device) for k, v in synthetic.inputs(batch).items()}
         return model, None, inputs, "synthetic-medium (random LLaVA-1.5 shape, 146M)"
-    from halluguard.eval.runner import build_prompt, load_model
+    from halluguard.models import build_prompt, load_model
 
     model, processor, name = load_model(spec, dtype=dtype, device=device)
     if spec == "testbed":

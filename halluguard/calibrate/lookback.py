@@ -207,7 +207,7 @@ def main(
     batch_size: int = 8,
     seed: int = 0,
 ) -> int:
-    from ..eval.runner import build_prompt, load_model
+    from ..models import build_prompt, load_model
 
     try:
         import sklearn  # noqa: F401  (checked before captioning, not after)

@@ -47,7 +47,7 @@ def load_model(demo: Demo, args) -> None:
     """The model and processor, loaded offline (the test model) or from the hub cache / a path."""
     from transformers.utils import logging
 
-    from halluguard.eval.runner import load_model as load
+    from halluguard.models import load_model as load
 
     logging.disable_progress_bar()
     try:
