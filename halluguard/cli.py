@@ -181,20 +181,24 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError("--config needs --method (the method whose fields it sets)")
 
 
-def _task(args: argparse.Namespace):
-    from .eval import runner
+def _chair_task(args: argparse.Namespace):
+    from .eval.runner import ChairTask
 
-    if args.task == "chair":
-        return runner.ChairTask(
-            dataset=args.dataset,
-            num_images=args.num_images,
-            split=args.split or "misleading",
-            image_ids=args.image_ids or "opera",
-            coco_images=args.coco_images,
-            prompt=args.prompt,
-            short=args.short,
-        )
-    return runner.PopeTask(
+    return ChairTask(
+        dataset=args.dataset,
+        num_images=args.num_images,
+        split=args.split or "misleading",
+        image_ids=args.image_ids or "opera",
+        coco_images=args.coco_images,
+        prompt=args.prompt,
+        short=args.short,
+    )
+
+
+def _pope_task(args: argparse.Namespace):
+    from .eval.runner import PopeTask
+
+    return PopeTask(
         dataset=args.dataset,
         splits=tuple(args.splits),
         num_images=args.num_images or 500,
@@ -203,6 +207,9 @@ def _task(args: argparse.Namespace):
         answer_rule=args.answer_rule,
         prompt_suffix=args.prompt_suffix,
     )
+
+
+TASKS = {"chair": _chair_task, "pope": _pope_task}  # eval's task commands -> the task their options describe
 
 
 def _report_failed(results: dict) -> int:
@@ -225,7 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .registry import method_beams
 
     try:
-        task = _task(args)
+        task = TASKS[args.task](args)
         settings = runner.RunSettings(
             runner.Decoding(
                 max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
@@ -274,9 +281,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             guard.unwrap()
     if results is None:  # not process 0: it prints
         return 0
-    from .eval.report import chair_table, pope_table
+    from .eval.report import TABLES
 
-    print((chair_table if args.task == "chair" else pope_table)([results]))
+    print(TABLES[task.name]([results]))
     print(f"results: {out / 'results.json'}")
     return _report_failed(results)
 
