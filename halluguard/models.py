@@ -106,3 +106,22 @@ def _plain_turn(message: dict, image_token: str) -> str:
     if message["role"] == "user":
         return "USER: " + f"{image_token}\n" * images + text
     return f"ASSISTANT: {text}"
+
+
+def tiny_llava_config(text_config: dict, vision_config: dict, image_token: int, **fields):
+    """A small ``LlavaConfig`` built from scratch: a Llama text model with the fields ``text_config``
+    and a CLIP vision tower with the fields ``vision_config`` (its projection as wide as its hidden
+    size unless they say otherwise); ``image_token`` is the image placeholder, one per patch (the CLS
+    token dropped: the ``"default"`` feature strategy). ``fields`` sets further ``LlavaConfig`` fields.
+    The test model, the tests' tiny LLaVA and the benchmark's synthetic model are built with it."""
+    from transformers import LlavaConfig
+
+    vision = {"model_type": "clip_vision_model", "projection_dim": vision_config["hidden_size"], **vision_config}
+    return LlavaConfig(
+        text_config={"model_type": "llama", **text_config},
+        vision_config=vision,
+        image_token_index=image_token,
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+        vision_feature_select_strategy="default",
+        **fields,
+    )
