@@ -38,6 +38,7 @@ DATA = Path(__file__).parent / "data" / "chair"
 COCO_SYNONYMS = DATA / "synonyms.txt"
 COCO_GT = DATA / "coco2014_gt_objects.json.gz"
 OPERA_500_IDS = DATA / "opera_500_val2014_image_ids.txt"
+CHAIR_PROMPT = "Please describe this image in detail."  # the caption prompt of CHAIR evaluations (OPERA's)
 
 COCO_DOUBLE_WORDS = (
     "motor bike",

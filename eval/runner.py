@@ -46,8 +46,8 @@ from typing import Any
 from ..models import build_prompt
 from . import chair as chair_lib
 from . import pope as pope_lib
+from .chair import CHAIR_PROMPT
 
-CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_DATASETS = ("coco", "testbed")
 POPE_DATASETS = (*pope_lib.DATASETS, "testbed")
 TESTBED_CHAIR_SPLITS = ("misleading", "test", "faint")
@@ -840,7 +840,6 @@ def default_out_dir(task: Task, model_name: str, methods: str, decoding: Decodin
 
 
 __all__ = [
-    "CHAIR_PROMPT",
     "ChairTask",
     "Decoding",
     "EvalError",

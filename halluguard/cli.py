@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .eval.chair import CHAIR_PROMPT
 from .eval.pope import RULES as ANSWER_RULES
 from .eval.pope import SPLITS as POPE_SPLITS
-from .eval.runner import CHAIR_DATASETS, CHAIR_PROMPT, POPE_DATASETS
+from .eval.runner import CHAIR_DATASETS, POPE_DATASETS
 from .eval.runner import TESTBED_CHAIR_SPLITS as TESTBED_SPLITS
 from .interrupts import Interrupts
 from .models import DTYPES, ModelError, looks_like_path

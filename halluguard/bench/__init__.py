@@ -79,6 +79,7 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
             model.to(device)
         inputs = {k: v.to(model.device) for k, v in synthetic.inputs(batch).items()}
         return model, None, inputs, "synthetic-medium (random LLaVA-1.5 shape, 146M)"
+    from halluguard.eval.chair import CHAIR_PROMPT
     from halluguard.models import build_prompt, load_model
 
     model, processor, name = load_model(spec, dtype=dtype, device=device)
@@ -90,7 +91,7 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
         from PIL import Image
 
         images = [Image.new("RGB", (336, 336), (120 + 20 * i, 110, 100)) for i in range(batch)]
-    prompts = [build_prompt(processor, "Please describe this image in detail.")] * batch
+    prompts = [build_prompt(processor, CHAIR_PROMPT)] * batch
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     return model, processor, dict(inputs.to(model.device)), name
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..eval.chair import Chair
+from ..eval.chair import CHAIR_PROMPT, Chair
 from ..outputs import output_file
 
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")  # CHAIR's word tokens (its punctuation tokens aside)
@@ -249,7 +249,7 @@ def main(
         images = [Image.open(f).convert("RGB") for f in picked]
         ids = [_coco_id(f) for f in picked]
         chair = Chair(gt=truth)
-    prompt = build_prompt(processor, "Please describe this image in detail.")
+    prompt = build_prompt(processor, CHAIR_PROMPT)
     classifier, report = calibrate(
         model, processor, images, ids, truth, chair, prompt, context=context, window=window, level=level,
         max_new_tokens=max_new_tokens, batch_size=batch_size, name=name,

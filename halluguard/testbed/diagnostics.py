@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from .. import compat
+from .evaluate import CAPTION_PROMPT
 from .model import PROMPT_TEMPLATE
 
-CAPTION_PROMPT = "Describe the image."
 MARK_BEGIN = "<!-- diagnostics: begin -->"
 MARK_END = "<!-- diagnostics: end -->"
 
