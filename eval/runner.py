@@ -803,8 +803,26 @@ def evaluate(
         return None
     rows = collect_rows(out_dir, prepared.samples)
     metrics, captions = task.score(prepared, rows)
+    results = results_record(task, settings, info, guard, shard, prepared, rows, metrics, fingerprint(identity))
+    write_results(out_dir, results, captions)
+    return results
+
+
+def results_record(
+    task: Task,
+    settings: RunSettings,
+    info: ModelInfo,
+    guard,
+    shard: Shard,
+    prepared: Prepared,
+    rows: list[dict],
+    metrics: dict,
+    run_fingerprint: str,
+) -> dict:
+    """What ``results.json`` holds: the task, model, methods and settings, the metrics over ``rows``,
+    the failed rows, the data and the version."""
     failed = failed_summary(rows)
-    results = {
+    return {
         "task": task.name,
         "dataset": task.dataset,
         **task.result_fields(),
@@ -821,12 +839,10 @@ def evaluate(
         "complete": failed["count"] == 0,
         "image_ids": prepared.image_ids,
         "data_files": prepared.data_files,
-        "fingerprint": fingerprint(identity),
+        "fingerprint": run_fingerprint,
         "version": package_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    write_results(out_dir, results, captions)
-    return results
 
 
 def default_out_dir(task: Task, model_name: str, methods: str, decoding: Decoding) -> Path:
