@@ -25,7 +25,7 @@ import torch
 
 import halluguard as hg
 from halluguard.bench import load
-from halluguard.cli import method_configs
+from halluguard.registry import configs_from_spec as method_configs
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 

@@ -48,7 +48,7 @@ class ImageAttentionMeter(hg.Method):
 def shipped_model():
     """The shipped test model and a left-padded batch of three scenes from its misleading split."""
     from halluguard import testbed
-    from halluguard.eval.runner import build_prompt
+    from halluguard.models import build_prompt
     from halluguard.testbed import world
 
     model, processor = testbed.load()

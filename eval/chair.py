@@ -38,6 +38,7 @@ DATA = Path(__file__).parent / "data" / "chair"
 COCO_SYNONYMS = DATA / "synonyms.txt"
 COCO_GT = DATA / "coco2014_gt_objects.json.gz"
 OPERA_500_IDS = DATA / "opera_500_val2014_image_ids.txt"
+CHAIR_PROMPT = "Please describe this image in detail."  # the caption prompt of CHAIR evaluations (OPERA's)
 
 COCO_DOUBLE_WORDS = (
     "motor bike",
@@ -236,57 +237,62 @@ class Chair:
     ) -> dict:
         """Score ``records`` (``{"image_id", "caption"}``); ``short`` drops a last unfinished sentence."""
         gt_table = gt if gt is not None else self.gt
-        details, mentions, hallucinated, with_hallucination = [], 0, 0, 0
-        covered = gt_total = tokens = 0
-        precisions = []
-        for record in records:
-            image_id = int(record[image_id_key])
-            caption = record[caption_key]
-            if short:
-                caption = drop_incomplete_sentence(caption)
-            if image_id not in gt_table:
-                raise KeyError(f"image {image_id} has no ground-truth objects")
-            truth = set(gt_table[image_id])
-            words, nodes, n_tokens = self.caption_to_words(caption)
-            bad = [(w, n) for w, n in zip(words, nodes) if n not in truth]
-            mentions += len(nodes)
-            hallucinated += len(bad)
-            with_hallucination += bool(bad)
-            covered += len(set(nodes) & truth)
-            gt_total += len(truth)
-            tokens += n_tokens
-            if nodes:
-                precisions.append(len(set(nodes) & truth) / len(set(nodes)))
-            details.append(
-                {
-                    "image_id": image_id,
-                    "caption": caption,
-                    "mentioned": nodes,
-                    "mentioned_words": words,
-                    "hallucinated": [n for _, n in bad],
-                    "gt_objects": sorted(truth),
-                    "chair_i": 100.0 * len(bad) / len(nodes) if nodes else 0.0,
-                }
-            )
-        n = len(details)
-        if not n:
+        scored = [self._score_caption(r, gt_table, short, image_id_key, caption_key) for r in records]
+        if not scored:
             raise ValueError("no captions to score")
-        precision = 100.0 * sum(precisions) / len(precisions) if precisions else 0.0
-        recall = 100.0 * covered / gt_total if gt_total else 0.0
-        return {
-            "chair_s": 100.0 * with_hallucination / n,
-            "chair_i": 100.0 * hallucinated / max(mentions, 1),
-            "recall": recall,
-            "precision": precision,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "len": tokens / n,
-            "n": n,
-            "mentions": mentions,
-            "hallucinated_mentions": hallucinated,
-            "normaliser": self.normaliser,
-            "short": short,
-            "captions": details,
+        details = [detail for detail, _ in scored]
+        tokens = sum(n_tokens for _, n_tokens in scored)
+        return {**_metrics(details, tokens), "normaliser": self.normaliser, "short": short, "captions": details}
+
+    def _score_caption(
+        self, record: dict, gt_table: dict, short: bool, image_id_key: str, caption_key: str
+    ) -> tuple[dict, int]:
+        """One caption's mentions against its image's ground-truth objects, and its token count."""
+        image_id = int(record[image_id_key])
+        caption = record[caption_key]
+        if short:
+            caption = drop_incomplete_sentence(caption)
+        if image_id not in gt_table:
+            raise KeyError(f"image {image_id} has no ground-truth objects")
+        truth = set(gt_table[image_id])
+        words, nodes, n_tokens = self.caption_to_words(caption)
+        bad = [(w, n) for w, n in zip(words, nodes) if n not in truth]
+        detail = {
+            "image_id": image_id,
+            "caption": caption,
+            "mentioned": nodes,
+            "mentioned_words": words,
+            "hallucinated": [n for _, n in bad],
+            "gt_objects": sorted(truth),
+            "chair_i": 100.0 * len(bad) / len(nodes) if nodes else 0.0,
         }
+        return detail, n_tokens
+
+
+def _metrics(details: list[dict], tokens: int) -> dict:
+    """CHAIR_s, CHAIR_i, recall, precision, F1 and mean length (see the module docstring) over the
+    per-caption ``details`` of :meth:`Chair.score`, ``tokens`` in all."""
+    n = len(details)
+    mentions = sum(len(d["mentioned"]) for d in details)
+    hallucinated = sum(len(d["hallucinated"]) for d in details)
+    with_hallucination = sum(bool(d["hallucinated"]) for d in details)
+    correct = [set(d["mentioned"]) & set(d["gt_objects"]) for d in details]
+    covered = sum(len(c) for c in correct)
+    gt_total = sum(len(d["gt_objects"]) for d in details)
+    precisions = [len(c) / len(set(d["mentioned"])) for c, d in zip(correct, details) if d["mentioned"]]
+    precision = 100.0 * sum(precisions) / len(precisions) if precisions else 0.0
+    recall = 100.0 * covered / gt_total if gt_total else 0.0
+    return {
+        "chair_s": 100.0 * with_hallucination / n,
+        "chair_i": 100.0 * hallucinated / max(mentions, 1),
+        "recall": recall,
+        "precision": precision,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "len": tokens / n,
+        "n": n,
+        "mentions": mentions,
+        "hallucinated_mentions": hallucinated,
+    }
 
 
 def score(records: Iterable[dict], gt: dict | None = None, **kwargs) -> dict:

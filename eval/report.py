@@ -96,6 +96,9 @@ def pope_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TABLES = {"chair": chair_table, "pope": pope_table}  # a run's task -> the table of its results
+
+
 def report(paths: list[str], chart: str | None = None) -> str:
     runs = [load_run(p) for p in paths]
     tasks = {r["task"] for r in runs}
@@ -104,7 +107,7 @@ def report(paths: list[str], chart: str | None = None) -> str:
     if len(tasks) != 1:
         raise ValueError(f"compare runs of one task at a time, got {sorted(tasks)}")
     task = tasks.pop()
-    table = chair_table(runs) if task == "chair" else pope_table(runs)
+    table = TABLES[task](runs)
     if chart:
         save_chart(runs, task, chart)
     return table

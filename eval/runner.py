@@ -4,7 +4,7 @@ A run is described by a task (:class:`ChairTask` or :class:`PopeTask`: data, pro
 :class:`Decoding` (generation settings) plus a batch size and a seed (:class:`RunSettings`), and it
 goes through one function per stage:
 
-1. ``task_samples``: the samples (one per image or question) and what scoring needs;
+1. ``task_samples`` (``task.prepare``): the samples (one per image or question) and what scoring needs;
 2. ``open_run_folder``: the run folder's ``run.json`` records a fingerprint of everything that shapes
    a row (model identity and weights, methods with their full configs, decoding settings, prompt and
    chat template, data files, seed, package version). A rerun resumes only when the fingerprint
@@ -18,7 +18,7 @@ goes through one function per stage:
    seed and its rows' ids; sampled runs (``do_sample``) generate one row at a time, so each row's draw
    depends only on the run seed and its id. A resumed or sharded run therefore equals an uninterrupted
    one-process run;
-4. ``score_chair`` / ``score_pope``: metrics over the rows that have an output;
+4. ``task.score``: metrics over the rows that have an output;
 5. ``write_results``: ``results.json`` with the metrics, the failed rows (count and first reasons),
    model, methods, decoding settings, data file hashes, image ids and version.
 
@@ -43,14 +43,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..models import build_prompt
 from . import chair as chair_lib
 from . import pope as pope_lib
+from .chair import CHAIR_PROMPT
 
-CHAIR_PROMPT = "Please describe this image in detail."
 CHAIR_DATASETS = ("coco", "testbed")
 POPE_DATASETS = (*pope_lib.DATASETS, "testbed")
 TESTBED_CHAIR_SPLITS = ("misleading", "test", "faint")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CAPTIONS_FILE = "chair_captions.json"
@@ -113,6 +113,103 @@ class RunSettings:
         _check(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
+# ---- samples ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Sample:
+    key: str  # unique id of the row
+    image_id: Any
+    load_image: Callable[[], Any]  # -> PIL image (may raise)
+    prompt: str
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a task needs to generate and score: samples, scorer, data file hashes, image ids."""
+
+    samples: list[Sample]
+    data_files: dict[str, str]
+    image_ids: list
+    scorer: Any = None  # CHAIR: a chair.Chair
+    extra: Any = None  # CHAIR: scored captions -> further metrics (the testbed's partner rate)
+
+
+def coco_file_name(image_id: int) -> str:
+    return f"COCO_val2014_{int(image_id):012d}.jpg"
+
+
+def _open_image(path: Path) -> Callable[[], Any]:
+    def load():
+        from PIL import Image
+
+        return Image.open(path)
+
+    return load
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def chair_image_ids(spec: str, count: int, seed: int, gt: dict) -> list[int]:
+    """``opera`` (the 500 standard ids), ``seeded`` (a seeded sample of the ground truth's ids), or a
+    file of ids; every id must have ground truth."""
+    if spec == "opera":
+        ids = chair_lib.opera_500_ids()[:count]
+    elif spec == "seeded":
+        ids = random.Random(seed).sample(sorted(gt), min(count, len(gt)))
+    else:
+        ids = _image_ids_file(spec)[:count]
+    unknown = [i for i in ids if i not in gt]
+    if unknown:
+        raise EvalError(f"{len(unknown)} image ids have no COCO-2014 ground truth (first: {unknown[:3]})")
+    return ids
+
+
+def _image_ids_file(spec: str) -> list[int]:
+    """The image ids a file lists (whitespace-separated, each once)."""
+    path = Path(spec)
+    if not path.is_file():
+        raise EvalError(f"image ids: {spec!r} is neither 'opera', 'seeded' nor a file of ids")
+    ids = []
+    for number, word in enumerate(path.read_text().split(), 1):
+        try:
+            ids.append(int(word))
+        except ValueError:
+            raise EvalError(f"{spec}: item {number} ({word!r}) is not an image id") from None
+    if not ids:
+        raise EvalError(f"{spec} holds no image ids")
+    if len(set(ids)) != len(ids):
+        raise EvalError(f"{spec} names an image twice (ids must be unique)")
+    return ids
+
+
+def _partner_rate(scenes: list) -> Callable[[list[dict]], dict]:
+    """Scored captions of ``scenes`` (each built around one anchor) -> ``{"partner_named": percent}``,
+    how often a caption names the anchor's partner, which the scene leaves out."""
+    from ..testbed.evaluate import partner_named
+
+    by_id = {s.image_id: s for s in scenes}
+
+    def extra(good: list[dict]) -> dict:
+        named = partner_named([by_id[g["image_id"]] for g in good], [g["caption"] for g in good])
+        return {"partner_named": named}
+
+    return extra
+
+
+def _nothing_scored(rows: list[dict], what: str) -> EvalError:
+    reasons = "; ".join(r["error"] for r in rows[:2] if "error" in r)
+    return EvalError(f"no {what} could be scored: all {len(rows)} rows failed ({reasons}); fix the data and rerun")
+
+
+# ---- tasks -----------------------------------------------------------------------------------------------
+# A task knows its data (``prepare``), how its rows are scored (``score``), what of it a run's results
+# and fingerprint record (``result_fields``, ``recorded_prompt``) and how its progress bar is labelled.
+
+
 @dataclasses.dataclass(frozen=True)
 class ChairTask:
     """Caption images and score them with CHAIR."""
@@ -126,6 +223,7 @@ class ChairTask:
     short: bool = False  # 64-token regime: drop a last unfinished sentence before scoring
 
     name = "chair"
+    progress_label = "CHAIR captions"
 
     @property
     def default_max_new_tokens(self) -> int:
@@ -149,6 +247,57 @@ class ChairTask:
     def data_label(self) -> str:
         return f"testbed {self.split}" if self.dataset == "testbed" else "coco val2014"
 
+    @property
+    def recorded_prompt(self) -> str:
+        """The prompt a run's fingerprint records: the caption prompt."""
+        return self.prompt
+
+    def prepare(self, seed: int) -> Prepared:
+        """The images to caption, a CHAIR scorer with their ground truth, and the data files' hashes."""
+        return self._prepare_testbed(seed) if self.dataset == "testbed" else self._prepare_coco(seed)
+
+    def _prepare_testbed(self, seed: int) -> Prepared:
+        """Scenes of the test model's world, rendered on the fly; off the ``test`` split (scenes built
+        around one anchor) the results also give how often the anchor's partner is named."""
+        from ..testbed import world
+
+        scenes = list(world.scenes(self.split, self.num_images, seed))
+        samples = [Sample(str(s.image_id), s.image_id, s.render, self.prompt) for s in scenes]
+        gt = {s.image_id: set(s.categories) for s in scenes}
+        scorer = chair_lib.Chair(synonyms=world.synonyms_text(), gt=gt)
+        data_files = {"synonyms": hashlib.sha256(world.synonyms_text().encode()).hexdigest()}
+        extra = _partner_rate(scenes) if self.split != "test" else None
+        return Prepared(samples, data_files, [s.image_id for s in scenes], scorer, extra)
+
+    def _prepare_coco(self, seed: int) -> Prepared:
+        """COCO val2014 images of the chosen ids, scored against the packaged ground truth."""
+        scorer = chair_lib.Chair()
+        ids = chair_image_ids(self.image_ids, self.num_images, seed, scorer.gt)
+        folder = Path(self.coco_images)
+        samples = [Sample(str(i), i, _open_image(folder / coco_file_name(i)), self.prompt) for i in ids]
+        data_files = {"synonyms.txt": sha256(chair_lib.COCO_SYNONYMS), "gt": sha256(chair_lib.COCO_GT)}
+        return Prepared(samples, data_files, ids, scorer)
+
+    def score(self, prepared: Prepared, rows: list[dict]) -> tuple[dict, list[dict] | None]:
+        """(CHAIR metrics, per-caption details) over the rows with a caption."""
+        good = [{"image_id": r["image_id"], "caption": r["output"]} for r in rows if "error" not in r]
+        if not good:
+            raise _nothing_scored(rows, "caption")
+        scores = prepared.scorer.score(good, short=self.short)
+        captions = scores.pop("captions")
+        if prepared.extra is not None:
+            scores.update(prepared.extra(good))
+        return scores, captions
+
+    def result_fields(self) -> dict:
+        """What of the task a run's ``results.json`` records besides its name and dataset."""
+        return {
+            "split": self.split if self.dataset == "testbed" else "val2014",
+            "prompt": self.prompt,
+            "short": self.short,
+            "image_ids_from": self.image_ids if self.dataset == "coco" else "scenes",
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class PopeTask:
@@ -163,6 +312,7 @@ class PopeTask:
     prompt_suffix: str = ""
 
     name = "pope"
+    progress_label = "POPE answers"
     default_max_new_tokens = 10
 
     def __post_init__(self):
@@ -188,8 +338,62 @@ class PopeTask:
     def data_label(self) -> str:
         return self.dataset
 
+    @property
+    def recorded_prompt(self) -> str:
+        """The prompt a run's fingerprint records: the suffix added to every question."""
+        return self.prompt_suffix
+
+    def prepare(self, seed: int) -> Prepared:
+        """The questions of every split (the first ``num_questions`` of each) and the data files' hashes."""
+        samples: list[Sample] = []
+        data_files: dict[str, str] = {}
+        for split in self.splits:
+            questions, loaders = self._questions(split, seed, data_files)
+            for q in questions[: self.num_questions]:
+                meta = {"split": split, "question_id": q["question_id"], "label": q["label"], "question": q["text"]}
+                key, prompt = f"{split}/{q['question_id']}", q["text"] + self.prompt_suffix
+                samples.append(Sample(key, q["image"], loaders[q["image"]], prompt, meta))
+        return Prepared(samples, data_files, sorted({str(s.image_id) for s in samples}))
+
+    def _questions(self, split: str, seed: int, data_files: dict[str, str]) -> tuple[list[dict], dict]:
+        """A split's questions and a loader per image file name; an official question file's hash goes
+        into ``data_files``."""
+        if self.dataset == "testbed":
+            return pope_lib.testbed_questions(split, self.num_images, seed)
+        path = pope_lib.question_file(self.dataset, split)
+        data_files[path.name] = sha256(path)
+        questions = pope_lib.read_questions(path)
+        return questions, {q["image"]: _open_image(Path(self.coco_images) / q["image"]) for q in questions}
+
+    def score(self, prepared: Prepared, rows: list[dict]) -> tuple[dict, list[dict] | None]:
+        """(metrics per split, no details) over the rows with an answer (a split whose rows all failed
+        is left out)."""
+        metrics = {}
+        for split in self.splits:
+            mine = [r for r in rows if r["split"] == split and "error" not in r]
+            if mine:
+                predicted = [pope_lib.parse_answer(r["output"], self.answer_rule, label=r["label"]) for r in mine]
+                metrics[split] = pope_lib.metrics(
+                    predicted, [r["label"] for r in mine], answers=[r["output"] for r in mine]
+                )
+        if not metrics:
+            raise _nothing_scored(rows, "answer")
+        return metrics, None
+
+    def result_fields(self) -> dict:
+        """What of the task a run's ``results.json`` records besides its name and dataset."""
+        return {"splits": list(self.splits), "answer_rule": self.answer_rule, "prompt_suffix": self.prompt_suffix}
+
 
 Task = ChairTask | PopeTask
+
+
+def task_samples(task: Task, seed: int) -> Prepared:
+    """``task.prepare(seed)``, refused when it holds no sample."""
+    prepared = task.prepare(seed)
+    if not prepared.samples:
+        raise EvalError(f"the {task.name.upper()} run has no samples ({task.data_label})")
+    return prepared
 
 
 # ---- models --------------------------------------------------------------------------------------------
@@ -228,76 +432,6 @@ def model_info(model, name: str | None = None) -> ModelInfo:
     else:
         identity.update(id=source, revision=getattr(getattr(model, "config", None), "_commit_hash", None))
     return ModelInfo(name, identity)
-
-
-def looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
-
-
-def load_model(spec: str, dtype: str = "auto", device: str | None = None):
-    """``(model, processor, name)`` for ``"testbed"`` (the shipped model) or a hub id / local path;
-    ``model_info(model, name)`` gives its identity."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if device:
-        try:
-            target = torch.device(device)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"unknown device {device!r} ({err})") from None
-        if target.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
-    if spec == "testbed":
-        from ..testbed import load
-
-        model, processor = load(dtype=torch_dtype or torch.float32)
-    else:
-        if looks_like_path(spec) and not Path(spec).expanduser().exists():
-            raise EvalError(f"model path {spec} does not exist")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype or "auto")
-        processor = AutoProcessor.from_pretrained(spec)
-        processor.tokenizer.padding_side = "left"
-    if device is None and torch.cuda.is_available():
-        from accelerate import PartialState
-
-        device = str(PartialState().device)  # under a launcher: this process's GPU
-    if device:
-        model.to(device)
-    return model.eval(), processor, spec
-
-
-def build_prompt(processor, text: str) -> str:
-    """The model's chat prompt with one image and ``text`` (llava-style fallback without a template)."""
-    return chat_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}])
-
-
-def chat_prompt(processor, messages: list[dict]) -> str:
-    """The model's chat prompt for ``messages`` (transformers' chat format: each content a list of
-    ``{"type": "image"}`` and ``{"type": "text", "text": ...}`` parts), ready for the answer.
-
-    Without a chat template: llava-1.5's plain form, ``"USER: <image>\n{text} ASSISTANT:"`` per
-    user turn (one image token per image), an assistant turn's text after ``ASSISTANT:``, a system
-    turn's text first."""
-    if getattr(processor, "chat_template", None):
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    pieces = []
-    for message in messages:
-        content = message["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        text = " ".join(p["text"] for p in parts if p["type"] == "text")
-        images = sum(p["type"] == "image" for p in parts)
-        if message["role"] == "system":
-            pieces.append(text)
-        elif message["role"] == "user":
-            pieces.append("USER: " + f"{image_token}\n" * images + text)
-        else:
-            pieces.append(f"ASSISTANT: {text}")
-    return " ".join([*pieces, "ASSISTANT:"])
 
 
 def method_record(guard) -> list[dict]:
@@ -382,148 +516,6 @@ def launcher_shard() -> Shard:
     return Shard(rank[1], world[1], state)
 
 
-# ---- samples ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Sample:
-    key: str  # unique id of the row
-    image_id: Any
-    load_image: Callable[[], Any]  # -> PIL image (may raise)
-    prompt: str
-    meta: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class Prepared:
-    """What a task needs to generate and score: samples, scorer, data file hashes, image ids."""
-
-    samples: list[Sample]
-    data_files: dict[str, str]
-    image_ids: list
-    scorer: Any = None  # CHAIR: a chair.Chair
-    extra: Any = None  # CHAIR: scored captions -> further metrics (the testbed's partner rate)
-
-
-def coco_file_name(image_id: int) -> str:
-    return f"COCO_val2014_{int(image_id):012d}.jpg"
-
-
-def _open_image(path: Path) -> Callable[[], Any]:
-    def load():
-        from PIL import Image
-
-        return Image.open(path)
-
-    return load
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def chair_image_ids(spec: str, count: int, seed: int, gt: dict) -> list[int]:
-    """``opera`` (the 500 standard ids), ``seeded`` (a seeded sample of the ground truth's ids), or a
-    file of ids; every id must have ground truth."""
-    if spec == "opera":
-        ids = chair_lib.opera_500_ids()[:count]
-    elif spec == "seeded":
-        ids = random.Random(seed).sample(sorted(gt), min(count, len(gt)))
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise EvalError(f"image ids: {spec!r} is neither 'opera', 'seeded' nor a file of ids")
-        ids = []
-        for number, word in enumerate(path.read_text().split(), 1):
-            try:
-                ids.append(int(word))
-            except ValueError:
-                raise EvalError(f"{spec}: item {number} ({word!r}) is not an image id") from None
-        if not ids:
-            raise EvalError(f"{spec} holds no image ids")
-        if len(set(ids)) != len(ids):
-            raise EvalError(f"{spec} names an image twice (ids must be unique)")
-        ids = ids[:count]
-    unknown = [i for i in ids if i not in gt]
-    if unknown:
-        raise EvalError(f"{len(unknown)} image ids have no COCO-2014 ground truth (first: {unknown[:3]})")
-    return ids
-
-
-def chair_samples(task: ChairTask, seed: int) -> Prepared:
-    if task.dataset == "testbed":
-        from ..testbed import world
-
-        scenes = list(world.scenes(task.split, task.num_images, seed))
-        samples = [Sample(str(s.image_id), s.image_id, s.render, task.prompt) for s in scenes]
-        gt = {s.image_id: set(s.categories) for s in scenes}
-        scorer = chair_lib.Chair(synonyms=world.synonyms_text(), gt=gt)
-        data_files = {"synonyms": hashlib.sha256(world.synonyms_text().encode()).hexdigest()}
-        extra = None
-        if task.split != "test":  # scenes built around one anchor: how often its partner is named
-            from ..testbed.evaluate import partner_named
-
-            by_id = {s.image_id: s for s in scenes}
-
-            def extra(good: list[dict]) -> dict:
-                named = partner_named([by_id[g["image_id"]] for g in good], [g["caption"] for g in good])
-                return {"partner_named": named}
-
-        return Prepared(samples, data_files, [s.image_id for s in scenes], scorer, extra)
-    scorer = chair_lib.Chair()
-    ids = chair_image_ids(task.image_ids, task.num_images, seed, scorer.gt)
-    folder = Path(task.coco_images)
-    samples = [Sample(str(i), i, _open_image(folder / coco_file_name(i)), task.prompt) for i in ids]
-    data_files = {"synonyms.txt": sha256(chair_lib.COCO_SYNONYMS), "gt": sha256(chair_lib.COCO_GT)}
-    return Prepared(samples, data_files, ids, scorer)
-
-
-def testbed_pope(split: str, num_images: int, seed: int) -> tuple[list[dict], dict]:
-    """POPE questions on held-out scenes of the synthetic world, as the official files lay them out."""
-    import numpy as np
-
-    from ..testbed import world
-
-    scenes = list(world.scenes("test", num_images, seed))
-    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
-    rng = np.random.default_rng([seed, 17, world.SPLIT_SEEDS["test"], pope_lib.SPLITS.index(split)])
-    questions, loaders = [], {}
-    for scene in scenes:
-        name = world.file_name(scene)
-        loaders[name] = scene.render
-        for q in world.pope_questions(scene, split, rng, popularity=popularity, cooc=cooc):
-            questions.append({"question_id": len(questions) + 1, "image": name, "text": q["text"], "label": q["label"]})
-    return questions, loaders
-
-
-def pope_samples(task: PopeTask, seed: int) -> Prepared:
-    samples: list[Sample] = []
-    data_files: dict[str, str] = {}
-    for split in task.splits:
-        if task.dataset == "testbed":
-            questions, loaders = testbed_pope(split, task.num_images, seed)
-        else:
-            path = pope_lib.question_file(task.dataset, split)
-            data_files[path.name] = sha256(path)
-            questions = pope_lib.read_questions(path)
-            loaders = {q["image"]: _open_image(Path(task.coco_images) / q["image"]) for q in questions}
-        for q in questions[: task.num_questions]:
-            meta = {"split": split, "question_id": q["question_id"], "label": q["label"], "question": q["text"]}
-            samples.append(
-                Sample(
-                    f"{split}/{q['question_id']}", q["image"], loaders[q["image"]], q["text"] + task.prompt_suffix, meta
-                )
-            )
-    return Prepared(samples, data_files, sorted({str(s.image_id) for s in samples}))
-
-
-def task_samples(task: Task, seed: int) -> Prepared:
-    prepared = chair_samples(task, seed) if isinstance(task, ChairTask) else pope_samples(task, seed)
-    if not prepared.samples:
-        raise EvalError(f"the {task.name.upper()} run has no samples ({task.data_label})")
-    return prepared
-
-
 # ---- the run folder: fingerprint, resume, overwrite ------------------------------------------------------
 
 
@@ -535,7 +527,7 @@ def run_identity(task: Task, settings: RunSettings, info: ModelInfo, guard, proc
         "model": info.identity,
         "methods": {c["method"]: c for c in method_record(guard)},
         "decoding": dataclasses.asdict(settings.decoding),
-        "prompt": task.prompt if isinstance(task, ChairTask) else task.prompt_suffix,
+        "prompt": task.recorded_prompt,
         "prompt_template": build_prompt(processor, "{text}"),
         "seed": settings.seed,
         "data": data_files,
@@ -771,38 +763,6 @@ def failed_summary(rows: list[dict]) -> dict:
     }
 
 
-def _nothing_scored(rows: list[dict], what: str) -> EvalError:
-    reasons = "; ".join(r["error"] for r in rows[:2] if "error" in r)
-    return EvalError(f"no {what} could be scored: all {len(rows)} rows failed ({reasons}); fix the data and rerun")
-
-
-def score_chair(task: ChairTask, prepared: Prepared, rows: list[dict]) -> tuple[dict, list[dict]]:
-    """(CHAIR metrics, per-caption details) over the rows with a caption."""
-    good = [{"image_id": r["image_id"], "caption": r["output"]} for r in rows if "error" not in r]
-    if not good:
-        raise _nothing_scored(rows, "caption")
-    scores = prepared.scorer.score(good, short=task.short)
-    captions = scores.pop("captions")
-    if prepared.extra is not None:
-        scores.update(prepared.extra(good))
-    return scores, captions
-
-
-def score_pope(task: PopeTask, rows: list[dict]) -> dict:
-    """Metrics per split over the rows with an answer (a split whose rows all failed is left out)."""
-    metrics = {}
-    for split in task.splits:
-        mine = [r for r in rows if r["split"] == split and "error" not in r]
-        if mine:
-            predicted = [pope_lib.parse_answer(r["output"], task.answer_rule, label=r["label"]) for r in mine]
-            metrics[split] = pope_lib.metrics(
-                predicted, [r["label"] for r in mine], answers=[r["output"] for r in mine]
-            )
-    if not metrics:
-        raise _nothing_scored(rows, "answer")
-    return metrics
-
-
 def write_results(out_dir: Path, results: dict, captions: list[dict] | None = None) -> None:
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")
     if captions is not None:
@@ -837,29 +797,35 @@ def evaluate(
     prepared = prepared or task_samples(task, settings.seed)
     identity = run_identity(task, settings, info, guard, processor, prepared.data_files)
     open_run_folder(out_dir, identity, shard, overwrite)
-    desc = "CHAIR captions" if isinstance(task, ChairTask) else "POPE answers"
-    generate_rows(model, processor, guard, prepared.samples, out_dir, settings, shard, desc, checkpoint)
+    generate_rows(model, processor, guard, prepared.samples, out_dir, settings, shard, task.progress_label, checkpoint)
     shard.barrier()
     if not shard.main:
         return None
     rows = collect_rows(out_dir, prepared.samples)
-    captions = None
-    if isinstance(task, ChairTask):
-        metrics, captions = score_chair(task, prepared, rows)
-        task_fields = {"split": task.split if task.dataset == "testbed" else "val2014", "prompt": task.prompt}
-        task_fields.update(short=task.short, image_ids_from=task.image_ids if task.dataset == "coco" else "scenes")
-    else:
-        metrics = score_pope(task, rows)
-        task_fields = {
-            "splits": list(task.splits),
-            "answer_rule": task.answer_rule,
-            "prompt_suffix": task.prompt_suffix,
-        }
+    metrics, captions = task.score(prepared, rows)
+    results = results_record(task, settings, info, guard, shard, prepared, rows, metrics, fingerprint(identity))
+    write_results(out_dir, results, captions)
+    return results
+
+
+def results_record(
+    task: Task,
+    settings: RunSettings,
+    info: ModelInfo,
+    guard,
+    shard: Shard,
+    prepared: Prepared,
+    rows: list[dict],
+    metrics: dict,
+    run_fingerprint: str,
+) -> dict:
+    """What ``results.json`` holds: the task, model, methods and settings, the metrics over ``rows``,
+    the failed rows, the data and the version."""
     failed = failed_summary(rows)
-    results = {
+    return {
         "task": task.name,
         "dataset": task.dataset,
-        **task_fields,
+        **task.result_fields(),
         "model": info.name,
         "model_identity": info.identity,
         "methods": method_record(guard),
@@ -873,12 +839,10 @@ def evaluate(
         "complete": failed["count"] == 0,
         "image_ids": prepared.image_ids,
         "data_files": prepared.data_files,
-        "fingerprint": fingerprint(identity),
+        "fingerprint": run_fingerprint,
         "version": package_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    write_results(out_dir, results, captions)
-    return results
 
 
 def default_out_dir(task: Task, model_name: str, methods: str, decoding: Decoding) -> Path:
@@ -892,7 +856,6 @@ def default_out_dir(task: Task, model_name: str, methods: str, decoding: Decodin
 
 
 __all__ = [
-    "CHAIR_PROMPT",
     "ChairTask",
     "Decoding",
     "EvalError",
@@ -901,11 +864,9 @@ __all__ = [
     "RunSettings",
     "Sample",
     "Shard",
-    "build_prompt",
     "default_out_dir",
     "evaluate",
     "launcher_shard",
-    "load_model",
     "model_info",
     "read_rows",
     "row_seed",

@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .eval.chair import CHAIR_PROMPT
 from .eval.pope import RULES as ANSWER_RULES
 from .eval.pope import SPLITS as POPE_SPLITS
-from .eval.runner import CHAIR_DATASETS, CHAIR_PROMPT, DTYPES, POPE_DATASETS
+from .eval.runner import CHAIR_DATASETS, POPE_DATASETS
 from .eval.runner import TESTBED_CHAIR_SPLITS as TESTBED_SPLITS
 from .interrupts import Interrupts
+from .models import DTYPES, ModelError, looks_like_path
 
 
 class UsageError(Exception):
@@ -152,8 +154,6 @@ def _given(args: argparse.Namespace, name: str) -> bool:
 
 def check_eval_args(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on other options and refuse options that do not apply."""
-    from .eval.runner import looks_like_path
-
     if args.model != "testbed" and looks_like_path(args.model) and not Path(args.model).expanduser().exists():
         raise UsageError(f"model path {args.model} does not exist")
     testbed_data = args.dataset == "testbed" if args.dataset else args.model == "testbed"
@@ -182,20 +182,24 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise UsageError("--config needs --method (the method whose fields it sets)")
 
 
-def _task(args: argparse.Namespace):
-    from .eval import runner
+def _chair_task(args: argparse.Namespace):
+    from .eval.runner import ChairTask
 
-    if args.task == "chair":
-        return runner.ChairTask(
-            dataset=args.dataset,
-            num_images=args.num_images,
-            split=args.split or "misleading",
-            image_ids=args.image_ids or "opera",
-            coco_images=args.coco_images,
-            prompt=args.prompt,
-            short=args.short,
-        )
-    return runner.PopeTask(
+    return ChairTask(
+        dataset=args.dataset,
+        num_images=args.num_images,
+        split=args.split or "misleading",
+        image_ids=args.image_ids or "opera",
+        coco_images=args.coco_images,
+        prompt=args.prompt,
+        short=args.short,
+    )
+
+
+def _pope_task(args: argparse.Namespace):
+    from .eval.runner import PopeTask
+
+    return PopeTask(
         dataset=args.dataset,
         splits=tuple(args.splits),
         num_images=args.num_images or 500,
@@ -204,6 +208,9 @@ def _task(args: argparse.Namespace):
         answer_rule=args.answer_rule,
         prompt_suffix=args.prompt_suffix,
     )
+
+
+TASKS = {"chair": _chair_task, "pope": _pope_task}  # eval's task commands -> the task their options describe
 
 
 def _report_failed(results: dict) -> int:
@@ -219,63 +226,68 @@ def _report_failed(results: dict) -> int:
     return 1
 
 
+def _eval_settings(args: argparse.Namespace, methods: list):
+    """``(task, run settings)`` from eval's options; a mistake, or a method and decoding that cannot run
+    together, is a :class:`UsageError` (before the model loads)."""
+    from .api import check_decoding
+    from .eval.runner import Decoding, RunSettings
+    from .registry import method_beams
+
+    try:
+        task = TASKS[args.task](args)
+        decoding = Decoding(
+            max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
+            num_beams=args.num_beams or method_beams(methods),
+            do_sample=args.do_sample,
+            temperature=args.temperature or 1.0,
+            top_p=args.top_p or 1.0,
+        )
+        settings = RunSettings(decoding, batch_size=args.batch_size, seed=args.seed)
+        check_decoding(methods, decoding.num_beams, decoding.do_sample)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return task, settings
+
+
+def _guarded_run(args: argparse.Namespace, methods: list, run) -> dict | None:
+    """``run(model, processor, guard, info)`` on the model eval names, wrapped with ``methods`` (if
+    any) and unwrapped afterwards."""
+    from .api import wrap
+    from .eval.runner import model_info
+    from .models import load_model
+
+    model, processor, name = load_model(args.model, dtype=args.dtype, device=args.device)
+    info = model_info(model, name)
+    guard = wrap(model, processor, methods) if methods else None
+    try:
+        return run(model, processor, guard, info)
+    finally:
+        if guard is not None:
+            guard.unwrap()
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     check_eval_args(args)
     methods = method_configs(args.method, args.config)
     from .eval import runner
-    from .registry import method_beams
 
-    try:
-        task = _task(args)
-        settings = runner.RunSettings(
-            runner.Decoding(
-                max_new_tokens=args.max_new_tokens or task.default_max_new_tokens,
-                num_beams=args.num_beams or method_beams(methods),
-                do_sample=args.do_sample,
-                temperature=args.temperature or 1.0,
-                top_p=args.top_p or 1.0,
-            ),
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    from .api import check_decoding
-
-    try:  # a method and decoding that cannot run together are refused before the model loads
-        check_decoding(methods, settings.decoding.num_beams, settings.decoding.do_sample)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    task, settings = _eval_settings(args, methods)
     out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method, settings.decoding)
     prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
-    model, processor, name = runner.load_model(args.model, dtype=args.dtype, device=args.device)
-    info = runner.model_info(model, name)
-    from .api import wrap
 
-    guard = wrap(model, processor, methods) if methods else None
-    try:
-        results = runner.evaluate(
-            task,
-            model,
-            processor,
-            out,
-            guard,
-            settings,
-            info,
-            shard,
-            overwrite=args.overwrite,
-            prepared=prepared,
+    def run(model, processor, guard, info):
+        return runner.evaluate(
+            task, model, processor, out, guard, settings, info, shard, overwrite=args.overwrite, prepared=prepared,
             checkpoint=getattr(args, "checkpoint", None),
-        )
-    finally:
-        if guard is not None:
-            guard.unwrap()
+        )  # fmt: skip
+
+    results = _guarded_run(args, methods, run)
     if results is None:  # not process 0: it prints
         return 0
-    from .eval.report import chair_table, pope_table
+    from .eval.report import TABLES
 
-    print((chair_table if args.task == "chair" else pope_table)([results]))
+    print(TABLES[task.name]([results]))
     print(f"results: {out / 'results.json'}")
     return _report_failed(results)
 
@@ -304,65 +316,85 @@ def _leaf(sub, name: str, **kwargs) -> argparse.ArgumentParser:
 def _add_eval_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="CHAIR and POPE evaluation", formatter_class=HelpFormatter)
     tasks = ev.add_subparsers(dest="task", required=True, metavar="{chair,pope,report}")
-    for task in ("chair", "pope"):
-        datasets = CHAIR_DATASETS if task == "chair" else POPE_DATASETS
-        p = _leaf(tasks, task, help=f"run {task.upper()} with a method composition (or none)")
-        p.add_argument(
-            "--model",
-            default="testbed",
-            help="hub id or local path of a supported LVLM, or 'testbed' (the shipped test model)",
-        )
-        p.add_argument("--method", default="", help="method spec, e.g. 'pai' or 'pai+var' (default: none, vanilla)")
-        p.add_argument("--config", help="JSON (or a JSON file) of config overrides, e.g. '{\"alpha\": 0.5}'")
-        p.add_argument(
-            "--dataset",
-            choices=datasets,
-            help="coco (needs --coco-images) or testbed (the synthetic world)"
-            + ("; also aokvqa, gqa" if task == "pope" else "")
-            + " (default: testbed for the test model, else coco)",
-        )
-        p.add_argument("--coco-images", metavar="DIR", help="folder of COCO val2014 images (COCO data only)")
-        p.add_argument(
-            "--out",
-            metavar="DIR",
-            help="run folder; a rerun with the same settings resumes it (default: runs/<task>-<data>-<model>-<method>, "
-            "plus -beams5, -sampled, ... when the decoding is not greedy)",
-        )
-        p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
-        p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
-        max_tokens = "512 on COCO, 64 with --short or on the testbed" if task == "chair" else "10"
-        p.add_argument("--max-new-tokens", type=_count, help=f"token limit per answer (default: {max_tokens})")
-        p.add_argument("--num-beams", type=_count, help="beam count (default: 1, or the method's own, e.g. OPERA's 5)")
-        p.add_argument("--do-sample", action="store_true", help="sample (one row at a time, seeded by row)")
-        p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
-        p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")
-        p.add_argument("--seed", type=int, default=0, help="run seed (rows derive theirs from it and their id)")
-        if task == "chair":
-            p.add_argument("--num-images", type=_count, default=500, help="images to caption")
-        else:
-            p.add_argument("--num-images", type=_count, help="testbed scenes, 6 questions each (default: 500)")
-        p.add_argument(
-            "--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's; fp32 for testbed)"
-        )
-        p.add_argument("--device", help="e.g. cpu or cuda:0 (default: the GPU under a launcher, else CPU)")
-        p.set_defaults(func=_cmd_eval)
-        if task == "chair":
-            p.add_argument("--short", action="store_true", help="64-token regime: drop a last unfinished sentence")
-            p.add_argument(
-                "--image-ids",
-                help="COCO: 'opera' (the standard 500), 'seeded' (a seeded sample), or a file of ids (default: opera)",
-            )
-            p.add_argument("--prompt", default=CHAIR_PROMPT, help="caption prompt")
-            p.add_argument("--split", choices=TESTBED_SPLITS, help="testbed split (default: misleading)")
-        else:
-            p.add_argument("--splits", nargs="+", choices=POPE_SPLITS, default=list(POPE_SPLITS), help="POPE splits")
-            p.add_argument("--num-questions", type=_count, help="first N questions per split (default: all)")
-            p.add_argument("--answer-rule", default="pope", choices=ANSWER_RULES, help="yes/no parsing rule")
-            p.add_argument("--prompt-suffix", default="", help="text appended to each question (default: none)")
+    _add_chair_parser(tasks)
+    _add_pope_parser(tasks)
     rep = _leaf(tasks, "report", help="compare runs: markdown table and bar chart")
     rep.add_argument("runs", nargs="+", help="run folders (or results.json files)")
     rep.add_argument("--chart", metavar="PNG", help="save a bar chart here")
     rep.set_defaults(func=_cmd_report)
+
+
+def _add_chair_parser(tasks) -> None:
+    p = _leaf(tasks, "chair", help="run CHAIR with a method composition (or none)")
+    _add_model_and_data_options(p, CHAIR_DATASETS, other_datasets="")
+    _add_run_options(p, max_tokens="512 on COCO, 64 with --short or on the testbed")
+    p.add_argument("--num-images", type=_count, default=500, help="images to caption")
+    _add_weights_options(p)
+    p.add_argument("--short", action="store_true", help="64-token regime: drop a last unfinished sentence")
+    p.add_argument(
+        "--image-ids",
+        help="COCO: 'opera' (the standard 500), 'seeded' (a seeded sample), or a file of ids (default: opera)",
+    )
+    p.add_argument("--prompt", default=CHAIR_PROMPT, help="caption prompt")
+    p.add_argument("--split", choices=TESTBED_SPLITS, help="testbed split (default: misleading)")
+
+
+def _add_pope_parser(tasks) -> None:
+    p = _leaf(tasks, "pope", help="run POPE with a method composition (or none)")
+    _add_model_and_data_options(p, POPE_DATASETS, other_datasets="; also aokvqa, gqa")
+    _add_run_options(p, max_tokens="10")
+    p.add_argument("--num-images", type=_count, help="testbed scenes, 6 questions each (default: 500)")
+    _add_weights_options(p)
+    p.add_argument("--splits", nargs="+", choices=POPE_SPLITS, default=list(POPE_SPLITS), help="POPE splits")
+    p.add_argument("--num-questions", type=_count, help="first N questions per split (default: all)")
+    p.add_argument("--answer-rule", default="pope", choices=ANSWER_RULES, help="yes/no parsing rule")
+    p.add_argument("--prompt-suffix", default="", help="text appended to each question (default: none)")
+
+
+def _add_model_and_data_options(p: argparse.ArgumentParser, datasets: tuple[str, ...], other_datasets: str) -> None:
+    """An eval task's model, methods and data options."""
+    p.add_argument(
+        "--model",
+        default="testbed",
+        help="hub id or local path of a supported LVLM, or 'testbed' (the shipped test model)",
+    )
+    p.add_argument("--method", default="", help="method spec, e.g. 'pai' or 'pai+var' (default: none, vanilla)")
+    p.add_argument("--config", help="JSON (or a JSON file) of config overrides, e.g. '{\"alpha\": 0.5}'")
+    p.add_argument(
+        "--dataset",
+        choices=datasets,
+        help="coco (needs --coco-images) or testbed (the synthetic world)"
+        + other_datasets
+        + " (default: testbed for the test model, else coco)",
+    )
+    p.add_argument("--coco-images", metavar="DIR", help="folder of COCO val2014 images (COCO data only)")
+
+
+def _add_run_options(p: argparse.ArgumentParser, max_tokens: str) -> None:
+    """An eval task's run folder, batching and decoding options (``max_tokens``: the default token limit)."""
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="run folder; a rerun with the same settings resumes it (default: runs/<task>-<data>-<model>-<method>, "
+        "plus -beams5, -sampled, ... when the decoding is not greedy)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a run folder made with other settings")
+    p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
+    p.add_argument("--max-new-tokens", type=_count, help=f"token limit per answer (default: {max_tokens})")
+    p.add_argument("--num-beams", type=_count, help="beam count (default: 1, or the method's own, e.g. OPERA's 5)")
+    p.add_argument("--do-sample", action="store_true", help="sample (one row at a time, seeded by row)")
+    p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (rows derive theirs from it and their id)")
+
+
+def _add_weights_options(p: argparse.ArgumentParser) -> None:
+    """An eval task's dtype and device options; the task runs through :func:`_cmd_eval`."""
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights dtype (auto: the checkpoint's; fp32 for testbed)"
+    )
+    p.add_argument("--device", help="e.g. cpu or cuda:0 (default: the GPU under a launcher, else CPU)")
+    p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_calibrate_sink_dims(args: argparse.Namespace) -> int:
@@ -605,8 +637,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo_parser(sub) -> None:
-    from .eval.runner import DTYPES
-
     demo = _leaf(
         sub,
         "demo",
@@ -672,7 +702,7 @@ def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
             return 130
         from .eval.runner import EvalError
 
-        known = isinstance(err, (EvalError, ValueError, OSError))
+        known = isinstance(err, (EvalError, ModelError, ValueError, OSError))
         prefix = "" if known else f"{type(err).__name__}: "
         hint = "" if known else " (--debug shows the traceback)"
         print(f"halluguard: error: {prefix}{_one_line(err)}{hint}", file=sys.stderr)

@@ -100,16 +100,17 @@ class Doctor:
     """The checks, on the shipped test model (loaded once)."""
 
     def __init__(self):
+        from .eval.chair import CHAIR_PROMPT
         from .testbed import load, path, world
 
         self.model, self.processor = load()
         self.folder = str(path())
         scenes = list(world.scenes("misleading", 2, seed=0))
-        prompts = [self.prompt("Describe the image."), self.prompt("Please describe this image in detail.")]
+        prompts = [self.prompt("Describe the image."), self.prompt(CHAIR_PROMPT)]
         self.inputs = self.encode([s.render() for s in scenes], prompts)  # two lengths: left padding
 
     def prompt(self, text: str) -> str:
-        from .eval.runner import build_prompt
+        from .models import build_prompt
 
         return build_prompt(self.processor, text)
 
@@ -195,7 +196,7 @@ class Doctor:
     # ---- the effects the README reports ---------------------------------------------------------------
     def partner_named(self, method: Any = None) -> float:
         """Percent of the misleading scenes' captions (greedy) that name the anchor's absent partner."""
-        from .eval.runner import CHAIR_PROMPT
+        from .eval.chair import CHAIR_PROMPT
         from .testbed import world
         from .testbed.evaluate import partner_named
 

@@ -10,6 +10,7 @@ from PIL import Image
 from halluguard import cli
 from halluguard.eval import runner
 from halluguard.eval.report import report
+from halluguard.models import load_model
 from halluguard.testbed import path as shipped_model_folder
 from halluguard.testbed import world
 
@@ -19,7 +20,7 @@ SETTINGS = runner.RunSettings(runner.Decoding(max_new_tokens=12), batch_size=2)
 
 @pytest.fixture(scope="module")
 def testbed():
-    model, processor, name = runner.load_model("testbed")
+    model, processor, name = load_model("testbed")
     return model, processor, runner.model_info(model, name)
 
 
@@ -252,7 +253,7 @@ def test_pope_cli_and_report(tmp_path, capsys):
 def test_dtype_and_device_apply_to_the_test_model(tmp_path):
     import torch
 
-    model, processor, name = runner.load_model("testbed", dtype="fp16", device="cpu")
+    model, processor, name = load_model("testbed", dtype="fp16", device="cpu")
     info = runner.model_info(model, name)
     assert model.dtype == torch.float16 and info.identity["dtype"] == "torch.float16"
     task = runner.ChairTask(dataset="testbed", num_images=1)

@@ -13,8 +13,8 @@ import halluguard as hg
 from halluguard import testbed
 from halluguard.calibrate.lookback import Examples, auroc, calibrate, caption_examples, mention_spans, token_spans
 from halluguard.eval.chair import Chair
-from halluguard.eval.runner import build_prompt
 from halluguard.methods.lookback.classifier import LookbackClassifier
+from halluguard.models import build_prompt
 from halluguard.testbed import world
 
 

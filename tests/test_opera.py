@@ -72,7 +72,7 @@ class Scripted(LogitsProcessor):
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
 @pytest.mark.parametrize("length_penalty", [1.0, 2.0, 0.5, 0.0, -1.0])
 def test_neutral_opera_is_beam_search_in_every_setting(length_penalty, early_stopping):
-    """The search's own bookkeeping (halluguard.decoding.beams) against generate's, on scripted scores:
+    """The search's own bookkeeping (halluguard.methods.opera.beams) against generate's, on scripted scores:
     two end tokens, several returned sequences, each length penalty and early-stopping rule."""
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=2)

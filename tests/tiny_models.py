@@ -22,10 +22,13 @@ practically never stops early (the largest of ~500 random logits is positive).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import transformers
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from halluguard.models import tiny_llava_config
 
 PAD, BOS, EOS = 0, 1, 2
 TEXT_LOW, TEXT_HIGH = 10, 500
@@ -77,17 +80,12 @@ _QWEN_IDS = dict(
 )
 _ANYRES_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
-# family -> (model class name, config class name, config kwargs)
-_CONFIGS: dict[str, tuple[str, str, dict]] = {
+# family -> (model class name, config class name or builder, config kwargs)
+_CONFIGS: dict[str, tuple[str, str | Callable, dict]] = {
     "llava": (
         "LlavaForConditionalGeneration",
-        "LlavaConfig",
-        dict(
-            text_config=dict(model_type="llama", **_TEXT),
-            vision_config=_CLIP,
-            image_token_index=IMAGE,
-            image_seq_length=16,
-        ),
+        tiny_llava_config,
+        dict(text_config=dict(_TEXT), vision_config=_CLIP, image_token=IMAGE),
     ),
     "llava_next": (
         "LlavaNextForConditionalGeneration",
@@ -257,7 +255,8 @@ def build_model(
     model_cls, config_cls, kwargs = _CONFIGS[family]
     kwargs = copy.deepcopy(kwargs)
     kwargs["text_config"].update(text_overrides or {})
-    config = getattr(transformers, config_cls)(**kwargs)
+    make_config = getattr(transformers, config_cls) if isinstance(config_cls, str) else config_cls
+    config = make_config(**kwargs)
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -79,7 +79,8 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
             model.to(device)
         inputs = {k: v.to(model.device) for k, v in synthetic.inputs(batch).items()}
         return model, None, inputs, "synthetic-medium (random LLaVA-1.5 shape, 146M)"
-    from halluguard.eval.runner import build_prompt, load_model
+    from halluguard.eval.chair import CHAIR_PROMPT
+    from halluguard.models import build_prompt, load_model
 
     model, processor, name = load_model(spec, dtype=dtype, device=device)
     if spec == "testbed":
@@ -90,7 +91,7 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
         from PIL import Image
 
         images = [Image.new("RGB", (336, 336), (120 + 20 * i, 110, 100)) for i in range(batch)]
-    prompts = [build_prompt(processor, "Please describe this image in detail.")] * batch
+    prompts = [build_prompt(processor, CHAIR_PROMPT)] * batch
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     return model, processor, dict(inputs.to(model.device)), name
 
@@ -193,21 +194,45 @@ def measure(
     """One ``Row`` for plain generation, one per spec, and with ``official`` one per :data:`OFFICIAL`
     re-enactment, timed as the module docstring says; ``checkpoint`` is called before every measured
     pair of runs (it raises to stop, e.g. ``Interrupts.check``)."""
-    import halluguard as hg
-    from halluguard.registry import configs_from_spec
+    session = _Session(model, inputs, new_tokens, repeats, echo, checkpoint)
+    skipped = []
+    try:
+        session.run(2)  # warm-up
+        for spec in specs:
+            reason = _measure_spec(session, processor, spec, overrides)
+            if reason is not None:
+                skipped.append(reason)
+        if official:
+            _measure_official(session, specs)
+    finally:
+        session.counter.handle.remove()
+    if not session.results:
+        raise BenchError(f"no method could run on this model ({'; '.join(skipped)})")
+    return _rows(session.results, new_tokens, inputs["input_ids"].shape[0])
 
-    counter = _Counter(model)
-    batch = inputs["input_ids"].shape[0]
-    results = {}
 
-    def pair(name: str, how, memory: bool) -> tuple[float, float, float, float | None]:
+class _Session:
+    """The model and batch one ``measure`` call times, and what it measured per row: ``results[name]``
+    is ``(times, forwards, peaks)``, each keyed or split by side (plain or guarded)."""
+
+    def __init__(self, model, inputs, new_tokens: int, repeats: int, echo, checkpoint):
+        self.model, self.inputs, self.new_tokens, self.repeats = model, inputs, new_tokens, repeats
+        self.echo, self.checkpoint = echo, checkpoint
+        self.counter = _Counter(model)
+        self.results: dict[str, tuple[dict, list, dict]] = {}
+
+    def run(self, new_tokens: int, memory: bool = False, generate=_plain) -> tuple[float, int, float | None]:
+        return _run(self.model, self.inputs, new_tokens, self.counter, memory=memory, generate=generate)
+
+    def pair(self, name: str, how, memory: bool) -> tuple[float, float, float, float | None]:
         """A prompt run and a full run: ``(prompt s, full s, forwards per token, peak)``, measured again
         while the full run is not slower than the prompt run."""
+        new_tokens = self.new_tokens
         for _ in range(RETRIES):
-            if checkpoint is not None:
-                checkpoint()
-            prompt, prompt_calls, _ = _run(model, inputs, 1, counter, generate=how)
-            full, full_calls, peak = _run(model, inputs, 1 + new_tokens, counter, memory=memory, generate=how)
+            if self.checkpoint is not None:
+                self.checkpoint()
+            prompt, prompt_calls, _ = self.run(1, generate=how)
+            full, full_calls, peak = self.run(1 + new_tokens, memory=memory, generate=how)
             if full > prompt:
                 return prompt, full, (full_calls - prompt_calls) / new_tokens, peak
         raise BenchError(
@@ -216,47 +241,54 @@ def measure(
             "busy, or --new-tokens too few"
         )
 
-    def interleaved(name: str, guarded, generate=_plain) -> None:
+    def interleaved(self, name: str, guarded, generate=_plain) -> None:
         """``repeats`` x (plain run, run inside ``guarded()``), each a prompt run and a full run."""
         times = {"plain": [], "guarded": []}
         forwards, peaks = [], {}
-        for r in range(repeats):
+        for r in range(self.repeats):
             for side in ("plain", "guarded"):
                 with guarded() if side == "guarded" else contextlib.nullcontext():
                     how = generate if side == "guarded" else _plain
-                    prompt, full, per_token, peak = pair(name if side == "guarded" else "plain", how, r == 0)
+                    prompt, full, per_token, peak = self.pair(name if side == "guarded" else "plain", how, r == 0)
                 times[side].append((prompt, full))
                 if r == 0:
                     peaks[side] = peak
                     forwards.append(per_token)
-        results[name] = (times, forwards, peaks)
-        echo(f"  {name}: done")
+        self.results[name] = (times, forwards, peaks)
+        self.echo(f"  {name}: done")
 
-    skipped = []
+
+def _measure_spec(session: _Session, processor, spec: str, overrides: dict) -> str | None:
+    """Time one method spec against plain runs; the reason it was skipped (a method that needs data
+    this model lacks: VAR's sinks, DeCoRe's heads), else ``None``."""
+    import halluguard as hg
+    from halluguard.registry import configs_from_spec
+
+    chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
+    configs = configs_from_spec(spec, chosen or None)
     try:
-        _run(model, inputs, 2, counter)  # warm-up
-        for spec in specs:
-            chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
-            configs = configs_from_spec(spec, chosen or None)
-            try:
-                with hg.wrap(model, processor, configs):
-                    _run(model, inputs, 2, counter)  # the method's warm-up
-            except ValueError as err:  # a method that needs data this model lacks (VAR's sinks, DeCoRe's heads)
-                skipped.append(f"{spec}: {str(err).splitlines()[0]}")
-                echo(f"  {spec}: skipped: {str(err).splitlines()[0]}")
-                continue
-            interleaved(spec, lambda configs=configs: hg.wrap(model, processor, configs))
-        benched = {name for spec in specs for name in spec.split("+")}
-        for name, (forwards, beams, methods) in OFFICIAL.items() if official else ():
-            if not benched & set(methods):
-                continue
-            with _eager_text(model):
-                _run(model, inputs, 2, counter, generate=_official(forwards, beams))  # warm-up
-            interleaved(name, lambda: _eager_text(model), _official(forwards, beams))
-    finally:
-        counter.handle.remove()
-    if not results:
-        raise BenchError(f"no method could run on this model ({'; '.join(skipped)})")
+        with hg.wrap(session.model, processor, configs):
+            session.run(2)  # the method's warm-up
+    except ValueError as err:
+        session.echo(f"  {spec}: skipped: {str(err).splitlines()[0]}")
+        return f"{spec}: {str(err).splitlines()[0]}"
+    session.interleaved(spec, lambda: hg.wrap(session.model, processor, configs))
+    return None
+
+
+def _measure_official(session: _Session, specs: list[str]) -> None:
+    """Time the :data:`OFFICIAL` re-enactments of the attention-reading methods among ``specs``."""
+    benched = {name for spec in specs for name in spec.split("+")}
+    for name, (forwards, beams, methods) in OFFICIAL.items():
+        if not benched & set(methods):
+            continue
+        with _eager_text(session.model):
+            session.run(2, generate=_official(forwards, beams))  # warm-up
+        session.interleaved(name, lambda: _eager_text(session.model), _official(forwards, beams))
+
+
+def _rows(results: dict, new_tokens: int, batch: int) -> list[Row]:
+    """The plain row (every plain run of every measured row) and one row per measured name."""
     plain_runs = [run for times, _, _ in results.values() for run in times["plain"]]
     plain_peaks = [p["plain"] for _, _, p in results.values() if p.get("plain") is not None]
     plain_forwards = [f[0] for _, f, _ in results.values()]

@@ -6,39 +6,39 @@ vocabulary 32000 (about 146M parameters). Prompts: BOS, 20 text tokens, the imag
 from __future__ import annotations
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
+
+from ..models import tiny_llava_config
 
 IMAGE_TOKEN = 31999
 
 
-def build(seed: int = 0) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    config = LlavaConfig(
-        text_config=dict(
-            model_type="llama",
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            vocab_size=32000,
-            max_position_embeddings=2048,
-        ),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=384,
-            intermediate_size=1536,
-            num_hidden_layers=6,
-            num_attention_heads=6,
-            image_size=192,
-            patch_size=16,
-            projection_dim=384,
-        ),
-        image_token_index=IMAGE_TOKEN,
-        image_seq_length=144,
-        vision_feature_select_strategy="default",
+def config():
+    """The model's configuration (sizes as the module docstring gives them)."""
+    text = dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=2048,
     )
-    return LlavaForConditionalGeneration(config).eval()
+    vision = dict(
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        image_size=192,
+        patch_size=16,
+    )
+    return tiny_llava_config(text, vision, IMAGE_TOKEN)
+
+
+def build(seed: int = 0) -> LlavaForConditionalGeneration:
+    """The model with random weights drawn from ``seed``, in eval mode."""
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config()).eval()
 
 
 def inputs(batch: int, seed: int = 0) -> dict:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..eval.chair import Chair
+from ..eval.chair import CHAIR_PROMPT, Chair
 from ..outputs import output_file
 
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")  # CHAIR's word tokens (its punctuation tokens aside)
@@ -136,12 +136,41 @@ def calibrate(
     progress: Callable[..., Any] = tqdm,
 ):
     """Caption, label, train and evaluate (see the module docstring); returns ``(classifier, report)``."""
-    import halluguard as hg
-
     from ..methods.lookback.classifier import train_classifier
 
     if level not in ("window", "mention"):
         raise ValueError(f"level must be 'window' or 'mention', got {level!r}")
+    mentions, windows, counts, (num_layers, num_heads) = _caption_examples(
+        model, processor, images, image_ids, truth, chair, prompt, context=context, window=window,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    train_images, test_images = _split_images(image_ids, held_out)
+    examples = windows if level == "window" else mentions
+    x, y = examples.subset(train_images)
+    if len(set(y.tolist())) < 2:
+        raise ValueError(
+            f"the training {level}s hold one class only ({len(y)} examples): caption more images "
+            "(the model must both hallucinate and not)"
+        )
+    classifier = train_classifier(x, y, num_layers, num_heads, context=context, model=name, window=window)
+    report = dict(counts, train_examples=len(y), level=level, context=context, window=window)
+    for kind, data in (("mention", mentions), ("window", windows)):
+        xs, ys = data.subset(test_images)
+        report[f"held_out_{kind}s"] = len(ys)
+        score = auroc(classifier.faithful_probability(xs), ys) if len(ys) else None
+        report[f"auroc_{kind}"] = score
+        if score is not None:
+            classifier.metrics[f"auroc_{kind}"] = score
+    return classifier, report
+
+
+def _caption_examples(
+    model, processor, images, image_ids, truth, chair, prompt, *, context, window, max_new_tokens, batch_size, progress
+) -> tuple[Examples, Examples, dict, tuple[int, int]]:
+    """Caption ``images`` greedily under Lookback's detector and label each caption's mentions by CHAIR:
+    ``(mention examples, window examples, counts, (layers, heads) of the features)``."""
+    import halluguard as hg
+
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
     eos = model.generation_config.eos_token_id
@@ -169,28 +198,15 @@ def calibrate(
                 )
             bar.update(len(batch))
     bar.close()
+    return mentions, windows, counts, tuple(detection.features.shape[1:])
+
+
+def _split_images(image_ids: list[int], held_out: float) -> tuple[set[int], set[int]]:
+    """``(training images, held-out images)``: a fixed shuffle, ``held_out`` of them (at least one
+    image for training) kept out."""
     order = torch.randperm(len(image_ids), generator=torch.Generator().manual_seed(0)).tolist()
     cut = max(1, round(len(order) * (1 - held_out)))
-    train_images = {image_ids[k] for k in order[:cut]}
-    test_images = {image_ids[k] for k in order[cut:]}
-    examples = windows if level == "window" else mentions
-    x, y = examples.subset(train_images)
-    if len(set(y.tolist())) < 2:
-        raise ValueError(
-            f"the training {level}s hold one class only ({len(y)} examples): caption more images "
-            "(the model must both hallucinate and not)"
-        )
-    num_layers, num_heads = detection.features.shape[1:]
-    classifier = train_classifier(x, y, num_layers, num_heads, context=context, model=name, window=window)
-    report = dict(counts, train_examples=len(y), level=level, context=context, window=window)
-    for kind, data in (("mention", mentions), ("window", windows)):
-        xs, ys = data.subset(test_images)
-        report[f"held_out_{kind}s"] = len(ys)
-        score = auroc(classifier.faithful_probability(xs), ys) if len(ys) else None
-        report[f"auroc_{kind}"] = score
-        if score is not None:
-            classifier.metrics[f"auroc_{kind}"] = score
-    return classifier, report
+    return {image_ids[k] for k in order[:cut]}, {image_ids[k] for k in order[cut:]}
 
 
 def main(
@@ -207,7 +223,7 @@ def main(
     batch_size: int = 8,
     seed: int = 0,
 ) -> int:
-    from ..eval.runner import build_prompt, load_model
+    from ..models import build_prompt, load_model
 
     try:
         import sklearn  # noqa: F401  (checked before captioning, not after)
@@ -218,38 +234,10 @@ def main(
     target = output_file(out)
     if coco_images is None and model_spec != "testbed":
         raise ValueError("a model other than the test model needs --coco-images DIR and --annotations DIR")
-    if coco_images is not None:  # the data, read before the model loads
-        from PIL import Image
-
-        from ..eval.chair import gt_from_coco_annotations
-
-        if annotations is None:
-            raise ValueError("--coco-images needs --annotations DIR (COCO instances_*.json)")
-        if not Path(coco_images).is_dir():
-            raise ValueError(f"--coco-images {coco_images} is not a folder")
-        truth = gt_from_coco_annotations(annotations)
-        files = sorted(Path(coco_images).glob("*.jpg"))
-        picked = [f for f in files if _coco_id(f) in truth][:num_images]
-        if not picked:
-            raise ValueError(f"no image of {coco_images} has ground truth in {annotations}")
+    coco = _coco_files(coco_images, annotations, num_images) if coco_images is not None else None
     model, processor, name = load_model(model_spec)
-    if coco_images is None:
-        from ..testbed import world
-
-        # the world's held-out splits, far from the scenes the evaluation uses: half misleading (an anchor
-        # without its partner: where the model hallucinates), half the training distribution
-        half = num_images // 2
-        scenes = list(world.scenes("misleading", half, seed, start=50_000))
-        scenes += list(world.scenes("test", num_images - half, seed, start=50_000))
-        images = [s.render() for s in scenes]
-        ids = [s.image_id for s in scenes]
-        truth = {s.image_id: set(s.categories) for s in scenes}
-        chair = Chair(synonyms=world.synonyms_text(), gt=truth)
-    else:
-        images = [Image.open(f).convert("RGB") for f in picked]
-        ids = [_coco_id(f) for f in picked]
-        chair = Chair(gt=truth)
-    prompt = build_prompt(processor, "Please describe this image in detail.")
+    images, ids, truth, chair = _testbed_data(num_images, seed) if coco is None else _coco_data(*coco)
+    prompt = build_prompt(processor, CHAIR_PROMPT)
     classifier, report = calibrate(
         model, processor, images, ids, truth, chair, prompt, context=context, window=window, level=level,
         max_new_tokens=max_new_tokens, batch_size=batch_size, name=name,
@@ -263,6 +251,45 @@ def main(
         f"({report['held_out_windows']}); saved {target}"
     )
     return 0
+
+
+def _coco_files(coco_images: str, annotations: str | None, num_images: int) -> tuple[list[Path], dict]:
+    """``(image files, ground truth)``: the first ``num_images`` images of the folder that have ground
+    truth in the COCO annotations (read before the model loads, so mistakes show at once)."""
+    from ..eval.chair import gt_from_coco_annotations
+
+    if annotations is None:
+        raise ValueError("--coco-images needs --annotations DIR (COCO instances_*.json)")
+    if not Path(coco_images).is_dir():
+        raise ValueError(f"--coco-images {coco_images} is not a folder")
+    truth = gt_from_coco_annotations(annotations)
+    files = sorted(Path(coco_images).glob("*.jpg"))
+    picked = [f for f in files if _coco_id(f) in truth][:num_images]
+    if not picked:
+        raise ValueError(f"no image of {coco_images} has ground truth in {annotations}")
+    return picked, truth
+
+
+def _coco_data(picked: list[Path], truth: dict) -> tuple[list, list[int], dict, Chair]:
+    """``(images, image ids, ground truth, CHAIR scorer)`` of the picked COCO images."""
+    from PIL import Image
+
+    images = [Image.open(f).convert("RGB") for f in picked]
+    return images, [_coco_id(f) for f in picked], truth, Chair(gt=truth)
+
+
+def _testbed_data(num_images: int, seed: int) -> tuple[list, list[int], dict, Chair]:
+    """``(images, image ids, ground truth, CHAIR scorer)`` of the test model's world: its held-out splits,
+    far from the scenes the evaluation uses; half misleading (an anchor without its partner: where the
+    model hallucinates), half the training distribution."""
+    from ..testbed import world
+
+    half = num_images // 2
+    scenes = list(world.scenes("misleading", half, seed, start=50_000))
+    scenes += list(world.scenes("test", num_images - half, seed, start=50_000))
+    truth = {s.image_id: set(s.categories) for s in scenes}
+    chair = Chair(synonyms=world.synonyms_text(), gt=truth)
+    return [s.render() for s in scenes], [s.image_id for s in scenes], truth, chair
 
 
 def _coco_id(path: Path) -> int:

@@ -320,7 +320,7 @@ def main(
     min_copy_accuracy: float = 0.5,
     show: int = 10,
 ) -> int:
-    from ..eval.runner import load_model
+    from ..models import load_model
     from ..outputs import output_file
 
     target = output_file(out)  # checked before the model loads

@@ -71,7 +71,7 @@ def calibration_ids(processor, model: nn.Module) -> torch.Tensor:
 
 def main(model_spec: str, out: str | None, tau: float, top: int) -> int:
     """Print the model's sink dimensions and save them to ``out``; 1 (and nothing saved) when it has none."""
-    from ..eval.runner import load_model
+    from ..models import load_model
     from ..outputs import output_file
 
     target = output_file(out) if out else None  # checked before the model loads

@@ -47,7 +47,7 @@ def load_model(demo: Demo, args) -> None:
     """The model and processor, loaded offline (the test model) or from the hub cache / a path."""
     from transformers.utils import logging
 
-    from halluguard.eval.runner import load_model as load
+    from halluguard.models import load_model as load
 
     logging.disable_progress_bar()
     try:
@@ -160,6 +160,7 @@ def interactive(demo: Demo, console: Console) -> int:
 
 
 def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str | None:
+    """Run one command line (without its ``:``); ``"quit"`` when it ends the session."""
     try:
         words = shlex.split(line)
     except ValueError as err:
@@ -167,54 +168,92 @@ def _command(demo: Demo, line: str, console: Console, last: Turn | None) -> str 
     if not words:
         raise DemoError("an empty command; :help lists them")
     name, rest = words[0].lower(), words[1:]
-    if name in ("quit", "q", "exit"):
-        return "quit"
-    if name in ("help", "h", "?"):
-        console.print(HELP)
-    elif name == "image":
-        if len(rest) != 1:
-            raise DemoError(":image takes one path")
-        demo.load_image(rest[0])
-        _show(demo, console)
-    elif name == "scene":
-        if not demo.is_testbed:
-            raise DemoError(":scene shows the test model's world; with another model use :image PATH")
-        split = rest[0] if rest else "misleading"
-        if len(rest) > 2:
-            raise DemoError(":scene takes a split and an index, e.g. :scene misleading 3")
-        try:
-            index = int(rest[1]) if len(rest) > 1 else _next_index(demo, split)
-        except ValueError:
-            raise DemoError(f"a scene index is a whole number, not {rest[1]!r}") from None
-        demo.load_scene(split, index)
-        _show(demo, console)
-    elif name in ("method", "methods"):
-        if not rest:
-            raise DemoError(":method takes a spec, e.g. :method pai+vhr alpha=... (none: plain only)")
-        console.print(f"methods: {demo.set_methods(rest[0], rest[1:])}")
-    elif name == "set":
-        if not rest:
-            raise DemoError(":set takes key=value pairs: max_tokens, beams, sample, temperature, top_p, seed")
-        for assignment in rest:
-            console.print(demo.update_setting(assignment))
-    elif name == "compare":
-        if rest not in (["on"], ["off"]):
-            raise DemoError(":compare takes on or off")
-        demo.compare = rest == ["on"]
-        console.print(f"compare: {rest[0]}")
-    elif name == "attention":
-        if len(rest) != 1:
-            raise DemoError(":attention takes the picture file to write, e.g. :attention map.png")
-        target = picture_path(rest[0], ":attention")
-        probe = ImageAttentionMeter()
-        _ask(demo, last.prompt if last else "", console, probe=probe)
-        save_attention(demo, probe, target)
-        console.print(f"saved {target}")
-    elif name == "show":
-        _show(demo, console)
-    else:
+    handler = COMMANDS.get(name)
+    if handler is None:
         raise DemoError(f"unknown command :{name}; :help lists the commands")
-    return None
+    return handler(demo, rest, console, last)
+
+
+def _quit(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> str:
+    return "quit"
+
+
+def _help(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    console.print(HELP)
+
+
+def _image(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    if len(rest) != 1:
+        raise DemoError(":image takes one path")
+    demo.load_image(rest[0])
+    _show(demo, console)
+
+
+def _scene(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    if not demo.is_testbed:
+        raise DemoError(":scene shows the test model's world; with another model use :image PATH")
+    split = rest[0] if rest else "misleading"
+    if len(rest) > 2:
+        raise DemoError(":scene takes a split and an index, e.g. :scene misleading 3")
+    try:
+        index = int(rest[1]) if len(rest) > 1 else _next_index(demo, split)
+    except ValueError:
+        raise DemoError(f"a scene index is a whole number, not {rest[1]!r}") from None
+    demo.load_scene(split, index)
+    _show(demo, console)
+
+
+def _method(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    if not rest:
+        raise DemoError(":method takes a spec, e.g. :method pai+vhr alpha=... (none: plain only)")
+    console.print(f"methods: {demo.set_methods(rest[0], rest[1:])}")
+
+
+def _set(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    if not rest:
+        raise DemoError(":set takes key=value pairs: max_tokens, beams, sample, temperature, top_p, seed")
+    for assignment in rest:
+        console.print(demo.update_setting(assignment))
+
+
+def _compare(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    if rest not in (["on"], ["off"]):
+        raise DemoError(":compare takes on or off")
+    demo.compare = rest == ["on"]
+    console.print(f"compare: {rest[0]}")
+
+
+def _attention(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    if len(rest) != 1:
+        raise DemoError(":attention takes the picture file to write, e.g. :attention map.png")
+    target = picture_path(rest[0], ":attention")
+    probe = ImageAttentionMeter()
+    _ask(demo, last.prompt if last else "", console, probe=probe)
+    save_attention(demo, probe, target)
+    console.print(f"saved {target}")
+
+
+def _show_command(demo: Demo, rest: list[str], console: Console, last: Turn | None) -> None:
+    _show(demo, console)
+
+
+# a command's name (and its aliases) -> its handler(demo, arguments, console, last turn)
+COMMANDS = {
+    "quit": _quit,
+    "q": _quit,
+    "exit": _quit,
+    "help": _help,
+    "h": _help,
+    "?": _help,
+    "image": _image,
+    "scene": _scene,
+    "method": _method,
+    "methods": _method,
+    "set": _set,
+    "compare": _compare,
+    "attention": _attention,
+    "show": _show_command,
+}
 
 
 def _next_index(demo: Demo, split: str) -> int:

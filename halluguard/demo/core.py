@@ -307,7 +307,7 @@ class Demo:
 
     # ---- answers ------------------------------------------------------------------------------------
     def _inputs(self, prompt: str) -> dict:
-        from halluguard.eval.runner import build_prompt
+        from halluguard.models import build_prompt
 
         if self.picture is None:
             raise DemoError("no picture: load one with :image PATH or :scene")

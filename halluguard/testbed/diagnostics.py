@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from .. import compat
+from .evaluate import CAPTION_PROMPT
 from .model import PROMPT_TEMPLATE
 
-CAPTION_PROMPT = "Describe the image."
 MARK_BEGIN = "<!-- diagnostics: begin -->"
 MARK_END = "<!-- diagnostics: end -->"
 
@@ -331,24 +331,54 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         "scenes, teacher-forced on the true caption:",
         "",
         head,
+        *_partner_rows(results),
+        "",
+        "Image-attention mass (mean over layers and heads) at the step that names each object:",
+        "",
+        head,
+        *_image_mass_rows(results),
+        "",
+        "Image-minus-prior contrast log p(word | image) - log p(word | no image), nats:",
+        "",
+        head,
+        *_contrast_rows(results),
+        "",
+        "Attention saturation over (layer, head, caption step):",
+        "",
+        head,
+        *_saturation_rows(results),
+        *_faint_sweep_lines(results, head),
     ]
-    for key, label in (
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(label: str, cells: list[str]) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _partner_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """p(partner) per image condition, one row each."""
+    conditions = (
         ("real", "real image"),
         ("grey", "grey image"),
         ("image_free", "no image (image tokens removed)"),
         ("partner_drawn", "partner drawn in that object's place"),
         ("anchor_erased", "anchor erased from the image"),
-    ):
-        lines.append(f"| {label} | " + " | ".join(_fmt(r["p_partner"][key]) for _, r in results) + " |")
-    lines += ["", "Image-attention mass (mean over layers and heads) at the step that names each object:", "", head]
+    )
+    return [_table_row(label, [_fmt(r["p_partner"][key]) for _, r in results]) for key, label in conditions]
+
+
+def _image_mass_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """Image-attention mass at true objects by their place in the caption, then at hallucinated partners."""
+    rows = []
     places = sorted({k for _, r in results for k in r["image_mass_true_by_place"]})
     for k in places:
         cells = []
         for _, r in results:
             v = r["image_mass_true_by_place"].get(k)
             cells.append(f"{_fmt(v[0], 3)} (n={v[1]})" if v else "-")
-        lines.append(f"| true object, {k}. in the caption | " + " | ".join(cells) + " |")
-    lines.append(
+        rows.append(f"| true object, {k}. in the caption | " + " | ".join(cells) + " |")
+    rows.append(
         "| hallucinated partner (misleading) | "
         + " | ".join(
             f"{_fmt(r['image_mass_hallucinated_partner'][0], 3)} (n={r['image_mass_hallucinated_partner'][1]}, "
@@ -357,34 +387,43 @@ def markdown(results: list[tuple[str, dict]]) -> str:
         )
         + " |"
     )
-    lines += ["", "Image-minus-prior contrast log p(word | image) - log p(word | no image), nats:", "", head]
-    for key, label in (
+    return rows
+
+
+def _contrast_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """The image-minus-prior contrast per kind of word, one row each."""
+    kinds = (
         ("hallucinated_partner", "hallucinated partner (misleading)"),
         ("drawn_partner_named", "drawn partner, named (faint and test)"),
         ("other_true_object", "other true object (misleading)"),
-    ):
-        lines.append(
-            f"| {label} | "
-            + " | ".join(f"{_fmt(r['contrast'][key][0])} (n={r['contrast'][key][1]})" for _, r in results)
-            + " |"
-        )
-    lines += ["", "Attention saturation over (layer, head, caption step):", "", head]
-    lines.append(
+    )
+    return [
+        _table_row(label, [f"{_fmt(r['contrast'][key][0])} (n={r['contrast'][key][1]})" for _, r in results])
+        for key, label in kinds
+    ]
+
+
+def _saturation_rows(results: list[tuple[str, dict]]) -> list[str]:
+    """How much of the attention is saturated on or off the image."""
+    return [
         "| share with < 1% or > 99% of the mass on the image | "
         + " | ".join(f"{100 * r['saturated_share']:.1f}%" for _, r in results)
-        + " |"
-    )
-    lines.append(
+        + " |",
         "| heads always on the image (> 99%) / never (< 1%), of all | "
         + " | ".join(f"{r['heads_always_on_image']} / {r['heads_never_on_image']} of {r['heads']}" for _, r in results)
-        + " |"
-    )
+        + " |",
+    ]
+
+
+def _faint_sweep_lines(results: list[tuple[str, dict]], head: str) -> list[str]:
+    """The faint-split sweep's table (partners named by visibility), when some model has one."""
     sweeps = [r.get("faint_partner_named") for _, r in results]
-    if any(sweeps):
-        lines += ["", "Faint-split partners named, by the faint partners' visibility (share of colour kept):", "", head]
-        for key in next(s for s in sweeps if s):
-            lines.append(f"| {key} | " + " | ".join(f"{s[key]:.0f}%" if s and key in s else "-" for s in sweeps) + " |")
-    return "\n".join(lines) + "\n"
+    if not any(sweeps):
+        return []
+    lines = ["", "Faint-split partners named, by the faint partners' visibility (share of colour kept):", "", head]
+    for key in next(s for s in sweeps if s):
+        lines.append(f"| {key} | " + " | ".join(f"{s[key]:.0f}%" if s and key in s else "-" for s in sweeps) + " |")
+    return lines
 
 
 def write_section(report: Path, section: str) -> None:

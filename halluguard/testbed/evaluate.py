@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..eval.chair import Chair
+from ..eval.pope import SPLITS as POPE_SPLITS
 from ..eval.pope import metrics as pope_metrics
 from ..eval.pope import parse_answer
 from . import world
@@ -92,7 +93,7 @@ def evaluate(
         ]
     scene_list = list(world_module.scenes("test", pope_images, seed, start=count))
     popularity, cooc = world_module.category_frequencies(seed=seed), world_module.cooccurrence(seed=seed)
-    for kind in ("random", "popular", "adversarial"):
+    for kind in POPE_SPLITS:
         rng = np.random.default_rng([seed, 11, len(kind)])
         questions, images = [], []
         for scene in scene_list:

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from ..models import tiny_llava_config
 from . import world
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -160,39 +161,31 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_config() -> LlavaConfig:
-    vocab_size = len(vocabulary())
-    config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=world.IMAGE_SIZE,
-            patch_size=PATCH_SIZE,
-            projection_dim=128,
-        ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=vocab_size,
-            hidden_size=192,
-            intermediate_size=512,
-            num_hidden_layers=6,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            attention_dropout=ATTENTION_DROPOUT,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            pad_token_id=PAD_ID,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-        ),
-        image_token_index=IMAGE_ID,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        image_seq_length=IMAGE_TOKENS,
-        projector_hidden_act="gelu",
+    """The architecture the module docstring describes, with the tokenizer's special ids."""
+    text = dict(
+        vocab_size=len(vocabulary()),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        attention_dropout=ATTENTION_DROPOUT,
+        max_position_embeddings=256,
         tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    vision = dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=world.IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = tiny_llava_config(
+        text, vision, IMAGE_ID, vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=True
     )
     config.pad_token_id = PAD_ID
     return config

@@ -36,6 +36,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..eval.pope import SPLITS as POPE_SPLITS
+
 IMAGE_SIZE = 108
 GRID = 3
 CELL = IMAGE_SIZE // GRID
@@ -521,8 +523,8 @@ def export(split: str, count: int, directory: str | Path, seed: int = 0) -> Path
         for scene in scene_list:
             f.write(json.dumps({"image_id": scene.image_id, "caption": scene.caption}) + "\n")
     popularity, cooc = category_frequencies(seed=seed), cooccurrence(seed=seed)
-    for kind in ("random", "popular", "adversarial"):
-        rng = np.random.default_rng([seed, SPLIT_SEEDS[split], 7, ("random", "popular", "adversarial").index(kind)])
+    for kind in POPE_SPLITS:
+        rng = np.random.default_rng([seed, SPLIT_SEEDS[split], 7, POPE_SPLITS.index(kind)])
         with open(out / f"pope_{split}_{kind}.jsonl", "w") as f:
             qid = 0
             for scene in scene_list:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..._version import __version__
 from ...api import wrap
-from ...eval.runner import DTYPES, chat_prompt, load_model
+from ...models import DTYPES, chat_prompt, load_model
 from ...registry import configs_from_spec, method_beams
 
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", **{d: d for d in DTYPES}}

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...eval import pope as pope_lib
-from ...eval.runner import testbed_pope
 
 TASK_PREFIX = "halluguard_testbed_pope_"
 _HERE = "halluguard.integrations.lmms_eval.tasks"
@@ -94,7 +93,7 @@ def write_testbed_pope(
     for split in splits:
         if split not in pope_lib.SPLITS:
             raise ValueError(f"unknown POPE split {split!r}; choose from {', '.join(pope_lib.SPLITS)}")
-        questions, loaders = testbed_pope(split, num_images, seed)
+        questions, loaders = pope_lib.testbed_questions(split, num_images, seed)
         questions = questions[:num_questions]
         images = {name: loaders[name]() for name in {q["image"] for q in questions}}
         table = datasets.Dataset.from_dict(

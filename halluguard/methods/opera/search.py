@@ -4,7 +4,7 @@ The scores are ``halluguard.methods.opera.scores``; this module runs the search.
 runs once for the whole batch; each sample's beams are then searched one sample after another on
 their own rows of the cache (a rollback crops one sample's cache, never another's). The beam
 bookkeeping (finished hypotheses, length penalty, early stopping, stopping criteria) is
-``halluguard.decoding.beams``: the rules of transformers' beam search, one step at a time, so with
+``halluguard.methods.opera.beams``: the rules of transformers' beam search, one step at a time, so with
 the penalty off and no rollback the search is ``generate``'s beam search exactly.
 
 One step of a sample with ``B`` beams and ``N`` candidates (the cache holds ``B`` rows)::
