@@ -69,25 +69,6 @@ def parse_answer(text: str, rule: str = "pope", label: str | None = None) -> str
     raise ValueError(f"unknown answer rule {rule!r}; choose from {', '.join(RULES)}")
 
 
-def testbed_questions(split: str, num_images: int, seed: int) -> tuple[list[dict], dict]:
-    """POPE questions of ``split`` on ``num_images`` held-out scenes of the shipped test model's synthetic
-    world, laid out as the official files are, and a loader of each scene's rendered image by file name."""
-    import numpy as np
-
-    from ..testbed import world
-
-    scenes = list(world.scenes("test", num_images, seed))
-    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
-    rng = np.random.default_rng([seed, 17, world.SPLIT_SEEDS["test"], SPLITS.index(split)])
-    questions, loaders = [], {}
-    for scene in scenes:
-        name = world.file_name(scene)
-        loaders[name] = scene.render
-        for q in world.pope_questions(scene, split, rng, popularity=popularity, cooc=cooc):
-            questions.append({"question_id": len(questions) + 1, "image": name, "text": q["text"], "label": q["label"]})
-    return questions, loaders
-
-
 def starts_with_yes_or_no(text: str) -> bool:
     head = text.strip().lower()
     return head.startswith("yes") or head.startswith("no")

@@ -359,7 +359,9 @@ class PopeTask:
         """A split's questions and a loader per image file name; an official question file's hash goes
         into ``data_files``."""
         if self.dataset == "testbed":
-            return pope_lib.testbed_questions(split, self.num_images, seed)
+            from ..testbed.evaluate import pope_question_file
+
+            return pope_question_file(split, self.num_images, seed)
         path = pope_lib.question_file(self.dataset, split)
         data_files[path.name] = sha256(path)
         questions = pope_lib.read_questions(path)

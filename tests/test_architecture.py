@@ -147,3 +147,30 @@ def test_the_library_never_imports_its_command_line():
     graph = import_graph(PACKAGE)
     users = sorted(name for name, targets in graph.items() if "halluguard.cli" in targets)
     assert users == ["halluguard.__main__"]
+
+
+LONGEST = 60  # lines of a function, its signature and docstring included
+
+
+def _is_triton_kernel(node: ast.FunctionDef) -> bool:
+    return any("triton.jit" in ast.unparse(d) for d in node.decorator_list)
+
+
+def long_functions(root: Path, longest: int = LONGEST) -> list[str]:
+    """``path:line name (lines)`` of every function over ``longest`` lines, Triton kernels aside."""
+    found = []
+    for name, path in modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_triton_kernel(node):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > longest:
+                    found.append(f"{name}:{node.lineno} {node.name} ({lines})")
+    return found
+
+
+def test_no_function_is_longer_than_sixty_lines_outside_the_triton_kernels(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("def long():\n" + "    x = 1\n" * LONGEST)
+    assert long_functions(package) == [f"pkg:1 long ({LONGEST + 1})"]  # the measure finds one
+    assert long_functions(PACKAGE) == []

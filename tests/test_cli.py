@@ -361,36 +361,3 @@ def test_an_eval_stops_before_the_next_batch_after_a_swallowed_ctrl_c(tmp_path, 
     assert cli.main(argv) == 130
     assert len(calls) == 1  # the second batch never started
     assert capsys.readouterr().err.splitlines()[-1] == "halluguard: interrupted; rerun the same command to resume"
-
-
-def _imported_modules(path, package: str) -> set[str]:
-    """Absolute names of the modules a source file imports (function-level imports included)."""
-    import ast
-
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            module = ".".join(part for part in (base, node.module or "") if part)
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
-
-
-def test_only_the_entry_point_imports_the_command_line():
-    from pathlib import Path
-
-    import halluguard
-
-    root = Path(halluguard.__file__).parent
-    files = [Path(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names if f.endswith(".py")]
-    assert any(f.parent.name == "eval" for f in files)  # eval/ and kernels/ are reached through their links
-    importers = []
-    for path in sorted(files):
-        parts = path.relative_to(root).with_suffix("").parts
-        package = ".".join(("halluguard", *parts[:-1]))
-        if "halluguard.cli" in _imported_modules(path, package) and parts != ("__main__",):
-            importers.append("/".join(parts))
-    assert importers == []

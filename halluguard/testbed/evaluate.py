@@ -106,3 +106,20 @@ def evaluate(
         labels = [q["label"] for q in questions]
         results[f"pope_{kind}"] = pope_metrics(predicted, labels)
     return results
+
+
+def pope_question_file(split: str, num_images: int, seed: int) -> tuple[list[dict], dict]:
+    """POPE questions of ``split`` on ``num_images`` held-out scenes of the shipped test model's synthetic
+    world, laid out as the official files are, and a loader of each scene's rendered image by file name."""
+    import numpy as np
+
+    scenes = list(world.scenes("test", num_images, seed))
+    popularity, cooc = world.category_frequencies(seed=seed), world.cooccurrence(seed=seed)
+    rng = np.random.default_rng([seed, 17, world.SPLIT_SEEDS["test"], POPE_SPLITS.index(split)])
+    questions, loaders = [], {}
+    for scene in scenes:
+        name = world.file_name(scene)
+        loaders[name] = scene.render
+        for q in world.pope_questions(scene, split, rng, popularity=popularity, cooc=cooc):
+            questions.append({"question_id": len(questions) + 1, "image": name, "text": q["text"], "label": q["label"]})
+    return questions, loaders

@@ -78,6 +78,8 @@ def write_testbed_pope(
     """Write the parquet files and task YAMLs of ``splits`` into ``folder``; returns the task names."""
     import datasets
 
+    from ...testbed.evaluate import pope_question_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     features = datasets.Features(
@@ -93,7 +95,7 @@ def write_testbed_pope(
     for split in splits:
         if split not in pope_lib.SPLITS:
             raise ValueError(f"unknown POPE split {split!r}; choose from {', '.join(pope_lib.SPLITS)}")
-        questions, loaders = pope_lib.testbed_questions(split, num_images, seed)
+        questions, loaders = pope_question_file(split, num_images, seed)
         questions = questions[:num_questions]
         images = {name: loaders[name]() for name in {q["image"] for q in questions}}
         table = datasets.Dataset.from_dict(
