@@ -117,6 +117,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
             for field, default, doc in item.config_cls.describe():
                 print(f"    {field:22s} = {default!r:12s} {mark_missing_commands(doc)}")
             print(f"    neutral: {item.config_cls.neutral_overrides}")
+            for line in item.capabilities_for().describe():
+                print(f"    {mark_missing_commands(line)}")
     return 0
 
 

@@ -202,6 +202,16 @@ def test_methods_verbose_names_only_commands_that_exist(capsys):
         assert cli._command_exists(command.split()) != bool(marked), command
 
 
+def test_methods_verbose_shows_what_each_method_can_do_as_registered(capsys):
+    from halluguard import registry
+
+    for name in registry.list_methods(available_only=True):
+        assert cli.main(["methods", name]) == 0
+        text = capsys.readouterr().out
+        for line in registry.entry(name).capabilities_for().describe():
+            assert cli.mark_missing_commands(line) in text, (name, line)
+
+
 def test_mark_missing_commands():
     assert cli.mark_missing_commands("run `halluguard calibrate sink-dims --model x`") == (
         "run `halluguard calibrate sink-dims --model x`"

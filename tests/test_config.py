@@ -177,3 +177,58 @@ def test_configs_cannot_be_changed_after_validation():
     assert cfg.replace(alpha=0.5).alpha == 0.5
     with pytest.raises(ValueError, match="PAIConfig.alpha"):
         cfg.replace(alpha=-1.0)
+
+
+# ---- capabilities: declared once, with the entry ------------------------------------------------
+def test_every_method_class_carries_the_capabilities_its_entry_declares():
+    for name in hg.list_methods(available_only=True):
+        entry = registry.entry(name)
+        assert entry.method_cls.capabilities is entry.capabilities  # the same declaration, not a copy
+        method = entry.method_cls(entry.config_cls())
+        assert method.capabilities == entry.capabilities_for(method.config)
+
+
+def test_refusals_follow_from_the_declared_capabilities():
+    opera = registry.entry("opera").method_cls(hg.get_config("opera", num_beams=4))
+    assert "pass num_beams>=2 (the official setting is 4)" in opera.decoding_refusal(1, False)
+    assert "pass do_sample=False" in opera.decoding_refusal(4, True)
+    assert opera.decoding_refusal(4, False) is None
+    guide = registry.entry("lookback").method_cls(hg.get_config("lookback", mode="guide"))
+    assert guide.owns_loop and "needs a classifier" in guide.decoding_refusal(1, True)
+    detect = registry.entry("lookback").method_cls(hg.get_config("lookback"))
+    assert not detect.owns_loop and "cannot follow beam search" in detect.decoding_refusal(3, False)
+    assert detect.decoding_refusal(1, True) is None and detect.capabilities.late_tokens is None
+
+
+def test_a_hook_implemented_but_not_declared_or_declared_but_not_implemented_is_refused():
+    class Contrast(hg.Method):
+        config_cls = hg.VCDConfig
+
+        def next_token_logits(self, state, logits):
+            return logits
+
+    with pytest.raises(TypeError, match=r"implements next_token_logits: declare Capabilities\(contrasts=True\)"):
+        Contrast()
+
+    class Claims(hg.Method):
+        config_cls = hg.VCDConfig
+        capabilities = hg.Capabilities(owns_loop=True)
+
+    with pytest.raises(TypeError, match="declares owns_loop but does not implement generate_loop"):
+        Claims()
+    with pytest.raises(ValueError, match="beams"):
+        hg.Capabilities(beams="many")
+
+
+def test_compositions_with_a_loop_owner_follow_runs_inside():
+    inside = sorted(n for n in hg.list_methods(True) if "opera" in registry.entry(n).capabilities_for().runs_inside)
+    assert inside == ["var", "vhr"]
+    for name in hg.list_methods(available_only=True):
+        if name == "opera":
+            continue
+        methods = [registry.entry(n).method_cls(hg.get_config(n)) for n in ("opera", name)]
+        if name in inside:
+            registry.check_composition(methods)
+        else:
+            with pytest.raises(ValueError, match="cannot compose"):
+                registry.check_composition(methods)

@@ -67,6 +67,24 @@ class Capabilities:
             raise ValueError(f"Capabilities.sampling is {self.sampling!r}; allowed: {SAMPLING}")
         object.__setattr__(self, "runs_inside", frozenset(self.runs_inside))
 
+    def describe(self) -> list[str]:
+        """The capabilities in words, one line each (``halluguard methods -v``)."""
+        beams = {"any": "any beams", "one": "no beam search", "several": "beam search only"}[self.beams]
+        sampling = {"any": "greedy or sampling", "never": "no sampling", "always": "sampling only"}[self.sampling]
+        lines = [f"decoding: {beams}; {sampling}"]
+        if self.owns_loop:
+            lines.append("owns the decoding loop" + (f" ({self.late_tokens}: no streamer)" if self.late_tokens else ""))
+        if self.contrasts:
+            lines.append("contrasts the next-token logits with a branch of its own")
+        if self.acts_in_branches:
+            lines.append("acts in other methods' contrast branches too")
+        if self.runs_inside:
+            lines.append(f"runs inside the decoding loop of: {', '.join(sorted(self.runs_inside))}")
+        if self.generation_defaults:
+            lines.append(f"generate defaults (official runs): {dict(self.generation_defaults)}")
+        lines += [f"needs {need}" for need in self.needs]
+        return lines
+
     def decoding_refusal(self, config: Any, num_beams: int, do_sample: bool) -> str | None:
         """Why a method with these capabilities and ``config`` cannot decode with ``num_beams`` beams
         and ``do_sample`` (None: it can)."""
