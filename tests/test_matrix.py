@@ -6,9 +6,10 @@ each method x family:
 * its neutral config generates plain ``generate``'s tokens, greedy and beam search;
 * after a guarded generate with the method acting, ``unwrap`` restores the logits bit for bit;
 * a left-padded batch generates what its rows generate alone (method acting);
-* greedy, sampling and beam search all run (method acting), or are refused with a clear error
-  (``BEAM_ONLY``: a method that is a beam search refuses greedy search and sampling; ``NO_BEAMS``: a
-  method whose per-row readings cannot follow beam search refuses it).
+* greedy, sampling and beam search all run (method acting), or are refused with the reason the
+  method itself gives (``Method.decoding_refusal``: OPERA, a beam search, refuses greedy search and
+  sampling; Lookback Lens, whose per-row readings cannot follow beam search, refuses beams). What a
+  method can decode is always asked of the method, never restated here.
 
 ``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
 what every config of a method needs there besides its strength (the tiny models have no massive
@@ -18,9 +19,11 @@ decoding-mode checks, and every check on the families outside ``CORE_FAMILIES``,
 (``python -m pytest -m slow``, run in CI).
 """
 
+import re
+
 import pytest
 import torch
-from probes import assert_batch_rows_equal_single_rows, assert_guard_keeps_tokens
+from probes import assert_batch_rows_equal_single_rows
 from tiny_models import FAMILIES, build_model, family_params, make_inputs
 
 import halluguard as hg
@@ -38,15 +41,13 @@ ACTIVE = {
     "opera": dict(scale_factor=50.0),
     "lookback": dict(context="prompt"),
 }
-# methods that are a beam search: greedy and sampling are refused with a clear error
-BEAM_ONLY = {"opera"}
-# methods whose per-row readings cannot follow beam search: beam search is refused with a clear error
-NO_BEAMS = {"lookback"}
 CONTEXT = {
     "var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1),
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
 }
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+# (num_beams, do_sample) of each decoding the matrix runs
+DECODINGS = {"greedy search": (1, False), "sampling": (1, True), "beam search": (2, False)}
 CASES = [case for m in METHODS for case in family_params(FAMILIES, m)]
 
 
@@ -58,6 +59,29 @@ def neutral(name):
     return registry.entry(name).config_cls.neutral().replace(**CONTEXT.get(name, {}))
 
 
+def method_of(config):
+    """The ``Method`` a guard builds for ``config``: what a method can do is asked of it."""
+    return registry.entry(config.name).method_cls(config)
+
+
+def refusal(configs, num_beams, do_sample=False):
+    """What a guarded ``generate`` says when a method of ``configs`` cannot decode with ``num_beams``
+    beams and ``do_sample`` (None: every method can)."""
+    for config in configs:
+        reason = method_of(config).decoding_refusal(num_beams, do_sample)
+        if reason is not None:
+            return f"{config.name}: {reason}"
+    return None
+
+
+def beams_for(*configs):
+    """The beams the matrix decodes ``configs`` with: greedy search if every method takes it, else
+    beam search."""
+    beams = next((n for n in (1, 3) if refusal(configs, n) is None), None)
+    assert beams is not None, f"{'+'.join(c.name for c in configs)} runs neither greedy nor beam search"
+    return beams
+
+
 def test_every_method_that_runs_has_active_settings_here():
     assert set(METHODS) <= set(ACTIVE), f"add matrix settings for {sorted(set(METHODS) - set(ACTIVE))}"
 
@@ -66,21 +90,19 @@ def test_every_method_that_runs_has_active_settings_here():
 def test_neutral_config_is_plain_generate(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
-    if name in NO_BEAMS:
-        with torch.no_grad():
-            want = model.generate(**inputs, **GEN)
-            with hg.wrap(model, methods=neutral(name)):
-                assert torch.equal(model.generate(**inputs, **GEN), want)
-                with pytest.raises(ValueError, match="cannot follow beam search"):
-                    model.generate(**inputs, **GEN, num_beams=3)
-        return
-    if name not in BEAM_ONLY:
-        assert_guard_keeps_tokens(model, inputs, neutral(name), GEN)
-        return
+    config, ran = neutral(name), []
     with torch.no_grad():
-        want = model.generate(**inputs, **GEN, num_beams=3)
-        with hg.wrap(model, methods=neutral(name)):
-            assert torch.equal(model.generate(**inputs, **GEN, num_beams=3), want)
+        for beams in (1, 3):
+            want = model.generate(**inputs, **GEN, num_beams=beams)
+            with hg.wrap(model, methods=config):
+                reason = refusal([config], beams)
+                if reason is not None:
+                    with pytest.raises(ValueError, match=re.escape(reason)):
+                        model.generate(**inputs, **GEN, num_beams=beams)
+                    continue
+                assert torch.equal(model.generate(**inputs, **GEN, num_beams=beams), want), f"{beams} beam(s)"
+                ran.append(beams)
+    assert ran, f"{name} refuses both greedy and beam search"
 
 
 @pytest.mark.parametrize("name,family", CASES)
@@ -102,7 +124,8 @@ def test_a_left_padded_batch_equals_its_rows_alone(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
     with hg.wrap(model, methods=active(name)):
-        assert_batch_rows_equal_single_rows(model, inputs, family, dict(GEN, num_beams=2) if name in BEAM_ONLY else GEN)
+        beams = beams_for(active(name))
+        assert_batch_rows_equal_single_rows(model, inputs, family, dict(GEN, num_beams=min(beams, 2)))
 
 
 @pytest.mark.slow
@@ -111,25 +134,19 @@ def test_greedy_sampling_and_beam_search_run(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family)
     width = inputs["input_ids"].shape[1] + GEN["max_new_tokens"]
-    with hg.wrap(model, methods=active(name)), torch.no_grad():
-        if name in NO_BEAMS:
-            with pytest.raises(ValueError, match="cannot follow beam search"):
-                model.generate(**inputs, **GEN, num_beams=2)
-            beam = model.generate(**inputs, **GEN)  # greedy in its place
-        else:
-            beam = model.generate(**inputs, **GEN, num_beams=2)
-        if name in BEAM_ONLY:
-            with pytest.raises(ValueError, match="num_beams=1"):
-                model.generate(**inputs, **GEN, num_beams=1)
-            with pytest.raises(ValueError, match="sampling"):
-                model.generate(**inputs, max_new_tokens=4, do_sample=True)
-            assert beam.shape == (inputs["input_ids"].shape[0], width)
-            return
-        greedy = model.generate(**inputs, **GEN)
-        torch.manual_seed(0)
-        sampled = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=True)
-    for out in (greedy, beam, sampled):
-        assert out.shape == (inputs["input_ids"].shape[0], width)
+    config, ran = active(name), []
+    with hg.wrap(model, methods=config), torch.no_grad():
+        for decoding, (beams, sample) in DECODINGS.items():
+            kwargs = dict(GEN, num_beams=beams, do_sample=sample)
+            reason = refusal([config], beams, sample)
+            if reason is not None:
+                with pytest.raises(ValueError, match=re.escape(reason)):
+                    model.generate(**inputs, **kwargs)
+                continue
+            torch.manual_seed(0)
+            assert model.generate(**inputs, **kwargs).shape == (inputs["input_ids"].shape[0], width), decoding
+            ran.append(decoding)
+    assert ran, f"{name} refuses every decoding"
 
 
 STATIC_FAMILIES = ["llava", "qwen2_vl", "gemma3", "paligemma"]
@@ -139,12 +156,13 @@ STATIC_FAMILIES = ["llava", "qwen2_vl", "gemma3", "paligemma"]
 def test_neutral_config_with_a_static_cache_is_plain_generate(name, family):
     model = build_model(family)
     inputs, _ = make_inputs(model, family, batch=1)  # unpadded: the prompt's forward gets no mask at all
-    static = dict(GEN, cache_implementation="static")
+    config = neutral(name)
+    static = dict(GEN, cache_implementation="static", num_beams=min(beams_for(config), 2))
     with torch.no_grad():
         want = model.generate(**inputs, **static)
-        with hg.wrap(model, methods=neutral(name)):
-            if name in BEAM_ONLY:  # it crops and reorders a dynamic cache
+        with hg.wrap(model, methods=config):
+            if method_of(config).owns_loop:  # a decoding loop crops and reorders a dynamic cache (decoding.loops)
                 with pytest.raises(ValueError, match="dynamic cache"):
-                    model.generate(**inputs, **static, num_beams=2)
+                    model.generate(**inputs, **static)
                 return
             assert torch.equal(model.generate(**inputs, **static), want)
