@@ -4,6 +4,15 @@ A method joins by being registered: the matrix takes ``list_methods(available_on
 each method x family:
 
 * its neutral config generates plain ``generate``'s tokens, greedy and beam search;
+* its active config acts, against plain ``generate`` with the same inputs and decoding (greedy
+  search where the method takes it, else beam search): a method with a strength (an active config
+  other than its neutral one) changes the tokens or, where a tiny model keeps them, the next-token
+  scores (``output_scores``, compared as log-probabilities over the tokens both keep); a method that
+  reports readings (``Method.call_result``) has read them (``READINGS``: Lookback Lens' ratios
+  have every row's shape, lie in [0, 1], are 1 at the first token and below 1 somewhere after), and
+  one that only reads leaves tokens and scores unchanged. The mirror: each method switched off (its
+  neutral point, every other field kept) fails that check, and the readings check fails without
+  readings;
 * after a guarded generate with the method acting, ``unwrap`` restores the logits bit for bit;
 * a left-padded batch generates what its rows generate alone (method acting);
 * greedy, sampling and beam search all run (method acting), or are refused with the reason the
@@ -19,15 +28,20 @@ decoding-mode checks, and every check on the families outside ``CORE_FAMILIES``,
 (``python -m pytest -m slow``, run in CI).
 """
 
+import dataclasses
+import math
 import re
+from typing import Any
 
 import pytest
 import torch
 from probes import assert_batch_rows_equal_single_rows
-from tiny_models import FAMILIES, build_model, family_params, make_inputs
+from tiny_models import CORE_FAMILIES, FAMILIES, build_model, family_params, make_inputs
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import halluguard as hg
 from halluguard import registry
+from halluguard.methods.base import Method
 
 METHODS = hg.list_methods(available_only=True)
 RETRIEVAL_HEADS = {"0-0": [0.9, 1.0], "1-1": [0.8], "0-2": [0.5], "1-3": [0.1]}  # the official file format
@@ -166,3 +180,175 @@ def test_neutral_config_with_a_static_cache_is_plain_generate(name, family):
                     model.generate(**inputs, **static)
                 return
             assert torch.equal(model.generate(**inputs, **static), want)
+
+
+# ---- every method acts ----------------------------------------------------------------------------
+# A method with a strength (its active config is not its neutral one) changes the generation: its
+# tokens, or where a tiny random model keeps them, its next-token scores. A method that reports
+# readings (``Method.call_result``) has read them; one that only reads leaves tokens and scores alone.
+
+ACTS_TOL = 1e-3  # a change of a next-token log-probability below this is float rounding, not a method acting
+SAME_SCORES = dict(rtol=0, atol=1e-4)  # a neutral method's kernel path rounds differently (VAR keeping every sink)
+
+
+@dataclasses.dataclass
+class Run:
+    """One ``generate(output_scores=True)``: its tokens and scores, what the guard's methods read
+    (``guard.results``) and the first step's next-token logits of each branch stream, by owner."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...]
+    results: dict[str, Any]
+    branches: dict[str, torch.Tensor]
+
+
+class FirstBranchLogits(LogitsProcessor):
+    """Keeps, at the first step, the next-token logits of every branch of the guard's call."""
+
+    def __init__(self, guard):
+        self.guard, self.seen = guard, None
+
+    def __call__(self, input_ids, scores):
+        if self.seen is None:
+            session = self.guard.session
+            self.seen = {m.name: session.branch_logits(m).clone() for m in session.branches}
+        return scores
+
+
+_MODELS: dict[str, tuple[torch.nn.Module, dict]] = {}
+_RUNS: dict[tuple, Run] = {}
+
+
+def model_and_inputs(family):
+    """The family's tiny model and its padded batch, built once per test session."""
+    if family not in _MODELS:
+        model = build_model(family)
+        _MODELS[family] = model, make_inputs(model, family)[0]
+    return _MODELS[family]
+
+
+def generate(family, configs, beams):
+    """The ``Run`` of a guarded generate with ``configs`` (none: plain ``generate``), computed once."""
+    key = (family, tuple(repr(c) for c in configs), beams)
+    if key not in _RUNS:
+        model, inputs = model_and_inputs(family)
+        kwargs = dict(GEN, num_beams=beams, output_scores=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            if not configs:
+                out, results, branches = model.generate(**inputs, **kwargs), {}, {}
+            else:
+                with hg.wrap(model, methods=list(configs)) as guard:
+                    seen = FirstBranchLogits(guard)
+                    out = model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([seen]))
+                    results, branches = dict(guard.results), seen.seen or {}
+        _RUNS[key] = Run(out.sequences, out.scores, results, branches)
+    return _RUNS[key]
+
+
+def output_change(a, b):
+    """How far ``b``'s output is from ``a``'s: infinite where the tokens differ, else the largest change
+    of a next-token log-probability, each step's scores renormalised over the tokens both keep finite
+    (a log-space contrast shifts a row's scores alike; OPERA keeps only its candidates)."""
+    if not torch.equal(a.sequences, b.sequences):
+        return math.inf
+    change = 0.0
+    for x, y in zip(a.scores, b.scores, strict=True):
+        kept = x.isfinite() & y.isfinite()
+        x, y = x.masked_fill(~kept, -math.inf), y.masked_fill(~kept, -math.inf)
+        change = max(change, float((x.log_softmax(-1) - y.log_softmax(-1))[kept].abs().max()))
+    return change
+
+
+def assert_same_output(got, want, what):
+    """Identical tokens, next-token scores equal up to float rounding, the same readings."""
+    assert torch.equal(got.sequences, want.sequences), f"{what}: other tokens"
+    for step, (x, y) in enumerate(zip(got.scores, want.scores, strict=True)):
+        torch.testing.assert_close(x, y, **SAME_SCORES, msg=lambda m, step=step: f"{what}: step {step}: {m}")
+    for name in want.results:
+        torch.testing.assert_close(READINGS[name].values(got), READINGS[name].values(want), **SAME_SCORES)
+
+
+def switched_off(config):
+    """``config`` at its method's neutral point (its strength off, every other field kept)."""
+    return config.replace(**type(config).neutral_overrides)
+
+
+def has_strength(name):
+    """Whether the method's active setting is not its neutral one: it has something to switch off."""
+    return active(name) != switched_off(active(name))
+
+
+def reports_readings(name):
+    """Whether the method reports what it read (it overrides ``Method.call_result``)."""
+    return type(method_of(active(name))).call_result is not Method.call_result
+
+
+class LookbackReadings:
+    """Lookback Lens' readings: per row, every generated token's lookback ratios ``(T, layers, heads)``."""
+
+    @staticmethod
+    def values(run):
+        return torch.stack([detection.features for detection in run.results["lookback"]])
+
+    @staticmethod
+    def check(run, family):
+        model, inputs = model_and_inputs(family)
+        text = model.config.get_text_config()
+        assert "lookback" in run.results, "Lookback Lens reported no readings"
+        ratios = LookbackReadings.values(run)
+        rows, new = inputs["input_ids"].shape[0], GEN["max_new_tokens"]
+        assert ratios.shape == (rows, new, text.num_hidden_layers, text.num_attention_heads)
+        assert bool(((ratios >= 0) & (ratios <= 1)).all()), "a lookback ratio outside [0, 1]"
+        # the first token's query has no generated key to look at: all its attention is on the context
+        assert torch.equal(ratios[:, 0], torch.ones_like(ratios[:, 0])), "first token's ratios are not 1"
+        # later queries attend to generated tokens too: some head of every row looks back less than fully
+        assert bool((ratios[:, 1:] < 1).flatten(1).any(1).all()), "no head of a row ever attends a generated token"
+
+
+# what each method that reports readings must have read
+READINGS = {"lookback": LookbackReadings}
+
+
+def test_every_method_that_acts_has_an_observable_here():
+    for name in METHODS:
+        assert has_strength(name) or reports_readings(name), f"{name}: neither a strength nor readings to observe"
+        assert not reports_readings(name) or name in READINGS, f"add a readings check for {name}"
+
+
+def assert_acts(family, config):
+    """``config`` acts on ``family`` as its method does (see the section comment above)."""
+    name, beams = config.name, beams_for(config)
+    plain, guarded = generate(family, (), beams), generate(family, (config,), beams)
+    change = output_change(plain, guarded)
+    if has_strength(name):
+        assert change > ACTS_TOL, f"{name} does not act on {family}: its output is plain generate's ({change:.2g})"
+    else:
+        assert_same_output(guarded, plain, f"{name}, which only reads, on {family}")
+    if reports_readings(name):
+        READINGS[name].check(guarded, family)
+
+
+@pytest.mark.parametrize("name,family", CASES)
+def test_active_config_acts(name, family):
+    assert_acts(family, active(name))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if has_strength(n)])
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_the_acts_check_fails_for_a_method_switched_off(name, family):
+    """The mirror of ``test_active_config_acts``: the same method at its neutral point fails it."""
+    with pytest.raises(AssertionError, match="does not act"):
+        assert_acts(family, switched_off(active(name)))
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if reports_readings(n)])
+def test_the_readings_check_fails_without_readings(name):
+    """The readings check fails on a plain generate (nothing read) and on readings stuck at one value."""
+    plain = generate("llava", (), 1)
+    with pytest.raises(AssertionError):
+        READINGS[name].check(plain, "llava")
+    guarded = generate("llava", (active(name),), beams_for(active(name)))
+    stuck = dataclasses.replace(guarded, results={})
+    stuck.results[name] = [dataclasses.replace(r, features=torch.ones_like(r.features)) for r in guarded.results[name]]
+    with pytest.raises(AssertionError):
+        READINGS[name].check(stuck, "llava")
