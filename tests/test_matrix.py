@@ -46,7 +46,9 @@ from halluguard.methods.base import Method
 METHODS = hg.list_methods(available_only=True)
 RETRIEVAL_HEADS = {"0-0": [0.9, 1.0], "1-1": [0.8], "0-2": [0.5], "1-3": [0.1]}  # the official file format
 ACTIVE = {
-    "vhr": dict(alpha=3.0),
+    # two layers (one's heads are chosen with the other reinforced), not layer 1: reinforced there, it makes
+    # every LLaVA image token a sink of layer 2, and VAR has no image token left to give mass to in vhr+var
+    "vhr": dict(alpha=3.0, layers=(0, 2)),
     "var": dict(sink_dims=(5, 9), tau=1.8, rho=0.9, p=0.3, first_layer=1),
     "pai": dict(alpha=1.0, start_layer=0, gamma=2.0),
     "vcd": dict(alpha=1.0),
@@ -352,3 +354,69 @@ def test_the_readings_check_fails_without_readings(name):
     stuck.results[name] = [dataclasses.replace(r, features=torch.ones_like(r.features)) for r in guarded.results[name]]
     with pytest.raises(AssertionError):
         READINGS[name].check(stuck, "llava")
+
+
+# ---- every composition the registry accepts --------------------------------------------------------
+
+
+def composes(a, b):
+    """Whether ``registry.check_composition`` accepts methods ``a`` and ``b`` (at their active settings)."""
+    try:
+        registry.check_composition([method_of(active(a)), method_of(active(b))])
+    except ValueError:
+        return False
+    return True
+
+
+PAIRS = [(a, b) for i, a in enumerate(METHODS) for b in METHODS[i + 1 :] if composes(a, b)]
+PAIR_CASES = [case for a, b in PAIRS for case in family_params(FAMILIES, a, b)]
+
+
+def with_part_off(configs, i):
+    """``configs`` with part ``i`` switched off (at its neutral point), the order kept."""
+    return tuple(switched_off(c) if j == i else c for j, c in enumerate(configs))
+
+
+def test_the_registry_accepts_some_compositions_and_refuses_others():
+    assert PAIRS, "no two methods compose"
+    assert len(PAIRS) < len(METHODS) * (len(METHODS) - 1) // 2, "every pair composes: the refusals went missing"
+
+
+@pytest.mark.parametrize("a,b,family", PAIR_CASES)
+def test_a_composition_runs_and_both_parts_act(a, b, family):
+    """``a+b`` runs with a decoding both take, and each part acts in it: switching one part off changes
+    the output (a part with a strength), and a part that reads has read the composed model: its
+    readings pass its check, move where the tokens it read differ from those it reads alone, and stay
+    its own where they do not and the other part acts on next-token logits only (not an attention-level
+    method: those may move them, as VHR does, or keep each token's share of the context, as VAR does)."""
+    both = (active(a), active(b))
+    beams = beams_for(*both)
+    run = generate(family, both, beams)
+    _, inputs = model_and_inputs(family)
+    assert run.sequences.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + GEN["max_new_tokens"])
+    for i, part in enumerate(both):
+        other = both[1 - i]
+        if has_strength(part.name):
+            change = output_change(generate(family, with_part_off(both, i), beams), run)
+            assert change > ACTS_TOL, f"{part.name} does not act in {a}+{b} on {family} ({change:.2g})"
+        if reports_readings(part.name):
+            READINGS[part.name].check(run, family)
+            alone = generate(family, (part,), beams)
+            moved = float((READINGS[part.name].values(run) - READINGS[part.name].values(alone)).abs().max())
+            # a token's reading comes from the forward fed the tokens before it
+            if not torch.equal(run.sequences[:, :-1], alone.sequences[:, :-1]):
+                assert moved > SAME_SCORES["atol"], f"{part.name}'s readings in {a}+{b} on {family} ignore the tokens"
+            elif not method_of(other).acts_in_branches:  # the other part acts on next-token logits only
+                assert moved <= SAME_SCORES["atol"], f"{part.name}'s readings in {a}+{b} on {family} moved: {moved:.2g}"
+
+
+@pytest.mark.parametrize("a,b,family", PAIR_CASES)
+def test_a_composition_with_one_part_switched_off_is_the_other_part_alone(a, b, family):
+    """The identity behind the check above: ``a`` at its neutral point + ``b`` generates what ``b``
+    alone generates (tokens exactly, scores up to float rounding, the same readings), and vice versa."""
+    both = (active(a), active(b))
+    beams = beams_for(*both)
+    for i, part in enumerate(both):
+        other = both[1 - i]
+        got, want = generate(family, with_part_off(both, i), beams), generate(family, (other,), beams)
+        assert_same_output(got, want, f"{part.name} switched off + {other.name} on {family}")
