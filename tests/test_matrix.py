@@ -20,12 +20,23 @@ each method x family:
   sampling; Lookback Lens, whose per-row readings cannot follow beam search, refuses beams). What a
   method can decode is always asked of the method, never restated here.
 
+Every composition of two methods that ``registry.check_composition`` accepts (asked of the methods
+built from their active configs) runs on every family, with a decoding both parts take:
+
+* both parts act: switching either off changes the output (a part with a strength), and a part that
+  reads has read the composed model (its readings pass its check and follow the tokens it read);
+* the identity: one part switched off + the other generates what the other generates alone (tokens
+  exactly, scores up to float rounding, the same readings);
+* each branch stream a part runs (a contrast's: VCD, AvisC, DeCoRe; PAI's image-free guidance) is
+  there, and the other part acts in it exactly when it is an attention-level method and the branch is
+  a contrast: its branch logits change against the same method acting in the main stream only.
+
 ``ACTIVE`` gives the settings at which a method acts on the tiny random models, and ``CONTEXT``
 what every config of a method needs there besides its strength (the tiny models have no massive
 activations, so VAR needs sink dimensions named, and a low threshold finds sinks; DeCoRe needs
-retrieval heads). The batch and
-decoding-mode checks, and every check on the families outside ``CORE_FAMILIES``, are marked ``slow``
-(``python -m pytest -m slow``, run in CI).
+retrieval heads). Every generate the act and composition checks compare runs once per test session
+(``generate``). The batch and decoding-mode checks, and every check on the families outside
+``CORE_FAMILIES``, are marked ``slow`` (``python -m pytest -m slow``, run in CI).
 """
 
 import dataclasses
