@@ -225,7 +225,7 @@ class BranchLogits(LogitsProcessor):
     def __call__(self, input_ids, scores):
         session = self.guard.session
         for method in session.branches:
-            self.seen.setdefault(method.name, []).append(session.branch_logits(method, input_ids).clone())
+            self.seen.setdefault(method.name, []).append(session.main.branch_logits(method, input_ids).clone())
         return scores
 
 
@@ -418,7 +418,7 @@ def test_a_composition_runs_and_both_parts_act(a, b, family):
             # a token's reading comes from the forward fed the tokens before it
             if not torch.equal(run.sequences[:, :-1], alone.sequences[:, :-1]):
                 assert moved > SAME_SCORES["atol"], f"{part.name}'s readings in {a}+{b} on {family} ignore the tokens"
-            elif not method_of(other).acts_in_branches:  # the other part acts on next-token logits only
+            elif not method_of(other).capabilities.acts_in_branches:  # the other part acts on next-token logits only
                 assert moved <= SAME_SCORES["atol"], f"{part.name}'s readings in {a}+{b} on {family} moved: {moved:.2g}"
 
 
@@ -438,7 +438,8 @@ def main_stream_only(config):
     """The method of ``config`` acting in the main stream only, not in other methods' branches: beside
     the method itself, it shows what the method does in a branch (the main stream being the same)."""
     method_cls = registry.entry(config.name).method_cls
-    variant = type(f"{method_cls.__name__}InTheMainStreamOnly", (method_cls,), {"acts_in_branches": False})
+    capabilities = dataclasses.replace(registry.entry(config.name).capabilities_for(config), acts_in_branches=False)
+    variant = type(f"{method_cls.__name__}InTheMainStreamOnly", (method_cls,), {"capabilities": capabilities})
     return variant(config)
 
 
@@ -494,7 +495,7 @@ def test_an_attention_level_part_acts_in_the_other_parts_contrast_branch(a, b, f
     for owner in run.branches:
         j = 0 if owner == b else 1  # the other part
         other, owner_config = both[j], both[1 - j]
-        if method_of(other).acts_in_branches:
+        if method_of(other).capabilities.acts_in_branches:
             main_only = tuple(main_stream_only(c) if k == j else c for k, c in enumerate(both))
             change = branch_change(run, generate(family, main_only, beams), owner)
             if method_of(owner_config).edits_next_logits and (other.name, owner, family) not in QUIET_IN_BRANCH:
