@@ -16,7 +16,7 @@ from typing import Any
 from .config import MethodConfig
 from .methods import BUILTIN
 from .methods.base import Method
-from .methods.capabilities import Capabilities, Declared, MethodEntry
+from .methods.capabilities import Declared, MethodEntry
 
 _REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in BUILTIN}
 
@@ -30,11 +30,9 @@ def register_method(
 ) -> None:
     """Register a method under ``name``: its config class, its ``Method`` class (or the import path
     ``"module:Class"`` of one, imported on first use; None while only the config exists) and its
-    capabilities (by default those the class declares)."""
+    capabilities (None: those the class declares)."""
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is already registered")
-    if capabilities is None:
-        capabilities = implementation.capabilities if isinstance(implementation, type) else Capabilities()
     _REGISTRY[name] = MethodEntry(name, config_cls, implementation, summary, capabilities)
 
 

@@ -232,3 +232,29 @@ def test_compositions_with_a_loop_owner_follow_runs_inside():
         else:
             with pytest.raises(ValueError, match="cannot compose"):
                 registry.check_composition(methods)
+
+
+@dataclasses.dataclass
+class LoopConfig(hg.MethodConfig):
+    name = "user-loop"
+
+
+class UserLoop(hg.Method):
+    """A user's method that owns the loop (it never runs here: only its declaration is read)."""
+
+    config_cls = LoopConfig
+    capabilities = hg.Capabilities(owns_loop=True, beams="one", beams_reason="a user's reason")
+
+    def generate_loop(self, state):
+        return None
+
+
+@pytest.mark.parametrize("implementation", [UserLoop, f"{__name__}:UserLoop"])
+def test_a_method_registered_without_capabilities_has_those_its_class_declares(implementation, monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    hg.register_method("user-loop", LoopConfig, implementation, "a loop of the user's own")
+    entry = registry.entry("user-loop")
+    assert entry.capabilities_for() is UserLoop.capabilities and entry.method_cls is UserLoop
+    assert "a user's reason" in entry.method_cls().decoding_refusal(2, False)
+    with pytest.raises(ValueError, match="already registered"):
+        hg.register_method("user-loop", LoopConfig, implementation, "again")

@@ -111,13 +111,14 @@ Declared = Capabilities | Callable[[MethodConfig], Capabilities]
 class MethodEntry:
     """A registered method: ``implementation`` is the ``Method`` class, its import path
     ``"module:Class"`` (imported on first use), or None (the config is defined, the implementation is
-    not shipped yet); ``capabilities`` a ``Capabilities`` or a function of the config giving them."""
+    not shipped yet); ``capabilities`` a ``Capabilities`` or a function of the config giving them (None:
+    those the implementation class declares)."""
 
     name: str
     config_cls: type[MethodConfig]
     implementation: type[Method] | str | None
     summary: str
-    capabilities: Declared = Capabilities()
+    capabilities: Declared | None = None
 
     def __post_init__(self) -> None:
         if self.config_cls.name != self.name:
@@ -133,7 +134,7 @@ class MethodEntry:
         if isinstance(cls, str):
             module, _, name = cls.partition(":")
             cls = getattr(importlib.import_module(module), name)
-        if cls is not None and cls.capabilities is not self.capabilities:
+        if cls is not None and self.capabilities is not None and cls.capabilities is not self.capabilities:
             raise TypeError(
                 f"{cls.__name__}.capabilities must be the ones registered for {self.name!r} (declare them once)"
             )
@@ -141,7 +142,10 @@ class MethodEntry:
 
     def capabilities_for(self, config: MethodConfig | None = None) -> Capabilities:
         """The capabilities of the method with ``config`` (its defaults when None)."""
-        return resolve(self.capabilities, config if config is not None else self.config_cls())
+        declared = self.capabilities
+        if declared is None:
+            declared = self.method_cls.capabilities if self.available else Capabilities()
+        return resolve(declared, config if config is not None else self.config_cls())
 
 
 def resolve(declared: Declared, config: MethodConfig) -> Capabilities:
