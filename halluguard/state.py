@@ -16,7 +16,7 @@ never share them.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -24,7 +24,26 @@ from .attention.edits import AttentionCall, AttentionEdit
 
 if TYPE_CHECKING:
     from .adapters import Adapter
-    from .methods.base import Method
+
+
+class MethodHooks(Protocol):
+    """What a stream's state calls on each of its methods (``halluguard.methods.base.Method``
+    implements it; the methods depend on the state, not the other way round)."""
+
+    name: str
+    reads_layer_inputs: bool
+    edits_input_embeds: bool
+    edits_next_logits: bool
+
+    def new_call_state(self) -> Any: ...
+    def on_prompt(self, state: GuardState) -> None: ...
+    def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Any]: ...
+    def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None: ...
+    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None: ...
+    def head_scale_from_stats(self, state: GuardState, call: AttentionCall) -> torch.Tensor | None: ...
+    def edit_input_embeds(self, state: GuardState, embeds: torch.Tensor) -> torch.Tensor | None: ...
+    def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor: ...
+    def on_layer_input(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None: ...
 
 
 @dataclasses.dataclass
@@ -81,9 +100,9 @@ class StreamRole:
     the method that asked for a probe or branch."""
 
     kind: str = "main"  # "main" | "probe" | "branch"
-    owner: Method | None = None
+    owner: MethodHooks | None = None
 
-    def is_probe_of(self, method: Method) -> bool:
+    def is_probe_of(self, method: MethodHooks) -> bool:
         return self.kind == "probe" and self.owner is method
 
 
@@ -96,13 +115,13 @@ class GuardState:
     def __init__(
         self,
         adapter: Adapter,
-        methods: list[Method],
+        methods: list[MethodHooks],
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
         for_generation: bool = True,
         role: StreamRole = MAIN,
-        shared_data: dict[Method, Any] | None = None,
+        shared_data: dict[MethodHooks, Any] | None = None,
     ):
         self.adapter = adapter
         self.methods = list(methods)
@@ -118,12 +137,12 @@ class GuardState:
         self.position_offset = 0
         # the branch streams of the call, by owner (set on the main stream's state): each gives its
         # next-token logits with ``next_logits(input_ids)`` (``halluguard.decoding.streams.BranchRun``)
-        self.branches: dict[Method, Any] = {}
+        self.branches: dict[MethodHooks, Any] = {}
         # the tensors the caller passed (pixel_values and the like: generate hands the model's forward
         # encoder outputs instead, so a branch with its own image inputs builds them from these)
         self.call_inputs: dict[str, torch.Tensor] = {}
         shared = shared_data or {}
-        self._data: dict[Method, Any] = {m: shared[m] if m in shared else m.new_call_state() for m in self.methods}
+        self._data: dict[MethodHooks, Any] = {m: shared[m] if m in shared else m.new_call_state() for m in self.methods}
         self._mask_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
         # rows chosen by a decoding loop (``select_rows``): forward row i is row ``row_index[i]`` of the
         # layout the prompt's forward had (``_prompt_rows``: its groups and image spans)
@@ -132,7 +151,7 @@ class GuardState:
         if input_ids is not None:
             self._set_prompt(input_ids, attention_mask)
 
-    def data_of(self, method: Method) -> Any:
+    def data_of(self, method: MethodHooks) -> Any:
         """The per-call data object of ``method`` (made by its ``new_call_state``)."""
         return self._data[method]
 
@@ -288,7 +307,7 @@ class GuardState:
             device=query.device,
         )
 
-    def edits_for(self, call: AttentionCall) -> list[tuple[Method, AttentionEdit]]:
+    def edits_for(self, call: AttentionCall) -> list[tuple[MethodHooks, AttentionEdit]]:
         """The edits every method of this stream asks of ``call`` (phase one of the call)."""
         requests = []
         for method in self.methods:
@@ -297,11 +316,11 @@ class GuardState:
                 requests.append((method, edit))
         return requests
 
-    def deliver(self, call: AttentionCall, method: Method, stats: dict[str, torch.Tensor]) -> None:
+    def deliver(self, call: AttentionCall, method: MethodHooks, stats: dict[str, torch.Tensor]) -> None:
         """Hand ``method`` the statistics it asked ``call`` for."""
         method.on_stats(self, call, stats)
 
-    def branch_logits(self, owner: Method, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def branch_logits(self, owner: MethodHooks, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits ``(rows, vocab)`` of ``owner``'s branch stream: for the main rows
         ``input_ids`` (from a logits processor), or, without them, those of the forward that just
         ran (from ``Method.next_token_logits``)."""
@@ -310,6 +329,6 @@ class GuardState:
             raise RuntimeError(f"{owner.name} has no branch in this call")
         return branch.next_logits(input_ids)
 
-    def late_head_scale(self, call: AttentionCall, method: Method) -> torch.Tensor | None:
+    def late_head_scale(self, call: AttentionCall, method: MethodHooks) -> torch.Tensor | None:
         """Phase two of a call: the head scale ``method`` chose from the call's statistics (``(B, H)``)."""
         return method.head_scale_from_stats(self, call)

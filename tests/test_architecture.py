@@ -1,8 +1,9 @@
 """The package's shape: imports run one way, and the attention hook depends on nothing above it.
 
-Every import that can run counts, at module level or inside a function (a lazy import closes a
-circle as surely as a top-level one); imports under ``if TYPE_CHECKING:`` never run and are left
-out. ``from package import name`` counts as an import of the submodule when ``name`` is one.
+Every import counts: at module level, inside a function (a lazy import closes a circle as surely as
+a top-level one) and under ``if TYPE_CHECKING:`` (an annotation's import never runs, but it says
+the two modules know each other all the same). ``from package import name`` counts as an import of
+the submodule when ``name`` is one.
 """
 
 import ast
@@ -29,17 +30,9 @@ def modules(root: Path) -> dict[str, Path]:
     return found
 
 
-def _runtime_imports(tree: ast.AST):
-    """The import statements of ``tree`` that can run (not under ``if TYPE_CHECKING:``)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            yield node
-        stack.extend(ast.iter_child_nodes(node))
+def _imports(tree: ast.AST):
+    """Every import statement of ``tree``, wherever it sits."""
+    return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
 def _targets(name: str, is_package: bool, node: ast.Import | ast.ImportFrom, known: dict) -> set[str]:
@@ -64,13 +57,13 @@ def _targets(name: str, is_package: bool, node: ast.Import | ast.ImportFrom, kno
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
-    """Module -> the modules of the package it imports at run time."""
+    """Module -> the modules of the package it imports."""
     known = modules(root)
     graph = {}
     for name, path in known.items():
         tree = ast.parse(path.read_text())
         is_package = path.name == "__init__.py"
-        graph[name] = set().union(*(_targets(name, is_package, n, known) for n in _runtime_imports(tree)))
+        graph[name] = set().union(*(_targets(name, is_package, n, known) for n in _imports(tree)))
     return graph
 
 
@@ -106,18 +99,22 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_walk_sees_lazy_imports_and_finds_a_planted_circle(tmp_path):
+def test_the_walk_sees_lazy_and_annotation_imports_and_finds_a_planted_circle(tmp_path):
     package = tmp_path / "pkg"
     (package / "inner").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n")
+    (package / "a.py").write_text("x = 1\n")
     (package / "inner" / "__init__.py").write_text("from ..a import x\n")
     (package / "c.py").write_text("def f():\n    from .inner import y\n")
     graph = import_graph(package)
     assert graph["pkg.c"] == {"pkg.inner"} and graph["pkg.inner"] == {"pkg.a"} and graph["pkg.a"] == set()
     assert cycles(graph) == []
-    (package / "a.py").write_text("def g():\n    from . import c\n")
-    assert cycles(import_graph(package)) == [["pkg.a", "pkg.c", "pkg.inner"]]
+    for back in (
+        "def g():\n    from . import c\n",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n",
+    ):
+        (package / "a.py").write_text(back)
+        assert cycles(import_graph(package)) == [["pkg.a", "pkg.c", "pkg.inner"]]
 
 
 def test_the_package_has_no_import_circle():

@@ -15,12 +15,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import MethodConfig
-
-if TYPE_CHECKING:
-    from .base import Method
 
 SAMPLING = ("any", "never", "always")
 BEAMS = ("any", "one", "several")
@@ -116,7 +113,7 @@ class MethodEntry:
 
     name: str
     config_cls: type[MethodConfig]
-    implementation: type[Method] | str | None
+    implementation: type | str | None  # a halluguard.methods.base.Method subclass
     summary: str
     capabilities: Declared | None = None
 
@@ -129,7 +126,7 @@ class MethodEntry:
         return self.implementation is not None
 
     @property
-    def method_cls(self) -> type[Method] | None:
+    def method_cls(self) -> type | None:
         cls = self.implementation
         if isinstance(cls, str):
             module, _, name = cls.partition(":")

@@ -30,7 +30,7 @@ from ...decoding.loops import check_loop_call, pad_token
 
 if TYPE_CHECKING:
     from ...state import GuardState
-    from .method import Lookback
+    from ..base import Method  # the method this loop belongs to (it imports this module)
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ def guided_search(
     synced_gpus: bool = False,
     streamer: Any = None,
     *,
-    method: Lookback,
+    method: Method,
     state: GuardState,
     **model_kwargs: Any,
 ) -> Any:
@@ -115,7 +115,7 @@ def guided_search(
     return kept.sequences
 
 
-def _sample_chunk(model, kept: _Kept, logits_processor, stopping_criteria, pad, method: Lookback, state) -> _Chunk:
+def _sample_chunk(model, kept: _Kept, logits_processor, stopping_criteria, pad, method: Method, state) -> _Chunk:
     """Each row repeated ``N`` times, then up to ``chunk_size`` sampling steps of all ``rows * N`` rows
     (one forward each); a row that stops is padded from there."""
     rows, n = kept.sequences.shape[0], method.config.num_candidates
@@ -146,7 +146,7 @@ def _sample_chunk(model, kept: _Kept, logits_processor, stopping_criteria, pad, 
     return _Chunk(seq, stopped, logits, kwargs, cache, features, real, scores, method.last_ratios(state))
 
 
-def _choose(chunk: _Chunk, prefix: int, rows: int, method: Lookback) -> torch.Tensor:
+def _choose(chunk: _Chunk, prefix: int, rows: int, method: Method) -> torch.Tensor:
     """The row of the kept candidate of each prompt (``(rows,)`` indices into the chunk's rows): the
     highest ``p_faithful`` of its tokens' mean ratios, the first on ties or when all are the same."""
     n = method.config.num_candidates

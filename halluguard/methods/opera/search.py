@@ -43,7 +43,7 @@ from .scores import rollback_location
 
 if TYPE_CHECKING:
     from ...state import GuardState
-    from .method import OPERA
+    from ..base import Method  # the method this loop belongs to (it imports this module)
 
 
 def decode_inputs(model_kwargs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
@@ -67,7 +67,7 @@ class SampleSearch:
     def __init__(
         self,
         model: nn.Module,
-        method: OPERA,
+        method: Method,
         state: GuardState,
         sample: int,
         prompt_ids: torch.Tensor,
@@ -346,7 +346,7 @@ def opera_search(
     synced_gpus: bool = False,
     streamer: Any = None,
     *,
-    method: OPERA,
+    method: Method,
     state: GuardState,
     **model_kwargs: Any,
 ) -> Any:
