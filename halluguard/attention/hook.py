@@ -99,52 +99,42 @@ def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
 _UNSUPPORTED = ("position_bias", "s_aux", "sinks")
 
 
-def _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, base: str, **kwargs):
-    """The hook for a model whose unedited calls run ``base`` attention (see the module docstring)."""
-    call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
-    routing = routing_for(module)
-    if routing is None:
-        return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-    parts = [
-        _StreamPart.run(module, route, query, key, value, attention_mask, base, call_kwargs) for route in routing.routes
-    ]
-    for part in parts:  # the statistics go to each stream's state, which hands them to its methods
-        part.deliver()
-    outs = [part.scaled_output() for part in parts]  # phase two: head scales, given or chosen from the statistics
-    weights = [part.weights for part in parts]
-    if len(outs) == 1:
-        return outs[0], weights[0]
-    return torch.cat(outs), torch.cat(weights) if all(w is not None for w in weights) else None
+def _hook(base: str) -> Callable:
+    """The attention function (transformers' interface signature) of a model whose unedited calls run
+    ``base`` attention: ``"sdpa"``, or ``"eager"`` for a model loaded with eager attention."""
+
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        call_kwargs = dict(kwargs, dropout=dropout, scaling=scaling, is_causal=is_causal)
+        routing = routing_for(module)
+        if routing is None:
+            return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+        parts = [
+            _StreamPart.run(module, route, query, key, value, attention_mask, base, call_kwargs)
+            for route in routing.routes
+        ]
+        for part in parts:  # the statistics go to each stream's state, which hands them to its methods
+            part.deliver()
+        outs = [part.scaled_output() for part in parts]  # phase two: head scales, given or chosen from statistics
+        weights = [part.weights for part in parts]
+        if len(outs) == 1:
+            return outs[0], weights[0]
+        return torch.cat(outs), torch.cat(weights) if all(w is not None for w in weights) else None
+
+    return attention
 
 
-def halluguard_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention function with the transformers interface signature; unedited calls run SDPA."""
-    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, base="sdpa", **kwargs)
-
-
-def halluguard_eager_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same for a model loaded with eager attention: unedited calls run its eager attention."""
-    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, base="eager", **kwargs)
+halluguard_attention = _hook("sdpa")
+halluguard_eager_attention = _hook("eager")
 
 
 def hook_name(base: str) -> str:
