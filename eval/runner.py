@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..models import build_prompt
+from ..models import build_prompt, encode
 from . import chair as chair_lib
 from . import pope as pope_lib
 from .chair import CHAIR_PROMPT
@@ -684,9 +684,7 @@ def _produce(model, processor, generate, batch: list[Sample], settings: RunSetti
             )
     if good:
         device = next(model.parameters()).device
-        enc = processor(
-            images=images, text=[build_prompt(processor, s.prompt) for s in good], return_tensors="pt", padding=True
-        )
+        enc = encode(processor, [build_prompt(processor, s.prompt) for s in good], images)
         torch.manual_seed(row_seed(settings.seed, "|".join(s.key for s in good)))
         with torch.no_grad():
             ids = generate(**enc.to(device), **settings.decoding.generate_kwargs())

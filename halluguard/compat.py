@@ -9,7 +9,9 @@ through this module, each entry saying which releases it covers:
 * the generation internals the decoding loops use: the prompt's forward, a step's inputs, the
   arguments ``generate`` carries to the next step, image encoder outputs repeated for beams;
 * the cache's layers: rows, row selection, rows padded in, OPERA's crops and slot gathers;
-* a config's attention implementation.
+* a config's attention implementation;
+* loading a processor whose video part needs torchvision when torchvision is missing
+  (``load_processor``).
 
 The private names still used are all here: ``_update_model_kwargs_for_generation`` and
 ``_expand_multimodal_outputs`` (model classes override them; owning them would copy model code),
@@ -223,3 +225,87 @@ def crop_cache(cache: Any, length: int) -> None:
             layer.keys, layer.values = keys[..., :end, :], layer.values[..., :end, :]
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = length
+
+
+def load_processor(spec: str) -> Any:
+    """``AutoProcessor.from_pretrained(spec)``, or, where that fails because the processor's video
+    part needs torchvision and torchvision is not installed, the same processor class loaded with
+    transformers' ``BaseVideoProcessor`` in place of its video processor (a warning says so).
+
+    Every video processor class, and transformers' own check of a processor's parts against
+    ``VideoProcessorMixin``, need torchvision (through 5.25), so Qwen2/2.5/3-VL, SmolVLM and
+    LLaVA-OneVision processors cannot be built without it although their image path needs none. The
+    fallback builds a subclass of the real processor class (same name, same methods) whose only
+    difference is that it accepts the stand-in video part, from the folder's image processor,
+    tokenizer and processor settings (chat template included); images run as usual, and only a
+    video input fails."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    try:
+        return AutoProcessor.from_pretrained(spec)
+    except Exception as err:
+        processor_class = None if is_torchvision_available() else _video_processor_class(spec)
+        if processor_class is None:
+            raise
+        failure = err
+    try:
+        processor = _load_without_video(processor_class, spec)
+    except Exception:
+        raise failure from None  # the fallback failed as well: report why the plain load failed
+    warnings.warn(
+        f"torchvision is not installed: {processor_class.__name__} is loaded without its video processor "
+        "(images are processed as usual; videos need torchvision)",
+        stacklevel=3,
+    )
+    return processor
+
+
+def _load_without_video(processor_class: type, spec: str) -> Any:
+    """``processor_class`` from ``spec``'s image processor, tokenizer and processor settings, with a
+    ``BaseVideoProcessor`` as its video part. 5.2x builds a processor from keyword parts
+    (``from_dict``); 5.18 from positional parts (``from_args_and_dict``, deprecated later)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    image_only = without_video(processor_class)
+    settings, _ = image_only.get_processor_dict(spec)
+    parts = {
+        "image_processor": AutoImageProcessor.from_pretrained(spec),
+        "tokenizer": AutoTokenizer.from_pretrained(spec),
+        "video_processor": BaseVideoProcessor(),
+    }
+    if hasattr(image_only, "from_dict"):
+        return image_only.from_dict({**settings, **parts})
+    return image_only.from_args_and_dict([parts[name] for name in image_only.get_attributes()], settings)
+
+
+def without_video(processor_class: type) -> type:
+    """A subclass of ``processor_class`` (same name) that takes transformers' ``BaseVideoProcessor``
+    as its video part, so it can be built without torchvision (see :func:`load_processor`)."""
+    return type(processor_class.__name__, (processor_class,), {"check_argument_for_proper_class": _lenient})
+
+
+def _video_processor_class(spec: str) -> Any:
+    """The processor class of ``spec``'s model type, if its parts are an image processor, a tokenizer
+    and a video processor; else ``None``."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    try:
+        model_type = AutoConfig.from_pretrained(spec).model_type
+    except Exception:
+        return None
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+    attributes = set(processor_class.get_attributes()) if isinstance(processor_class, type) else set()
+    return processor_class if attributes == {"image_processor", "tokenizer", "video_processor"} else None
+
+
+def _lenient(self, argument_name: str, argument: Any) -> Any:
+    """A processor's check of one part, passing a ``BaseVideoProcessor`` as its video processor."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    if argument_name == "video_processor" and isinstance(argument, BaseVideoProcessor):
+        return BaseVideoProcessor
+    return super(type(self), self).check_argument_for_proper_class(argument_name, argument)

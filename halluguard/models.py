@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# Processors of prefix-LM models whose prompt is one image token per image and then the bare text; the
+# processor expands the image tokens and puts BOS after them (PaliGemma 1 and 2: no chat template).
+BARE_PROMPT_PROCESSORS = ("PaliGemmaProcessor",)
 
 
 class ModelError(Exception):
@@ -40,10 +43,12 @@ def _load_pretrained(spec: str, torch_dtype):
     """``(model, processor)`` from a hub id or a local path, the processor padding on the left."""
     if looks_like_path(spec) and not Path(spec).expanduser().exists():
         raise ModelError(f"model path {spec} does not exist")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from . import compat
 
     model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype or "auto")
-    processor = AutoProcessor.from_pretrained(spec)
+    processor = compat.load_processor(spec)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -85,27 +90,54 @@ def chat_prompt(processor, messages: list[dict]) -> str:
     """The model's chat prompt for ``messages`` (transformers' chat format: each content a list of
     ``{"type": "image"}`` and ``{"type": "text", "text": ...}`` parts), ready for the answer.
 
-    Without a chat template: llava-1.5's plain form, ``"USER: <image>\\n{text} ASSISTANT:"`` per
-    user turn (one image token per image), an assistant turn's text after ``ASSISTANT:``, a system
-    turn's text first."""
+    For a processor in ``BARE_PROMPT_PROCESSORS``: one image token per image, then the texts joined
+    by spaces (the processor expands the image tokens and puts BOS after them). Otherwise, without a
+    chat template: llava-1.5's plain form, ``"USER: <image>\\n{text} ASSISTANT:"`` per user turn (one
+    image token per image), an assistant turn's text after ``ASSISTANT:``, a system turn's text
+    first."""
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     image_token = getattr(processor, "image_token", None) or "<image>"
+    if any(cls.__name__ in BARE_PROMPT_PROCESSORS for cls in type(processor).__mro__):
+        images = sum(p["type"] == "image" for message in messages for p in _parts(message))
+        return image_token * images + " ".join(_texts(message) for message in messages)
     pieces = [_plain_turn(message, image_token) for message in messages]
     return " ".join([*pieces, "ASSISTANT:"])
 
 
+def _parts(message: dict) -> list[dict]:
+    content = message["content"]
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def _texts(message: dict) -> str:
+    return " ".join(p["text"] for p in _parts(message) if p["type"] == "text")
+
+
 def _plain_turn(message: dict, image_token: str) -> str:
     """One turn of llava-1.5's plain prompt form (see :func:`chat_prompt`)."""
-    content = message["content"]
-    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    text = " ".join(p["text"] for p in parts if p["type"] == "text")
-    images = sum(p["type"] == "image" for p in parts)
+    text = _texts(message)
+    images = sum(p["type"] == "image" for p in _parts(message))
     if message["role"] == "system":
         return text
     if message["role"] == "user":
         return "USER: " + f"{image_token}\n" * images + text
     return f"ASSISTANT: {text}"
+
+
+def encode(processor, prompts: list[str], images: list) -> dict:
+    """The processor's model inputs for a batch: ``prompts[i]`` with ``images[i]`` (one image, a list
+    of them, or ``None``/``[]`` for none), padded as the tokenizer pads (``load_model``: on the left).
+
+    Images go in one list per prompt, which every family's processor reads (Gemma 3's, Idefics3's and
+    SmolVLM's need it: a flat list would be taken as all images of the first prompt). ``labels``,
+    which PaliGemma's processor adds for training, is dropped."""
+    nested = [list(i) if isinstance(i, (list, tuple)) else ([] if i is None else [i]) for i in images]
+    if len(nested) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(nested)} image lists")
+    inputs = processor(images=nested if any(nested) else None, text=prompts, return_tensors="pt", padding=True)
+    inputs.pop("labels", None)
+    return inputs
 
 
 def tiny_llava_config(text_config: dict, vision_config: dict, image_token: int, **fields):

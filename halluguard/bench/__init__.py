@@ -80,7 +80,7 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
         inputs = {k: v.to(model.device) for k, v in synthetic.inputs(batch).items()}
         return model, None, inputs, "synthetic-medium (random LLaVA-1.5 shape, 146M)"
     from halluguard.eval.chair import CHAIR_PROMPT
-    from halluguard.models import build_prompt, load_model
+    from halluguard.models import build_prompt, encode, load_model
 
     model, processor, name = load_model(spec, dtype=dtype, device=device)
     if spec == "testbed":
@@ -92,7 +92,7 @@ def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
 
         images = [Image.new("RGB", (336, 336), (120 + 20 * i, 110, 100)) for i in range(batch)]
     prompts = [build_prompt(processor, CHAIR_PROMPT)] * batch
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = encode(processor, prompts, images)
     return model, processor, dict(inputs.to(model.device)), name
 
 

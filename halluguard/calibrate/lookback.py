@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ..eval.chair import CHAIR_PROMPT, Chair
+from ..models import encode
 from ..outputs import output_file
 
 WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")  # CHAIR's word tokens (its punctuation tokens aside)
@@ -181,7 +182,7 @@ def _caption_examples(
     with hg.wrap(model, processor, hg.get_config("lookback", context=context)) as guard, torch.no_grad():
         for i in range(0, len(images), batch_size):
             batch = images[i : i + batch_size]
-            enc = processor(images=batch, text=[prompt] * len(batch), return_tensors="pt", padding=True)
+            enc = encode(processor, [prompt] * len(batch), batch)
             enc = enc.to(next(model.parameters()).device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
             generated = out[:, enc["input_ids"].shape[1] :].tolist()

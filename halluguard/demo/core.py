@@ -307,12 +307,12 @@ class Demo:
 
     # ---- answers ------------------------------------------------------------------------------------
     def _inputs(self, prompt: str) -> dict:
-        from halluguard.models import build_prompt
+        from halluguard.models import build_prompt, encode
 
         if self.picture is None:
             raise DemoError("no picture: load one with :image PATH or :scene")
         text = build_prompt(self.processor, prompt)
-        inputs = self.processor(images=[self.picture.image], text=[text], return_tensors="pt")
+        inputs = encode(self.processor, [text], [self.picture.image])
         device = next(self.model.parameters()).device
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..._version import __version__
 from ...api import wrap
-from ...models import DTYPES, chat_prompt, load_model
+from ...models import DTYPES, chat_prompt, encode, load_model
 from ...registry import configs_from_spec, method_beams
 
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", **{d: d for d in DTYPES}}
@@ -237,9 +237,7 @@ class Halluguard(lmms):
     def _answer(self, batch: list[tuple[list[dict], list, dict]]) -> list[GenerationResult]:
         prompts = [chat_prompt(self.processor, messages) for messages, _, _ in batch]
         images = [imgs for _, imgs, _ in batch]
-        inputs = self.processor(
-            images=images if any(images) else None, text=prompts, padding=True, return_tensors="pt"
-        ).to(self.model.device)
+        inputs = encode(self.processor, prompts, images).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         kwargs, until = self._decoding(batch[0][2])
