@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import FAMILIES
 
 from halluguard import cli
 from halluguard.integrations.lmms_eval.tasks import write_testbed_pope
@@ -66,10 +67,12 @@ def through_lmms_eval(lmms_eval, task_dir, model_args: str, batch_size: int) -> 
     return [s["resps"][0][0] for s in samples], results
 
 
-def through_halluguard_eval(tmp_path, method: str | None = None, config: str | None = None) -> tuple[list[str], dict]:
+def through_halluguard_eval(
+    tmp_path, method: str | None = None, config: str | None = None, model: str = "testbed", batch_size: int = 4
+) -> tuple[list[str], dict]:
     out = tmp_path / f"ours-{method}"
-    argv = ["eval", "pope", "--dataset", "testbed", "--num-images", str(NUM_IMAGES), "--splits", "random"]
-    argv += ["--batch-size", "4", "--out", str(out)]
+    argv = ["eval", "pope", "--model", model, "--dataset", "testbed", "--num-images", str(NUM_IMAGES)]
+    argv += ["--splits", "random", "--batch-size", str(batch_size), "--out", str(out)]
     if method:
         argv += ["--method", method]
     if config:
@@ -111,6 +114,20 @@ def test_a_method_changes_the_answers_it_changes_in_halluguard_eval_pope(lmms_ev
     assert guarded == ours
     assert sum(a != b for a, b in zip(plain, guarded)) >= 1
     assert "methods=vcd" in results["config"]["model_args"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_answers_through_lmms_eval_as_through_halluguard_eval(
+    lmms_eval, task_dir, tmp_path, checkpoint, family
+):
+    """A checkpoint folder of each family (its real processor, chat template and image processing):
+    lmms-eval's answers, plain and under PAI, are those ``halluguard eval pope`` gives on it."""
+    folder = checkpoint(family)
+    plain, _ = through_lmms_eval(lmms_eval, task_dir, f"pretrained={folder}", batch_size=2)
+    assert plain == through_halluguard_eval(tmp_path, model=folder, batch_size=2)[0]
+    guarded, _ = through_lmms_eval(lmms_eval, task_dir, f"pretrained={folder},methods=pai", batch_size=2)
+    assert guarded == through_halluguard_eval(tmp_path, "pai", model=folder, batch_size=2)[0]
+    assert len(guarded) == 6 * NUM_IMAGES
 
 
 @pytest.mark.parametrize("model_args", ["pretrained=testbed", f"pretrained=testbed,methods=vcd,config={STRONG_VCD}"])
