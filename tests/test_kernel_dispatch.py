@@ -106,7 +106,7 @@ def _generate(model, inputs, methods, mode, monkeypatch, **gen):
 
 CASES = {
     "var": lambda: hg.VARConfig(**TEST_VAR),
-    "pai": lambda: hg.PAIConfig(alpha=0.8, start_layer=0, gamma=1.0),
+    "pai": lambda: hg.PAIConfig(alpha=0.8, start_layer=0, use_cfg=False),
     "vhr+var": lambda: [hg.get_config("vhr"), hg.VARConfig(**TEST_VAR)],
     "lookback": lambda: hg.get_config("lookback"),
 }

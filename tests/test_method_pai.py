@@ -151,17 +151,28 @@ def first_step_logits(model, inputs, methods):
 def test_with_guidance_the_first_token_forward_is_not_amplified_unless_asked():
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava")
-    with torch.no_grad():
-        plain = model.generate(**inputs, max_new_tokens=1, output_logits=True, return_dict_in_generate=True).logits[0]
-    # gamma 1: the guidance leaves the scores as they are, so the logits show the forward itself
-    guided = first_step_logits(model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.0))
-    assert torch.equal(guided, plain)
+    unamplified = first_step_logits(model, inputs, hg.PAIConfig(alpha=0.0, start_layer=0, gamma=1.5))
+    guided = first_step_logits(model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.5))
+    assert torch.equal(guided, unamplified)
     asked = first_step_logits(
-        model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.0, amplify_first_token=True)
+        model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.5, amplify_first_token=True)
     )
-    alone = first_step_logits(model, inputs, hg.PAIConfig(alpha=3.0, start_layer=0, use_cfg=False))
-    assert torch.equal(asked, alone)
-    assert (alone - plain).abs().max() > 1e-4
+    assert (asked - unamplified).abs().max() > 1e-4
+
+
+def test_guidance_on_at_gamma_one_is_plain_decoding_as_in_the_official_code():
+    """The official processor returns before its first image-free pass at gamma 1, so the flag that
+    holds amplification back is never cleared: not one forward is amplified."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+        with hg.wrap(model, methods=hg.PAIConfig(alpha=3.0, start_layer=0, gamma=1.0)):
+            guided = model.generate(**inputs, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+        with hg.wrap(model, methods=hg.PAIConfig(alpha=3.0, start_layer=0, use_cfg=False)):
+            alone = model.generate(**inputs, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    assert all(torch.equal(a, b) for a, b in zip(guided.logits, plain.logits))
+    assert max(float((a - b).abs().max()) for a, b in zip(alone.logits, plain.logits)) > 1e-4
 
 
 def test_gamma_one_returns_the_scores_unchanged_without_a_cutoff():

@@ -26,8 +26,10 @@ Where the official code and the paper differ, the code is followed, with options
   the first image-free pass), so amplification acts from the second token on;
   ``amplify_first_token=True`` amplifies that forward too. Without guidance every forward is
   amplified, the prompt's included;
-* with ``gamma = 1`` the official processor returns the scores unchanged, with no cutoff, and the
-  branch is not run at all here.
+* with ``gamma = 1`` the official processor returns the scores unchanged, with no cutoff, before
+  its first image-free pass, so the flag that holds amplification back is never cleared: guidance
+  on at ``gamma = 1`` decodes exactly as plain decoding, and does so here (no branch, no
+  amplification). ``use_cfg=False`` gives amplification alone.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ class PAI(Method):
 
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         cfg = self.config
-        if cfg.alpha == 0 or call.layer_idx not in self.layers:
-            return None
+        if cfg.alpha == 0 or call.layer_idx not in self.layers or (cfg.use_cfg and not cfg.guided):
+            return None  # guidance on at gamma 1: the official code never amplifies (module docstring)
         if call.is_prefill and cfg.use_cfg and not cfg.amplify_first_token:
             return None  # the official code leaves the first token's forward alone when guidance is on
         image = state.group_masks(call)["image"]
