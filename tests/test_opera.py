@@ -27,7 +27,7 @@ from halluguard.methods.base import Method
 from halluguard.methods.opera.method import OPERA
 from halluguard.methods.opera.scores import column_log_products, over_trust
 
-NEUTRAL = dict(penalty_weights=0.0, retrospection=False)
+NEUTRAL = dict(penalty_weights=0.0, retrospection=False, length_normalisation="transformers")
 
 
 def opera(events=None, **settings):
@@ -95,6 +95,37 @@ def test_neutral_opera_is_beam_search_in_every_setting(length_penalty, early_sto
         live = ~torch.isneginf(ours).all(-1)  # a sample whose search ended gets -inf rows (generate computes on)
         torch.testing.assert_close(ours[live], theirs[live], rtol=0, atol=1e-5)
     assert not bool(torch.isneginf(guarded.scores[0]).all(-1).any())
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 2.0])
+def test_official_ranking_divides_by_the_prompt_as_opera_counts_it_plus_the_generated_tokens(length_penalty):
+    """transformers 4.29, which the official search runs: a finished hypothesis scores its summed
+    log-probabilities over (text prompt + one placeholder per image + generated tokens without the
+    end token) ** length_penalty."""
+    model = build_model("llava")
+    inputs, spans = make_inputs(model, "llava", batch=2)
+    prompt = inputs["input_ids"].shape[1]
+    ends = [3, 7]
+    gen = dict(
+        max_new_tokens=12, num_beams=4, num_return_sequences=2, eos_token_id=ends, length_penalty=length_penalty,
+        return_dict_in_generate=True, output_scores=True,
+        logits_processor=LogitsProcessorList([Scripted(ends, prompt, boost=0.8)]),
+    )  # fmt: skip
+    with torch.no_grad():
+        with hg.wrap(model, methods=[opera(penalty_weights=0.0, retrospection=False)]):
+            official = model.generate(**inputs, **gen)
+        with hg.wrap(model, methods=[opera(**NEUTRAL)]):
+            current = model.generate(**inputs, **gen)
+    summed = model.compute_transition_scores(official.sequences, official.scores, official.beam_indices).sum(-1)
+    for row in range(4):
+        sample = row // 2
+        ((start, end),) = spans[sample]
+        counted = int(inputs["attention_mask"][sample].sum()) - (end - start) + 1
+        answer = official.sequences[row, prompt:].tolist()
+        generated = next((k for k, t in enumerate(answer) if t in ends), len(answer))  # without the end token
+        expected = summed[row] / (counted + generated) ** length_penalty
+        torch.testing.assert_close(official.sequences_scores[row], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(official.sequences_scores, current.sequences_scores)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -185,6 +216,10 @@ def test_forced_summary_token_triggers_rollback_and_rejected_tokens_stay_rejecte
     assert first["step"] == 26 and first["rollback"] == 11
     # position 11 takes N = 5 rollbacks, then the target moves back to the summary token itself
     assert rollbacks[:6] == [11] * 5 + [10]
+    # the history keeps the re-decided step 11's entry (location 10) and grows from step 12 on, so
+    # position 10 is the summary more than 15 times again at step 26 (dropping that entry: step 27)
+    steps = [e["step"] for e in events if "rollback" in e]
+    assert steps[1] == 26
     redecoded = [e for e in events if "rejected" in e]
     assert len(redecoded) == len(rollbacks)
     for event in redecoded:

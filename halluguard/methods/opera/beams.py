@@ -19,6 +19,13 @@ and ``t`` the number of tokens in each running sequence, one step on the log-pro
 6. the search ends when no improvement is possible, every slot is finished under
    ``early_stopping=True``, or every continuation met a stopping criterion.
 
+With ``counted_prompt = P'`` the lengths are those of transformers 4.29's beam scorer, which
+OPERA's official search runs: a finished hypothesis is normalised by ``P' + g`` where ``g`` counts
+its generated tokens without a final end token (4.29 stores the sequence before it), and the
+heuristic compares the worst finished score with the best of this step's ``K`` continuations over
+``(P' + t + 1 - P) ** length_penalty`` (``early_stopping=False``; ``True`` as above). ``P'`` is the
+prompt as the official code counts it (its text tokens and one placeholder per image).
+
 Scores that mark an impossible entry are *added* ``-1e9`` terms, as transformers adds them, so
 ties and orderings come out the same. transformers searches a batch's samples together and also
 bars new finished entries for a sample whose search is over while the others go on; here a search
@@ -64,6 +71,8 @@ class BeamSearch:
         fill_value: int,
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
+        counted_prompt: int | None = None,
+        eos_ids: tuple[int, ...] = (),
     ):
         if prompt.dim() != 1:
             raise ValueError("a beam search starts from one prompt (a 1-D tensor of token ids)")
@@ -73,6 +82,8 @@ class BeamSearch:
         self.fill_value = fill_value
         self.length_penalty = length_penalty
         self.early_stopping = early_stopping
+        self.counted_prompt = counted_prompt  # None: transformers 5.x's lengths; else 4.29's (see module)
+        self.eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=prompt.device)
         self.keep = max(2, 1 + eos_count) * num_beams  # K continuations per step
         self.done = False  # set by each step: the search is over
         device = prompt.device
@@ -119,7 +130,7 @@ class BeamSearch:
         new_length = b.length + 1
 
         just_finished = stopped & (torch.arange(self.keep, device=stopped.device) < B)
-        normalised = top_scores / ((new_length - self.prompt_len) ** self.length_penalty)
+        normalised = top_scores / (self._entry_lengths(token, new_length) ** self.length_penalty)
         normalised = normalised + (~just_finished).float() * IMPOSSIBLE
         merged_scores = torch.cat([b.finished_scores, normalised])
         best = merged_scores.topk(B).indices
@@ -137,22 +148,34 @@ class BeamSearch:
             is_finished=is_finished,
             length=new_length,
         )
+        leading = top_scores[0] if self.counted_prompt is not None else running_scores[0]
         self.done = not (
-            self._can_improve(running_scores, finished_scores, is_finished, new_length)
+            self._can_improve(leading, finished_scores, is_finished, new_length)
             and not (self.early_stopping is True and bool(is_finished.all()))
             and not bool(stopped.all())
         )
         return self.beams.running_parents[:, position].long(), self.beams.running[:, b.length]
 
+    def _entry_lengths(self, tokens: torch.Tensor, new_length: int) -> torch.Tensor:
+        """The length each continuation would be normalised by on entering the finished set."""
+        generated = new_length - self.prompt_len
+        if self.counted_prompt is None:
+            return torch.full(tokens.shape, float(generated), device=tokens.device)
+        ends = torch.isin(tokens, self.eos_ids.to(tokens.device)).float()  # 4.29 keeps the sequence before EOS
+        return self.counted_prompt + generated - ends
+
     def _can_improve(
-        self, running_scores: torch.Tensor, finished_scores: torch.Tensor, is_finished: torch.Tensor, length: int
+        self, best_score: torch.Tensor, finished_scores: torch.Tensor, is_finished: torch.Tensor, length: int
     ) -> bool:
-        """Step 5: whether the best running beam may still beat the worst finished hypothesis."""
-        if self.early_stopping == "never" and self.length_penalty > 0.0:
+        """Step 5: whether the best score may still beat the worst finished hypothesis (the best
+        running beam's; 4.29: the best continuation's, over the length the sequence has)."""
+        if self.counted_prompt is not None:
+            best_length = self.counted_prompt + length - self.prompt_len
+        elif self.early_stopping == "never" and self.length_penalty > 0.0:
             best_length = self.max_length - self.prompt_len
         else:
             best_length = length - self.prompt_len
-        best_running = running_scores[0] / (best_length**self.length_penalty)
+        best_running = best_score / (best_length**self.length_penalty)
         worst_finished = torch.where(is_finished, finished_scores.min(), IMPOSSIBLE)
         return bool((best_running > worst_finished).any())
 

@@ -13,7 +13,12 @@ class OPERAConfig(MethodConfig):
     """Settings of ``opera`` (the method and its math: ``halluguard.methods.opera.method``)."""
 
     name = "opera"
-    neutral_overrides = {"penalty_weights": 0.0, "retrospection": False, "image_bonus_tokens": 0}
+    neutral_overrides = {
+        "penalty_weights": 0.0,
+        "retrospection": False,
+        "image_bonus_tokens": 0,
+        "length_normalisation": "transformers",
+    }
 
     num_beams: int = param(5, "beams of the search when the call names none", low=2)
     scale_factor: float = param(50.0, "sigma: scale of attention weights in the column product", low=0.0, low_open=True)
@@ -29,6 +34,13 @@ class OPERAConfig(MethodConfig):
         "official code only: for the first N response tokens reward image attention "
         "instead of penalising (0 = paper behaviour)",
         low=0,
+    )
+    length_normalisation: str = param(
+        "official",
+        "how finished beams are ranked: 'official' (transformers 4.29, which the official search runs: "
+        "score / (prompt text tokens + one per image + generated) ** length_penalty) or 'transformers' "
+        "(the installed release: score / generated ** length_penalty)",
+        choices=("official", "transformers"),
     )
     layer: int | None = param(
         None,

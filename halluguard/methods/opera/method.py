@@ -32,13 +32,24 @@ paper's penalty from the first token; kept on by default because the published n
 with it); the local window is the whole response (the paper's window ``k``; ``window_size`` here
 only bounds the history kept for rollbacks, as in the code); the rollback compares with a strict
 ``> r`` (the paper says ``>= r``). The per-position rollback limit reuses ``N``, as the code does.
+After a rollback the history keeps the re-decided position's entry, as the code's pops leave it.
+
+**Ranking finished beams.** The official search runs transformers 4.29's beam scorer, which
+normalises a finished hypothesis by its whole length, ``score / (P' + g) ** length_penalty``, with
+``P'`` the prompt as its LLaVA passes it (the text tokens and one placeholder per image, not the
+image's hundreds of tokens) and ``g`` the generated tokens without the end token; the current
+releases divide by the generated tokens alone, which favours shorter hypotheses less. The 4.29
+ranking (and its stopping heuristic) is the default, ``length_normalisation="official"``;
+``"transformers"`` ranks as the installed release (the neutral setting: then OPERA without its
+penalty and rollback is ``generate``'s beam search exactly). With the 4.29 ranking and no penalty
+or rollback, OPERA is the beam-search baseline as the official runs rank it.
 
 **Where the code's numerics are not followed.** The official code scores in float16 (``psi`` over
 about 65504 becomes ``inf``) and sets non-candidates to ``-999``, so a beam whose candidates all
 score below ``-999`` picks an arbitrary token; here ``psi`` is computed in float32 from log space
 (capped at float32's maximum) and non-candidates are excluded. ``penalty_weights = 0`` with
-``retrospection = False`` is transformers' beam search exactly (no candidate restriction, no
-look-ahead, no statistics).
+``retrospection = False`` and ``length_normalisation="transformers"`` is transformers' beam search
+exactly (no candidate restriction, no look-ahead, no statistics).
 
 **Cost.** The candidates' look-ahead is one forward per step: each beam's row takes its ``N``
 candidates as ``N`` new tokens at the same position under a tree mask (each sees the beam's tokens

@@ -61,6 +61,14 @@ class Snapshot:
     columns: torch.Tensor  # (B, step): the beams' column log-products
 
 
+def counted_prompt(adapter: Any, prompt_ids: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """The prompt's length as OPERA's official code counts it: its LLaVA passes one placeholder per
+    image, so the text tokens plus one per run of image tokens (padding left out)."""
+    valid = prompt_ids if mask is None else prompt_ids[mask[: prompt_ids.shape[0]].bool()]
+    spans = adapter.image_spans(valid[None])[0]
+    return int(valid.shape[0]) - sum(end - start for start, end in spans) + len(spans)
+
+
 class SampleSearch:
     """OPERA's beam search over one sample's ``B`` beams (see the module docstring)."""
 
@@ -91,9 +99,14 @@ class SampleSearch:
         eos, pad = end_tokens(cfg), pad_token(cfg)
         self.fill_value = (pad or eos[0]) if eos else -1  # transformers' fill (a pad id of 0 gives the end token)
         B = self.num_beams
+        counted = None
+        if self.config.length_normalisation == "official":
+            mask = inputs.get("attention_mask")
+            counted = counted_prompt(state.adapter, prompt_ids[0], mask[0] if isinstance(mask, torch.Tensor) else None)
         self.search = BeamSearch(
-            prompt_ids[0], B, cfg.max_length, len(eos), self.fill_value, cfg.length_penalty, cfg.early_stopping
-        )
+            prompt_ids[0], B, cfg.max_length, len(eos), self.fill_value, cfg.length_penalty, cfg.early_stopping,
+            counted_prompt=counted, eos_ids=tuple(eos),
+        )  # fmt: skip
         self.beam_rows = torch.arange(B, device=device)  # the cache row of each beam
         self.columns = torch.zeros((B, 0), device=logits.device)  # per beam: log prod of each column
         self.pending: torch.Tensor | None = None  # parents of tokens chosen but not yet fed (plain steps)
@@ -295,7 +308,7 @@ class SampleSearch:
         self.rejected = {k: v for k, v in self.rejected.items() if k <= target}
         self.rejected.setdefault(target, []).append(self.chosen[target])
         self.chosen = {k: v for k, v in self.chosen.items() if k < target}
-        del self.locations[target:]
+        del self.locations[target + 1 :]  # the re-decided step keeps its entry (its prefix is unchanged), as officially
         current = self._sequences()[:1]  # cache row 0 holds beam 0's tokens (and a candidate after them)
         self.search.restore(snapshot.beams)
         self.columns = snapshot.columns
