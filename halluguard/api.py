@@ -38,6 +38,8 @@ from .methods.base import Method
 from .state import GuardState
 
 GUARD_ATTRIBUTE = "_halluguard_guard"  # the guard of a wrapped model, on the model itself
+# generate arguments that limit an answer's length (a method's default limit applies when a call sets none)
+LENGTH_ARGUMENTS = ("max_new_tokens", "max_length")
 
 
 class Guard:
@@ -220,11 +222,19 @@ class Guard:
 
     def _with_method_defaults(self, kwargs: dict) -> dict:
         """``kwargs`` with the methods' ``generation_defaults`` (the official runs' decoding, e.g. VCD's
-        sampling) when the caller chose none of them and gave no generation config."""
+        sampling) when the caller gave no generation config: the length (``max_new_tokens``) when the
+        caller set none, the decoding settings when the caller chose none of them."""
         defaults = {k: v for m in self.methods for k, v in m.capabilities.generation_defaults.items()}
-        if not defaults or "generation_config" in kwargs or any(k in kwargs for k in defaults):
+        if not defaults or "generation_config" in kwargs:
             return kwargs
-        return {**kwargs, **defaults}
+        length = {k: v for k, v in defaults.items() if k in LENGTH_ARGUMENTS}
+        decoding = {k: v for k, v in defaults.items() if k not in LENGTH_ARGUMENTS}
+        chosen = dict(kwargs)
+        if length and not any(k in kwargs for k in LENGTH_ARGUMENTS):
+            chosen.update(length)
+        if decoding and not any(k in kwargs for k in decoding):
+            chosen.update(decoding)
+        return chosen
 
     def _default_cache(self, kwargs: dict) -> bool:
         """Whether ``generate`` would make its default dynamic cache (then the guard makes one whose
@@ -245,7 +255,7 @@ class Guard:
             return
         config = kwargs.get("generation_config") or self.model.generation_config
         new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-        total = ids.shape[-1] + new if new is not None else kwargs.get("max_length", getattr(config, "max_length", 0))
+        total = ids.shape[-1] + new if new is not None else kwargs.get("max_length") or config.max_length or 0
         if total > limit:
             self._warned_positions = True
             warnings.warn(

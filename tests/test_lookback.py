@@ -156,6 +156,28 @@ def test_guided_with_one_candidate_is_sampling(family, tmp_path):
     assert [d.features.shape[0] for d in guard.results["lookback"]] == [10, 10]
 
 
+def test_guided_decoding_samples_as_the_official_code_and_runs_to_256_tokens_unless_told(tmp_path):
+    """The official generate calls the guided decoding with no sampling warper (temperature 1, no
+    top-p) and its own 256-token length; a call's own settings win."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    cfg = hg.get_config(
+        "lookback", mode="guide", num_candidates=1, chunk_size=4, classifier=_classifier(model, tmp_path / "c.json")
+    )
+    official = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        plain = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, **official)
+        with hg.wrap(model, methods=cfg):
+            torch.manual_seed(3)
+            guided = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8)
+            unbounded = model.generate(**inputs, min_new_tokens=256)  # no limit set: 256
+            told = model.generate(**inputs, max_new_tokens=5, temperature=0.9, top_p=0.95, do_sample=True)
+    assert torch.equal(guided, plain)  # one candidate: sampling itself, at temperature 1 and top-p 1
+    prompt = inputs["input_ids"].shape[1]
+    assert unbounded.shape[1] == prompt + 256 and told.shape[1] == prompt + 5
+
+
 @pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_guided_keeps_the_candidate_the_classifier_prefers(family, tmp_path):
     from halluguard.methods.lookback.method import Lookback

@@ -56,6 +56,9 @@ def test_calibration_on_the_test_model_trains_a_classifier_that_fits_it(tmp_path
     )  # fmt: skip
     assert report["captions"] == 48 and report["mentions"] > 100 and report["hallucinated"] > 0
     assert report["train_examples"] > 0 and report["held_out_windows"] > 0
+    # refit on every window after the held-out check, as the official script refits on all its data
+    assert report["final_examples"] == report["train_examples"] + report["held_out_windows"]
+    assert classifier.metrics["auroc_window"] == report["auroc_window"]
     classifier.save(tmp_path / "lb.json")
     with hg.wrap(model, processor, hg.get_config("lookback", classifier=str(tmp_path / "lb.json"))):
         pass  # the layout check passes

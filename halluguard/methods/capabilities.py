@@ -34,7 +34,8 @@ class Capabilities:
     ``sampling``             ``"any"``; ``"never"``: sampling is refused; ``"always"``: greedy search is refused;
     ``beams_reason``         why beam search is refused (``"one"``) or needed (``"several"``), as a refusal says it;
     ``sampling_reason``      the same for sampling (``"never"``) or greedy search (``"always"``);
-    ``generation_defaults``  generate arguments the official runs use, applied when a call sets none;
+    ``generation_defaults``  generate arguments the official runs use: the decoding ones applied when
+                             a call sets none of them, a length (``max_new_tokens``) when it sets none;
     ``acts_in_branches``     an attention-level method that also acts in other methods' contrast
                              branches, so both sides of a contrast differ only in what it is about;
     ``runs_inside``          the loop owners it composes with (it acts inside their forwards);

@@ -7,6 +7,10 @@ import dataclasses
 from ...config import MethodConfig, param
 from ..capabilities import Capabilities
 
+# the official guided decoding's length: 256 new tokens whatever the call asks (32 chunks of 8); here
+# the default when a call sets no length
+GUIDED_MAX_NEW_TOKENS = 256
+
 
 @dataclasses.dataclass
 class LookbackConfig(MethodConfig):
@@ -32,8 +36,16 @@ class LookbackConfig(MethodConfig):
                              low=0.0, high=1.0)  # fmt: skip
     chunk_size: int = param(8, "guided decoding: tokens per candidate chunk", low=1)
     num_candidates: int = param(8, "guided decoding: candidate chunks sampled per step", low=1)
-    temperature: float = param(0.9, "guided decoding: sampling temperature", low=0.0, low_open=True)
-    top_p: float = param(0.95, "guided decoding: nucleus sampling threshold", low=0.0, high=1.0, low_open=True)
+    temperature: float = param(
+        1.0,
+        "guided decoding: sampling temperature (official code 1; the paper's runs state 0.9)",
+        low=0.0,
+        low_open=True,
+    )
+    top_p: float = param(
+        1.0, "guided decoding: nucleus threshold (official code 1; the paper's runs state 0.95)", low=0.0, high=1.0,
+        low_open=True,
+    )  # fmt: skip
 
 
 def capabilities(config: LookbackConfig) -> Capabilities:
@@ -46,7 +58,15 @@ def capabilities(config: LookbackConfig) -> Capabilities:
         sampling="always" if guide else "any",
         sampling_reason="guided decoding samples its candidates and refuses greedy search",
         generation_defaults=(
-            {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0} if guide else {}
+            {
+                "do_sample": True,
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "top_k": 0,
+                "max_new_tokens": GUIDED_MAX_NEW_TOKENS,
+            }
+            if guide
+            else {}
         ),
         late_tokens="guided decoding settles a chunk's tokens only once its candidates are scored" if guide else None,
         required=(

@@ -28,9 +28,15 @@ features would follow the row, not the token.
 
 Classifier-guided decoding (``mode="guide"``, the official mitigation; it needs a classifier): per
 chunk of ``chunk_size`` tokens (8), ``num_candidates`` (8) continuations are sampled from the shared
-prefix as rows of one batch (temperature 0.9, top-p 0.95, no top-k: the official sampling, unless the
-call sets its own), each is scored by ``p_faithful`` of its tokens' mean ratios, and the best one is
-kept with its cache (``halluguard.methods.lookback.guided``). Batches work: every prompt keeps its own best.
+prefix as rows of one batch, each is scored by ``p_faithful`` of its tokens' mean ratios, and the
+best one is kept with its cache (``halluguard.methods.lookback.guided``). Batches work: every prompt
+keeps its own best.
+
+Where the official code and the paper differ, the code is followed: its ``generate`` calls the
+guided decoding without the sampling warpers and without the caller's length, so every chunk is
+sampled at temperature 1 with no top-p and no top-k, and an answer runs to 256 new tokens. Those are
+the defaults here (the sampling unless the call sets its own, the length when the call sets none);
+``temperature=0.9, top_p=0.95`` gives the sampling the paper and its run commands state.
 """
 
 from __future__ import annotations
