@@ -257,6 +257,51 @@ def test_vcd_noise_follows_the_official_schedule_and_each_image_gets_its_own_dra
     assert abs(float(eps.std()) - 1.0) < 0.15
 
 
+def test_vcd_noise_is_independent_across_images_and_the_same_for_an_image_in_any_batch():
+    first, second = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    abar = noise_level(500)
+    eps = lambda noised, clean: (noised - abar**0.5 * clean) / (1 - abar) ** 0.5
+    pair = add_diffusion_noise(torch.cat([first, second]), 500, [slice(0, 1), slice(1, 2)], seed=7)
+    swapped = add_diffusion_noise(torch.cat([second, first]), 500, [slice(0, 1), slice(1, 2)], seed=7)
+    alone = add_diffusion_noise(second, 500, [slice(0, 1)], seed=7)
+    assert torch.equal(pair[1:], alone) and torch.equal(swapped[:1], alone) and torch.equal(swapped[1:], pair[:1])
+    # two images, two draws: the noise is not one tensor shared by the whole dataset
+    assert (
+        float(torch.corrcoef(torch.stack([eps(pair[0], first[0]).flatten(), eps(pair[1], second[0]).flatten()]))[0, 1])
+        < 0.3
+    )
+    assert not torch.equal(add_diffusion_noise(first, 500, [slice(0, 1)], seed=8), pair[:1])
+    # padding after an image's values (AnyRes tiles, Idefics images of a row) leaves its noise as it was
+    tiles = torch.stack([first, second], dim=1)  # (images, tiles, C, H, W)
+    padded = torch.cat([tiles, torch.zeros_like(tiles)], dim=1)
+    noised = add_diffusion_noise(tiles, 500, [slice(0, 1)], seed=7)
+    assert torch.equal(add_diffusion_noise(padded, 500, [slice(0, 1)], seed=7)[:, :2], noised)
+
+
+def test_vcd_per_step_copy_contrasts_the_first_token_then_only_cuts_as_the_release_did():
+    """The release before the July 2024 fix copied the clean branch's cache into the noised branch at
+    every step: the first token is contrasted as now, every later one is the plain logits under the
+    plausibility cutoff."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava", batch=1)
+    greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with hg.wrap(model, methods=hg.VCDConfig(alpha=1.0, beta=0.1)):
+            own = model.generate(**inputs, **greedy)
+        with hg.wrap(model, methods=hg.VCDConfig(alpha=1.0, beta=0.1, branch_cache="per_step_copy")):
+            release = model.generate(**inputs, **greedy)
+        assert torch.equal(release.logits[0], own.logits[0])
+        prompt = inputs["input_ids"].shape[1]
+        full = {**inputs, "input_ids": release.sequences, "attention_mask": torch.ones_like(release.sequences)}
+        plain = model(**full).logits[0, prompt - 1 : -1]  # step k: the logits after the first k tokens
+    for step in range(1, 4):
+        got, logits = release.logits[step][0], plain[step]
+        cut = logits < logits.max() + torch.log(torch.tensor(0.1))
+        assert torch.equal(torch.isinf(got), cut)
+        torch.testing.assert_close(got[~cut], logits[~cut], rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(own.logits[1:], release.logits[1:]))
+
+
 @pytest.mark.parametrize("name", ["vcd", "avc"])
 def test_vcd_and_avisc_sample_by_default_as_their_official_runs(name):
     model = build_model("llava")

@@ -77,7 +77,7 @@ def test_a_check_that_raises_is_a_failure_with_its_reason():
 
 
 def test_an_effect_off_the_readme_figure_fails(monkeypatch):
-    measured = iter([41.3, 20.7, 35.0, 36.3])  # plain, vcd, avc (6 points off its 29.0), pai
+    measured = iter([41.3, 18.7, 35.0, 36.3])  # plain, vcd, avc (6 points off its 29.0), pai
     monkeypatch.setattr(doctor.Doctor, "__init__", lambda self: setattr(self, "folder", ""))
     monkeypatch.setattr(doctor.Doctor, "partner_named", lambda self, method=None: next(measured))
     checks = [doctor.run_check(title, check) for title, check in doctor.Doctor().effect_checks()]

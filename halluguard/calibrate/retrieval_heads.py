@@ -39,9 +39,11 @@ Where it differs, and why:
   (so the copy accuracy is also measured without compounding errors);
 * the official script keeps decoding after the needle (up to 50 tokens, until a newline) and can
   credit those steps too; here only the ``N`` needle steps count, so scores stay in ``[0, 1]``;
-* the haystack is random vocabulary rather than Paul Graham essays, the needle a random token span
-  rather than a sentence, and the depth random rather than a grid: a calibration that runs offline
-  for any tokenizer. The needle's tokens occur nowhere else in the prompt (the haystack and the
+* the haystack is random vocabulary rather than book text (the official detection reads chapters
+  of *The Last of the Mohicans* and *Dracula*, with three natural-language needles and questions,
+  trials kept when the answer's ROUGE-1 recall is above 0.5), the needle a random token span rather
+  than a sentence, and the depth random rather than a grid: a calibration that runs offline for any
+  tokenizer. The needle's tokens occur nowhere else in the prompt (the haystack and the
   prompt's fixed text avoid them), so "the token there equals a_t" singles out one position.
 
 Attention weights are read from the text backbone's attention modules with eager attention

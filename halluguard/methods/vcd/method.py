@@ -18,14 +18,25 @@ sample (temperature 1, no top-k, top-p 1): a guarded ``generate`` given none of 
 beam search works too (with the default cache).
 
 Where the official code and ours differ: the official noise is drawn from torch's global generator
-per call; here each image's noise comes from a generator seeded with ``noise_seed``, so an image
-gets the same noise alone or in any batch (results do not depend on batch composition). The
+per call, so it is independent across images but not reproducible; here each image's noise comes
+from a generator seeded with ``noise_seed`` and a hash of the image's first tile
+(:func:`image_seed`), so different images get independent noise and an image gets the same noise
+alone or in any batch. The
 official code runs the branch as a second forward per step; here it rides along as extra rows of
 the main forward (``separate_stream=True``: the official way, same results).
+
+Which official code: the repository's current sampler (since commit c637c85, July 2024) keeps the
+noised branch's own cache from step to step, and so does ours (``branch_cache="own"``). The
+release the paper's numbers came from copied the clean branch's arguments, cache included, into the
+noised branch at every step, so from the second token the noised branch saw the clean cache and
+``l' = l``: the contrast reduced to ``l`` under the plausibility cutoff. ``branch_cache=
+"per_step_copy"`` reproduces that (the first token contrasted, every later one the cutoff alone; the
+branch rows still run).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -43,13 +54,26 @@ def noise_level(step: int) -> float:
     return float(torch.cumprod(1 - betas, 0)[step])
 
 
+def image_seed(seed: int, image: torch.Tensor) -> int:
+    """The seed of one image's noise (63 bits): ``seed`` hashed with the image's first tile, the
+    first entry along every leading dimension down to (channels, height, width) (LLaVA-NeXT's base
+    tile, the first image of an Idefics row, a plain image itself; Qwen's patch rows whole). Padding
+    tiles or images, which follow, do not change it."""
+    head = image
+    while head.dim() > 3:
+        head = head[0]
+    head = head.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True) + head).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def add_diffusion_noise(pixels: torch.Tensor, step: int, images: list[slice], seed: int) -> torch.Tensor:
     """``pixels`` with the forward-diffusion noise of ``step``; each image slice of the first dimension
-    draws its noise from its own generator seeded with ``seed``."""
+    draws its noise from its own generator, seeded by :func:`image_seed`."""
     abar = noise_level(step)
     noised = pixels.float().clone()
     for part in images or [slice(None)]:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(image_seed(seed, pixels[part]))
         eps = torch.randn(noised[part].shape, generator=gen, dtype=torch.float32).to(noised.device)
         noised[part] = abar**0.5 * noised[part] + (1 - abar) ** 0.5 * eps
     return noised.to(pixels.dtype)
@@ -60,6 +84,11 @@ class VCD(ContrastMethod):
 
     config_cls = VCDConfig
     capabilities = CAPABILITIES
+
+    def combine(self, state: GuardState, logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        if self.config.branch_cache == "per_step_copy" and not state.in_prefill:
+            other = logits  # the release's noised branch ran on the clean cache: l' = l
+        return super().combine(state, logits, other)
 
     def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
