@@ -182,6 +182,28 @@ def check_eval_args(args: argparse.Namespace) -> None:
                 raise UsageError(f"--{option.replace('_', '-')} applies only with --do-sample")
     if args.config is not None and not args.method:
         raise UsageError("--config needs --method (the method whose fields it sets)")
+    if args.chart and not args.controls:
+        raise UsageError("--chart applies with --controls (for other runs: halluguard eval report DIR ... --chart)")
+    if args.chart:
+        from .outputs import picture_file
+
+        try:
+            picture_file(args.chart, "--chart")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+
+def control_configs(methods: list) -> list:
+    """``methods`` with the one that has a control row switched to it; a :class:`UsageError` when none
+    (or more than one) has one."""
+    import dataclasses
+
+    able = [i for i, cfg in enumerate(methods) if hasattr(cfg, "control") and getattr(cfg, "guided", True)]
+    if len(able) != 1:
+        raise UsageError(
+            "--controls needs exactly one method with a control row: vcd, avc, decore, or pai with its guidance"
+        )
+    return [dataclasses.replace(cfg, control=True) if i == able[0] else cfg for i, cfg in enumerate(methods)]
 
 
 def _chair_task(args: argparse.Namespace):
@@ -251,21 +273,24 @@ def _eval_settings(args: argparse.Namespace, methods: list):
     return task, settings
 
 
-def _guarded_run(args: argparse.Namespace, methods: list, run) -> dict | None:
-    """``run(model, processor, guard, info)`` on the model eval names, wrapped with ``methods`` (if
-    any) and unwrapped afterwards."""
+def _guarded_runs(args: argparse.Namespace, runs: list, run) -> list[dict] | None:
+    """``run(model, processor, guard, info, folder)`` per ``(folder, methods)`` of ``runs``, on the model
+    eval names (loaded once), wrapped with those methods (if any) and unwrapped after each."""
     from .api import wrap
     from .eval.runner import model_info
     from .models import load_model
 
     model, processor, name = load_model(args.model, dtype=args.dtype, device=args.device)
     info = model_info(model, name)
-    guard = wrap(model, processor, methods) if methods else None
-    try:
-        return run(model, processor, guard, info)
-    finally:
-        if guard is not None:
-            guard.unwrap()
+    results = []
+    for folder, methods in runs:
+        guard = wrap(model, processor, methods) if methods else None
+        try:
+            results.append(run(model, processor, guard, info, folder))
+        finally:
+            if guard is not None:
+                guard.unwrap()
+    return None if any(r is None for r in results) else results
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -275,23 +300,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     task, settings = _eval_settings(args, methods)
     out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method, settings.decoding)
+    runs = [(out, methods)]
+    if args.controls:
+        plain = Path(f"{out}-plain") if args.out else runner.default_out_dir(task, args.model, "", settings.decoding)
+        runs = [(plain, []), (out, methods), (Path(f"{out}-control"), control_configs(methods))]
     prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
 
-    def run(model, processor, guard, info):
+    def run(model, processor, guard, info, folder):
         return runner.evaluate(
-            task, model, processor, out, guard, settings, info, shard, overwrite=args.overwrite, prepared=prepared,
+            task, model, processor, folder, guard, settings, info, shard, overwrite=args.overwrite, prepared=prepared,
             checkpoint=getattr(args, "checkpoint", None),
         )  # fmt: skip
 
-    results = _guarded_run(args, methods, run)
+    results = _guarded_runs(args, runs, run)
     if results is None:  # not process 0: it prints
         return 0
-    from .eval.report import TABLES
+    from .eval.report import TABLES, save_chart
 
-    print(TABLES[task.name]([results]))
-    print(f"results: {out / 'results.json'}")
-    return _report_failed(results)
+    print(TABLES[task.name](results))
+    for folder, _ in runs:
+        print(f"results: {folder / 'results.json'}")
+    if args.chart:
+        save_chart(results, task.name, args.chart)
+        print(f"chart: {args.chart}")
+    return max(_report_failed(r) for r in results)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -388,6 +421,13 @@ def _add_run_options(p: argparse.ArgumentParser, max_tokens: str) -> None:
     p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
     p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="run seed (rows derive theirs from it and their id)")
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="also run plain decoding and the method's control row (everything but the contrast) on the same "
+        "rows, side by side: <out>-plain, <out>-control (vcd, avc, decore, pai with guidance)",
+    )
+    p.add_argument("--chart", metavar="PNG", help="with --controls: save a bar chart of the three runs")
 
 
 def _add_weights_options(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,13 @@ HEADS = "calibrate retrieval-heads --model testbed --out {tmp}/h.json"
 # (case, argv, message): {coco}, {tmp} and {run} are filled in per test.
 BAD_INPUTS = [
     ("zero images", "eval chair --num-images 0", "argument --num-images: must be at least 1, got 0"),
+    ("controls without a contrast", "eval chair --method vhr --controls", "--controls needs exactly one method"),
+    (
+        "controls of PAI without guidance",
+        "eval pope --method pai --config '{{\"use_cfg\": false}}' --controls",
+        "--controls needs exactly one method",
+    ),
+    ("chart without controls", "eval chair --method vcd --chart {tmp}/c.png", "--chart applies with --controls"),
     ("zero questions", "eval pope --num-questions 0", "argument --num-questions: must be at least 1"),
     ("zero tokens", "eval chair --max-new-tokens 0", "argument --max-new-tokens: must be at least 1"),
     ("negative batch", "eval pope --batch-size -2", "argument --batch-size: must be at least 1"),
@@ -371,3 +379,17 @@ def test_an_eval_stops_before_the_next_batch_after_a_swallowed_ctrl_c(tmp_path, 
     assert cli.main(argv) == 130
     assert len(calls) == 1  # the second batch never started
     assert capsys.readouterr().err.splitlines()[-1] == "halluguard: interrupted; rerun the same command to resume"
+
+
+def test_controls_run_plain_the_method_and_its_control_side_by_side(tmp_path, capsys):
+    out, chart = tmp_path / "run", tmp_path / "c.png"
+    argv = ["eval", "chair", "--num-images", "2", "--max-new-tokens", "4", "--method", "vcd", "--controls"]
+    assert cli.main([*argv, "--out", str(out), "--chart", str(chart)]) == 0
+    table = capsys.readouterr().out
+    for folder in (f"{out}-plain", str(out), f"{out}-control"):
+        assert json.loads((Path(folder) / "results.json").read_text())["samples"] == 2
+        assert f"results: {folder}/results.json" in table
+    rows = [line for line in table.splitlines() if line.startswith("| testbed")]
+    assert [row.split(" | ")[2] for row in rows] == ["vanilla", "vcd", "vcd(control=True)"]
+    assert chart.stat().st_size > 0
+    assert cli.main([*argv, "--out", str(out)]) == 0  # a rerun resumes all three

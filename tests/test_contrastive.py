@@ -22,6 +22,7 @@ import halluguard as hg
 from halluguard import registry
 from halluguard.attention.edits import AttentionEdit
 from halluguard.attention.hook import _edited
+from halluguard.decoding import contrast
 from halluguard.methods.avc.method import select_layers
 from halluguard.methods.vcd.method import add_diffusion_noise, noise_level
 
@@ -276,6 +277,39 @@ def test_vcd_noise_is_independent_across_images_and_the_same_for_an_image_in_any
     padded = torch.cat([tiles, torch.zeros_like(tiles)], dim=1)
     noised = add_diffusion_noise(tiles, 500, [slice(0, 1)], seed=7)
     assert torch.equal(add_diffusion_noise(padded, 500, [slice(0, 1)], seed=7)[:, :2], noised)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_the_control_row_is_the_cutoff_alone_with_no_branch(name):
+    """``control=True``: the logits under the plausibility cutoff (DeCoRe, which has none: the base
+    log-probabilities), and no branch rows at all; greedy tokens are plain decoding's, since the cutoff
+    always keeps the top token."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    rows = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, k: rows.append(
+            k["input_ids"].shape[0] if k.get("input_ids") is not None else k["inputs_embeds"].shape[0]
+        ),
+        with_kwargs=True,
+    )
+    greedy = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **greedy)
+        rows.clear()
+        cutoff = {} if name == "decore" else dict(beta=0.9)  # tight enough to cut some of these logits
+        with hg.wrap(model, methods=hg.get_config(name, **SETTINGS[name], **cutoff, control=True)):
+            control = model.generate(**inputs, **greedy)
+    hook.remove()
+    assert set(rows) == {inputs["input_ids"].shape[0]}  # the main rows only: no branch ran
+    assert torch.equal(control.sequences, plain.sequences)
+    beta = 0.0 if name == "decore" else 0.9
+    space = "log_probs" if name == "decore" else "logits"
+    for got, logits in zip(control.logits, plain.logits):
+        expected = contrast(logits, logits, 1.0, 0.0, space=space, beta=beta)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        torch.testing.assert_close(got[~torch.isinf(got)], expected[~torch.isinf(expected)], rtol=1e-5, atol=1e-5)
+    assert any(bool(torch.isinf(g).any()) for g in control.logits) or name == "decore"
 
 
 def test_vcd_per_step_copy_contrasts_the_first_token_then_only_cuts_as_the_release_did():

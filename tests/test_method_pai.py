@@ -175,6 +175,27 @@ def test_guidance_on_at_gamma_one_is_plain_decoding_as_in_the_official_code():
     assert max(float((a - b).abs().max()) for a, b in zip(alone.logits, plain.logits)) > 1e-4
 
 
+def test_the_control_row_keeps_amplification_and_the_cutoff_without_the_image_free_branch():
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    greedy = dict(
+        max_new_tokens=4, do_sample=False, output_logits=True, output_scores=True, return_dict_in_generate=True
+    )
+    amplified = dict(alpha=3.0, start_layer=0, amplify_first_token=True)
+    with torch.no_grad():
+        with hg.wrap(model, methods=hg.PAIConfig(**amplified, use_cfg=False)):
+            alone = model.generate(**inputs, **greedy)
+        with hg.wrap(model, methods=hg.PAIConfig(**amplified, gamma=1.5, control=True)) as guard:
+            control = model.generate(**inputs, **greedy)
+            assert guard.methods[0].streams(None, {}) == []  # no image-free branch
+    assert torch.equal(control.sequences, alone.sequences)
+    for got, logits in zip(control.scores, alone.logits):
+        expected = contrast(logits, logits, 1.0, 0.0, space="log_probs", beta=0.1)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        finite = ~torch.isinf(expected)
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
 def test_gamma_one_returns_the_scores_unchanged_without_a_cutoff():
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava")

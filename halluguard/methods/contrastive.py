@@ -54,8 +54,8 @@ class ContrastMethod(Method):
     """A method with one contrast branch; subclasses build the branch and combine the logits."""
 
     def is_active(self) -> bool:
-        """Whether the branch runs (a method at its neutral strength runs no branch)."""
-        return self.config.alpha != 0
+        """Whether the branch runs (a method at its neutral strength, or its control row, runs none)."""
+        return self.config.alpha != 0 and not self.config.control
 
     def branch_methods(self, state: GuardState) -> tuple[Method, ...]:
         """The method itself (for the edits that make the branch what it is: AvisC's embeddings,
@@ -91,7 +91,16 @@ class ContrastMethod(Method):
         other = nan_rows_to(other, logits)
         return contrast(logits, other, 1.0 + cfg.alpha, cfg.alpha, space="logits", beta=cfg.beta)
 
+    def control_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The control row (``control=True``): everything the method does but the contrast, here the
+        logits under the plausibility cutoff ``beta``. A gain of the method over its control is the
+        contrast's; one of the control over plain decoding is the cutoff's (Yin et al., "The Mirage of
+        Performance Gains", 2025)."""
+        return contrast(logits, logits, 1.0, 0.0, space="logits", beta=self.config.beta)
+
     def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.control:
+            return self.control_logits(logits)
         if not self.is_active():
             return logits
         return self.combine(state, logits, state.branch_logits(self).to(logits.device))

@@ -26,6 +26,9 @@ class AVCConfig(MethodConfig):
         "what replaces the non-blind image embeddings in the contrast branch: 0, 1, or N(0, 1) noise",
         choices=("zeros", "ones", "noise"),
     )
+    control: bool = param(
+        False, "the control row: everything but the contrast (no branch; the plausibility cutoff alone)"
+    )
     separate_stream: bool = param(
         False, "run the contrast branch as its own forward per step (the official way) instead of extra rows"
     )

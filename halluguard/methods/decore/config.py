@@ -37,6 +37,7 @@ class DeCoReConfig(MethodConfig):
     masked_prefill: bool = param(
         False, "mask the heads over the whole prompt too (the official code shares the unmasked prompt cache)"
     )
+    control: bool = param(False, "the control row: everything but the contrast (no branch; the base log-probabilities)")
     separate_stream: bool = param(
         False, "run the masked branch as its own forward per step (the official way) instead of extra rows"
     )

@@ -71,7 +71,11 @@ class DeCoRe(ContrastMethod):
 
     def is_active(self) -> bool:
         cfg = self.config
-        return not (cfg.alpha_mode == "static" and cfg.alpha == 0)
+        return not (cfg.alpha_mode == "static" and cfg.alpha == 0) and not cfg.control
+
+    def control_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """DeCoRe's control row: the base log-probabilities (it has no plausibility cutoff)."""
+        return contrast(logits, logits, 1.0, 0.0, space="log_probs")
 
     def shares_prompt_cache(self) -> bool:
         return not self.config.masked_prefill

@@ -26,6 +26,9 @@ class PAIConfig(MethodConfig):
     amplify_first_token: bool = param(
         False, "with guidance on, also amplify the forward that produces the first token (the official code does not)"
     )
+    control: bool = param(
+        False, "the control row: everything but the image-free contrast (no branch; amplification and the cutoff stay)"
+    )
     separate_stream: bool = param(
         False, "run the image-free stream as its own forward per step (the official way) instead of extra rows"
     )

@@ -19,6 +19,10 @@ is prefilled at its own (short) length and then rides along every main forward a
 it as a second forward per step instead (the official way; same scores). The guidance acts on
 the scores after the generation config's own processors (in beam search, on its log-probabilities).
 
+``control=True`` is the guidance's control row: the image-free branch is not run and the scores are
+only cut (``s >= max(s) + ln(beta)``), amplification as with guidance; a gain over it is the
+contrast's, one of it over plain decoding the cutoff's and amplification's.
+
 Where the official code and the paper differ, the code is followed, with options:
 
 * with guidance on, the official code does not amplify the forward that produces the first token
@@ -76,14 +80,27 @@ class PAI(Method):
         return AttentionEdit(key_boost=image.to(torch.float32) * cfg.alpha, last_row_only=True)
 
     def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
-        if not self.config.guided:
+        if not self.config.guided or self.config.control:
             return []
         inputs = state.with_2d_mask(inputs)
         prompt = text_only_rows(inputs, state.adapter.image_and_marker_mask(inputs["input_ids"]))
         return [Branch(self, prompt, methods=(), separate=self.config.separate_stream)]
 
     def logits_processors(self, state: GuardState) -> list:
-        return [ImageFreeGuidance(state, self)] if self.config.guided else []
+        if not self.config.guided:
+            return []
+        return [PlausibilityCutoff(self.config.beta)] if self.config.control else [ImageFreeGuidance(state, self)]
+
+
+class PlausibilityCutoff(LogitsProcessor):
+    """PAI's control row: the guidance's cutoff ``s >= max(s) + ln(beta)`` on the log-softmax scores,
+    without the image-free contrast."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return contrast(scores, scores, 1.0, 0.0, space="log_probs", beta=self.beta).to(scores.dtype)
 
 
 class ImageFreeGuidance(LogitsProcessor):

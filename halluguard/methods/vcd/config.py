@@ -21,6 +21,9 @@ class VCDConfig(MethodConfig):
     noise_seed: int = param(
         0, "seed of the noise, mixed with each image's pixels: independent per image, the same in any batch"
     )
+    control: bool = param(
+        False, "the control row: everything but the contrast (no branch; the plausibility cutoff alone)"
+    )
     branch_cache: str = param(
         "own",
         "'own': the noised branch keeps its own cache (the official code since July 2024); 'per_step_copy': "
