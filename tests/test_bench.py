@@ -9,6 +9,21 @@ import pytest
 from halluguard.cli import main
 
 
+@pytest.fixture(autouse=True)
+def steady_clock(monkeypatch):
+    """Timings are not what these tests check: every run reports 10 ms per token it generates, so a
+    busy machine cannot make a longer run look faster than the prompt's (which the bench refuses)."""
+    from halluguard import bench
+
+    run = bench._run
+
+    def steady(model, inputs, new_tokens, counter, memory=False, generate=bench._plain):
+        _, calls, peak = run(model, inputs, new_tokens, counter, memory, generate)
+        return 0.01 * new_tokens, calls, peak
+
+    monkeypatch.setattr(bench, "_run", steady)
+
+
 def test_bench_writes_rows_for_plain_and_each_method(tmp_path, capsys):
     out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["bench", "--methods", "vhr", "pai", "var", "--new-tokens", "2", "--repeats", "1"]
