@@ -283,7 +283,18 @@ def _load_without_video(processor_class: type, spec: str) -> Any:
 def without_video(processor_class: type) -> type:
     """A subclass of ``processor_class`` (same name) that takes transformers' ``BaseVideoProcessor``
     as its video part, so it can be built without torchvision (see :func:`load_processor`)."""
-    return type(processor_class.__name__, (processor_class,), {"check_argument_for_proper_class": _lenient})
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and isinstance(argument, BaseVideoProcessor):
+            return BaseVideoProcessor
+        return processor_class.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {"check_argument_for_proper_class": check_argument_for_proper_class},
+    )
 
 
 def _video_processor_class(spec: str) -> Any:
@@ -300,12 +311,3 @@ def _video_processor_class(spec: str) -> Any:
     processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
     attributes = set(processor_class.get_attributes()) if isinstance(processor_class, type) else set()
     return processor_class if attributes == {"image_processor", "tokenizer", "video_processor"} else None
-
-
-def _lenient(self, argument_name: str, argument: Any) -> Any:
-    """A processor's check of one part, passing a ``BaseVideoProcessor`` as its video processor."""
-    from transformers.video_processing_utils import BaseVideoProcessor
-
-    if argument_name == "video_processor" and isinstance(argument, BaseVideoProcessor):
-        return BaseVideoProcessor
-    return super(type(self), self).check_argument_for_proper_class(argument_name, argument)

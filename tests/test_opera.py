@@ -69,6 +69,19 @@ class Scripted(LogitsProcessor):
         return out
 
 
+ENDS = [3, 7]
+
+
+def scripted_beam_search(inputs: dict, **settings) -> dict:
+    """``generate`` arguments of a beam search on ``Scripted`` scores: two end tokens, 4 beams, 12 new
+    tokens, the 2 best sequences returned with their scores (``settings`` add or replace)."""
+    scripted = Scripted(ENDS, inputs["input_ids"].shape[1], boost=0.8)
+    return dict(
+        max_new_tokens=12, num_beams=4, num_return_sequences=2, eos_token_id=ENDS, return_dict_in_generate=True,
+        output_scores=True, logits_processor=LogitsProcessorList([scripted]), **settings,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
 @pytest.mark.parametrize("length_penalty", [1.0, 2.0, 0.5, 0.0, -1.0])
 def test_neutral_opera_is_beam_search_in_every_setting(length_penalty, early_stopping):
@@ -76,13 +89,7 @@ def test_neutral_opera_is_beam_search_in_every_setting(length_penalty, early_sto
     two end tokens, several returned sequences, each length penalty and early-stopping rule."""
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=2)
-    prompt = inputs["input_ids"].shape[1]
-    ends = [3, 7]
-    gen = dict(
-        max_new_tokens=12, num_beams=4, num_return_sequences=2, eos_token_id=ends, length_penalty=length_penalty,
-        early_stopping=early_stopping, return_dict_in_generate=True, output_scores=True, output_logits=True,
-        logits_processor=LogitsProcessorList([Scripted(ends, prompt, boost=0.8)]),
-    )  # fmt: skip
+    gen = scripted_beam_search(inputs, length_penalty=length_penalty, early_stopping=early_stopping, output_logits=True)
     with torch.no_grad():
         plain = model.generate(**inputs, **gen)
         with hg.wrap(model, methods=[opera(**NEUTRAL)]):
@@ -105,12 +112,7 @@ def test_official_ranking_divides_by_the_prompt_as_opera_counts_it_plus_the_gene
     model = build_model("llava")
     inputs, spans = make_inputs(model, "llava", batch=2)
     prompt = inputs["input_ids"].shape[1]
-    ends = [3, 7]
-    gen = dict(
-        max_new_tokens=12, num_beams=4, num_return_sequences=2, eos_token_id=ends, length_penalty=length_penalty,
-        return_dict_in_generate=True, output_scores=True,
-        logits_processor=LogitsProcessorList([Scripted(ends, prompt, boost=0.8)]),
-    )  # fmt: skip
+    gen = scripted_beam_search(inputs, length_penalty=length_penalty)
     with torch.no_grad():
         with hg.wrap(model, methods=[opera(penalty_weights=0.0, retrospection=False)]):
             official = model.generate(**inputs, **gen)
@@ -122,7 +124,7 @@ def test_official_ranking_divides_by_the_prompt_as_opera_counts_it_plus_the_gene
         ((start, end),) = spans[sample]
         counted = int(inputs["attention_mask"][sample].sum()) - (end - start) + 1
         answer = official.sequences[row, prompt:].tolist()
-        generated = next((k for k, t in enumerate(answer) if t in ends), len(answer))  # without the end token
+        generated = next((k for k, t in enumerate(answer) if t in ENDS), len(answer))  # without the end token
         expected = summed[row] / (counted + generated) ** length_penalty
         torch.testing.assert_close(official.sequences_scores[row], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(official.sequences_scores, current.sequences_scores)

@@ -15,7 +15,7 @@
 """
 
 from .cache import RowGroupsCache
-from .contrast import contrast, entropy
+from .contrast import contrast, cutoff, entropy
 from .loops import DecodingLoop
 from .session import Session
 from .side_stream import SideStream
@@ -29,5 +29,6 @@ __all__ = [
     "Session",
     "SideStream",
     "contrast",
+    "cutoff",
     "entropy",
 ]

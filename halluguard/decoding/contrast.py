@@ -15,6 +15,9 @@ tokens already ruled out in ``a`` (``-inf``: masked by an earlier processor) sta
   log-probabilities;
 * VCD and AvisC: ``(1 + alpha) * l - alpha * l_b`` on logits;
 * DeCoRe: ``(1 + alpha_t) * log p - alpha_t * log p_masked`` on log-probabilities, no cutoff.
+
+``cutoff`` is the contrast with nothing contrasted (``w_a = 1, w_b = 0``): ``f(a)`` under the
+cutoff alone, the control rows' scores.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def contrast(
     if beta > 0:
         ruled_out = ruled_out | (fa < fa.max(dim=-1, keepdim=True).values + math.log(beta))
     return out.masked_fill(ruled_out, float("-inf"))
+
+
+def cutoff(scores: torch.Tensor, beta: float, space: str = "logits") -> torch.Tensor:
+    """``f(scores)`` with the tokens under the plausibility cutoff ``beta`` set to ``-inf`` (``f`` as
+    in :func:`contrast`); float32."""
+    return contrast(scores, scores, 1.0, 0.0, space=space, beta=beta)
 
 
 def entropy(scores: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..compat import without_cache
-from ..decoding import Branch, contrast
+from ..decoding import Branch, contrast, cutoff
 from ..state import GuardState
 from .base import Method
 
@@ -53,9 +53,13 @@ def same_prompt(state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
 class ContrastMethod(Method):
     """A method with one contrast branch; subclasses build the branch and combine the logits."""
 
+    def at_neutral_strength(self) -> bool:
+        """Whether the contrast weighs nothing (VCD's and AvisC's ``alpha = 0``)."""
+        return self.config.alpha == 0
+
     def is_active(self) -> bool:
         """Whether the branch runs (a method at its neutral strength, or its control row, runs none)."""
-        return self.config.alpha != 0 and not self.config.control
+        return not self.at_neutral_strength() and not self.config.control
 
     def branch_methods(self, state: GuardState) -> tuple[Method, ...]:
         """The method itself (for the edits that make the branch what it is: AvisC's embeddings,
@@ -96,7 +100,7 @@ class ContrastMethod(Method):
         logits under the plausibility cutoff ``beta``. A gain of the method over its control is the
         contrast's; one of the control over plain decoding is the cutoff's (Yin et al., "The Mirage of
         Performance Gains", 2025)."""
-        return contrast(logits, logits, 1.0, 0.0, space="logits", beta=self.config.beta)
+        return cutoff(logits, self.config.beta)
 
     def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
         if self.config.control:

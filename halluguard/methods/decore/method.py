@@ -38,7 +38,7 @@ import torch
 from ...adapters import Adapter
 from ...attention.edits import AttentionCall, AttentionEdit
 from ...calibrate.retrieval_heads import check_heads, load_retrieval_heads
-from ...decoding import contrast, entropy
+from ...decoding import contrast, cutoff, entropy
 from ...state import GuardState
 from ..contrastive import ContrastMethod
 from .config import CAPABILITIES, DeCoReConfig
@@ -69,13 +69,13 @@ class DeCoRe(ContrastMethod):
             mask = self.per_layer.setdefault(layer, torch.zeros(adapter.num_heads, dtype=torch.bool))
             mask[head] = True
 
-    def is_active(self) -> bool:
+    def at_neutral_strength(self) -> bool:
         cfg = self.config
-        return not (cfg.alpha_mode == "static" and cfg.alpha == 0) and not cfg.control
+        return cfg.alpha_mode == "static" and cfg.alpha == 0
 
     def control_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """DeCoRe's control row: the base log-probabilities (it has no plausibility cutoff)."""
-        return contrast(logits, logits, 1.0, 0.0, space="log_probs")
+        return cutoff(logits, 0.0, space="log_probs")
 
     def shares_prompt_cache(self) -> bool:
         return not self.config.masked_prefill

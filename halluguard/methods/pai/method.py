@@ -45,7 +45,7 @@ from transformers import LogitsProcessor
 
 from ...adapters import Adapter
 from ...attention.edits import AttentionCall, AttentionEdit
-from ...decoding import Branch, contrast
+from ...decoding import Branch, contrast, cutoff
 from ...decoding.layout import text_only_rows
 from ...state import GuardState
 from ..base import Method
@@ -100,7 +100,7 @@ class PlausibilityCutoff(LogitsProcessor):
         self.beta = beta
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return contrast(scores, scores, 1.0, 0.0, space="log_probs", beta=self.beta).to(scores.dtype)
+        return cutoff(scores, self.beta, space="log_probs").to(scores.dtype)
 
 
 class ImageFreeGuidance(LogitsProcessor):

@@ -18,7 +18,8 @@ sample (temperature 1, no top-k, top-p 1): a guarded ``generate`` given none of 
 beam search works too (with the default cache).
 
 Where the official code and ours differ: the official noise is drawn from torch's global generator
-per call, so it is independent across images but not reproducible; here each image's noise comes
+at every question, so it differs per image (and per question of the same image) and repeats only
+with the run's seed and order; here each image's noise comes
 from a generator seeded with ``noise_seed`` and a hash of the image's first tile
 (:func:`image_seed`), so different images get independent noise and an image gets the same noise
 alone or in any batch. The
@@ -87,7 +88,7 @@ class VCD(ContrastMethod):
 
     def combine(self, state: GuardState, logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         if self.config.branch_cache == "per_step_copy" and not state.in_prefill:
-            other = logits  # the release's noised branch ran on the clean cache: l' = l
+            return self.control_logits(logits)  # the release's noised branch ran on the clean cache: l' = l
         return super().combine(state, logits, other)
 
     def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
