@@ -458,23 +458,72 @@ def _fraction(text: str) -> float:
     return value
 
 
+SYNTHETIC_HEADS_OPTIONS = ("trials", "haystack_length", "needle_length", "seed", "min_copy_accuracy")
+OFFICIAL_HEADS_OPTIONS = (
+    "needles",
+    "haystack",
+    "min_length",
+    "max_length",
+    "lengths",
+    "depths",
+    "max_new_tokens",
+    "min_recall",
+    "no_chat_template",
+)
+
+
 def _cmd_calibrate_retrieval_heads(args: argparse.Namespace) -> int:
-    from .calibrate.retrieval_heads import main
     from .outputs import output_file
 
+    foreign = SYNTHETIC_HEADS_OPTIONS if args.protocol == "official" else OFFICIAL_HEADS_OPTIONS
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in foreign
+        if getattr(args, name) is not None and getattr(args, name) is not False
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not an option of --protocol {args.protocol}")
     try:
         output_file(args.out)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.protocol == "official":
+        from .calibrate.needle_haystack import DEPTHS, LENGTHS, MAX_NEW_TOKENS, MIN_RECALL, main
+
+        return main(
+            args.model,
+            args.out,
+            needles_file=args.needles,
+            haystack=args.haystack,
+            min_length=args.min_length,
+            max_length=args.max_length,
+            lengths=args.lengths or LENGTHS,
+            depths=args.depths or DEPTHS,
+            max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+            min_recall=MIN_RECALL if args.min_recall is None else args.min_recall,
+            chat_template=not args.no_chat_template,
+        )
+    from .calibrate.retrieval_heads import main
+
     return main(
         args.model,
         args.out,
-        trials=args.trials,
+        trials=args.trials or 20,
         haystack_length=args.haystack_length,
-        needle_length=args.needle_length,
-        seed=args.seed,
-        min_copy_accuracy=args.min_copy_accuracy,
+        needle_length=args.needle_length or 16,
+        seed=args.seed or 0,
+        min_copy_accuracy=0.5 if args.min_copy_accuracy is None else args.min_copy_accuracy,
     )
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"must be in [0, 100), got {text}")
+    return value
 
 
 def _cmd_calibrate_lookback(args: argparse.Namespace) -> int:
@@ -498,6 +547,66 @@ def _cmd_calibrate_lookback(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
 
 
+def _add_retrieval_heads_parser(tools) -> None:
+    heads = _leaf(
+        tools,
+        "retrieval-heads",
+        help="retrieval heads of the text backbone (for DeCoRe), in the official Retrieval_Head JSON format",
+    )
+    heads.add_argument("--model", required=True, help="hub id or local path, or 'testbed'")
+    heads.add_argument("--out", required=True, help="write the JSON here ({'layer-head': [score per trial]})")
+    heads.add_argument(
+        "--protocol",
+        choices=("synthetic", "official"),
+        default="synthetic",
+        help="synthetic: teacher-forced copying of random-token needles (any tokenizer, fast); official: "
+        "Retrieval_Head's natural-language needles in book text, answered greedily, kept when ROUGE-1 "
+        "recall > 50 (for real checkpoints; the README says when each fits)",
+    )
+    synthetic = heads.add_argument_group("--protocol synthetic")
+    synthetic.add_argument("--trials", type=_count, help="needle-in-a-haystack trials (default 20)")
+    synthetic.add_argument(
+        "--haystack-length",
+        type=_count,
+        help="random haystack tokens per trial (default: 1000, or less to fit the model's context)",
+    )
+    synthetic.add_argument("--needle-length", type=_count, help="needle tokens to copy (default 16)")
+    synthetic.add_argument("--seed", type=int, help="seed of the haystacks, needles and depths (default 0)")
+    synthetic.add_argument(
+        "--min-copy-accuracy",
+        type=_fraction,
+        help="record a trial only if the model copies more than this share of the needle (default 0.5); "
+        "0 records every trial",
+    )
+    official = heads.add_argument_group("--protocol official")
+    official.add_argument(
+        "--needles",
+        metavar="JSONL",
+        help="needles, one JSON object per line: needle, question, answer (or real_needle), haystack "
+        "(a file beside it); default: the official three, each in its shipped haystack",
+    )
+    official.add_argument("--haystack", metavar="PATH", help="a text file, or a folder of .txt files, for every needle")
+    official.add_argument("--min-length", type=_count, help="shortest context in tokens (default 1000)")
+    official.add_argument(
+        "--max-length", type=_count, help="longest context in tokens (default: 50000 or the model's context)"
+    )
+    official.add_argument("--lengths", type=_count, help="context lengths, evenly spaced (default 20)")
+    official.add_argument("--depths", type=_count, help="needle depths from 0 to 100 percent (default 10)")
+    official.add_argument("--max-new-tokens", type=_count, help="longest answer (default 50)")
+    official.add_argument(
+        "--min-recall",
+        type=_percent,
+        help="record a trial only if the answer's ROUGE-1 recall (percent) is above this (default 50); "
+        "0 records every trial",
+    )
+    official.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="plain text prompt even when the processor has a chat template",
+    )
+    heads.set_defaults(func=_cmd_calibrate_retrieval_heads)
+
+
 def _add_calibrate_parsers(sub) -> None:
     cal = sub.add_parser("calibrate", help="offline calibration for methods that need model-specific data")
     tools = cal.add_subparsers(dest="tool", required=True)
@@ -507,28 +616,7 @@ def _add_calibrate_parsers(sub) -> None:
     dims.add_argument("--tau", type=_positive_float, default=20.0, help="score threshold (VAR's tau)")
     dims.add_argument("--top", type=_count, default=2, help="how many dimensions to keep at most")
     dims.set_defaults(func=_cmd_calibrate_sink_dims)
-    heads = _leaf(
-        tools,
-        "retrieval-heads",
-        help="retrieval heads of the text backbone (for DeCoRe), in the official Retrieval_Head JSON format",
-    )
-    heads.add_argument("--model", required=True, help="hub id or local path, or 'testbed'")
-    heads.add_argument("--out", required=True, help="write the JSON here ({'layer-head': [score per trial]})")
-    heads.add_argument("--trials", type=_count, default=20, help="needle-in-a-haystack trials")
-    heads.add_argument(
-        "--haystack-length",
-        type=_count,
-        help="random haystack tokens per trial (default: 1000, or less to fit the model's context)",
-    )
-    heads.add_argument("--needle-length", type=_count, default=16, help="needle tokens to copy")
-    heads.add_argument("--seed", type=int, default=0, help="seed of the haystacks, needles and depths")
-    heads.add_argument(
-        "--min-copy-accuracy",
-        type=_fraction,
-        default=0.5,
-        help="record a trial only if the model copies more than this share of the needle; 0 records every trial",
-    )
-    heads.set_defaults(func=_cmd_calibrate_retrieval_heads)
+    _add_retrieval_heads_parser(tools)
     look = _leaf(
         tools,
         "lookback",

@@ -1,5 +1,7 @@
-"""Find a text backbone's retrieval heads (Wu et al., 2024), for DeCoRe.
+"""Find a text backbone's retrieval heads (Wu et al., 2024), for DeCoRe: the synthetic protocol.
 
+(The official protocol, natural-language needles in book text, is ``needle_haystack``; this one runs
+offline for any tokenizer and finds copy heads even in models that cannot answer questions.)
 A trial is a needle-in-a-haystack copy task built from the model's own vocabulary (no data is
 downloaded). ``N`` distinct ordinary tokens form the needle; ``H`` random ordinary tokens (none of
 them a needle token) form the haystack; the needle goes in at a random depth ``d`` behind a cue,
@@ -41,10 +43,11 @@ Where it differs, and why:
   credit those steps too; here only the ``N`` needle steps count, so scores stay in ``[0, 1]``;
 * the haystack is random vocabulary rather than book text (the official detection reads chapters
   of *The Last of the Mohicans* and *Dracula*, with three natural-language needles and questions,
-  trials kept when the answer's ROUGE-1 recall is above 0.5), the needle a random token span rather
-  than a sentence, and the depth random rather than a grid: a calibration that runs offline for any
-  tokenizer. The needle's tokens occur nowhere else in the prompt (the haystack and the
-  prompt's fixed text avoid them), so "the token there equals a_t" singles out one position.
+  trials kept when the answer's ROUGE-1 recall is above 50 percent; ``needle_haystack``), the
+  needle a random token span rather than a sentence, and the depth random rather than a grid: a
+  calibration that runs offline for any tokenizer. The needle's tokens occur nowhere else in the
+  prompt (the haystack and the prompt's fixed text avoid them), so "the token there equals a_t"
+  singles out one position.
 
 Attention weights are read from the text backbone's attention modules with eager attention
 (switched on for the calibration and restored afterwards), which handles grouped-query heads,

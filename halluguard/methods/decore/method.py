@@ -3,7 +3,10 @@
 **Heads.** The top ``K`` (``num_retrieval_heads``, 50 in the official configs) of a retrieval-head
 file in the official format (one JSON object, ``"layer-head"`` -> per-trial retrieval scores;
 heads ranked by their mean score), given as a path or as the loaded object.
-``halluguard calibrate retrieval-heads`` computes one for any supported model.
+``halluguard calibrate retrieval-heads`` computes one for any supported model: ``--protocol
+official`` by the official detection (natural-language needles in book text, answered greedily;
+``halluguard.calibrate.needle_haystack``), the default ``synthetic`` by teacher-forced copying of
+random-token needles (``halluguard.calibrate.retrieval_heads``), which runs for any model.
 
 **Branch.** The same prompt with those heads masked. As the official code does by default
 (``masking="uniform"``), a masked head's query is zeroed: its scores are all 0, it attends
