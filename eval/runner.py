@@ -108,6 +108,9 @@ class RunSettings:
     decoding: Decoding
     batch_size: int = 8
     seed: int = 0
+    system_prompt: str = ""  # a system turn before each prompt (none when empty)
+    llava_layout: str = ""  # an official script's exact LLaVA-1.5 conversation (see ``row_prompt``)
+    preset: dict | None = None  # the official run's preset these settings follow (recorded, not compared)
 
     def __post_init__(self):
         _check(int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -530,7 +533,7 @@ def run_identity(task: Task, settings: RunSettings, info: ModelInfo, guard, proc
         "methods": {c["method"]: c for c in method_record(guard)},
         "decoding": dataclasses.asdict(settings.decoding),
         "prompt": task.recorded_prompt,
-        "prompt_template": build_prompt(processor, "{text}"),
+        "prompt_template": row_prompt(processor, "{text}", settings),
         "seed": settings.seed,
         "data": data_files,
         "version": package_version(),
@@ -663,6 +666,18 @@ def batches(samples: list[Sample], settings: RunSettings) -> list[list[Sample]]:
     return [samples[i : i + size] for i in range(0, len(samples), size)]
 
 
+def row_prompt(processor, text: str, settings: RunSettings) -> str:
+    """A row's prompt: the processor's chat prompt for ``text`` and one image, after the run's system
+    prompt. A run that follows an official script's own LLaVA-1.5 conversation (``llava_layout``,
+    with ``{system}``, ``{image}`` and ``{text}``) uses it on a processor that renders LLaVA-1.5's
+    conversation (``USER: <image>\n{text} ASSISTANT:``), so the prompt is the script's to the token."""
+    if settings.llava_layout:
+        image = getattr(processor, "image_token", None) or "<image>"
+        if build_prompt(processor, "{text}") == f"USER: {image}\n{{text}} ASSISTANT:":
+            return settings.llava_layout.format(system=settings.system_prompt, image=image, text=text)
+    return build_prompt(processor, text, settings.system_prompt)
+
+
 def _same_sample(row: dict, sample: Sample) -> bool:
     return row.get("image_id") == sample.image_id and all(row.get(k) == v for k, v in sample.meta.items())
 
@@ -684,7 +699,8 @@ def _produce(model, processor, generate, batch: list[Sample], settings: RunSetti
             )
     if good:
         device = next(model.parameters()).device
-        enc = encode(processor, [build_prompt(processor, s.prompt) for s in good], images)
+        prompts = [row_prompt(processor, s.prompt, settings) for s in good]
+        enc = encode(processor, prompts, images)
         torch.manual_seed(row_seed(settings.seed, "|".join(s.key for s in good)))
         with torch.no_grad():
             ids = generate(**enc.to(device), **settings.decoding.generate_kwargs())
@@ -803,7 +819,7 @@ def evaluate(
         return None
     rows = collect_rows(out_dir, prepared.samples)
     metrics, captions = task.score(prepared, rows)
-    results = results_record(task, settings, info, guard, shard, prepared, rows, metrics, fingerprint(identity))
+    results = results_record(task, settings, info, guard, shard, prepared, rows, metrics, identity)
     write_results(out_dir, results, captions)
     return results
 
@@ -817,10 +833,10 @@ def results_record(
     prepared: Prepared,
     rows: list[dict],
     metrics: dict,
-    run_fingerprint: str,
+    identity: dict,
 ) -> dict:
-    """What ``results.json`` holds: the task, model, methods and settings, the metrics over ``rows``,
-    the failed rows, the data and the version."""
+    """What ``results.json`` holds: the task, model, methods and settings (and the preset they came
+    from, if any), the metrics over ``rows``, the failed rows, the data and the version."""
     failed = failed_summary(rows)
     return {
         "task": task.name,
@@ -832,6 +848,9 @@ def results_record(
         "decoding": dataclasses.asdict(settings.decoding),
         "batch_size": settings.batch_size,
         "seed": settings.seed,
+        "system_prompt": settings.system_prompt,
+        "prompt_template": identity["prompt_template"],
+        **({"preset": settings.preset} if settings.preset else {}),
         "processes": shard.world,
         "metrics": metrics,
         "samples": len(rows),
@@ -839,7 +858,7 @@ def results_record(
         "complete": failed["count"] == 0,
         "image_ids": prepared.image_ids,
         "data_files": prepared.data_files,
-        "fingerprint": run_fingerprint,
+        "fingerprint": fingerprint(identity),
         "version": package_version(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -18,6 +18,7 @@ from ._version import __version__
 from .eval.chair import CHAIR_PROMPT
 from .eval.pope import RULES as ANSWER_RULES
 from .eval.pope import SPLITS as POPE_SPLITS
+from .eval.presets import PRESETS
 from .eval.runner import CHAIR_DATASETS, POPE_DATASETS
 from .eval.runner import TESTBED_CHAIR_SPLITS as TESTBED_SPLITS
 from .interrupts import Interrupts
@@ -154,6 +155,62 @@ def _given(args: argparse.Namespace, name: str) -> bool:
     return getattr(args, name, None) is not None
 
 
+PRESET_OPTIONS = (
+    "method",
+    "system_prompt",
+    "max_new_tokens",
+    "num_beams",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "prompt",
+    "prompt_suffix",
+    "answer_rule",
+)
+PRESET_NAMES = tuple(PRESETS)
+PLAIN_DEFAULTS = {"method": "", "system_prompt": "", "do_sample": False, "prompt_suffix": "", "answer_rule": "pope"}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options ``--preset`` sets and the command line leaves unset (``args.preset_record``:
+    what ``results.json`` records), then the plain defaults of whatever is still unset."""
+    args.preset_record, args.llava_layout = None, ""
+    if args.preset:
+        from .eval.presets import resolve
+        from .registry import overrides_by_method
+
+        given = {name: getattr(args, name, None) for name in PRESET_OPTIONS}
+        try:
+            spec = args.method if args.method is not None else resolve(args.preset, args.task, {})[0]["method"]
+            if args.config is not None:
+                given["config"] = overrides_by_method(spec, args.config, method_option="--method")
+            options, args.preset_record = resolve(args.preset, args.task, given)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        args.llava_layout = options.pop("layout", "")
+        _fit_the_test_model(args, options)
+        if given["do_sample"] is False:  # the preset's sampling settings go with its sampling
+            options = {k: v for k, v in options.items() if k not in ("temperature", "top_p")}
+        for name, value in options.items():
+            setattr(args, name, value)
+    for name, value in PLAIN_DEFAULTS.items():
+        if getattr(args, name, None) is None and hasattr(args, name):
+            setattr(args, name, value)
+    if args.task == "chair" and args.prompt is None:
+        args.prompt = CHAIR_PROMPT
+
+
+def _fit_the_test_model(args: argparse.Namespace, options: dict) -> None:
+    """On the shipped test model (256 positions), a preset's token limit above the task's own (64 for
+    CHAIR, 10 for POPE) becomes that, recorded in the preset's record."""
+    limit = {"chair": 64, "pope": 10}[args.task]
+    if args.model == "testbed" and options.get("max_new_tokens", 0) > limit:
+        args.preset_record["adjusted"] = {
+            "max_new_tokens": {"preset": options["max_new_tokens"], "used": limit, "why": "the test model's context"}
+        }
+        options["max_new_tokens"] = limit
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on other options and refuse options that do not apply."""
     if args.model != "testbed" and looks_like_path(args.model) and not Path(args.model).expanduser().exists():
@@ -266,7 +323,14 @@ def _eval_settings(args: argparse.Namespace, methods: list):
             temperature=args.temperature or 1.0,
             top_p=args.top_p or 1.0,
         )
-        settings = RunSettings(decoding, batch_size=args.batch_size, seed=args.seed)
+        settings = RunSettings(
+            decoding,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            system_prompt=args.system_prompt,
+            llava_layout=args.llava_layout,
+            preset=args.preset_record,
+        )
         check_decoding(methods, decoding.num_beams, decoding.do_sample)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -294,15 +358,19 @@ def _guarded_runs(args: argparse.Namespace, runs: list, run) -> list[dict] | Non
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    apply_preset(args)
     check_eval_args(args)
     methods = method_configs(args.method, args.config)
     from .eval import runner
 
     task, settings = _eval_settings(args, methods)
-    out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, args.method, settings.decoding)
+    label = args.method + (f"-preset_{args.preset}" if args.preset else "")
+    out = Path(args.out) if args.out else runner.default_out_dir(task, args.model, label, settings.decoding)
     runs = [(out, methods)]
     if args.controls:
-        plain = Path(f"{out}-plain") if args.out else runner.default_out_dir(task, args.model, "", settings.decoding)
+        plain_label = f"preset_{args.preset}" if args.preset else ""
+        plain = Path(f"{out}-plain") if args.out else None
+        plain = plain or runner.default_out_dir(task, args.model, plain_label, settings.decoding)
         runs = [(plain, []), (out, methods), (Path(f"{out}-control"), control_configs(methods))]
     prepared = runner.task_samples(task, settings.seed)  # data mistakes show before the model loads
     shard = runner.launcher_shard()
@@ -370,7 +438,7 @@ def _add_chair_parser(tasks) -> None:
         "--image-ids",
         help="COCO: 'opera' (the standard 500), 'seeded' (a seeded sample), or a file of ids (default: opera)",
     )
-    p.add_argument("--prompt", default=CHAIR_PROMPT, help="caption prompt")
+    p.add_argument("--prompt", help=f"caption prompt (default: {CHAIR_PROMPT})")
     p.add_argument("--split", choices=TESTBED_SPLITS, help="testbed split (default: misleading)")
 
 
@@ -382,8 +450,8 @@ def _add_pope_parser(tasks) -> None:
     _add_weights_options(p)
     p.add_argument("--splits", nargs="+", choices=POPE_SPLITS, default=list(POPE_SPLITS), help="POPE splits")
     p.add_argument("--num-questions", type=_count, help="first N questions per split (default: all)")
-    p.add_argument("--answer-rule", default="pope", choices=ANSWER_RULES, help="yes/no parsing rule")
-    p.add_argument("--prompt-suffix", default="", help="text appended to each question (default: none)")
+    p.add_argument("--answer-rule", choices=ANSWER_RULES, help="yes/no parsing rule (default: pope)")
+    p.add_argument("--prompt-suffix", help="text appended to each question (default: none)")
 
 
 def _add_model_and_data_options(p: argparse.ArgumentParser, datasets: tuple[str, ...], other_datasets: str) -> None:
@@ -393,7 +461,15 @@ def _add_model_and_data_options(p: argparse.ArgumentParser, datasets: tuple[str,
         default="testbed",
         help="hub id or local path of a supported LVLM, or 'testbed' (the shipped test model)",
     )
-    p.add_argument("--method", default="", help="method spec, e.g. 'pai' or 'pai+var' (default: none, vanilla)")
+    p.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        help="the settings of a method's official CHAIR or POPE script (method, hyperparameters, system prompt, "
+        "prompt, decoding); options given beside it win, and results.json records both (README: Presets)",
+    )
+    p.add_argument(
+        "--method", help="method spec, e.g. 'pai' or 'pai+var' (default: none, vanilla; '' with --preset: none)"
+    )
     p.add_argument("--config", help="JSON (or a JSON file) of config overrides, e.g. '{\"alpha\": 0.5}'")
     p.add_argument(
         "--dataset",
@@ -417,7 +493,12 @@ def _add_run_options(p: argparse.ArgumentParser, max_tokens: str) -> None:
     p.add_argument("--batch-size", type=_count, default=8, help="samples per generate call")
     p.add_argument("--max-new-tokens", type=_count, help=f"token limit per answer (default: {max_tokens})")
     p.add_argument("--num-beams", type=_count, help="beam count (default: 1, or the method's own, e.g. OPERA's 5)")
-    p.add_argument("--do-sample", action="store_true", help="sample (one row at a time, seeded by row)")
+    p.add_argument(
+        "--do-sample",
+        action=argparse.BooleanOptionalAction,
+        help="sample (one row at a time, seeded by row); --no-do-sample: greedy or beam search under a sampling preset",
+    )
+    p.add_argument("--system-prompt", help="a system turn before each prompt (default: none)")
     p.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: 1.0)")
     p.add_argument("--top-p", type=_probability, help="nucleus sampling mass (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="run seed (rows derive theirs from it and their id)")

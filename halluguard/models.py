@@ -81,9 +81,13 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
     return model.eval(), processor, spec
 
 
-def build_prompt(processor, text: str) -> str:
-    """The model's chat prompt with one image and ``text`` (llava-style fallback without a template)."""
-    return chat_prompt(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}])
+def build_prompt(processor, text: str, system: str = "") -> str:
+    """The model's chat prompt with one image and ``text`` (llava-style fallback without a template),
+    after a system turn holding ``system`` when it is not empty."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    if system:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    return chat_prompt(processor, messages)
 
 
 def chat_prompt(processor, messages: list[dict]) -> str:

@@ -95,18 +95,16 @@ def get_config(name: str, **overrides: Any) -> MethodConfig:
     return entry(name).config_cls.from_dict(overrides)
 
 
-def configs_from_spec(
-    spec: str, overrides: Any = None, *, method_option: str = "methods", config_option: str = "config"
-):
-    """Configs for ``spec`` (``"a+b"``, ``""`` or ``"none"``: no method) with overrides: a dict or its
-    JSON text (or a JSON file's path), ``{"field": v}`` for one method or ``{"name": {"field": v}}`` per
-    method. Errors are ``ValueError``s that name the options as the caller calls them."""
-    names = [n.strip() for n in spec.split("+") if n.strip() and n.strip() != "none"]
-    if overrides is None:
-        try:
-            return [get_config(n) for n in names]
-        except ValueError as err:
-            raise ValueError(f"{method_option}: {err}") from None
+def spec_names(spec: str) -> list[str]:
+    """The method names of a spec (``"a+b"``; ``""`` and ``"none"`` name none)."""
+    return [n.strip() for n in spec.split("+") if n.strip() and n.strip() != "none"]
+
+
+def overrides_by_method(
+    spec: str, overrides: Any, *, method_option: str = "methods", config_option: str = "config"
+) -> dict[str, dict]:
+    """``overrides`` (see :func:`configs_from_spec`) as ``{"name": {"field": v}}`` for ``spec``'s methods."""
+    names = spec_names(spec)
     if not names:
         raise ValueError(f"{config_option} needs {method_option} (the method whose fields it sets)")
     data = overrides
@@ -130,6 +128,22 @@ def configs_from_spec(
                 f"with several methods, {config_option} must map each method name ({', '.join(names)}) to its fields"
             )
         data = {names[0]: data}
+    return data
+
+
+def configs_from_spec(
+    spec: str, overrides: Any = None, *, method_option: str = "methods", config_option: str = "config"
+):
+    """Configs for ``spec`` (``"a+b"``, ``""`` or ``"none"``: no method) with overrides: a dict or its
+    JSON text (or a JSON file's path), ``{"field": v}`` for one method or ``{"name": {"field": v}}`` per
+    method. Errors are ``ValueError``s that name the options as the caller calls them."""
+    names = spec_names(spec)
+    if overrides is None:
+        try:
+            return [get_config(n) for n in names]
+        except ValueError as err:
+            raise ValueError(f"{method_option}: {err}") from None
+    data = overrides_by_method(spec, overrides, method_option=method_option, config_option=config_option)
     try:
         return [get_config(n, **data.get(n, {})) for n in names]
     except (TypeError, ValueError) as err:

@@ -92,6 +92,10 @@ CHAT_TEMPLATE = (
     "{%- for c in message['content'] -%}"
     "{%- if c['type'] == 'image' -%}{{- '<image>\\n' -}}{%- elif c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}{{- ' ' -}}"
+    "{%- elif message['role'] == 'system' -%}"  # LLaVA-1.5's: the system text first, then a space
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for c in message['content'] -%}{%- if c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{%- endif -%}{{- ' ' -}}"
     "{%- else -%}{{- 'ASSISTANT: ' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
     "{%- for c in message['content'] -%}{%- if c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}{%- endfor -%}"
