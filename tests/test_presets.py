@@ -126,11 +126,11 @@ def test_options_beside_a_preset_win_and_greedy_drops_its_sampling(tmp_path, cap
 
 
 def test_the_official_baseline_is_a_preset_without_its_method(tmp_path):
-    assert run(f"eval chair --preset opera --method '' --num-images 2 --max-new-tokens 4 --out {tmp_path}/b") == 0
+    assert run(f"eval chair --preset pai --method '' --num-images 2 --max-new-tokens 4 --out {tmp_path}/b") == 0
     found = results(tmp_path / "b")
-    assert found["methods"] == [] and found["decoding"]["num_beams"] == 5
+    assert found["methods"] == [] and found["decoding"]["num_beams"] == 1 and not found["decoding"]["do_sample"]
     assert found["prompt_template"] == presets.CURIOUS_USER + "USER: <image> {text} ASSISTANT:"
-    assert found["prompt"] == "Please describe this image in detail."
+    assert found["prompt"] == "Please help me describe the image in detail."
 
 
 def test_a_preset_gets_its_own_run_folder_and_refusals_are_usage_errors(tmp_path, capsys, monkeypatch):
