@@ -19,6 +19,8 @@ CONFIGS = [
     hg.DeCoReConfig,
     hg.PAIConfig,
     hg.VCDConfig,
+    hg.M3IDConfig,
+    hg.ICDConfig,
 ]
 
 

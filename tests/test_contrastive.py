@@ -28,6 +28,8 @@ from halluguard.methods.vcd.method import add_diffusion_noise, noise_level
 
 HEADS = {"0-0": [0.9, 1.0], "1-1": [0.8], "0-2": [0.5], "1-3": [0.1]}
 SETTINGS = {"vcd": {}, "avc": {}, "decore": dict(retrieval_heads=HEADS, num_retrieval_heads=3)}
+# every method with a control row's settings here (M3ID's and ICD's branches have tests of their own)
+CONTROLLED = {**SETTINGS, "m3id": dict(lamda=0.6, confidence=1.0), "icd": dict(prefix_ids=(40, 41, 42))}
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 
@@ -279,7 +281,7 @@ def test_vcd_noise_is_independent_across_images_and_the_same_for_an_image_in_any
     assert torch.equal(add_diffusion_noise(padded, 500, [slice(0, 1)], seed=7)[:, :2], noised)
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", list(CONTROLLED))
 def test_the_control_row_is_the_cutoff_alone_with_no_branch(name):
     """``control=True``: the logits under the plausibility cutoff (DeCoRe, which has none: the base
     log-probabilities), and no branch rows at all; greedy tokens are plain decoding's, since the cutoff
@@ -298,7 +300,7 @@ def test_the_control_row_is_the_cutoff_alone_with_no_branch(name):
         plain = model.generate(**inputs, **greedy)
         rows.clear()
         cutoff = {} if name == "decore" else dict(beta=0.9)  # tight enough to cut some of these logits
-        with hg.wrap(model, methods=hg.get_config(name, **SETTINGS[name], **cutoff, control=True)):
+        with hg.wrap(model, methods=hg.get_config(name, **CONTROLLED[name], **cutoff, control=True)):
             control = model.generate(**inputs, **greedy)
     hook.remove()
     assert set(rows) == {inputs["input_ids"].shape[0]}  # the main rows only: no branch ran

@@ -277,7 +277,11 @@ def test_a_call_past_the_models_positions_warns_once_for_every_method(name):
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=1)
     model.config.get_text_config().max_position_embeddings = inputs["input_ids"].shape[1] + 3
-    settings = {"var": dict(sink_dims=(5, 9), tau=1.8), "decore": dict(retrieval_heads={"0-0": [1.0]})}.get(name, {})
+    settings = {
+        "var": dict(sink_dims=(5, 9), tau=1.8),
+        "decore": dict(retrieval_heads={"0-0": [1.0]}),
+        "icd": dict(prefix_ids=(40, 41)),
+    }.get(name, {})
     beams = 2 if name == "opera" else 1
     with hg.wrap(model, methods=hg.get_config(name, **settings)):
         with pytest.warns(UserWarning, match=r"past the \d+ positions the model was trained on"):

@@ -67,8 +67,11 @@ ACTIVE = {
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
     "opera": dict(scale_factor=50.0),
     "lookback": dict(context="prompt"),
+    "m3id": dict(lamda=0.6, confidence=1.0),
+    "icd": dict(alpha=1.0, prefix_ids=(40, 41, 42, 43, 44, 45)),
 }
 CONTEXT = {
+    "icd": dict(prefix_ids=(40, 41, 42, 43, 44, 45)),  # the tiny models come without a processor
     "var": dict(sink_dims=(5, 9), tau=1.8, first_layer=1),
     "decore": dict(retrieval_heads=RETRIEVAL_HEADS, num_retrieval_heads=3),
 }
@@ -450,6 +453,12 @@ BRANCH_CHECK = {"avc": dict(lamb=0.0)}
 # (part, owner, family) where the part sits in the owner's branch and by its own rule changes nothing there
 QUIET_IN_BRANCH = {
     ("var", "avc", "qwen2_5_vl"): "no image token of AvisC's blind view is among VAR's sinks",
+    # M3ID's branch is the prompt without its image: no image key to amplify or to give mass to
+    **{
+        (part, "m3id", family): "the image-free branch has no image key"
+        for part in ("pai", "var")
+        for family in FAMILIES
+    },
 }
 
 

@@ -91,7 +91,8 @@ class BruteForceGuidance:
         self.prompt_len = inputs["input_ids"].shape[1]
         self.rows = [text_only(row_inputs(inputs, r, family)) for r in range(inputs["input_ids"].shape[0])]
 
-    def __call__(self, input_ids, scores):
+    def image_free(self, input_ids):
+        """Each row's next-token logits for its prompt without the image, plus its generated tokens."""
         group = input_ids.shape[0] // len(self.rows)
         side = []
         for i in range(input_ids.shape[0]):
@@ -100,8 +101,11 @@ class BruteForceGuidance:
             extra = {k: torch.zeros_like(ids) for k in prompt if k.endswith("token_type_ids")}
             with torch.no_grad():
                 side.append(self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0, -1])
+        return torch.stack(side)
+
+    def __call__(self, input_ids, scores):
         s = torch.log_softmax(scores.float(), -1)
-        u = torch.log_softmax(torch.stack(side).float(), -1)
+        u = torch.log_softmax(self.image_free(input_ids).float(), -1)
         out = self.gamma * (s - u) + u
         return out.masked_fill(s < s.max(-1, keepdim=True).values + math.log(self.beta), float("-inf"))
 

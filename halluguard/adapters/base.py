@@ -35,6 +35,7 @@ class Adapter:
         self.model = model
         self.config = model.config
         self.text_config = model.config.get_text_config()
+        self.processor = processor  # what wrap was given (methods that encode text of their own need it)
         self.processor_marker_ids = self.marker_ids_from_processor(processor) if processor is not None else ()
 
     def marker_ids_from_processor(self, processor: Any) -> tuple[int, ...]:

@@ -170,3 +170,42 @@ def text_only_rows(inputs: dict[str, Any], dropped: torch.Tensor) -> dict[str, A
     rows["attention_mask"] = text_valid.to(mask.dtype if mask is not None else torch.long)
     rows["position_ids"] = (text_valid.long().cumsum(-1) - 1).clamp_min(0)
     return rows
+
+
+def prefixed_rows(inputs: dict[str, Any], prefix: torch.Tensor, after_first: torch.Tensor) -> dict[str, Any]:
+    """The prompts of ``inputs`` with the tokens ``prefix`` (1-D) put before each row's first token, or
+    after it where ``after_first`` (``(N,)`` bool: a BOS that stays first) holds; the rows left-padded
+    to the new width ``T + len(prefix)``. Given position ids (2-D or M-RoPE's 3-D) are kept for the old
+    tokens, shifted by ``len(prefix)`` after the prefix, which takes the positions from where it sits;
+    image inputs and flags stay as they are."""
+    ids = inputs["input_ids"]
+    rows, length = ids.shape
+    added = prefix.numel()
+    mask = inputs.get("attention_mask")
+    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    starts = valid.long().argmax(1)  # left padding: each row's first real token
+    out: dict[str, Any] = {k: v for k, v in inputs.items() if not is_per_token(k, v)}
+    per_token = {k: v for k, v in inputs.items() if is_per_token(k, v)}
+    per_token.setdefault("attention_mask", valid.long())
+    for key, value in per_token.items():
+        dim = row_dim(key, value)
+        parts = []
+        for r in range(rows):
+            at = int(starts[r]) + int(after_first[r])
+            row = value.select(dim, r)
+            before, after = row[..., :at], row[..., at:]
+            if key == "input_ids":
+                middle = prefix.to(row)
+            elif key == "attention_mask":
+                middle = row.new_ones(added)
+            elif key == "position_ids":
+                base = row[..., at : at + 1] if at < length else row[..., -1:] + 1
+                middle = base + torch.arange(added, device=row.device, dtype=row.dtype)
+                after = after + added
+            else:  # token types: text
+                middle = row.new_zeros(added)
+            if middle.dim() < row.dim():
+                middle = middle.expand(*row.shape[:-1], added)
+            parts.append(torch.cat([before, middle, after], -1))
+        out[key] = torch.stack(parts, dim)
+    return out

@@ -46,11 +46,14 @@ class SideStream:
         self.main_prompt_len = main_prompt_len
         self.cache = None
         self.fed: torch.Tensor | None = None  # generated tokens fed so far, per row
+        self.logits: torch.Tensor | None = None  # the next-token logits after them
         self.rows: dict[str, torch.Tensor] = {}  # per-row mask / positions / token types so far
         self.group = 1  # main rows per prompt (beams, sequences)
 
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         generated = input_ids[:, self.main_prompt_len :]
+        if self.fed is not None and self.fed.shape == generated.shape and torch.equal(self.fed, generated):
+            return self.logits  # asked again at the same step (the owner, then a logits processor)
         if self.cache is None:
             inputs = self._start(generated)
         else:
@@ -60,7 +63,8 @@ class SideStream:
         out = self.forward(inputs)
         self.cache = cache_of(out)
         self.fed = generated
-        return out.logits[:, -1].float()
+        self.logits = out.logits[:, -1].float()
+        return self.logits
 
     # ---- internals ------------------------------------------------------------------------------
     def _start(self, generated: torch.Tensor) -> dict:

@@ -68,8 +68,10 @@ class BranchRun:
         prompt = drop_padding_columns(dict(spec.prompt))
         self.rows, self.width = prompt["input_ids"].shape
         self.main_width = main_inputs["input_ids"].shape[1]
-        if self.width > self.main_width:
-            raise ValueError(f"{spec.owner.name}: a branch prompt cannot be longer than the main prompt")
+        if self.width > self.main_width and not spec.separate:
+            raise ValueError(
+                f"{spec.owner.name}: a branch prompt longer than the main prompt runs as its own stream (separate)"
+            )
         mask = prompt.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             raise ValueError(
@@ -82,12 +84,12 @@ class BranchRun:
             prompt["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         prompt["position_ids"] = positions_like(prompt["position_ids"], main_inputs.get("position_ids"))
         self.prompt = prompt
-        self.state.position_offset = self.main_width - self.width
+        self.state.position_offset = max(0, self.main_width - self.width)  # a longer one runs apart: its own keys
         self.logits: torch.Tensor | None = None  # (rows, vocab): next-token logits of the latest step
         self.side: SideStream | None = None  # set when the branch runs as its own forwards
         self.pending = False  # rows mode: to be prefilled after the main prompt's forward
         # the branch rows' mask, left-padded to the main width, and last positions (rows mode)
-        self.mask = torch.nn.functional.pad(mask, (self.main_width - self.width, 0))
+        self.mask = torch.nn.functional.pad(mask, (max(0, self.main_width - self.width), 0))
         self.last_position = self.prompt["position_ids"][..., -1:]
 
     def step_rows(self, main: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -70,6 +70,10 @@ class ContrastMethod(Method):
         """The branch's prompt: the main prompt (VCD replaces its image)."""
         return same_prompt(state, inputs)
 
+    def runs_apart(self) -> bool:
+        """Whether the branch runs as its own forward per step rather than as extra rows."""
+        return self.config.separate_stream
+
     def shares_prompt_cache(self) -> bool:
         """Whether the branch starts from the unmasked prompt (DeCoRe's official choice)."""
         return False
@@ -82,7 +86,7 @@ class ContrastMethod(Method):
             self,
             self.branch_prompt(state, inputs),
             self.branch_methods(state),
-            separate=self.config.separate_stream,
+            separate=self.runs_apart(),
             shares_prompt_cache=self.shares_prompt_cache(),
         )
         return [branch]
