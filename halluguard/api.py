@@ -8,8 +8,8 @@
    which rows of each forward belong to which stream, for this model's text attention modules;
 3. a forward pre-hook and a forward hook on the model report every forward to the call's
    ``Session`` (``halluguard.decoding``), which adds and removes the rows of the streams methods
-   ask for (and, for methods that read the residual stream, pre-hooks on the decoder layers hand
-   it to them);
+   ask for (and, for methods that read or steer the residual stream, hooks on the decoder layers
+   and their feed-forward blocks hand it to them);
 4. ``model.generate`` (an instance attribute) routes through ``Guard.generate``, which makes a
    fresh ``Session`` per call, adds the methods' logits processors and decoding loop, gives
    ``generate`` a cache that extra stream rows can ride in, and drops the session after.
@@ -87,6 +87,16 @@ class Guard:
                 layer.register_forward_pre_hook(functools.partial(self._before_layer, i), with_kwargs=True)
                 for i, layer in enumerate(self.adapter.decoder_layers())
             ]
+        if any(m.reads_layer_outputs for m in self.methods):
+            self._handles += [
+                layer.register_forward_hook(functools.partial(self._after_layer, i))
+                for i, layer in enumerate(self.adapter.decoder_layers())
+            ]
+        if any(m.edits_mlp_outputs for m in self.methods):
+            self._handles += [
+                mlp.register_forward_hook(functools.partial(self._after_mlp, i))
+                for i, mlp in enumerate(self.adapter.mlp_modules())
+            ]
         self.model.generate = self.generate
         self.wrapped = True
 
@@ -137,6 +147,16 @@ class Guard:
     def _before_layer(self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.session is not None:
             self.session.on_layer_input(layer_idx, args[0] if args else kwargs["hidden_states"])
+
+    def _after_layer(self, layer_idx: int, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.session is not None:
+            self.session.on_layer_output(layer_idx, output[0] if isinstance(output, tuple) else output)
+
+    def _after_mlp(self, layer_idx: int, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+        if self.session is None:
+            return None
+        edited = self.session.on_mlp_output(layer_idx, args[0], output)
+        return None if edited is output else edited
 
     @contextlib.contextmanager
     def _call(self, args: tuple, kwargs: dict, for_generation: bool) -> Iterator[Session]:
@@ -296,7 +316,9 @@ class Guard:
             return self.model(*args, **kwargs)
         with self._call(args, kwargs, for_generation=False) as session:
             acting = [
-                m.name for m in self.methods if m.logits_processors(session.main) or m.owns_loop or m.edits_next_logits
+                m.name
+                for m in self.methods
+                if m.logits_processors(session.main) or m.owns_loop or m.edits_next_logits or m.augments_next_logits
             ]
             if acting:
                 raise ValueError(

@@ -32,8 +32,11 @@ class MethodHooks(Protocol):
 
     name: str
     reads_layer_inputs: bool
+    reads_layer_outputs: bool
+    edits_mlp_outputs: bool
     edits_input_embeds: bool
     edits_next_logits: bool
+    augments_next_logits: bool
 
     def new_call_state(self) -> Any: ...
     def on_prompt(self, state: GuardState) -> None: ...
@@ -44,6 +47,11 @@ class MethodHooks(Protocol):
     def edit_input_embeds(self, state: GuardState, embeds: torch.Tensor) -> torch.Tensor | None: ...
     def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor: ...
     def on_layer_input(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None: ...
+    def on_layer_output(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None: ...
+    def edit_mlp_output(
+        self, state: GuardState, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None: ...
+    def augment_next_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass
@@ -265,7 +273,11 @@ class GuardState:
         return embeds
 
     def adjust_next_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next-token logits ``(rows, vocab)`` after the methods that change them, in order."""
+        """The next-token logits ``(rows, vocab)`` after the methods that change them: first those that
+        mix in logits read inside the forward, then the contrasts, each in order."""
+        for method in self.methods:
+            if method.augments_next_logits:
+                logits = method.augment_next_logits(self, logits)
         for method in self.methods:
             if method.edits_next_logits:
                 logits = method.next_token_logits(self, logits)
@@ -280,6 +292,25 @@ class GuardState:
         for method in self.methods:
             if method.reads_layer_inputs:
                 method.on_layer_input(self, layer_idx, hidden)
+
+    def layer_output(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        """Hand the residual stream leaving a decoder layer to the methods that read it."""
+        for method in self.methods:
+            if method.reads_layer_outputs:
+                method.on_layer_output(self, layer_idx, hidden)
+
+    def edit_mlp_output(self, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """A decoder layer's feed-forward output of this stream's rows, after the methods' edits."""
+        for method in self.methods:
+            if method.edits_mlp_outputs:
+                edited = method.edit_mlp_output(self, layer_idx, mlp_input, output)
+                output = output if edited is None else edited
+        return output
+
+    @property
+    def changes_next_logits(self) -> bool:
+        """Whether a method of this stream changes its next-token logits (a contrast or a mix)."""
+        return any(m.edits_next_logits or m.augments_next_logits for m in self.methods)
 
     # ---- used by the attention hook -------------------------------------------------------------
     def group_masks(self, call: AttentionCall) -> dict[str, torch.Tensor]:

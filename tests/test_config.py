@@ -21,6 +21,8 @@ CONFIGS = [
     hg.VCDConfig,
     hg.M3IDConfig,
     hg.ICDConfig,
+    hg.VISTAConfig,
+    hg.MemVRConfig,
 ]
 
 

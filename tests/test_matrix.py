@@ -69,6 +69,8 @@ ACTIVE = {
     "lookback": dict(context="prompt"),
     "m3id": dict(lamda=0.6, confidence=1.0),
     "icd": dict(alpha=1.0, prefix_ids=(40, 41, 42, 43, 44, 45)),
+    "vista": dict(lamda=0.8, logits_alpha=0.5),
+    "memvr": dict(retracing_ratio=0.9, entropy_threshold=0.0),
 }
 CONTEXT = {
     "icd": dict(prefix_ids=(40, 41, 42, 43, 44, 45)),  # the tiny models come without a processor
@@ -111,6 +113,13 @@ def beams_for(*configs):
     beams = next((n for n in (1, 3) if refusal(configs, n) is None), None)
     assert beams is not None, f"{'+'.join(c.name for c in configs)} runs neither greedy nor beam search"
     return beams
+
+
+def acts_on_logits_only(config):
+    """Whether a method leaves every forward's internals alone (its change is to next-token logits):
+    not an attention-level method (``acts_in_branches``) nor one that steers feed-forward outputs."""
+    method = method_of(config)
+    return not (method.capabilities.acts_in_branches or method.edits_mlp_outputs)
 
 
 def test_every_method_that_runs_has_active_settings_here():
@@ -421,7 +430,7 @@ def test_a_composition_runs_and_both_parts_act(a, b, family):
             # a token's reading comes from the forward fed the tokens before it
             if not torch.equal(run.sequences[:, :-1], alone.sequences[:, :-1]):
                 assert moved > SAME_SCORES["atol"], f"{part.name}'s readings in {a}+{b} on {family} ignore the tokens"
-            elif not method_of(other).capabilities.acts_in_branches:  # the other part acts on next-token logits only
+            elif acts_on_logits_only(other):
                 assert moved <= SAME_SCORES["atol"], f"{part.name}'s readings in {a}+{b} on {family} moved: {moved:.2g}"
 
 
@@ -460,6 +469,11 @@ QUIET_IN_BRANCH = {
         for family in FAMILIES
     },
 }
+
+
+# owners whose branch prompt is built from what the main stream's prompt forward computed: a part that
+# steers the main stream (VISTA) changes their branch through it, without acting in the branch
+SHAPED_BY_THE_MAIN_STREAM = {"avc": "AvisC's blind tokens are chosen from the main stream's attention"}
 
 
 def branch_setting(name):
@@ -510,6 +524,8 @@ def test_an_attention_level_part_acts_in_the_other_parts_contrast_branch(a, b, f
             if method_of(owner_config).edits_next_logits and (other.name, owner, family) not in QUIET_IN_BRANCH:
                 assert change > SAME_SCORES["atol"], f"{other.name} does not act in {owner}'s branch on {family}"
                 continue
+        elif not acts_on_logits_only(other) and owner in SHAPED_BY_THE_MAIN_STREAM:
+            continue  # the part steers the main stream only, from which the owner builds its branch
         else:
             off = with_part_off(both, j) if has_strength(other.name) else (owner_config,)
             without = generate(family, off, beams)

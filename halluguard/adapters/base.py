@@ -74,6 +74,20 @@ class Adapter:
     def attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.decoder_layers()]
 
+    def mlp_modules(self) -> list[nn.Module]:
+        """Each decoder layer's feed-forward block (its output is added to the residual stream, after
+        the family's post-feed-forward norm where it has one)."""
+        return [layer.mlp for layer in self.decoder_layers()]
+
+    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits read off a residual stream ``(..., d)`` as the model reads its last one:
+        the final norm, then the output embeddings (a family's logit soft-capping is not applied)."""
+        return self.model.get_output_embeddings()(self.decoder().norm(hidden))
+
+    def unnormed_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output embeddings applied to a residual stream without the final norm."""
+        return self.model.get_output_embeddings()(hidden)
+
     # ---- attention implementation of the text backbone -------------------------------------
     def text_attn_implementation(self) -> str | None:
         return compat.text_attn_implementation(self.text_config)

@@ -63,11 +63,13 @@ class StreamRunner:
             route_mask = mask[route.rows] if mask is not None and mask.dim() == 2 else None
             route.stream.on_forward(rows, route_mask, cache_len, ids.shape[1], rows.shape[0])
 
-    def probe(self, spec: Probe, state: GuardState, main: GuardState, kwargs: dict, shared: dict) -> None:
-        """A probe as its own forward before the prompt's: the main rows (under a copy of the main state,
-        sharing the probe owner's data) and the probe's rows."""
+    def probe(
+        self, spec: Probe, state: GuardState, main: GuardState, kwargs: dict, shared: dict, methods: list[Method]
+    ) -> None:
+        """A probe as its own forward before the prompt's: the main rows (under a copy of the main state
+        with ``methods`` acting, sharing the probe owner's data) and the probe's rows."""
         rows = kwargs["input_ids"].shape[0]
-        copy = GuardState(self.adapter, self.methods, for_generation=False, shared_data=shared)
+        copy = GuardState(self.adapter, methods, for_generation=False, shared_data=shared)
         inputs = {k: v for k, v in without_cache(main.with_2d_mask(kwargs)).items() if k != "logits_to_keep"}
         inputs = merge_rows(
             dict(inputs, use_cache=False),

@@ -147,10 +147,11 @@ class Session:
         else it runs as its own forward first."""
         role = StreamRole("probe", spec.owner)
         shared = {spec.owner: self.main.data_of(spec.owner)}
-        state = GuardState(self.adapter, self.methods, for_generation=False, role=role, shared_data=shared)
-        if cache is None or isinstance(cache, DynamicCache):  # rows can be added, then dropped
+        methods = [spec.owner] if spec.apart else self.methods  # a probe apart reads the model as it is
+        state = GuardState(self.adapter, methods, for_generation=False, role=role, shared_data=shared)
+        if not spec.apart and (cache is None or isinstance(cache, DynamicCache)):  # rows added, then dropped
             return [(state, spec.rows, spec)]
-        self.runner.probe(spec, state, self.main, kwargs, shared)
+        self.runner.probe(spec, state, self.main, kwargs, shared, methods)
         return []
 
     def _open_branch(self, spec: Branch, kwargs: dict, cache: Any) -> None:
@@ -192,7 +193,7 @@ class Session:
                 run.state.position_offset = 0  # its keys now sit at the main cache's positions
             elif run.side is not None and run.spec.owner.edits_next_logits:
                 run.logits = run.side.next_logits(self.history.tokens)
-        if self.main.for_generation and any(m.edits_next_logits for m in self.methods):
+        if self.main.for_generation and self.main.changes_next_logits:
             output = self._adjust_next_logits(output)
             changed = True
         if self._wants_tuple and changed and not isinstance(output, tuple):
@@ -226,6 +227,20 @@ class Session:
     def on_layer_input(self, layer_idx: int, hidden: torch.Tensor) -> None:
         for route in self.routes:
             route.stream.layer_input(layer_idx, hidden[route.rows])
+
+    def on_layer_output(self, layer_idx: int, hidden: torch.Tensor) -> None:
+        for route in self.routes:
+            route.stream.layer_output(layer_idx, hidden[route.rows])
+
+    def on_mlp_output(self, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """A decoder layer's feed-forward output, after each stream's methods edited their rows."""
+        parts, changed = [], False
+        for route in self.routes:
+            rows = output[route.rows]
+            edited = route.stream.edit_mlp_output(layer_idx, mlp_input[route.rows], rows)
+            changed = changed or edited is not rows
+            parts.append(edited)
+        return torch.cat(parts) if changed else output
 
     def on_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """The text backbone's input embeddings, after each stream's methods edited their rows."""

@@ -38,8 +38,15 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class Probe:
+    """Rows read beside the prompt's forward: ``rows`` (model inputs: input_ids, attention_mask,
+    position_ids, ...). With ``apart`` they run, beside a copy of the main rows, as a forward of its
+    own before the prompt's, with the owner alone acting (the model as it is, read), so what the owner
+    reads there can shape the prompt's own forward (VISTA's steering vector, read from unsteered
+    forwards, steers every forward after)."""
+
     owner: Method
-    rows: dict[str, torch.Tensor]  # model inputs of the extra rows: input_ids, attention_mask, position_ids, ...
+    rows: dict[str, torch.Tensor]
+    apart: bool = False
 
 
 @dataclasses.dataclass

@@ -1,10 +1,10 @@
 """Methods: one package per method (``vhr``, ``var``, ``pai``, ``vcd``, ``avc``, ``decore``,
-``lookback``, ``opera``, ``m3id``, ``icd``), each with its settings and capabilities (``config``), its entry
-(``ENTRY``, in the package's ``__init__``) and its implementation (``method``, and more modules
-for a method of several parts), imported when the method is first used. ``BUILTIN`` lists the
-entries the registry starts with."""
+``lookback``, ``opera``, ``m3id``, ``icd``, ``vista``, ``memvr``), each with its settings and
+capabilities (``config``), its entry (``ENTRY``, in the package's ``__init__``) and its
+implementation (``method``, and more modules for a method of several parts), imported when the
+method is first used. ``BUILTIN`` lists the entries the registry starts with."""
 
-from . import avc, decore, icd, lookback, m3id, opera, pai, var, vcd, vhr
+from . import avc, decore, icd, lookback, m3id, memvr, opera, pai, var, vcd, vhr, vista
 from .avc import AVCConfig
 from .base import Method
 from .capabilities import Capabilities, MethodEntry
@@ -12,13 +12,17 @@ from .decore import DeCoReConfig
 from .icd import ICDConfig
 from .lookback import LookbackConfig
 from .m3id import M3IDConfig
+from .memvr import MemVRConfig
 from .opera import OPERAConfig
 from .pai import PAIConfig
 from .var import VARConfig
 from .vcd import VCDConfig
 from .vhr import VHRConfig
+from .vista import VISTAConfig
 
-BUILTIN: tuple[MethodEntry, ...] = tuple(m.ENTRY for m in (vhr, var, pai, avc, decore, lookback, opera, vcd, m3id, icd))
+BUILTIN: tuple[MethodEntry, ...] = tuple(
+    m.ENTRY for m in (vhr, var, pai, avc, decore, lookback, opera, vcd, m3id, icd, vista, memvr)
+)
 
 __all__ = [
     "BUILTIN",
@@ -28,6 +32,7 @@ __all__ = [
     "ICDConfig",
     "LookbackConfig",
     "M3IDConfig",
+    "MemVRConfig",
     "Method",
     "MethodEntry",
     "OPERAConfig",
@@ -35,4 +40,5 @@ __all__ = [
     "VARConfig",
     "VCDConfig",
     "VHRConfig",
+    "VISTAConfig",
 ]

@@ -16,8 +16,16 @@ the state calls the method:
   ``head_scale_from_stats``, ``head_scale_from_stats(state, call)`` for the call's head scale;
 * ``on_layer_input(state, layer_idx, hidden)`` before every decoder layer, for methods that set
   ``reads_layer_inputs`` (residual-stream reads such as VAR's sink detection);
+* ``on_layer_output(state, layer_idx, hidden)`` after every decoder layer, for methods that set
+  ``reads_layer_outputs`` (the residual stream a layer hands on: VISTA's steering vector, a logit
+  lens such as MemVR's);
+* ``edit_mlp_output(state, layer_idx, mlp_input, output)`` on every decoder layer's feed-forward
+  output, for methods that set ``edits_mlp_outputs`` (VISTA's steering, MemVR's visual memory);
 * ``edit_input_embeds(state, embeds)`` on the text backbone's input embeddings of the streams the
   method acts in, for methods that set ``edits_input_embeds`` (AvisC's blind-token view);
+* ``augment_next_logits(state, logits)``: the main rows' next-token logits, mixed with logits the
+  method reads inside the same forward (no branch: VISTA's self-logits augmentation), for methods
+  that set ``augments_next_logits``; it runs before any contrast;
 * ``next_token_logits(state, logits)``: the main rows' next-token logits as the model returns
   them, before ``generate``'s processors and warpers (contrastive decoding: VCD, AvisC, DeCoRe; a
   method that implements it declares ``Capabilities(contrasts=True)``);
@@ -55,7 +63,10 @@ class Method:
     capabilities: ClassVar[Declared] = Capabilities()
     # which of the guard's hooks the method needs (wiring, not capabilities)
     reads_layer_inputs: ClassVar[bool] = False
+    reads_layer_outputs: ClassVar[bool] = False
+    edits_mlp_outputs: ClassVar[bool] = False
     edits_input_embeds: ClassVar[bool] = False
+    augments_next_logits: ClassVar[bool] = False
     # a branch stream shares this method's per-call data with the main stream (VHR's heads, chosen
     # in the main stream, are reinforced in the branch too) instead of starting its own
     shares_data_with_branches: ClassVar[bool] = False
@@ -141,6 +152,21 @@ class Method:
 
     def on_layer_input(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None:
         """The residual stream entering decoder layer ``layer_idx`` (only if ``reads_layer_inputs``)."""
+
+    def on_layer_output(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None:
+        """The residual stream leaving decoder layer ``layer_idx`` (only if ``reads_layer_outputs``)."""
+
+    def edit_mlp_output(
+        self, state: GuardState, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Decoder layer ``layer_idx``'s feed-forward ``output`` ``(rows, T, d)`` for its input
+        ``mlp_input``, edited, or None to leave it (only if ``edits_mlp_outputs``)."""
+        return None
+
+    def augment_next_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
+        """The main rows' next-token logits ``(rows, vocab)`` (float32) mixed with what the method
+        read in the same forward (only if ``augments_next_logits``)."""
+        return logits
 
     def call_result(self, state: GuardState, sequences: torch.Tensor) -> Any:
         """What the method read during a guarded ``generate`` (given its output ``sequences``), kept by
