@@ -97,6 +97,11 @@ class Guard:
                 mlp.register_forward_hook(functools.partial(self._after_mlp, i))
                 for i, mlp in enumerate(self.adapter.mlp_modules())
             ]
+        if any(m.edits_vision_mlp_outputs for m in self.methods):
+            self._handles += [
+                mlp.register_forward_hook(functools.partial(self._after_vision_mlp, i))
+                for i, mlp in enumerate(self.adapter.vision_mlp_modules())
+            ]
         self.model.generate = self.generate
         self.wrapped = True
 
@@ -156,6 +161,12 @@ class Guard:
         if self.session is None:
             return None
         edited = self.session.on_mlp_output(layer_idx, args[0], output)
+        return None if edited is output else edited
+
+    def _after_vision_mlp(self, layer_idx: int, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+        if self.session is None:
+            return None
+        edited = self.session.on_vision_mlp_output(layer_idx, output)
         return None if edited is output else edited
 
     @contextlib.contextmanager

@@ -628,6 +628,46 @@ def _cmd_calibrate_lookback(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
 
 
+def _cmd_calibrate_vti(args: argparse.Namespace) -> int:
+    from .calibrate.vti import main
+
+    if (args.demos is None) != (args.images is None):
+        raise UsageError("--demos and --images go together: the demonstrations and the folder of their images")
+    try:
+        return main(
+            args.model,
+            args.out,
+            demos=args.demos,
+            images=args.images,
+            num_demos=args.num_demos,
+            mask_ratio=args.mask_ratio,
+            trials=args.trials,
+            seed=args.seed,
+            text_only=args.text_only,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _add_vti_parser(tools) -> None:
+    vti = _leaf(tools, "vti", help="VTI's steering directions for a model, from demonstrations (safetensors out)")
+    vti.add_argument("--model", required=True, help="hub id or local path, or 'testbed' (its world's scenes)")
+    vti.add_argument("--out", required=True, help="write the directions here (.safetensors)")
+    vti.add_argument(
+        "--demos",
+        metavar="JSONL",
+        help="demonstrations in the official format (image, question, value, h_value per line); needed for a "
+        "model other than the test model",
+    )
+    vti.add_argument("--images", metavar="DIR", help="the folder of the demonstrations' images")
+    vti.add_argument("--num-demos", type=_count, default=70, help="demonstrations to use (the README's run: 70)")
+    vti.add_argument("--mask-ratio", type=_fraction, default=0.99, help="share of patches masked (default 0.99)")
+    vti.add_argument("--trials", type=_count, default=50, help="masked copies per image, averaged (default 50)")
+    vti.add_argument("--seed", type=int, default=0, help="seed of the masks (and of the test world's demonstrations)")
+    vti.add_argument("--text-only", action="store_true", help="compute the text directions only")
+    vti.set_defaults(func=_cmd_calibrate_vti)
+
+
 def _add_retrieval_heads_parser(tools) -> None:
     heads = _leaf(
         tools,
@@ -715,6 +755,7 @@ def _add_calibrate_parsers(sub) -> None:
     look.add_argument("--batch-size", type=_count, default=8, help="captions per generate call")
     look.add_argument("--seed", type=int, default=0, help="scene seed (test model)")
     look.set_defaults(func=_cmd_calibrate_lookback)
+    _add_vti_parser(tools)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,7 @@ TESTBED_CONTEXT: dict[str, dict[str, Any]] = {
     "var": {"sink_dims": (0, 1), "tau": 1.5, "first_layer": 1},
     "decore": {"retrieval_heads": "{testbed}/retrieval_heads.json", "num_retrieval_heads": 4},
     "lookback": {"classifier": "{testbed}/lookback.json"},
+    "vti": {"directions": "{testbed}/vti.safetensors"},
 }
 # The README's figures on the test model (its first table): how often a caption of the 300
 # misleading scenes names the anchor's absent partner, in percent.

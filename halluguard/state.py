@@ -34,6 +34,7 @@ class MethodHooks(Protocol):
     reads_layer_inputs: bool
     reads_layer_outputs: bool
     edits_mlp_outputs: bool
+    edits_vision_mlp_outputs: bool
     edits_input_embeds: bool
     edits_next_logits: bool
     augments_next_logits: bool
@@ -50,6 +51,9 @@ class MethodHooks(Protocol):
     def on_layer_output(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None: ...
     def edit_mlp_output(
         self, state: GuardState, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None: ...
+    def edit_vision_mlp_output(
+        self, state: GuardState, layer_idx: int, output: torch.Tensor
     ) -> torch.Tensor | None: ...
     def augment_next_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor: ...
 
@@ -304,6 +308,14 @@ class GuardState:
         for method in self.methods:
             if method.edits_mlp_outputs:
                 edited = method.edit_mlp_output(self, layer_idx, mlp_input, output)
+                output = output if edited is None else edited
+        return output
+
+    def edit_vision_mlp_output(self, layer_idx: int, output: torch.Tensor) -> torch.Tensor:
+        """A vision encoder layer's feed-forward output, after the methods' edits."""
+        for method in self.methods:
+            if method.edits_vision_mlp_outputs:
+                edited = method.edit_vision_mlp_output(self, layer_idx, output)
                 output = output if edited is None else edited
         return output
 

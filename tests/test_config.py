@@ -23,6 +23,8 @@ CONFIGS = [
     hg.ICDConfig,
     hg.VISTAConfig,
     hg.MemVRConfig,
+    hg.VTIConfig,
+    hg.ONLYConfig,
 ]
 
 

@@ -29,7 +29,12 @@ from halluguard.methods.vcd.method import add_diffusion_noise, noise_level
 HEADS = {"0-0": [0.9, 1.0], "1-1": [0.8], "0-2": [0.5], "1-3": [0.1]}
 SETTINGS = {"vcd": {}, "avc": {}, "decore": dict(retrieval_heads=HEADS, num_retrieval_heads=3)}
 # every method with a control row's settings here (M3ID's and ICD's branches have tests of their own)
-CONTROLLED = {**SETTINGS, "m3id": dict(lamda=0.6, confidence=1.0), "icd": dict(prefix_ids=(40, 41, 42))}
+CONTROLLED = {
+    **SETTINGS,
+    "m3id": dict(lamda=0.6, confidence=1.0),
+    "icd": dict(prefix_ids=(40, 41, 42)),
+    "only": dict(alpha_pos=3.0, alpha_neg=3.0),
+}
 GEN = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 
 

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from probes import Probe, assert_batch_rows_equal_single_rows, reference_everywhere, stats_only
+from safetensors.torch import save_file
 from tiny_models import build_model, family_params, make_inputs
 
 import halluguard as hg
@@ -273,14 +274,17 @@ def test_an_empty_prompt_is_refused_clearly(shape):
 
 
 @pytest.mark.parametrize("name", hg.list_methods(available_only=True))
-def test_a_call_past_the_models_positions_warns_once_for_every_method(name):
+def test_a_call_past_the_models_positions_warns_once_for_every_method(name, tmp_path):
     model = build_model("llava")
     inputs, _ = make_inputs(model, "llava", batch=1)
     model.config.get_text_config().max_position_embeddings = inputs["input_ids"].shape[1] + 3
+    text = model.config.get_text_config()
+    save_file({"text": torch.ones(text.num_hidden_layers, text.hidden_size)}, str(tmp_path / "vti.safetensors"))
     settings = {
         "var": dict(sink_dims=(5, 9), tau=1.8),
         "decore": dict(retrieval_heads={"0-0": [1.0]}),
         "icd": dict(prefix_ids=(40, 41)),
+        "vti": dict(directions=str(tmp_path / "vti.safetensors"), alpha_image=0.0),
     }.get(name, {})
     beams = 2 if name == "opera" else 1
     with hg.wrap(model, methods=hg.get_config(name, **settings)):

@@ -79,6 +79,29 @@ class Adapter:
         the family's post-feed-forward norm where it has one)."""
         return [layer.mlp for layer in self.decoder_layers()]
 
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder: the module that takes ``pixel_values`` (CLIP and SigLIP towers: with
+        ``output_hidden_states``, every layer's output)."""
+        base = self.model.model
+        for name in ("vision_tower", "vision_model", "visual"):
+            tower = getattr(base, name, None)
+            if tower is not None:
+                return tower
+        raise ValueError(f"{type(self.model).__name__}: no vision encoder found")
+
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's transformer layers."""
+        tower = self.vision_tower()
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        layers = getattr(encoder, "layers", None) if encoder is not None else getattr(tower, "blocks", None)
+        if layers is None:
+            raise ValueError(f"{type(tower).__name__}: no encoder layers found")
+        return layers
+
+    def vision_mlp_modules(self) -> list[nn.Module]:
+        """Each vision encoder layer's feed-forward block."""
+        return [layer.mlp for layer in self.vision_layers()]
+
     def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits read off a residual stream ``(..., d)`` as the model reads its last one:
         the final norm, then the output embeddings (a family's logit soft-capping is not applied)."""

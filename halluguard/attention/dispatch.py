@@ -74,8 +74,8 @@ def fold(
 ) -> KernelCall | None:
     """The kernel's arguments for these edits (already cut to the last ``rows`` query rows) and each
     request's reductions, or None when they do not fit the kernel (see the module docstring)."""
-    if rows > KERNEL_MAX_ROWS:
-        return None
+    if rows > KERNEL_MAX_ROWS or any(r is not None and r.last_row_values for r in reductions):
+        return None  # (the kernel reports no probability rows)
     boost, bias, redistribution = None, None, None
     for edit in edits:
         if rows > 1 and edit.last_row_only and edit.changes_probabilities:

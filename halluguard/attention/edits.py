@@ -76,10 +76,15 @@ class Reductions:
     headmax_rows: int = 1
     head_outputs: bool = False  # report o[b, h, last] (B, H, D) in float32, before head scales
     head_mean_row: bool = False  # report mean_h a[b, h, last, :] (B, T) in float32
+    # report a[b, h, last, :] (B, H, T) in float32 as "last_row" and the call's values (B, H_kv, T, D)
+    # as "values": a second output of the last row under other probabilities (ONLY)
+    last_row_values: bool = False
 
     @property
     def needs_probabilities(self) -> bool:
-        return bool(self.group_masses) or self.headmax_from_key is not None or self.head_mean_row
+        return (
+            bool(self.group_masses) or self.headmax_from_key is not None or self.head_mean_row or self.last_row_values
+        )
 
 
 @dataclasses.dataclass

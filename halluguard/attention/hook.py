@@ -272,7 +272,7 @@ def _edited(module, query, key, value, attention_mask, edits, base, call_kwargs)
         out, weights, probs, kernel_stats = _with_score_edits(call, score_edits)
     else:
         out, weights, probs, kernel_stats = _with_statistics_only(call)
-    return out, weights, _statistics(edits, out, probs, kernel_stats)
+    return out, weights, _statistics(edits, out, probs, kernel_stats, value)
 
 
 def _with_score_edits(call: _EditedCall, score_edits: list[AttentionEdit]):
@@ -321,9 +321,9 @@ def _with_statistics_only(call: _EditedCall):
     return out, weights, probs, kernel_stats
 
 
-def _statistics(edits: list[AttentionEdit], out: torch.Tensor, probs, kernel_stats) -> list:
+def _statistics(edits: list[AttentionEdit], out: torch.Tensor, probs, kernel_stats, value: torch.Tensor) -> list:
     """Each edit's reductions: from the kernel's pass, or reduced from the last rows' probabilities;
-    head outputs from the output's last row."""
+    head outputs from the output's last row; the values where asked."""
     stats: list[dict[str, torch.Tensor] | None] = []
     for index, edit in enumerate(edits):
         asked, reported = edit.reductions, None
@@ -336,6 +336,8 @@ def _statistics(edits: list[AttentionEdit], out: torch.Tensor, probs, kernel_sta
                 reported = {}
             if asked.head_outputs:
                 reported["head_outputs"] = out[:, -1].float()
+            if asked.last_row_values:
+                reported["values"] = value
         stats.append(reported)
     return stats
 

@@ -124,6 +124,8 @@ def reduce_last_row(
         stats["headmax_sum"] = head_max.sum(-1)
     if reductions.head_mean_row:
         stats["head_mean_row"] = probs_last.float().mean(dim=1)
+    if reductions.last_row_values:
+        stats["last_row"] = probs_last.float()
     return stats
 
 

@@ -242,6 +242,11 @@ class Session:
             parts.append(edited)
         return torch.cat(parts) if changed else output
 
+    def on_vision_mlp_output(self, layer_idx: int, output: torch.Tensor) -> torch.Tensor:
+        """A vision encoder layer's feed-forward output (every image the call encodes, whichever stream it
+        is for: the encoder's rows are images, not stream rows), after the methods' edits."""
+        return self.main.edit_vision_mlp_output(layer_idx, output)
+
     def on_input_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """The text backbone's input embeddings, after each stream's methods edited their rows."""
         parts, changed = [], False

@@ -21,6 +21,9 @@ the state calls the method:
   lens such as MemVR's);
 * ``edit_mlp_output(state, layer_idx, mlp_input, output)`` on every decoder layer's feed-forward
   output, for methods that set ``edits_mlp_outputs`` (VISTA's steering, MemVR's visual memory);
+* ``edit_vision_mlp_output(state, layer_idx, output)`` on every vision encoder layer's feed-forward
+  output, for every image a guarded call encodes (the main state given), for methods that set
+  ``edits_vision_mlp_outputs`` (VTI's visual steering);
 * ``edit_input_embeds(state, embeds)`` on the text backbone's input embeddings of the streams the
   method acts in, for methods that set ``edits_input_embeds`` (AvisC's blind-token view);
 * ``augment_next_logits(state, logits)``: the main rows' next-token logits, mixed with logits the
@@ -65,6 +68,7 @@ class Method:
     reads_layer_inputs: ClassVar[bool] = False
     reads_layer_outputs: ClassVar[bool] = False
     edits_mlp_outputs: ClassVar[bool] = False
+    edits_vision_mlp_outputs: ClassVar[bool] = False
     edits_input_embeds: ClassVar[bool] = False
     augments_next_logits: ClassVar[bool] = False
     # a branch stream shares this method's per-call data with the main stream (VHR's heads, chosen
@@ -161,6 +165,11 @@ class Method:
     ) -> torch.Tensor | None:
         """Decoder layer ``layer_idx``'s feed-forward ``output`` ``(rows, T, d)`` for its input
         ``mlp_input``, edited, or None to leave it (only if ``edits_mlp_outputs``)."""
+        return None
+
+    def edit_vision_mlp_output(self, state: GuardState, layer_idx: int, output: torch.Tensor) -> torch.Tensor | None:
+        """Vision encoder layer ``layer_idx``'s feed-forward ``output`` ``(images, tokens, d)``, edited, or
+        None to leave it (only if ``edits_vision_mlp_outputs``)."""
         return None
 
     def augment_next_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
