@@ -49,6 +49,17 @@ if TYPE_CHECKING:
     from ..methods.base import Method
 
 
+def rows_of(tensor: torch.Tensor, route: Route) -> torch.Tensor:
+    """The rows of ``tensor`` that ``route`` covers (all of them: the tensor itself, no slicing)."""
+    start, stop, step = route.rows.indices(tensor.shape[0])
+    return tensor if (start, stop, step) == (0, tensor.shape[0], 1) else tensor[route.rows]
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The streams' rows back in one tensor (one stream: its rows as they are)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class Session:
     """The streams of one guarded call (see the module docstring); the routing the attention hook
     reads while the call runs."""
@@ -226,21 +237,21 @@ class Session:
     # ---- the decoder layers' pre-hooks -----------------------------------------------------------
     def on_layer_input(self, layer_idx: int, hidden: torch.Tensor) -> None:
         for route in self.routes:
-            route.stream.layer_input(layer_idx, hidden[route.rows])
+            route.stream.layer_input(layer_idx, rows_of(hidden, route))
 
     def on_layer_output(self, layer_idx: int, hidden: torch.Tensor) -> None:
         for route in self.routes:
-            route.stream.layer_output(layer_idx, hidden[route.rows])
+            route.stream.layer_output(layer_idx, rows_of(hidden, route))
 
     def on_mlp_output(self, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """A decoder layer's feed-forward output, after each stream's methods edited their rows."""
         parts, changed = [], False
         for route in self.routes:
-            rows = output[route.rows]
-            edited = route.stream.edit_mlp_output(layer_idx, mlp_input[route.rows], rows)
+            rows = rows_of(output, route)
+            edited = route.stream.edit_mlp_output(layer_idx, rows_of(mlp_input, route), rows)
             changed = changed or edited is not rows
             parts.append(edited)
-        return torch.cat(parts) if changed else output
+        return joined(parts) if changed else output
 
     def on_vision_mlp_output(self, layer_idx: int, output: torch.Tensor) -> torch.Tensor:
         """A vision encoder layer's feed-forward output (every image the call encodes, whichever stream it
@@ -251,11 +262,11 @@ class Session:
         """The text backbone's input embeddings, after each stream's methods edited their rows."""
         parts, changed = [], False
         for route in self.routes:
-            rows = embeds[route.rows]
+            rows = rows_of(embeds, route)
             edited = route.stream.edit_input_embeds(rows)
             changed = changed or edited is not rows
             parts.append(edited)
-        return torch.cat(parts) if changed else embeds
+        return joined(parts) if changed else embeds
 
     # ---- after the call --------------------------------------------------------------------------
     def finish(self, cache: Any) -> None:

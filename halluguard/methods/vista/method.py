@@ -60,6 +60,8 @@ from ...state import GuardState
 from ..base import Method
 from .config import CAPABILITIES, VISTAConfig
 
+EPS = 1e-12  # F.normalize's floor on a norm
+
 
 @dataclasses.dataclass
 class VISTAData:
@@ -68,19 +70,21 @@ class VISTAData:
 
     positive: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     negative: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    vectors: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None  # unit vectors v_l / |v_l| (only their direction acts)
     late_sum: torch.Tensor | None = None
     late_count: int = 0
 
 
-def steer(output: torch.Tensor, vector: torch.Tensor, lamda: float) -> torch.Tensor:
-    """``output`` ``(rows, T, d)`` rotated towards ``vector`` ``(rows, d)`` (see the module docstring)."""
+def steer(output: torch.Tensor, unit: torch.Tensor, lamda: float) -> torch.Tensor:
+    """``output`` ``(rows, T, d)`` rotated towards ``unit = v / |v|`` ``(rows, d)`` (see the module
+    docstring): ``1 + max(0, cos(x, -v)) = 1 - min(0, x_hat . unit)``; a zero ``x`` stays zero."""
     x = output.float()
-    v = vector.float()[:, None, :]
-    norm = x.norm(dim=-1, keepdim=True)
-    strength = 1.0 + F.cosine_similarity(x, -v, dim=-1).clamp_min(0.0)
-    shift = lamda * strength[..., None] * F.normalize(v, dim=-1)
-    return (F.normalize(F.normalize(x, dim=-1) + shift, dim=-1) * norm).to(output.dtype)
+    length = x.norm(dim=-1, keepdim=True)
+    direction = x / length.clamp_min(EPS)
+    towards = unit[:, None, :]
+    strength = 1.0 - (direction * towards).sum(-1, keepdim=True).clamp_max(0.0)
+    turned = direction + lamda * strength * towards
+    return (turned * (length / turned.norm(dim=-1, keepdim=True).clamp_min(EPS))).to(output.dtype)
 
 
 class VISTA(Method):
@@ -138,7 +142,7 @@ class VISTA(Method):
         side[layer_idx] = hidden[:, -1].float()
         depth = state.adapter.num_layers
         if len(data.positive) == depth and len(data.negative) == depth:
-            data.vectors = torch.stack([data.positive[i] - data.negative[i] for i in range(depth)])
+            data.vectors = F.normalize(torch.stack([data.positive[i] - data.negative[i] for i in range(depth)]), dim=-1)
 
     def edit_mlp_output(
         self, state: GuardState, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor

@@ -43,6 +43,7 @@ from ..base import Method
 from .config import CAPABILITIES, VTIConfig
 
 SCALE = 0.1  # the official VTILayer's constant
+EPS = 1e-12  # F.normalize's floor on a norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +73,18 @@ def load_directions(path: str) -> Directions:
     return Directions(text, vision, model)
 
 
-def turn(output: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``|x| normalize(x / |x| + 0.1 alpha direction / |direction|)`` over the last dimension;
-    ``direction`` broadcasts against ``output``."""
+def shifts(directions: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``0.1 alpha d / |d|`` for each direction (last dimension)."""
+    return SCALE * alpha * F.normalize(directions.float(), dim=-1)
+
+
+def turn(output: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``|x| normalize(x / |x| + shift)`` over the last dimension (``shift`` from :func:`shifts`,
+    broadcasting against ``output``); a zero ``x`` stays zero."""
     x = output.float()
-    shift = SCALE * alpha * F.normalize(direction.to(x.device).float(), dim=-1)
-    return (F.normalize(F.normalize(x, dim=-1) + shift, dim=-1) * x.norm(dim=-1, keepdim=True)).to(output.dtype)
+    length = x.norm(dim=-1, keepdim=True)
+    turned = x / length.clamp_min(EPS) + shift.to(x.device)
+    return (turned * (length / turned.norm(dim=-1, keepdim=True).clamp_min(EPS))).to(output.dtype)
 
 
 class VTI(Method):
@@ -88,7 +95,7 @@ class VTI(Method):
     edits_mlp_outputs = True
     edits_vision_mlp_outputs = True
 
-    found: Directions | None = None
+    shift: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (text, vision): 0.1 alpha d / |d|
 
     def setup(self, adapter: Any) -> None:
         from ...calibrate import made_for
@@ -117,27 +124,33 @@ class VTI(Method):
             import warnings
 
             warnings.warn(f"vti: the directions were computed for {found.model}, not this model", stacklevel=3)
-        self.found = found
+        device = adapter.model.device  # the shifts live where the model does (moved per call only if sharded)
+        vision = found.vision
+        self.shift = (
+            shifts(found.text, self.config.alpha_text).to(device),
+            shifts(vision, self.config.alpha_image).to(device) if vision is not None else None,
+        )
 
     def edit_mlp_output(
         self, state: GuardState, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor
     ) -> torch.Tensor | None:
         if not self.config.alpha_text:
             return None
-        return turn(output, self._directions().text[layer_idx], self.config.alpha_text)
+        return turn(output, self._shifts()[0][layer_idx])
 
     def edit_vision_mlp_output(self, state: GuardState, layer_idx: int, output: torch.Tensor) -> torch.Tensor | None:
         if not self.config.alpha_image:
             return None
-        direction = self._directions().vision[layer_idx]
-        if output.shape[-2] != direction.shape[0]:
+        shift = self._shifts()[1][layer_idx]
+        if output.shape[-2] != shift.shape[0]:
             raise ValueError(
-                f"vti: an image gave {output.shape[-2]} vision tokens; the directions hold {direction.shape[0]} "
+                f"vti: an image gave {output.shape[-2]} vision tokens; the directions hold {shift.shape[0]} "
                 "(another image size than at calibration)"
             )
-        return turn(output, direction, self.config.alpha_image)
+        return turn(output, shift)
 
-    def _directions(self) -> Directions:
-        if self.found is None:
+    def _shifts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text and vision shifts (``0.1 alpha`` times each unit direction), made at setup."""
+        if self.shift is None:
             raise ValueError(CAPABILITIES.required[0][1])
-        return self.found
+        return self.shift
