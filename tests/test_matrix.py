@@ -244,6 +244,26 @@ def test_neutral_config_with_a_static_cache_is_plain_generate(name, family):
             assert torch.equal(model.generate(**inputs, **static), want)
 
 
+@pytest.mark.parametrize(
+    "name,family", [(m, f) for m in METHODS for f in ("llava", "qwen2_vl") if f in families_for(m)]
+)
+def test_an_acting_method_gives_the_same_tokens_with_a_static_cache(name, family):
+    """The streams a method opens (a probe run apart, a branch as its own forwards) and its layer hooks
+    give the same greedy tokens when ``generate`` keeps a static cache, or the method refuses it."""
+    model, inputs = model_and_inputs(family)
+    config = active(name)
+    beams = beams_for(config)
+    kwargs = dict(GEN, num_beams=beams)
+    with torch.no_grad(), hg.wrap(model, methods=config):
+        want = model.generate(**inputs, **kwargs)
+        method = method_of(config)
+        if method.owns_loop or (beams > 1 and method.edits_next_logits):  # refused: a dynamic cache is needed
+            with pytest.raises(ValueError, match="cache"):
+                model.generate(**inputs, **kwargs, cache_implementation="static")
+            return
+        assert torch.equal(model.generate(**inputs, **kwargs, cache_implementation="static"), want)
+
+
 # ---- every method acts ----------------------------------------------------------------------------
 # A method with a strength (its active config is not its neutral one) changes the generation: its
 # tokens, or where a tiny random model keeps them, its next-token scores. A method that reports
