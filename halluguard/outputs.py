@@ -7,6 +7,8 @@ answered in one line before a model loads or a measurement runs, not after it.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -37,3 +39,21 @@ def picture_file(path: str, option: str) -> Path:
         got = f"'{target.suffix}'" if target.suffix else "no extension"
         raise ValueError(f"{option} {path}: a picture file ends in one of {known} ({got} given)")
     return target
+
+
+def write_through_temporary(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(temporary)`` to a temporary file beside ``path``, then rename it to ``path``: a reader
+    sees the old file or the whole new one, and an interrupted write leaves nothing behind."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    write_through_temporary(path, lambda temp: temp.write_text(text))

@@ -3,6 +3,7 @@ rule, its row layout), the steering against its equation on plain torch hooks (e
 vision encoder feed-forward output), the calibration command on the test model, and the refusals."""
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tiny_models import build_model, make_inputs
 
 import halluguard as hg
 from halluguard import testbed
-from halluguard.calibrate.vti import current_umask, masked_copies, read_demos, world_demos
+from halluguard.calibrate.vti import masked_copies, read_demos, world_demos
 from halluguard.cli import main as cli
 from halluguard.methods.vti.directions import principal_shift, text_directions, vision_directions
 from halluguard.models import chat_prompt, encode
@@ -194,7 +195,9 @@ def test_calibrate_vti_on_the_test_model_makes_directions_that_load_and_act(tmp_
         "vision": (vision.num_hidden_layers, tokens, vision.hidden_size),
     }
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left behind
-    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # an ordinary file's mode, not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file's mode (the umask's), not a private one
     inputs = encode(processor, [chat_prompt(processor, CAPTION)], [next(world_demos(1, seed=5)).image])
     with torch.no_grad():
         plain = model.generate(**inputs, **GEN)

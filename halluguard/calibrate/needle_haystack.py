@@ -379,8 +379,8 @@ def main(
     show: int = 10,
 ) -> int:
     from ..models import load_model
-    from ..outputs import output_file
-    from .retrieval_heads import max_positions, ranked_heads, write_atomic
+    from ..outputs import output_file, write_atomic
+    from .retrieval_heads import max_positions, ranked_heads
 
     target = output_file(out)  # checked before the model loads
     needles = read_needles(needles_file, haystack)

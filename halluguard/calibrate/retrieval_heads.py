@@ -70,6 +70,7 @@ from torch import nn
 
 from ..adapters import adapter_for
 from ..attention import EAGER_HOOK_NAME, HOOK_NAME
+from ..outputs import write_atomic
 
 CUE = "The answer is:"
 END = "."
@@ -301,18 +302,6 @@ def check_heads(heads: Iterable[tuple[int, int]], num_layers: int, num_heads: in
 def max_positions(model: nn.Module) -> int | None:
     value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     return int(value) if value else None
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_text(text)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def main(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from ..adapters import adapter_for
 from ..methods.vti.directions import text_directions, vision_directions
 from ..models import chat_prompt, encode
-from ..outputs import output_file
+from ..outputs import output_file, write_through_temporary
 
 
 @dataclasses.dataclass
@@ -180,26 +179,19 @@ def calibrate(
     return found
 
 
-def current_umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save(directions: dict[str, torch.Tensor], target: Path, metadata: dict[str, str]) -> None:
     """Write ``directions`` as safetensors at ``target``, atomically (a temporary file renamed)."""
     from safetensors.torch import save_file
 
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in directions.items()}, temporary, metadata=metadata)
-        os.chmod(temporary, 0o666 & ~current_umask())  # as an ordinary file (mkstemp makes it private)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.contiguous() for k, v in directions.items()}
+
+    def write(temp: Path) -> None:
+        save_file(tensors, str(temp), metadata=metadata)
+        umask = os.umask(0)  # read by setting it and putting it back
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # an ordinary file's mode: safetensors writes it private (0600)
+
+    write_through_temporary(target, write)
 
 
 def main(
