@@ -227,6 +227,18 @@ def crop_cache(cache: Any, length: int) -> None:
                 layer.cumulative_length = length
 
 
+def drop_leading_tokens(cache: Any, count: int) -> None:
+    """Remove the first ``count`` tokens of every layer (those a sliding-window layer already let go
+    of are gone), as if they had never been fed."""
+    for layer in filled_layers(cache):
+        seen = getattr(layer, "cumulative_length", layer.keys.shape[-2])
+        held = count - (seen - layer.keys.shape[-2])  # of the first count tokens, those still held
+        if held > 0:
+            layer.keys, layer.values = layer.keys[..., held:, :], layer.values[..., held:, :]
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length -= count
+
+
 def load_processor(spec: str) -> Any:
     """``AutoProcessor.from_pretrained(spec)``, or, where that fails because the processor's video
     part needs torchvision and torchvision is not installed, the same processor class loaded with

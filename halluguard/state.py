@@ -147,6 +147,9 @@ class GuardState:
         # Absent leading tokens: a stream whose compact prompt is prefilled on its own, then joins a
         # longer cache left-padded, sees its keys at positions shifted by this many (see decoding.session).
         self.position_offset = 0
+        # Padding columns the guard put before the caller's prompt (its layout is that much wider than
+        # the caller's sequences: ``decoding.session``, a branch prompt longer than the main one).
+        self.guard_padding = 0
         # the branch streams of the call, by owner (set on the main stream's state): each gives its
         # next-token logits with ``next_logits(input_ids)`` (``halluguard.decoding.streams.BranchRun``)
         self.branches: dict[MethodHooks, Any] = {}
@@ -208,6 +211,11 @@ class GuardState:
     @property
     def prompt_len(self) -> int:
         return self.groups.prompt_len if self.groups is not None else 0
+
+    @property
+    def caller_prompt_len(self) -> int:
+        """The prompt's length in the caller's sequences (``prompt_len`` less the guard's padding)."""
+        return self.prompt_len - self.guard_padding
 
     # ---- fed by the session, once per forward ---------------------------------------------------
     def on_forward(

@@ -90,3 +90,57 @@ def test_icd_needs_a_tokenizer_or_prefix_ids_and_defaults_to_sampling():
     with pytest.raises(ValueError, match="prefix_ids must be a non-empty list"):
         hg.get_config("icd", prefix_ids=())
     assert hg.registry.entry("icd").capabilities_for().generation_defaults == {"do_sample": True, "top_k": 0}
+
+
+def count_forwards(model):
+    """(rows, width) of every model forward, seen after the guard's hook (its extra rows and columns)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(tuple(kwargs.get("input_ids", args[0] if args else None).shape))
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_the_disturbed_branch_rides_along_as_rows_and_agrees_with_its_own_forwards(family):
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    rows, width = inputs["input_ids"].shape
+    with torch.no_grad():
+        got = {}
+        for separate in (False, True):
+            cfg = hg.get_config("icd", prefix_ids=PREFIX, separate_stream=separate)
+            with hg.wrap(model, methods=cfg):
+                seen, handle = count_forwards(model)
+                got[separate] = model.generate(**inputs, **GEN)
+                handle.remove()
+            if not separate:  # the prompt widened by the prefix, the branch's prefill, then one forward a step
+                assert seen[0] == (rows, width + len(PREFIX)) and seen[1][0] == rows
+                assert seen[2:] == [(2 * rows, 1)] * (GEN["max_new_tokens"] - 1)
+            else:
+                assert (2 * rows, 1) not in seen
+    assert torch.equal(got[False], got[True])
+
+
+def test_the_caller_sees_no_padding_in_what_generate_returns():
+    """Hidden states, scores and the returned cache have the shapes and values of the branch-apart run,
+    whose main rows are never padded."""
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    extra = dict(GEN, return_dict_in_generate=True, output_hidden_states=True, output_scores=True)
+    outs = {}
+    with torch.no_grad():
+        for separate in (False, True):
+            cfg = hg.get_config("icd", prefix_ids=PREFIX, separate_stream=separate)
+            with hg.wrap(model, methods=cfg):
+                outs[separate] = model.generate(**inputs, **extra)
+    rows, apart = outs[False], outs[True]
+    assert torch.equal(rows.sequences, apart.sequences)
+    for mine, theirs in zip(rows.hidden_states, apart.hidden_states):
+        assert [h.shape for h in mine] == [h.shape for h in theirs]
+        torch.testing.assert_close(mine[-1], theirs[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(rows.scores), torch.stack(apart.scores), atol=1e-4, rtol=1e-4)
+    for mine, theirs in zip(rows.past_key_values.layers, apart.past_key_values.layers):
+        assert mine.keys.shape == theirs.keys.shape
+        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-5, rtol=1e-5)

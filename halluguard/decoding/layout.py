@@ -84,6 +84,25 @@ def drop_padding_columns(prompt: dict[str, Any]) -> dict[str, Any]:
     return {k: v[..., first:] if is_per_token(k, v) else v for k, v in prompt.items()}
 
 
+def left_padded(inputs: dict[str, Any], count: int) -> dict[str, Any]:
+    """The prompt's forward ``inputs`` with ``count`` padding columns before every row: the mask 0 there
+    (a missing one made all ones first), the ids the row's last token's (never an image token, which a
+    model places by id whatever the mask), positions and token types 0. What the model computes for
+    the real tokens is unchanged (they attend to no padding); their keys sit ``count`` places later."""
+    ids = inputs["input_ids"]
+    out = dict(inputs)
+    if inputs.get("attention_mask") is None:
+        out["attention_mask"] = torch.ones_like(ids)
+    for key, value in out.items():
+        if not is_per_token(key, value):
+            continue
+        if key == "input_ids":
+            out[key] = torch.cat([value[:, -1:].expand(-1, count), value], 1)
+        else:
+            out[key] = torch.nn.functional.pad(value, (count, 0))
+    return out
+
+
 def merge_rows(
     inputs: dict[str, Any],
     extra: dict[str, Any],
@@ -133,6 +152,26 @@ def take_rows(output: Any, rows: int) -> Any:
             output[key] = value[:rows]
         elif isinstance(value, tuple):
             output[key] = tuple(v[:rows] if torch.is_tensor(v) else v for v in value)
+    return output
+
+
+def without_leading_columns(output: Any, count: int, width: int) -> Any:
+    """``output`` (a ``ModelOutput``) of a forward whose rows were ``left_padded`` by ``count`` columns,
+    as the caller's unpadded forward gives it: per-token logits and hidden states of the prompt's
+    forward (``width`` tokens, padding included) without the padding's, attention weights without the
+    padding keys (and, in the prompt's forward, queries)."""
+    for key in ("logits", "hidden_states"):
+        value = getattr(output, key, None)
+        values = value if isinstance(value, tuple) else (value,)
+        cut = tuple(v[:, count:] if torch.is_tensor(v) and v.dim() > 2 and v.shape[1] == width else v for v in values)
+        if torch.is_tensor(value) or isinstance(value, tuple):
+            output[key] = cut if isinstance(value, tuple) else cut[0]
+    attentions = getattr(output, "attentions", None)
+    if isinstance(attentions, tuple):
+        output["attentions"] = tuple(
+            (a[..., count:, count:] if a.shape[-2] == width else a[..., count:]) if torch.is_tensor(a) else a
+            for a in attentions
+        )
     return output
 
 

@@ -11,6 +11,11 @@ The model's forward pre-hook and post-hook report every forward to it:
   own rows), hands each branch its next-token logits, drops probe rows from the cache, and after
   the prompt's forward joins each branch's prefilled cache to the main cache as extra rows.
 
+A branch prompt longer than the main one (ICD's instruction before it) still rides along: the
+prompt's forward pads the main rows on the left by the difference (masked columns, chosen from
+``Method.widens_main_prompt_by``), every later forward's mask gets the same columns, and the caller
+sees none of them (outputs and the returned cache are cut back).
+
 How rows join and leave a forward is ``layout``; the forwards the call runs itself (a probe or a
 branch apart, a branch's prefill) are ``runner``'s.
 
@@ -37,7 +42,7 @@ from ..attention.routing import Route
 from ..compat import cache_in, cache_of
 from ..state import GuardState, StreamRole
 from .cache import RowGroupsCache
-from .layout import merge_rows, take_rows
+from .layout import left_padded, merge_rows, take_rows, without_leading_columns
 from .runner import StreamRunner, cache_length
 from .side_stream import SideStream, TokenHistory
 from .streams import Branch, BranchRun, Probe
@@ -87,6 +92,8 @@ class Session:
         self._extra: list[tuple[Route, Any]] = []  # extra rows of the current forward: (route, probe or branch)
         self._main_rows = 0
         self._wants_tuple = False
+        self.widening = 0  # padding columns before the main prompt (a branch prompt longer than it rides along)
+        self._widened_width = 0  # the padded prompt's width, while its forward runs
 
     # ---- the routing the attention hook reads (``halluguard.attention.routing``) ------------------
     @property
@@ -104,12 +111,14 @@ class Session:
         if self.runner.apart is not None:
             self.runner.feed(kwargs)
             return None
+        cache = cache_in(kwargs)
+        cache_len = cache_length(cache)
+        given = kwargs
+        kwargs = self._widened(kwargs, cache, cache_len)
         ids = kwargs.get("input_ids")
         tokens = ids if ids is not None else kwargs.get("inputs_embeds")
         if tokens is None:
             raise ValueError("a guarded forward needs input_ids or inputs_embeds")
-        cache = cache_in(kwargs)
-        cache_len = cache_length(cache)
         rows, new = tokens.shape[:2]
         self._main_rows = rows
         self._wants_tuple = kwargs.get("return_dict") is False
@@ -122,7 +131,36 @@ class Session:
             extra = [row for spec in self.main.requested_streams(kwargs) for row in self._open(spec, kwargs, cache)]
         else:
             extra = [(run.state, run.step_rows(kwargs), run) for run in self.branches.values() if run.side is None]
-        return self._with_extra_rows(kwargs, extra, cache_len, new) if extra else None
+        if extra:
+            return self._with_extra_rows(kwargs, extra, cache_len, new)
+        return dict(kwargs, return_dict=True) if kwargs is not given else None
+
+    def _widened(self, kwargs: dict, cache: Any, cache_len: int) -> dict:
+        """``kwargs`` with the main rows left-padded by ``widening`` columns. At the prompt's forward the
+        widening is chosen: the most columns a method's branch prompt adds to the main prompt (ICD's
+        prefix), when the branch rides along as rows (a cache that carries them, a 2-D mask); its
+        prompt then fits the main rows' key layout. ``generate`` keeps its own unpadded ids, mask and
+        positions; every later forward's mask gets the padding columns here."""
+        mask = kwargs.get("attention_mask")
+        if self.main.forwards == 0:
+            fits = isinstance(cache, RowGroupsCache) and kwargs.get("input_ids") is not None
+            fits = fits and self.main.for_generation and (mask is None or (torch.is_tensor(mask) and mask.dim() == 2))
+            self.widening = max((m.widens_main_prompt_by() for m in self.methods), default=0) if fits else 0
+            if not self.widening:
+                return kwargs
+            padded = left_padded(kwargs, self.widening)
+            self.main.set_prompt(padded["input_ids"], padded["attention_mask"])
+            self.main.guard_padding = self.widening
+            self._widened_width = padded["input_ids"].shape[1]
+            return padded
+        if not self.widening:
+            return kwargs
+        if mask is None:
+            tokens = kwargs.get("input_ids")
+            tokens = tokens if tokens is not None else kwargs["inputs_embeds"]
+            rows, new = tokens.shape[:2]
+            mask = torch.ones(rows, cache_len - self.widening + new, dtype=torch.long, device=tokens.device)
+        return dict(kwargs, attention_mask=torch.nn.functional.pad(mask, (self.widening, 0)))
 
     def _with_extra_rows(self, kwargs: dict, extra: list, cache_len: int, new: int) -> dict:
         """``kwargs`` with the rows of every extra stream appended, each stream told its rows. The
@@ -175,7 +213,7 @@ class Session:
         state = GuardState(self.adapter, list(spec.methods), for_generation=False, role=role, shared_data=shared)
         run = BranchRun(spec, state, kwargs)
         self.branches[spec.owner] = run
-        if isinstance(cache, RowGroupsCache) and not spec.separate:
+        if isinstance(cache, RowGroupsCache) and not spec.separate and run.fits_main_rows:
             run.pending = True  # prefilled after the prompt's forward, then its cache joins the main one
             return
         run.side = SideStream(
@@ -192,9 +230,12 @@ class Session:
         """Take the stream rows out of ``output``; returns the output the caller sees, or None."""
         if self.runner.apart is not None:
             return None
-        changed = bool(self._extra)
+        changed = bool(self._extra) or bool(self.widening)
         if self._extra:
             self._take_extra_rows(output)
+        if self.widening:
+            output = without_leading_columns(output, self.widening, self._widened_width)
+            self._widened_width = 0  # the prompt's forward is over: later forwards add tokens, not columns
         self._extra = []
         self._routes = [Route(self.main, slice(None))]
         for run in self.branches.values():
@@ -274,3 +315,5 @@ class Session:
         if isinstance(cache, RowGroupsCache):
             cache.drop_extra_blocks()
             cache.followers.clear()
+            if self.widening:  # and the main prompt's padding columns, as an unguarded call's cache
+                compat.drop_leading_tokens(cache, self.widening)

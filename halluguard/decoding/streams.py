@@ -75,10 +75,6 @@ class BranchRun:
         prompt = drop_padding_columns(dict(spec.prompt))
         self.rows, self.width = prompt["input_ids"].shape
         self.main_width = main_inputs["input_ids"].shape[1]
-        if self.width > self.main_width and not spec.separate:
-            raise ValueError(
-                f"{spec.owner.name}: a branch prompt longer than the main prompt runs as its own stream (separate)"
-            )
         mask = prompt.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
             raise ValueError(
@@ -92,6 +88,7 @@ class BranchRun:
         prompt["position_ids"] = positions_like(prompt["position_ids"], main_inputs.get("position_ids"))
         self.prompt = prompt
         self.state.position_offset = max(0, self.main_width - self.width)  # a longer one runs apart: its own keys
+        self.fits_main_rows = self.width <= self.main_width  # it can ride along as rows of the main forwards
         self.logits: torch.Tensor | None = None  # (rows, vocab): next-token logits of the latest step
         self.side: SideStream | None = None  # set when the branch runs as its own forwards
         self.pending = False  # rows mode: to be prefilled after the main prompt's forward

@@ -131,6 +131,12 @@ class Method:
         main stream's first forward; called once per call."""
         return []
 
+    def widens_main_prompt_by(self) -> int:
+        """How many tokens this method's branch prompt adds to the main prompt (ICD's instruction
+        prefix; 0: none). The guard pads the main prompt on the left by as many masked columns, so
+        the branch rides along as rows of the main forwards; the caller sees no padding."""
+        return 0
+
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         return None
 

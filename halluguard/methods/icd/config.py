@@ -31,6 +31,7 @@ class ICDConfig(MethodConfig):
     prefix_ids: tuple[int, ...] | None = param(
         None, "the instruction as token ids, used instead of encoding prefix (no processor needed)", kind=tuple
     )
+    separate_stream: bool = param(False, "run the disturbed branch as its own forward per step instead of extra rows")
     control: bool = param(
         False, "the control row: everything but the contrast (no branch; the plausibility cutoff alone)"
     )

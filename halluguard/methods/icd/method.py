@@ -19,9 +19,12 @@ with a system prompt the prefix comes before it instead of replacing it. The off
 each of five prefixes as its own experiment (``config.PREFIXES``); the default is the "confused"
 detector, the role the paper describes.
 
-Cost: the disturbed prompt is longer than the main one, so its rows cannot share the main forward's
-key layout; the branch runs as its own forward per step (the official way), prefilled once, with a
-cache of its own. Position ids given with the prompt (M-RoPE's included) are shifted past the prefix.
+Cost: one forward per token. The disturbed prompt is longer than the main one by the prefix, so the
+guard pads the main prompt's forward on the left by as many masked columns
+(``Method.widens_main_prompt_by``): the branch's rows then share the main forward's key layout and
+ride along every step as extra rows, like VCD's. ``separate_stream=True`` runs the branch as its own
+forward per step (the official way), prefilled once, with a cache of its own. Position ids given with
+the prompt (M-RoPE's included) are shifted past the prefix.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class ICD(ContrastMethod):
         if self.prefix_ids.numel() == 0:
             raise ValueError(f"the tokenizer encodes ICD's prefix {self.config.prefix!r} as no tokens")
 
-    def runs_apart(self) -> bool:
-        return True  # the disturbed prompt is longer than the main one (module docstring)
+    def widens_main_prompt_by(self) -> int:
+        return self.prefix_ids.numel() if self.is_active() and not self.runs_apart() else 0
 
     def branch_prompt(self, state: GuardState, inputs: dict[str, Any]) -> dict[str, Any]:
         prompt = same_prompt(state, inputs)

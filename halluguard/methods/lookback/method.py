@@ -186,7 +186,7 @@ class Lookback(Method):
     def call_result(self, state: GuardState, sequences: torch.Tensor) -> list[Detection]:
         """Per generated sequence: its tokens' features and, with a classifier, its scores."""
         data = state.data_of(self)
-        new = sequences.shape[1] - state.prompt_len
+        new = sequences.shape[1] - state.caller_prompt_len
         if data.path is not None:  # guided decoding: the kept candidates' ratios
             features = data.path[:, :new].cpu()
         elif data.steps and new > 0:
