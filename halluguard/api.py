@@ -97,6 +97,12 @@ class Guard:
                 mlp.register_forward_hook(functools.partial(self._after_mlp, i))
                 for i, mlp in enumerate(self.adapter.mlp_modules())
             ]
+        if any(m.projects_rows for m in self.methods):
+            head = self.model.get_output_embeddings()
+            self._handles += [
+                head.register_forward_pre_hook(self._before_output_embeddings),
+                head.register_forward_hook(self._after_output_embeddings),
+            ]
         if any(m.edits_vision_mlp_outputs for m in self.methods):
             self._handles += [
                 mlp.register_forward_hook(functools.partial(self._after_vision_mlp, i))
@@ -168,6 +174,15 @@ class Guard:
             return None
         edited = self.session.on_vision_mlp_output(layer_idx, output)
         return None if edited is output else edited
+
+    def _before_output_embeddings(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self.session is None or not args:
+            return None
+        joined = self.session.before_output_embeddings(args[0])
+        return None if joined is None else (joined, *args[1:])
+
+    def _after_output_embeddings(self, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
+        return None if self.session is None else self.session.after_output_embeddings(output)
 
     @contextlib.contextmanager
     def _call(self, args: tuple, kwargs: dict, for_generation: bool) -> Iterator[Session]:

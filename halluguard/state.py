@@ -38,6 +38,7 @@ class MethodHooks(Protocol):
     edits_input_embeds: bool
     edits_next_logits: bool
     augments_next_logits: bool
+    projects_rows: bool
 
     def new_call_state(self) -> Any: ...
     def on_prompt(self, state: GuardState) -> None: ...
@@ -48,6 +49,8 @@ class MethodHooks(Protocol):
     def edit_input_embeds(self, state: GuardState, embeds: torch.Tensor) -> torch.Tensor | None: ...
     def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor: ...
     def on_layer_input(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None: ...
+    def rows_to_project(self, state: GuardState) -> torch.Tensor | None: ...
+    def on_projected_rows(self, state: GuardState, logits: torch.Tensor) -> None: ...
     def on_layer_output(self, state: GuardState, layer_idx: int, hidden_states: torch.Tensor) -> None: ...
     def edit_mlp_output(
         self, state: GuardState, layer_idx: int, mlp_input: torch.Tensor, output: torch.Tensor
@@ -326,6 +329,10 @@ class GuardState:
                 edited = method.edit_vision_mlp_output(self, layer_idx, output)
                 output = output if edited is None else edited
         return output
+
+    def rows_to_project(self) -> list[tuple[MethodHooks, torch.Tensor]]:
+        """The rows this stream's methods project with the output embeddings in the current forward."""
+        return [(m, rows) for m in self.methods if m.projects_rows and (rows := m.rows_to_project(self)) is not None]
 
     @property
     def changes_next_logits(self) -> bool:

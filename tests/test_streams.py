@@ -286,3 +286,34 @@ def test_contrast_entropy_by_hand():
     one_hot = torch.tensor([[0.0, float("-inf"), float("-inf")]])
     assert torch.allclose(entropy(uniform), torch.full((2, 1), float(torch.log(torch.tensor(8.0)))))
     assert entropy(one_hot).item() == 0.0 and not entropy(one_hot).isnan().any()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("name, config", [("vista", dict(lamda=0.5, logits_alpha=0.5)), ("only", dict(gamma=0.0))])
+def test_rows_a_method_projects_join_the_models_own_output_product(family, name, config):
+    """VISTA's late-layer mean and ONLY's read-out ride in the model's product with the output embeddings
+    (one call of the module per forward) and give what projecting them apart gives."""
+    from halluguard import registry
+
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    head = model.get_output_embeddings()
+    runs = {}
+    with torch.no_grad():
+        for joined in (True, False):
+            method = registry.entry(name).method_cls(hg.get_config(name, **config))
+            method.projects_rows = joined  # off: the method projects its rows itself
+            with hg.wrap(model, methods=[method]):
+                calls = []
+                handle = head.register_forward_hook(lambda m, a, o, calls=calls: calls.append(a[0].shape))
+                out = model.generate(**inputs, **GEN, output_scores=True, return_dict_in_generate=True)
+                handle.remove()
+            runs[joined] = (out, calls)
+    (joined, calls), (apart, apart_calls) = runs[True], runs[False]
+    rows = inputs["input_ids"].shape[0]
+    steps = GEN["max_new_tokens"]  # (VISTA's probe forward comes first: the prompt and its image-free rows)
+    assert calls[-steps:] == [(2 * rows, 1, calls[-1][-1])] * steps  # one product a forward, the rows joined
+    assert [shape[0] for shape in apart_calls[-2 * steps :: 2]] == [rows] * steps  # apart: the model's own ...
+    assert len(apart_calls) == len(calls) + steps  # ... and the method's, every step
+    assert torch.equal(joined.sequences, apart.sequences)
+    torch.testing.assert_close(torch.stack(joined.scores), torch.stack(apart.scores), atol=1e-5, rtol=1e-5)

@@ -70,9 +70,9 @@ class StreamRunner:
         with ``methods`` acting, sharing the probe owner's data) and the probe's rows."""
         rows = kwargs["input_ids"].shape[0]
         copy = GuardState(self.adapter, methods, for_generation=False, shared_data=shared)
-        inputs = {k: v for k, v in without_cache(main.with_2d_mask(kwargs)).items() if k != "logits_to_keep"}
+        inputs = dict(without_cache(main.with_2d_mask(kwargs)), use_cache=False, logits_to_keep=1)  # logits unread
         inputs = merge_rows(
-            dict(inputs, use_cache=False),
+            inputs,
             spec.rows,
             0,  # the probe's forward runs without a cache
             positions_from_ids=self.adapter.positions_from_ids,

@@ -92,6 +92,8 @@ class Session:
         self._extra: list[tuple[Route, Any]] = []  # extra rows of the current forward: (route, probe or branch)
         self._main_rows = 0
         self._wants_tuple = False
+        self._forward_rows = 0  # rows of the forward in progress, extra streams' included
+        self._projecting: list[tuple[GuardState, Any, int]] = []  # rows joining the output embeddings' product
         self.widening = 0  # padding columns before the main prompt (a branch prompt longer than it rides along)
         self._widened_width = 0  # the padded prompt's width, while its forward runs
 
@@ -120,7 +122,7 @@ class Session:
         if tokens is None:
             raise ValueError("a guarded forward needs input_ids or inputs_embeds")
         rows, new = tokens.shape[:2]
-        self._main_rows = rows
+        self._main_rows = self._forward_rows = rows
         self._wants_tuple = kwargs.get("return_dict") is False
         self.main.on_forward(ids, kwargs.get("attention_mask"), cache_len, new, rows)
         if self.main.forwards == 1 or any(run.side is not None for run in self.branches.values()):
@@ -180,6 +182,7 @@ class Session:
                 row_image_inputs=self.adapter.row_image_inputs,
             )
             start += count
+        self._forward_rows = start
         return merged
 
     def _open(self, spec: Any, kwargs: dict, cache: Any) -> list[tuple[GuardState, dict, Any]]:
@@ -308,6 +311,30 @@ class Session:
             changed = changed or edited is not rows
             parts.append(edited)
         return joined(parts) if changed else embeds
+
+    # ---- the output embeddings' product (hooks on the output embeddings) -------------------------
+    def before_output_embeddings(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The model's last hidden states ``(rows, 1, d)`` with the rows methods project in the same
+        product appended (``Method.rows_to_project``), or None to leave them: only the forward's own
+        product at its last position, not another call of the module (a method's logit lens)."""
+        if self.runner.apart is not None or hidden.dim() != 3 or hidden.shape[:2] != (self._forward_rows, 1):
+            return None
+        pending = [(route.stream, m, rows) for route in self.routes for m, rows in route.stream.rows_to_project()]
+        if not pending:
+            return None
+        self._projecting = [(state, method, rows.shape[0]) for state, method, rows in pending]
+        return torch.cat([hidden, *(rows.to(hidden)[:, None] for _, _, rows in pending)])
+
+    def after_output_embeddings(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The product's rows of the forward (returned), the appended rows' logits handed to their methods."""
+        if not self._projecting:
+            return None
+        start = self._forward_rows
+        for state, method, count in self._projecting:
+            method.on_projected_rows(state, logits[start : start + count, 0])
+            start += count
+        self._projecting = []
+        return logits[: self._forward_rows]
 
     # ---- after the call --------------------------------------------------------------------------
     def finish(self, cache: Any) -> None:

@@ -26,6 +26,10 @@ the state calls the method:
   ``edits_vision_mlp_outputs`` (VTI's visual steering);
 * ``edit_input_embeds(state, embeds)`` on the text backbone's input embeddings of the streams the
   method acts in, for methods that set ``edits_input_embeds`` (AvisC's blind-token view);
+* ``rows_to_project(state)`` at the model's own product of its last hidden states with the output
+  embeddings, for methods that set ``projects_rows``: rows ``(n, d)`` that join that product (one
+  read of the embeddings for both), their logits handed back by ``on_projected_rows(state, logits)``
+  (VISTA's late-layer mix, ONLY's read-out);
 * ``augment_next_logits(state, logits)``: the main rows' next-token logits, mixed with logits the
   method reads inside the same forward (no branch: VISTA's self-logits augmentation), for methods
   that set ``augments_next_logits``; it runs before any contrast;
@@ -71,6 +75,7 @@ class Method:
     edits_vision_mlp_outputs: ClassVar[bool] = False
     edits_input_embeds: ClassVar[bool] = False
     augments_next_logits: ClassVar[bool] = False
+    projects_rows: ClassVar[bool] = False
     # a branch stream shares this method's per-call data with the main stream (VHR's heads, chosen
     # in the main stream, are reinforced in the branch too) instead of starting its own
     shares_data_with_branches: ClassVar[bool] = False
@@ -130,6 +135,16 @@ class Method:
         """Extra streams (``Probe``/``Branch``) to run beside the main stream, given the inputs of the
         main stream's first forward; called once per call."""
         return []
+
+    def rows_to_project(self, state: GuardState) -> torch.Tensor | None:
+        """Rows ``(n, d)`` (the output embeddings' input space) to project in the current forward's own
+        product with the output embeddings (only if ``projects_rows``); None: none this forward. The
+        product runs only where the model asks for its last position's logits alone; else the method's
+        rows are not taken, and it projects them itself."""
+        return None
+
+    def on_projected_rows(self, state: GuardState, logits: torch.Tensor) -> None:
+        """The logits ``(n, vocab)`` of the rows ``rows_to_project`` gave, out of the model's own product."""
 
     def widens_main_prompt_by(self) -> int:
         """How many tokens this method's branch prompt adds to the main prompt (ICD's instruction

@@ -33,7 +33,8 @@ The decoder layers must have LLaMA's layout (``input_layernorm``, ``post_attenti
 ``mlp``): LLaVA-1.5/NeXT/OneVision, the Qwen-VL and Idefics3/SmolVLM backbones; Gemma 3's layers
 (norms around the feed-forward block) are refused. Cost per step: the attention row of one layer
 over its values, one ``W_O`` row, one feed-forward row of the last layer and one output-embedding
-row; no extra forward.
+row, which joins the model's own product with the output embeddings (one read of them for both;
+``Method.rows_to_project``); no extra forward.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ from .config import CAPABILITIES, ONLYConfig
 @dataclasses.dataclass
 class ONLYData:
     """Per forward: the intervened attention output at the last position ``(rows, d)``, the residual
-    entering the last layer there, and the intervened next-token logits."""
+    entering the last layer there, the read-out and its next-token logits."""
 
     carried: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    read_out: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
 
@@ -93,6 +95,7 @@ class ONLY(Method):
     capabilities = CAPABILITIES
     reads_layer_inputs = True
     reads_layer_outputs = True
+    projects_rows = True
 
     def setup(self, adapter: Any) -> None:
         depth = adapter.num_layers
@@ -149,15 +152,23 @@ class ONLY(Method):
         # the read-out is ONLY's own computation: .forward keeps other methods' feed-forward hooks out of it
         u = u + last.mlp.forward(last.post_attention_layernorm(u))
         norm = adapter.decoder().norm
-        read_out = norm(u) + cfg.output_weight * norm(hidden_states[:, -1])
-        data.logits = adapter.model.get_output_embeddings()(read_out).float()
-        data.carried = None
+        data.read_out = norm(u) + cfg.output_weight * norm(hidden_states[:, -1])
+        data.carried = data.logits = None
+
+    def rows_to_project(self, state: GuardState) -> torch.Tensor | None:
+        return state.data_of(self).read_out
+
+    def on_projected_rows(self, state: GuardState, logits: torch.Tensor) -> None:
+        data = state.data_of(self)
+        data.logits, data.read_out = logits, None
 
     def next_token_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
         cfg, data = self.config, state.data_of(self)
         if cfg.control or self.at_neutral_strength():
             return cutoff(logits, cfg.beta) if cfg.control else logits
-        other = data.logits.to(logits.device)
+        if data.logits is None:  # the model's product held more than its last position: project apart
+            data.logits = state.adapter.model.get_output_embeddings()(data.read_out)
+        other, data.logits, data.read_out = data.logits.float().to(logits.device), None, None
         tv = (torch.softmax(logits.float(), -1) - torch.softmax(other, -1)).abs().sum(-1, keepdim=True)
         agree = tv < cfg.gamma
         w_main = torch.where(agree, 1.0, 1.0 + cfg.alpha_neg)

@@ -43,7 +43,8 @@ In a composition VISTA acts in the main stream only: a contrastive method's bran
 image, M3ID's image-free prompt) stays the plain model, so the contrast also pushes away from the
 unsteered model. Cost: one extra forward over the prompt (the prompt and its image-free copy as rows
 of one forward), then per step and layer a norm, a cosine and a rotation of the feed-forward
-output, and one output-embedding row.
+output, and one output-embedding row, which joins the model's own product with the output
+embeddings (one read of them for both; ``Method.rows_to_project``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class VISTAData:
     vectors: torch.Tensor | None = None  # unit vectors v_l / |v_l| (only their direction acts)
     late_sum: torch.Tensor | None = None
     late_count: int = 0
+    late_logits: torch.Tensor | None = None  # W mean_l h^l of this forward, out of the model's own product
 
 
 def steer(output: torch.Tensor, unit: torch.Tensor, lamda: float) -> torch.Tensor:
@@ -95,6 +97,7 @@ class VISTA(Method):
     reads_layer_outputs = True
     edits_mlp_outputs = True
     augments_next_logits = True
+    projects_rows = True
 
     def setup(self, adapter: Any) -> None:
         depth = adapter.num_layers
@@ -154,10 +157,25 @@ class VISTA(Method):
             return None
         return steer(output, state.rows_of(vectors[layer_idx]).to(output.device), cfg.lamda)
 
+    def late_mean(self, state: GuardState, data: VISTAData) -> torch.Tensor:
+        """``mean_l h^l`` over SLA's layers, in the output embeddings' dtype."""
+        weight = state.adapter.model.get_output_embeddings().weight
+        return (data.late_sum / data.late_count).to(weight.dtype)
+
+    def rows_to_project(self, state: GuardState) -> torch.Tensor | None:
+        data = state.data_of(self)
+        if not self.config.logits_alpha or data.late_sum is None or state.role.kind != "main":
+            return None
+        return self.late_mean(state, data)
+
+    def on_projected_rows(self, state: GuardState, logits: torch.Tensor) -> None:
+        state.data_of(self).late_logits = logits
+
     def augment_next_logits(self, state: GuardState, logits: torch.Tensor) -> torch.Tensor:
         data, alpha = state.data_of(self), self.config.logits_alpha
         if not alpha or data.late_sum is None:
             return logits
-        weight = state.adapter.model.get_output_embeddings().weight
-        late = state.adapter.unnormed_logits((data.late_sum / data.late_count).to(weight.dtype)).float()
-        return (1.0 - alpha) * logits + alpha * late.to(logits.device)
+        late, data.late_logits = data.late_logits, None
+        if late is None:  # the model's product held more than its last position: project apart
+            late = state.adapter.unnormed_logits(self.late_mean(state, data))
+        return (1.0 - alpha) * logits + alpha * late.float().to(logits.device)
