@@ -846,12 +846,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         rows = bench.measure(
             model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official,
-            checkpoint=getattr(args, "checkpoint", None),
+            checkpoint=getattr(args, "checkpoint", None), ops=args.ops,
         )  # fmt: skip
     except bench.BenchError as err:
         print(f"halluguard bench: {err}", file=sys.stderr)
         return 1
     print(bench.markdown(rows))
+    if args.ops:
+        print()
+        print(bench.ops_markdown(rows))
     if json_out:
         json_out.write_text(json.dumps({"setting": title, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
     if chart_out:
@@ -877,6 +880,12 @@ def _add_bench_parser(sub) -> None:
         action="store_true",
         help="add the official implementations' way for the attention-reading methods: eager attention "
         "returning the maps at every step, a contrast branch as a second sequential forward, OPERA's 5 beams",
+    )
+    bench.add_argument(
+        "--ops",
+        action="store_true",
+        help="also count, in the same run, the aten operations of the prompt phase and per decoded token, the extra "
+        "per layer per step over plain generate, and the Triton kernel launches per token (counts do not vary)",
     )
     bench.set_defaults(func=_cmd_bench)
 

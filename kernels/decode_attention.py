@@ -40,7 +40,9 @@ path and the oracle of the tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 
@@ -546,6 +548,28 @@ def _rows_kernel(
 
 
 # ---- launcher ---------------------------------------------------------------------------------------------
+
+
+KERNELS = (_partials_kernel, _merge_kernel, _rows_kernel)  # every kernel this module launches
+
+
+@contextlib.contextmanager
+def counting_launches() -> Iterator[list[int]]:
+    """While the block runs, ``[n]``: the launches of this module's kernels so far, counted by each
+    kernel's pre-run hooks (on a GPU and under the interpreter alike; none without Triton)."""
+    launches = [0]
+
+    def count(*args, **kwargs) -> None:
+        launches[0] += 1
+
+    hooked = [k for k in KERNELS if hasattr(k, "add_pre_run_hook")]
+    for kernel in hooked:
+        kernel.add_pre_run_hook(count)
+    try:
+        yield launches
+    finally:
+        for kernel in hooked:
+            kernel.pre_run_hooks.remove(count)
 
 
 def _per_key(t: torch.Tensor | None, num_heads: int) -> torch.Tensor | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from halluguard.cli import main
 
@@ -154,3 +155,32 @@ def test_ctrl_c_during_a_bench_says_interrupted(capsys, monkeypatch):
     monkeypatch.setattr(bench, "measure", interrupted)
     assert main(["bench", "--methods", "vhr", "--new-tokens", "2", "--repeats", "1"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "halluguard: interrupted"
+
+
+def test_the_operation_counter_counts_each_aten_operation_once():
+    from halluguard.bench.ops import count, step_counts
+
+    counts = count(lambda: (torch.ones(3) + 1).mul(2).sum())
+    assert counts.aten == 4 and counts.launches == 0  # ones, add, mul, sum; no Triton kernel
+    grown = []
+    steps = step_counts(lambda n: [torch.zeros(2) for _ in range(10 + 3 * n)] and grown.append(n), 4)
+    assert grown == [1, 5] and steps.prompt.aten == 13 and steps.aten_per_token == 3.0
+    with pytest.raises(ValueError, match="at least one decoded token"):
+        step_counts(lambda n: None, 0)
+
+
+def test_bench_ops_counts_plain_and_each_method_in_the_same_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--methods", "vcd", "vhr", "--new-tokens", "2", "--repeats", "1", "--ops", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    plain, vcd, vhr = rows["plain"], rows["vcd"], rows["vhr"]
+    assert plain["extra_ops_per_layer_step"] == 0 and plain["ops_per_token"] > 0 and plain["prompt_ops"] > 0
+    # VCD's branch rows add operations at every layer of every step; VHR acts in the prompt's forward
+    assert vcd["ops_per_token"] > plain["ops_per_token"] and vcd["extra_ops_per_layer_step"] > 0
+    assert vhr["prompt_ops"] > plain["prompt_ops"]
+    layers = 6  # the test model's text layers
+    assert vcd["extra_ops_per_layer_step"] == (vcd["ops_per_token"] - plain["ops_per_token"]) / layers
+    assert all(r["launches_per_token"] == 0 for r in rows.values())  # the reference path on CPU
+    assert "| method | aten ops, prompt phase |" in printed and "| vcd |" in printed

@@ -232,3 +232,16 @@ def test_kernel_grid_shapes(kv_len, group, batch, head_dim, dtype):
 def test_kernel_grid_flags(flags):
     case = make_case(1, 4, 2, 2 if flags.mask else 1, 2 * BLOCK + 1, 64, torch.float32, flags, seed=13)
     assert_matches_reference(case, num_splits=2, block_t=BLOCK)
+
+
+def test_kernel_launches_are_counted_one_per_kernel_run():
+    from halluguard.kernels.decode_attention import KERNELS, counting_launches, decode_attention
+
+    case = make_case(1, 4, 2, 1, 20, 16, torch.float32, Flags())
+    with counting_launches() as launches:
+        decode_attention(**case)
+        assert launches[0] == 2  # the partial sums, then their merge
+        decode_attention(**dict(case, head_rows=True))
+        assert launches[0] == 5  # and the head rows' kernel
+    decode_attention(**case)
+    assert launches[0] == 5 and all(not kernel.pre_run_hooks for kernel in KERNELS)  # counted inside only

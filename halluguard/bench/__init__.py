@@ -21,6 +21,11 @@ with ``BenchError`` instead of printing an impossible time or ratio.
 A method's own decoding settings apply (OPERA searches with its 5 beams; plain is greedy). Timings
 are for reading, not for tests.
 
+``ops=True`` also counts, per row and in the same run, the operations of plain and guarded
+``generate`` (``halluguard.bench.ops``: aten operations in the prompt phase and per decoded token,
+the extra per layer per step over plain, Triton launches per token): counted once, as counts do not
+vary between runs.
+
 ``official=True`` adds, for the benched attention-reading methods, rows that re-enact how their
 official implementations decode (:data:`OFFICIAL`): eager attention with ``output_attentions`` at every step (whole
 attention maps materialised and returned), and a contrast branch as a second, sequential forward with
@@ -40,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .. import compat
+from .ops import StepCounts, step_counts
 
 # fields some methods need on a model without calibration data (the synthetic model has no sink table)
 SYNTHETIC_OVERRIDES = {"var": {"sink_dims": [0, 1], "tau": 1.5}}
@@ -67,6 +73,12 @@ class Row:
     tokens_per_s: float
     peak_mb: float | None
     forwards_per_token: float
+    # with ops: aten operations in the prompt phase and per decoded token, the extra per layer per
+    # decode step over plain, and Triton launches per decoded token
+    prompt_ops: int | None = None
+    ops_per_token: float | None = None
+    extra_ops_per_layer_step: float | None = None
+    launches_per_token: float | None = None
 
 
 def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
@@ -189,15 +201,19 @@ def _run(
 
 def measure(
     model, processor, inputs, specs: list[str], new_tokens: int, repeats: int, overrides: dict, echo=print,
-    official: bool = False, checkpoint=None,
+    official: bool = False, checkpoint=None, ops: bool = False,
 ):  # fmt: skip
     """One ``Row`` for plain generation, one per spec, and with ``official`` one per :data:`OFFICIAL`
-    re-enactment, timed as the module docstring says; ``checkpoint`` is called before every measured
-    pair of runs (it raises to stop, e.g. ``Interrupts.check``)."""
+    re-enactment, timed as the module docstring says (with ``ops``, the specs' and plain's operations
+    counted too); ``checkpoint`` is called before every measured pair of runs (it raises to stop,
+    e.g. ``Interrupts.check``)."""
     session = _Session(model, inputs, new_tokens, repeats, echo, checkpoint)
+    session.count_ops = ops
     skipped = []
     try:
         session.run(2)  # warm-up
+        if ops:
+            session.counted("plain")
         for spec in specs:
             reason = _measure_spec(session, processor, spec, overrides)
             if reason is not None:
@@ -208,7 +224,24 @@ def measure(
         session.counter.handle.remove()
     if not session.results:
         raise BenchError(f"no method could run on this model ({'; '.join(skipped)})")
-    return _rows(session.results, new_tokens, inputs["input_ids"].shape[0])
+    rows = _rows(session.results, new_tokens, inputs["input_ids"].shape[0])
+    if ops:
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        rows = [_with_ops(row, session.ops.get(row.method), session.ops["plain"], layers) for row in rows]
+    return rows
+
+
+def _with_ops(row: Row, counts: StepCounts | None, plain: StepCounts, layers: int) -> Row:
+    """``row`` with its operation counts (an official-way row has none)."""
+    if counts is None:
+        return row
+    return dataclasses.replace(
+        row,
+        prompt_ops=counts.prompt.aten,
+        ops_per_token=counts.aten_per_token,
+        extra_ops_per_layer_step=counts.extra_per_layer_step(plain, layers),
+        launches_per_token=counts.launches_per_token,
+    )
 
 
 class _Session:
@@ -220,6 +253,15 @@ class _Session:
         self.echo, self.checkpoint = echo, checkpoint
         self.counter = _Counter(model)
         self.results: dict[str, tuple[dict, list, dict]] = {}
+        self.count_ops = False
+        self.ops: dict[str, StepCounts] = {}
+
+    def counted(self, name: str) -> None:
+        """Count the operations of ``generate`` as the model is now (plain, or inside a guard)."""
+        if self.checkpoint is not None:
+            self.checkpoint()
+        self.ops[name] = step_counts(lambda n: _plain(self.model, self.inputs, n), self.new_tokens)
+        self.echo(f"  {name}: operations counted")
 
     def run(self, new_tokens: int, memory: bool = False, generate=_plain) -> tuple[float, int, float | None]:
         return _run(self.model, self.inputs, new_tokens, self.counter, memory=memory, generate=generate)
@@ -273,6 +315,9 @@ def _measure_spec(session: _Session, processor, spec: str, overrides: dict) -> s
         session.echo(f"  {spec}: skipped: {str(err).splitlines()[0]}")
         return f"{spec}: {str(err).splitlines()[0]}"
     session.interleaved(spec, lambda: hg.wrap(session.model, processor, configs))
+    if session.count_ops:
+        with hg.wrap(session.model, processor, configs):
+            session.counted(spec)
     return None
 
 
@@ -341,6 +386,21 @@ def markdown(rows: list[Row]) -> str:
             f"| {r.method} | {r.prompt_s:.3f} | {r.prompt_ratio:.2f}x | {r.token_ms:.1f} | {spread} | "
             f"{r.tokens_per_s:.1f} | {peak} | {r.forwards_per_token:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def ops_markdown(rows: list[Row]) -> str:
+    """The operation counts of the rows that have them (``measure(..., ops=True)``)."""
+    lines = [
+        "| method | aten ops, prompt phase | aten ops / token | extra / layer / step | Triton launches / token |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.ops_per_token is not None:
+            lines.append(
+                f"| {r.method} | {r.prompt_ops} | {r.ops_per_token:.1f} | {r.extra_ops_per_layer_step:.1f} | "
+                f"{r.launches_per_token:.1f} |"
+            )
     return "\n".join(lines)
 
 
