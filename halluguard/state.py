@@ -348,14 +348,15 @@ class GuardState:
             self._mask_cache = (key, {name: m.to(call.device) for name, m in masks.items()})
         return self._mask_cache[1]
 
-    def describe_call(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
+    def describe_call(self, layer_idx: int, rows: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
+        """The call on ``rows`` of its rows (``query`` and ``key``: the whole call's) as this stream sees it."""
         q_len, kv_len = query.shape[2], key.shape[2]
         # A sliding-window cache holds fewer keys than tokens seen: key j is then token offset + j.
         # A static cache holds more (empty slots): key j is token j.
         offset = max(self.seen_tokens - kv_len, 0)
         return AttentionCall(
             layer_idx=layer_idx,
-            batch=query.shape[0],
+            batch=rows,
             num_heads=query.shape[1],
             q_len=q_len,
             kv_len=kv_len,

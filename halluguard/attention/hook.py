@@ -118,9 +118,17 @@ def _hook(base: str) -> Callable:
         routing = routing_for(module)
         if routing is None:
             return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+        batch = query.shape[0]
+        planned = []  # (route, its call, its methods' edits)
+        for route in routing.routes:
+            start, stop, _ = route.rows.indices(batch)
+            call = route.stream.describe_call(module.layer_idx, stop - start, query, key)
+            planned.append((route, call, route.stream.edits_for(call)))
+        if not any(requests for _, _, requests in planned):  # no stream edits or reads: one call for all rows
+            return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
         parts = [
-            _StreamPart.run(module, route, query, key, value, attention_mask, base, call_kwargs)
-            for route in routing.routes
+            _StreamPart.run(module, route, call, requests, query, key, value, attention_mask, base, call_kwargs)
+            for route, call, requests in planned
         ]
         for part in parts:  # the statistics go to each stream's state, which hands them to its methods
             part.deliver()
@@ -154,13 +162,15 @@ class _StreamPart:
     stats: list
 
     @classmethod
-    def run(cls, module, route: Route, query, key, value, attention_mask, base, call_kwargs) -> _StreamPart:
-        """Phase one for the rows of ``route``: the stream's edits and reductions, then its attention."""
+    def run(
+        cls, module, route: Route, call: AttentionCall, requests: list, query, key, value, attention_mask, base,
+        call_kwargs,
+    ) -> _StreamPart:  # fmt: skip
+        """Phase one for the rows of ``route``: the stream's edits and reductions (``requests``, asked of
+        ``call``), then its attention."""
         rows = route.rows
         mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
         q, k, v = query[rows], key[rows], value[rows]
-        call = route.stream.describe_call(module.layer_idx, q, k)
-        requests = route.stream.edits_for(call)
         if requests:
             out, weights, stats = _edited(module, q, k, v, mask, [edit for _, edit in requests], base, call_kwargs)
         else:

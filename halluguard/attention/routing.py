@@ -30,8 +30,9 @@ from .edits import AttentionCall, AttentionEdit
 class StreamHandle(Protocol):
     """What the hook asks of one stream's state, in the order of a call."""
 
-    def describe_call(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
-        """The call as the stream sees it (positions of its keys and queries)."""
+    def describe_call(self, layer_idx: int, rows: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
+        """The call as the stream sees it: its ``rows`` of the call's ``query`` and ``key`` (positions of
+        its keys and queries)."""
 
     def edits_for(self, call: AttentionCall) -> list[tuple[Any, AttentionEdit]]:
         """Phase one: each acting method and the edit (and reductions) it asks of ``call``."""
