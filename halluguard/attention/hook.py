@@ -81,10 +81,11 @@ def base_attention(module: nn.Module, query, key, value, attention_mask, *, base
 def _apply_head_scales(out: torch.Tensor, scales: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
     """Scale head outputs ``out (B, Q, H, D)`` by each ``(head_scale (B, H), last_row_only)``."""
     for head_scale, last_row_only in scales:
-        scale = torch.ones(out.shape[0], out.shape[1], out.shape[2], 1, dtype=out.dtype, device=out.device)
-        rows = slice(-1, None) if last_row_only else slice(None)
-        scale[:, rows] = head_scale.to(device=out.device, dtype=out.dtype)[:, None, :, None]
-        out = out * scale
+        per_head = head_scale.to(device=out.device, dtype=out.dtype).view(out.shape[0], 1, out.shape[2], 1)
+        if last_row_only and out.shape[1] > 1:  # the other rows keep their outputs
+            out = torch.cat([out[:, :-1], out[:, -1:] * per_head], dim=1)
+        else:
+            out = out * per_head
     return out
 
 
@@ -168,9 +169,13 @@ class _StreamPart:
     ) -> _StreamPart:  # fmt: skip
         """Phase one for the rows of ``route``: the stream's edits and reductions (``requests``, asked of
         ``call``), then its attention."""
-        rows = route.rows
-        mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
-        q, k, v = query[rows], key[rows], value[rows]
+        start, stop, _ = route.rows.indices(query.shape[0])
+        if (start, stop) == (0, query.shape[0]):  # the stream has every row of the call
+            mask, q, k, v = attention_mask, query, key, value
+        else:
+            rows = route.rows
+            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
+            q, k, v = query[rows], key[rows], value[rows]
         if requests:
             out, weights, stats = _edited(module, q, k, v, mask, [edit for _, edit in requests], base, call_kwargs)
         else:

@@ -88,6 +88,8 @@ class VHRCall:
 
     # layer -> (B, H) bool: the chosen heads
     heads: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # layer -> (B, H) float: the head scales from the chosen heads (made once, read at every step)
+    scales: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     # layer -> "image" | "text" stream -> (B, H, D) head outputs, while the layer's heads are chosen
     outputs: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
@@ -165,13 +167,16 @@ class VHR(Method):
         if self.fixed is not None:
             heads = self.fixed[call.layer_idx].to(call.device)[None].expand(call.batch, -1)
             return AttentionEdit(head_scale=self._scale(heads))
-        heads = state.data_of(self).heads.get(call.layer_idx)
-        if heads is None:  # selecting: report head outputs, then choose this layer's heads from them
+        data = state.data_of(self)
+        if call.layer_idx not in data.heads:  # selecting: report head outputs, then choose this layer's heads
             return AttentionEdit(reductions=Reductions(head_outputs=True), head_scale_from_stats=True)
-        heads = state.rows_of(heads)
-        if heads.shape[0] != call.batch:
-            heads = heads.repeat_interleave(call.batch // heads.shape[0], dim=0)
-        return AttentionEdit(head_scale=self._scale(heads.to(call.device)))
+        scales = data.scales.get(call.layer_idx)
+        if scales is None:
+            scales = data.scales[call.layer_idx] = self._scale(data.heads[call.layer_idx])
+        scales = state.rows_of(scales)
+        if scales.shape[0] != call.batch:
+            scales = scales.repeat_interleave(call.batch // scales.shape[0], dim=0)
+        return AttentionEdit(head_scale=scales.to(call.device))
 
     def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
         stream = "text" if state.role.is_probe_of(self) else "image"
