@@ -317,3 +317,38 @@ def test_rows_a_method_projects_join_the_models_own_output_product(family, name,
     assert len(apart_calls) == len(calls) + steps  # ... and the method's, every step
     assert torch.equal(joined.sequences, apart.sequences)
     torch.testing.assert_close(torch.stack(joined.scores), torch.stack(apart.scores), atol=1e-5, rtol=1e-5)
+
+
+ATTENTION_KERNELS = ("aten._scaled_dot_product", "aten.bmm", "aten.baddbmm")
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("vcd", {}),  # a branch riding along, no attention edit
+        ("avc", {}),  # its blind-token view edits the branch's input embeddings, not its attention
+        ("vhr", {}),  # head scales on the main rows (after choosing them at the prompt)
+        ("decore", dict(retrieval_heads={"0-0": [0.9], "1-1": [0.8], "2-2": [0.5]}, num_retrieval_heads=3)),
+    ],
+)
+def test_a_decode_step_runs_one_attention_call_per_layer_for_all_its_streams(name, config):
+    """Streams whose attention needs no score edit or statistics share the layer's one attention call: a
+    branch's rows and the main rows are not split into calls of their own."""
+    from halluguard.bench.ops import AtenCounter
+
+    class Attention(AtenCounter):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += str(func).startswith(ATTENTION_KERNELS)
+            return func(*args, **(kwargs or {}))
+
+    model = build_model("llava")
+    inputs, _ = make_inputs(model, "llava")
+    layers = model.config.get_text_config().num_hidden_layers
+    calls = []
+    with torch.no_grad(), hg.wrap(model, methods=hg.get_config(name, **config)):
+        for tokens in (2, 4):
+            counter = Attention()
+            with counter:
+                model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            calls.append(counter.count)
+    assert (calls[1] - calls[0]) / 2 == layers  # per decode step: one call per layer

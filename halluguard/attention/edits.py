@@ -99,6 +99,12 @@ class AttentionEdit:
     head_scale_from_stats: bool = False  # phase two: ask the method for a (B, H) head scale after its stats
 
     @property
+    def scales_only(self) -> bool:
+        """True when the edit only scales queries or head outputs by given scales (no score edit,
+        redistribution or statistics): the model's own attention on scaled queries, then a product."""
+        return not self.changes_probabilities and self.reductions is None and not self.head_scale_from_stats
+
+    @property
     def changes_probabilities(self) -> bool:
         """True when the edit changes attention probabilities beyond what the model's own attention
         computes from (scaled) queries: score edits and redistributions."""

@@ -89,6 +89,21 @@ def _apply_head_scales(out: torch.Tensor, scales: list[tuple[torch.Tensor, bool]
     return out
 
 
+def _scaled_heads(out: torch.Tensor, edits: list[AttentionEdit]) -> torch.Tensor:
+    """``out (B, Q, H, D)`` with the edits' given head scales applied."""
+    return _apply_head_scales(out, [(e.head_scale, e.last_row_only) for e in edits if e.head_scale is not None])
+
+
+def _per_stream(tensor: torch.Tensor, planned: list, apply, field: str) -> torch.Tensor:
+    """``tensor`` (batch first) with ``apply(rows, edits)`` done to each stream's rows (``planned``: each
+    route, its call and its requests), where a stream's edits set ``field``; other rows unchanged."""
+    if not any(getattr(edit, field) is not None for _, _, requests in planned for _, edit in requests):
+        return tensor
+    if len(planned) == 1:
+        return apply(tensor, [edit for _, edit in planned[0][2]])
+    return torch.cat([apply(tensor[route.rows], [edit for _, edit in requests]) for route, _, requests in planned])
+
+
 def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
     """The score part of an edit for the last ``rows`` query rows (head scales are applied apart)."""
     spec = edit.redistribution
@@ -127,6 +142,11 @@ def _hook(base: str) -> Callable:
             planned.append((route, call, route.stream.edits_for(call)))
         if not any(requests for _, _, requests in planned):  # no stream edits or reads: one call for all rows
             return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+        if all(edit.scales_only for _, _, requests in planned for _, edit in requests):  # one call, scaled rows
+            _check_editable(module, call_kwargs)
+            query = _per_stream(query, planned, _scale_queries, "query_scale")
+            out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+            return _per_stream(out, planned, _scaled_heads, "head_scale"), weights
         parts = [
             _StreamPart.run(module, route, call, requests, query, key, value, attention_mask, base, call_kwargs)
             for route, call, requests in planned
@@ -269,10 +289,11 @@ def _scale_queries(query: torch.Tensor, edits: list[AttentionEdit]) -> torch.Ten
     all see these queries)."""
     for edit in edits:
         if edit.query_scale is not None:
-            scale = torch.ones(query.shape[:3] + (1,), dtype=query.dtype, device=query.device)
-            rows = slice(-1, None) if edit.last_row_only else slice(None)
-            scale[:, :, rows] = edit.query_scale.to(device=query.device, dtype=query.dtype)[:, :, None, None]
-            query = query * scale
+            per_head = edit.query_scale.to(device=query.device, dtype=query.dtype).view(*query.shape[:2], 1, 1)
+            if edit.last_row_only and query.shape[2] > 1:  # the other rows keep their queries
+                query = torch.cat([query[:, :, :-1], query[:, :, -1:] * per_head], dim=2)
+            else:
+                query = query * per_head
     return query
 
 

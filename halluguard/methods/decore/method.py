@@ -67,10 +67,9 @@ class DeCoRe(ContrastMethod):
         else:
             heads = load_retrieval_heads(cfg.retrieval_heads, cfg.num_retrieval_heads)
             check_heads(heads, adapter.num_layers, adapter.num_heads)
-        self.per_layer: dict[int, torch.Tensor] = {}
+        self.kept_heads: dict[int, torch.Tensor] = {}  # layer -> (H,) float: 0 at its masked heads, 1 elsewhere
         for layer, head in heads:
-            mask = self.per_layer.setdefault(layer, torch.zeros(adapter.num_heads, dtype=torch.bool))
-            mask[head] = True
+            self.kept_heads.setdefault(layer, torch.ones(adapter.num_heads, device=adapter.model.device))[head] = 0.0
 
     def at_neutral_strength(self) -> bool:
         cfg = self.config
@@ -86,11 +85,10 @@ class DeCoRe(ContrastMethod):
     def attention_edit(self, state: GuardState, call: AttentionCall) -> AttentionEdit | None:
         if state.role.kind != "branch" or state.role.owner is not self:
             return None
-        heads = self.per_layer.get(call.layer_idx)
-        if heads is None:
+        kept = self.kept_heads.get(call.layer_idx)  # (H,): 0 at the masked heads, 1 elsewhere
+        if kept is None:
             return None
-        masked = heads.to(call.device)[None].expand(call.batch, -1)
-        scale = torch.where(masked, 0.0, 1.0)
+        scale = kept.to(call.device)[None].expand(call.batch, -1)
         if self.config.masking == "uniform":
             return AttentionEdit(query_scale=scale)
         return AttentionEdit(head_scale=scale)
