@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from . import dispatch
 from .edits import AttentionCall, AttentionEdit
 from .reference import attention_probabilities, causal_mask, reduce_last_row, reference_attention
-from .routing import Route, StreamHandle, routing_for
+from .routing import Route, StreamHandle, routing_for, rows_of
 
 HOOK_NAME = "halluguard"  # unedited calls run SDPA
 EAGER_HOOK_NAME = "halluguard_eager"  # unedited calls run the family's eager attention
@@ -101,7 +101,7 @@ def _per_stream(tensor: torch.Tensor, planned: list, apply, field: str) -> torch
         return tensor
     if len(planned) == 1:
         return apply(tensor, [edit for _, edit in planned[0][2]])
-    return torch.cat([apply(tensor[route.rows], [edit for _, edit in requests]) for route, _, requests in planned])
+    return torch.cat([apply(rows_of(tensor, route), [edit for _, edit in requests]) for route, _, requests in planned])
 
 
 def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
@@ -189,13 +189,9 @@ class _StreamPart:
     ) -> _StreamPart:  # fmt: skip
         """Phase one for the rows of ``route``: the stream's edits and reductions (``requests``, asked of
         ``call``), then its attention."""
-        start, stop, _ = route.rows.indices(query.shape[0])
-        if (start, stop) == (0, query.shape[0]):  # the stream has every row of the call
-            mask, q, k, v = attention_mask, query, key, value
-        else:
-            rows = route.rows
-            mask = attention_mask if attention_mask is None or attention_mask.shape[0] == 1 else attention_mask[rows]
-            q, k, v = query[rows], key[rows], value[rows]
+        shared_mask = attention_mask is None or attention_mask.shape[0] == 1  # one mask for every row
+        mask = attention_mask if shared_mask else rows_of(attention_mask, route)
+        q, k, v = rows_of(query, route), rows_of(key, route), rows_of(value, route)
         if requests:
             out, weights, stats = _edited(module, q, k, v, mask, [edit for _, edit in requests], base, call_kwargs)
         else:

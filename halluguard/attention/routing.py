@@ -52,6 +52,12 @@ class Route:
     rows: slice
 
 
+def rows_of(tensor: torch.Tensor, route: Route) -> torch.Tensor:
+    """The rows of ``tensor`` (batch first) that ``route`` covers (all of them: the tensor itself, no slice)."""
+    start, stop, step = route.rows.indices(tensor.shape[0])
+    return tensor if (start, stop, step) == (0, tensor.shape[0], 1) else tensor[route.rows]
+
+
 class Routing(Protocol):
     """The routing of one guarded call: the routes of the forward in progress (they change from forward
     to forward as streams join and leave), and the attention modules it covers."""

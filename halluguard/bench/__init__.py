@@ -207,8 +207,7 @@ def measure(
     re-enactment, timed as the module docstring says (with ``ops``, the specs' and plain's operations
     counted too); ``checkpoint`` is called before every measured pair of runs (it raises to stop,
     e.g. ``Interrupts.check``)."""
-    session = _Session(model, inputs, new_tokens, repeats, echo, checkpoint)
-    session.count_ops = ops
+    session = _Session(model, inputs, new_tokens, repeats, echo, checkpoint, count_ops=ops)
     skipped = []
     try:
         session.run(2)  # warm-up
@@ -248,13 +247,13 @@ class _Session:
     """The model and batch one ``measure`` call times, and what it measured per row: ``results[name]``
     is ``(times, forwards, peaks)``, each keyed or split by side (plain or guarded)."""
 
-    def __init__(self, model, inputs, new_tokens: int, repeats: int, echo, checkpoint):
+    def __init__(self, model, inputs, new_tokens: int, repeats: int, echo, checkpoint, count_ops: bool = False):
         self.model, self.inputs, self.new_tokens, self.repeats = model, inputs, new_tokens, repeats
         self.echo, self.checkpoint = echo, checkpoint
         self.counter = _Counter(model)
         self.results: dict[str, tuple[dict, list, dict]] = {}
-        self.count_ops = False
-        self.ops: dict[str, StepCounts] = {}
+        self.count_ops = count_ops
+        self.ops: dict[str, StepCounts] = {}  # with count_ops: per row name
 
     def counted(self, name: str) -> None:
         """Count the operations of ``generate`` as the model is now (plain, or inside a guard)."""

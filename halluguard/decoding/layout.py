@@ -160,12 +160,16 @@ def without_leading_columns(output: Any, count: int, width: int) -> Any:
     as the caller's unpadded forward gives it: per-token logits and hidden states of the prompt's
     forward (``width`` tokens, padding included) without the padding's, attention weights without the
     padding keys (and, in the prompt's forward, queries)."""
+
+    def per_token(v: Any) -> Any:
+        return v[:, count:] if torch.is_tensor(v) and v.dim() > 2 and v.shape[1] == width else v
+
     for key in ("logits", "hidden_states"):
         value = getattr(output, key, None)
-        values = value if isinstance(value, tuple) else (value,)
-        cut = tuple(v[:, count:] if torch.is_tensor(v) and v.dim() > 2 and v.shape[1] == width else v for v in values)
-        if torch.is_tensor(value) or isinstance(value, tuple):
-            output[key] = cut if isinstance(value, tuple) else cut[0]
+        if isinstance(value, tuple):
+            output[key] = tuple(per_token(v) for v in value)
+        elif torch.is_tensor(value):
+            output[key] = per_token(value)
     attentions = getattr(output, "attentions", None)
     if isinstance(attentions, tuple):
         output["attentions"] = tuple(

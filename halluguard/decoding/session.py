@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from .. import compat
-from ..attention.routing import Route
+from ..attention.routing import Route, rows_of
 from ..compat import cache_in, cache_of
 from ..state import GuardState, StreamRole
 from .cache import RowGroupsCache
@@ -52,12 +52,6 @@ if TYPE_CHECKING:
 
     from ..adapters import Adapter
     from ..methods.base import Method
-
-
-def rows_of(tensor: torch.Tensor, route: Route) -> torch.Tensor:
-    """The rows of ``tensor`` that ``route`` covers (all of them: the tensor itself, no slicing)."""
-    start, stop, step = route.rows.indices(tensor.shape[0])
-    return tensor if (start, stop, step) == (0, tensor.shape[0], 1) else tensor[route.rows]
 
 
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:

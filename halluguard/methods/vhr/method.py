@@ -88,7 +88,7 @@ class VHRCall:
 
     # layer -> (B, H) bool: the chosen heads
     heads: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    # layer -> (B, H) float: the head scales from the chosen heads (made once, read at every step)
+    # layer -> (B, H) float: the head scales of the chosen heads (made when they are chosen)
     scales: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     # layer -> "image" | "text" stream -> (B, H, D) head outputs, while the layer's heads are chosen
     outputs: dict[int, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
@@ -170,10 +170,7 @@ class VHR(Method):
         data = state.data_of(self)
         if call.layer_idx not in data.heads:  # selecting: report head outputs, then choose this layer's heads
             return AttentionEdit(reductions=Reductions(head_outputs=True), head_scale_from_stats=True)
-        scales = data.scales.get(call.layer_idx)
-        if scales is None:
-            scales = data.scales[call.layer_idx] = self._scale(data.heads[call.layer_idx])
-        scales = state.rows_of(scales)
+        scales = state.rows_of(data.scales[call.layer_idx])
         if scales.shape[0] != call.batch:
             scales = scales.repeat_interleave(call.batch // scales.shape[0], dim=0)
         return AttentionEdit(head_scale=scales.to(call.device))
@@ -191,6 +188,7 @@ class VHR(Method):
                 raise RuntimeError("VHR's text-only probe did not run beside the prompt's forward")
             vhd = head_divergence(outputs["image"], outputs["text"], self.config.outlier_filter)
             data.heads[layer] = select_heads(vhd)
+            data.scales[layer] = self._scale(data.heads[layer])
             if self.on_select is not None:
                 self.on_select(layer, vhd, data.heads[layer])
-        return self._scale(data.heads[layer])
+        return data.scales[layer]
