@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from .attention.derived import Derived
 from .attention.edits import AttentionCall, AttentionEdit
 
 if TYPE_CHECKING:
@@ -162,6 +163,9 @@ class GuardState:
         shared = shared_data or {}
         self._data: dict[MethodHooks, Any] = {m: shared[m] if m in shared else m.new_call_state() for m in self.methods}
         self._mask_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # tensors made once from tensors that many attention calls share (a forward's mask; a method's
+        # per-forward edit tensors, made from ``group_masks``): ``derived.get(name, sources, make)``
+        self.derived = Derived()
         # rows chosen by a decoding loop (``select_rows``): forward row i is row ``row_index[i]`` of the
         # layout the prompt's forward had (``_prompt_rows``: its groups and image spans)
         self.row_index: torch.Tensor | None = None

@@ -741,6 +741,19 @@ def _as_flag(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
     return None if t is None else t.to(device, torch.int8)
 
 
+# conversions kept of the redistribution's sets, which may differ from layer to layer: one per layer of
+# any model (``halluguard.attention.derived.PER_LAYER``); the mask and per-key edits are shared by a forward's layers
+_PER_LAYER = 128
+
+
+def _kept(workspace, name: str, source: torch.Tensor | None, make, key=None, keep=None) -> torch.Tensor | None:
+    """``make()``, or the value ``workspace`` (``get(name, sources, make, key, keep)``) keeps for this very
+    ``source`` and an equal ``key``; None for no source."""
+    if source is None:
+        return None
+    return make() if workspace is None else workspace.get(name, (source,), make, key=key, keep=keep)
+
+
 def _prepare_inputs(
     query: torch.Tensor,
     plan: _Plan,
@@ -750,44 +763,68 @@ def _prepare_inputs(
     spec,
     head_scale: torch.Tensor | None,
     group_weights: torch.Tensor | None,
+    workspace=None,
 ) -> _Inputs:
     """The optional inputs converted for the kernels: masks and key sets as int8 flags, the mask
     expanded to ``(B, R, T)``, per-key edits as float32 ``(B, H, T)`` (``_per_key``), weights and head
-    scales as float32."""
+    scales as float32; each made once per tensor given while ``workspace`` keeps it."""
     device, num_heads = query.device, plan.num_heads
-    if allowed is not None:
-        allowed = _as_flag(allowed, device).expand(plan.bsz, plan.num_rows, plan.kv_len)
+    shape = (plan.bsz, plan.num_rows, plan.kv_len, num_heads, device)
+    allowed = _kept(workspace, "allowed", allowed, lambda: _as_flag(allowed, device).expand(*shape[:3]), key=shape)
     tgt, gate, eligible = (
-        (None,) * 3 if spec is None else (_as_flag(t, device) for t in (spec.target, spec.gate, spec.query_mask))
+        (None,) * 3
+        if spec is None
+        else (
+            _kept(workspace, f"flags {role}", t, lambda t=t: _as_flag(t, device), key=device, keep=_PER_LAYER)
+            for role, t in (("target", spec.target), ("gate", spec.gate), ("query mask", spec.query_mask))
+        )
     )
-    weights, scale = _as_float(group_weights, device), _as_float(head_scale, device)
+    weights = _kept(workspace, "weights", group_weights, lambda: _as_float(group_weights, device), key=device)
+    scale = _as_float(head_scale, device)
+    source = None if spec is None else spec.source
     placeholder = query  # any tensor: flags keep absent inputs unread
     key_inputs = (
         *_operand(allowed, placeholder, 3),
-        *_operand(_per_key(_as_float(key_boost, device), num_heads), placeholder, 3),
-        *_operand(_per_key(_as_float(key_bias, device), num_heads), placeholder, 3),
-        *_operand(None if spec is None else _per_key(_as_flag(spec.source, device), num_heads), placeholder, 3),
+        *_operand(_per_key_kept(workspace, "boost", key_boost, num_heads, torch.float32, device), placeholder, 3),
+        *_operand(_per_key_kept(workspace, "bias", key_bias, num_heads, torch.float32, device), placeholder, 3),
+        *_operand(
+            _per_key_kept(workspace, "source", source, num_heads, torch.int8, device, _PER_LAYER), placeholder, 3
+        ),
         *_operand(tgt, placeholder, 2),
     )
     return _Inputs(placeholder, spec, allowed, gate, eligible, weights, scale, key_inputs)
 
 
-def _allocate(query: torch.Tensor, plan: _Plan, inputs: _Inputs) -> _Buffers:
+def _per_key_kept(workspace, name, t, num_heads, dtype, device, keep=None) -> torch.Tensor | None:
+    """``t`` in ``dtype`` on ``device`` as ``(B, H, T)`` (``_per_key``), made once while ``workspace`` keeps it."""
+    make = lambda: _per_key(t.to(device, dtype), num_heads)
+    return _kept(workspace, name, t, make, key=(num_heads, device), keep=keep)
+
+
+def _allocate(query: torch.Tensor, plan: _Plan, inputs: _Inputs, workspace=None) -> _Buffers:
     """Uninitialised buffers for the partials, the output (float32 for bfloat16 under the interpreter,
-    else the query's dtype) and the merged results."""
+    else the query's dtype) and the merged results. The buffers a call reads only inside itself (the
+    partials and the merged normaliser) come from ``workspace`` where one is given, shared by the calls
+    of the same shapes; the output and the group masses are the call's own."""
     f32 = dict(device=query.device, dtype=torch.float32)
     per_split = (plan.rows, plan.num_heads, plan.splits)  # one slot per split of each (row, head)
     parts, num_groups, placeholder = inputs.parts, inputs.num_groups, inputs.placeholder
+
+    def scratch(name: str, *shape: int) -> torch.Tensor:
+        if workspace is None:
+            return torch.empty(*shape, **f32)
+        return workspace.get(f"kernel {name}", (), lambda: torch.empty(*shape, **f32), key=(shape, query.device))
+
     out_dtype = torch.float32 if plan.interpreted_bf16 else query.dtype
     return _Buffers(
-        part_m=torch.empty(*per_split, **f32),
-        part_l=torch.empty(*per_split, **f32),
-        part_acc=torch.empty(*per_split, parts, plan.head_dim, **f32),
-        part_mass=torch.empty(*per_split, 4, **f32) if inputs.redistribution is not None else placeholder,
-        part_w=torch.empty(*per_split, parts, num_groups, **f32) if inputs.weights is not None else placeholder,
+        part_m=scratch("m", *per_split),
+        part_l=scratch("l", *per_split),
+        part_acc=scratch("acc", *per_split, parts, plan.head_dim),
+        part_mass=scratch("mass", *per_split, 4) if inputs.redistribution is not None else placeholder,
+        part_w=scratch("w", *per_split, parts, num_groups) if inputs.weights is not None else placeholder,
         out=torch.empty(plan.bsz, plan.num_rows, plan.num_heads, plan.head_dim, device=query.device, dtype=out_dtype),
-        mass=torch.empty(plan.rows, plan.num_heads, max(num_groups, 1), **f32),
-        final=torch.empty(plan.rows, plan.num_heads, 4, **f32),
+        mass=torch.empty(plan.rows, plan.num_heads, num_groups, **f32) if inputs.weights is not None else placeholder,
+        final=scratch("final", plan.rows, plan.num_heads, 4),
     )
 
 
@@ -910,6 +947,7 @@ def decode_attention(
     num_splits: int | None = None,
     block_t: int | None = None,
     num_warps: int | None = None,
+    workspace=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Edited attention of ``R`` query rows and its statistics (see the module docstring).
 
@@ -920,14 +958,17 @@ def decode_attention(
         allowed: ``(B|1, R, T)`` bool, True where a row may attend; None: causal, query row ``r`` at
             key index ``first_row + r`` (default ``T - R``: the rows are the last ``R`` keys).
         key_boost, key_bias: ``(B, T)`` or ``(B, H|1, T)`` float: ``z += boost |z|``, then ``z += bias``.
-        redistribution: a ``halluguard.attention.edits.Redistribution`` (source ``(B, H|1, T)``,
-            target and gate ``(B, T)``, ``query_mask (B, R)``), or None.
+        redistribution: a ``halluguard.attention.edits.Redistribution`` (source ``(B, H|1, T')``,
+            target and gate ``(B, T')``, ``T' >= T``: keys past ``T`` are never read; ``query_mask (B, R)``),
+            or None.
         head_scale: ``(B, H)``, multiplies each head's output.
         group_weights: ``(B, NG, T)`` float key weights whose weighted attention sums are reported.
         head_rows: also report the head-max and head-mean rows (a second pass over the keys).
         num_splits: key ranges merged at the end (default: fill the GPU; tests set it).
         block_t: keys per block (default: from the group size and head dimension).
         num_warps: warps per program of the main pass (default 2).
+        workspace: keeps the inputs' conversions and internal buffers between calls sharing them
+            (``halluguard.attention.derived.Derived``); None makes everything anew.
 
     Returns:
         ``out (B, R, H, D)`` in the query's dtype, and float32 statistics: ``"mass" (B, R, H, NG)``
@@ -935,8 +976,10 @@ def decode_attention(
     """
     require_triton()
     plan = _plan(query, key, value, first_row, num_splits, block_t)
-    inputs = _prepare_inputs(query, plan, allowed, key_boost, key_bias, redistribution, head_scale, group_weights)
-    buffers = _allocate(query, plan, inputs)
+    inputs = _prepare_inputs(
+        query, plan, allowed, key_boost, key_bias, redistribution, head_scale, group_weights, workspace
+    )
+    buffers = _allocate(query, plan, inputs, workspace)
     edits = _edit_flags(plan, inputs, softcap, key_boost, key_bias)
     scores = (float(scaling), float(softcap or 1.0))
     _launch_partials(query, key, value, plan, inputs, buffers, edits, scores, num_warps)
@@ -944,4 +987,4 @@ def decode_attention(
     stats = _group_masses(plan, inputs, buffers)
     if head_rows:
         stats.update(_head_rows(query, key, plan, inputs, buffers, edits, scores))
-    return buffers.out.to(query.dtype), stats
+    return buffers.out if buffers.out.dtype == query.dtype else buffers.out.to(query.dtype), stats

@@ -20,6 +20,7 @@ from tiny_models import CORE_FAMILIES, build_model, make_inputs
 
 import halluguard as hg
 from halluguard import registry
+from halluguard.attention.derived import Derived
 from halluguard.attention.edits import AttentionEdit
 from halluguard.attention.hook import _edited
 from halluguard.decoding import contrast
@@ -240,6 +241,7 @@ def test_uniform_masking_makes_a_head_output_the_mean_of_its_visible_values():
         [AttentionEdit(query_scale=scale)],
         "sdpa",
         dict(dropout=0.0, scaling=None, is_causal=None),
+        Derived(),
     )
     group = heads // kv_heads
     for b, h in ((0, 1), (1, heads - 1)):
@@ -247,7 +249,7 @@ def test_uniform_masking_makes_a_head_output_the_mean_of_its_visible_values():
         means = torch.stack([values[: i + 1].mean(0) for i in range(5)])  # causal: keys up to the row
         torch.testing.assert_close(out[b, :, h], means, rtol=0, atol=1e-5)
     plain, _, _ = _edited(
-        attn, q, k, v, None, [AttentionEdit()], "sdpa", dict(dropout=0.0, scaling=None, is_causal=None)
+        attn, q, k, v, None, [AttentionEdit()], "sdpa", dict(dropout=0.0, scaling=None, is_causal=None), Derived()
     )
     untouched = scale.bool()
     assert torch.equal(out.transpose(1, 2)[untouched], plain.transpose(1, 2)[untouched])

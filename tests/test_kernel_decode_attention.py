@@ -245,3 +245,42 @@ def test_kernel_launches_are_counted_one_per_kernel_run():
         assert launches[0] == 5  # and the head rows' kernel
     decode_attention(**case)
     assert launches[0] == 5 and all(not kernel.pre_run_hooks for kernel in KERNELS)  # counted inside only
+
+
+def test_kernel_workspace_keeps_conversions_and_buffers_without_changing_results():
+    """Calls of the same shapes share the kept buffers and conversions: a second call on other
+    inputs, and a third on the first call's edit tensors, each equal a call without a workspace."""
+    from halluguard.attention.derived import Derived
+    from halluguard.kernels.decode_attention import decode_attention
+
+    workspace = Derived()
+    first = make_case(2, 4, 2, 1, 2 * BLOCK + 3, 64, torch.float32, ALL_ON, seed=5)
+    second = make_case(2, 4, 2, 1, 2 * BLOCK + 3, 64, torch.float32, ALL_ON, seed=6)
+    third = dict(first, query=second["query"], key=second["key"], value=second["value"])
+    results = []
+    for case in (first, second, third):
+        kept = decode_attention(**case, num_splits=2, block_t=BLOCK, workspace=workspace)
+        fresh = decode_attention(**case, num_splits=2, block_t=BLOCK)
+        torch.testing.assert_close(kept[0], fresh[0], rtol=0, atol=0)
+        assert set(kept[1]) == set(fresh[1]) and all(torch.equal(kept[1][k], fresh[1][k]) for k in kept[1])
+        results.append(kept)
+    assert not torch.equal(results[0][0], results[1][0])  # the inputs differ, so must the outputs
+    assert results[0][1]["mass"].data_ptr() != results[2][1]["mass"].data_ptr()  # statistics are the call's own
+    assert workspace.kept("flags target") == 2  # the first and second case's: the third's is the first's
+
+
+def test_kernel_reads_only_the_calls_keys_of_longer_key_sets():
+    case = make_case(2, 4, 2, 1, 2 * BLOCK + 3, 64, torch.float32, Flags(redistribution="gated"), seed=7)
+    spec = case["redistribution"]
+    longer = dataclasses.replace(
+        spec,
+        source=torch.nn.functional.pad(spec.source, (0, 9), value=True),
+        target=torch.nn.functional.pad(spec.target, (0, 9), value=True),
+        gate=torch.nn.functional.pad(spec.gate, (0, 9), value=True),
+    )
+    from halluguard.kernels.decode_attention import decode_attention
+
+    want = decode_attention(**case, num_splits=2, block_t=BLOCK)
+    got = decode_attention(**dict(case, redistribution=longer), num_splits=2, block_t=BLOCK)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert_matches_reference(dict(case, redistribution=longer), num_splits=2, block_t=BLOCK)

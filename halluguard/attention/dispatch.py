@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .derived import Derived
 from .edits import AttentionEdit, Reductions
 from .reference import allowed_keys
 
@@ -71,9 +72,11 @@ def fold(
     kv_len: int,
     first_row: int,
     device: torch.device,
+    derived: Derived | None = None,
 ) -> KernelCall | None:
     """The kernel's arguments for these edits (already cut to the last ``rows`` query rows) and each
-    request's reductions, or None when they do not fit the kernel (see the module docstring)."""
+    request's reductions, or None when they do not fit the kernel (see the module docstring). With
+    ``derived``, the mask's and the groups' forms are made once for the calls that share them."""
     if rows > KERNEL_MAX_ROWS or any(r is not None and r.last_row_values for r in reductions):
         return None  # (the kernel reports no probability rows)
     boost, bias, redistribution = None, None, None
@@ -89,32 +92,53 @@ def fold(
         if edit.redistribution is not None:
             if redistribution is not None:
                 return None
-            redistribution = edit.redistribution
-    allowed = allowed_keys(mask, causal, rows, kv_len, device, first_row)
-    if allowed is not None:
-        if allowed.dim() == 2:
-            allowed = allowed[None]
-        elif allowed.dim() == 4 and allowed.shape[1] == 1:
-            allowed = allowed[:, 0]
-        else:
-            return None  # a per-head mask
-    elif rows > 1:  # not causal, no mask: every key (the kernel reads None as causal)
-        allowed = torch.ones(1, rows, kv_len, dtype=torch.bool, device=device)
-    columns, groups = [], []
-    for index, wanted in enumerate(reductions):
-        for name, weights in (wanted.group_masses if wanted is not None else {}).items():
-            columns.append(weights)
-            groups.append((index, name))
+            redistribution = edit.redistribution  # (the kernel reads its sets' first kv_len keys)
+    if mask is not None and not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[1] == 1)):
+        return None  # a per-head mask
+    allowed = _kernel_mask(mask, causal, rows, kv_len, first_row, device, derived)
+    group_weights, groups = _group_columns(reductions, derived)
     arguments = dict(
         allowed=allowed,
         first_row=first_row,
         key_boost=boost,
         key_bias=bias,
         redistribution=redistribution,
-        group_weights=torch.stack(columns, dim=1) if columns else None,
+        group_weights=group_weights,
         head_rows=any(r is not None and (r.headmax_from_key is not None or r.head_mean_row) for r in reductions),
     )
     return KernelCall(arguments, groups)
+
+
+def _kernel_mask(mask, causal, rows, kv_len, first_row, device, derived) -> torch.Tensor | None:
+    """The kernel's ``allowed (B|1, R, T)`` from the model's mask (None: causal), made once per mask."""
+
+    def make() -> torch.Tensor | None:
+        allowed = allowed_keys(mask, causal, rows, kv_len, device, first_row)
+        if allowed is not None:
+            return allowed[None] if allowed.dim() == 2 else allowed[:, 0]
+        if rows > 1:  # not causal, no mask: every key (the kernel reads None as causal)
+            return torch.ones(1, rows, kv_len, dtype=torch.bool, device=device)
+        return None
+
+    settings = (rows, kv_len, first_row, causal, device)
+    return make() if derived is None else derived.get("kernel mask", (mask,), make, key=settings)
+
+
+def _group_columns(reductions, derived) -> tuple[torch.Tensor | None, list[tuple[int, str]]]:
+    """Every request's key groups as the kernel's ``group_weights (B, NG, T)`` (made once for the same
+    groups), and the (request index, group name) of each column."""
+    columns, groups = [], []
+    for index, wanted in enumerate(reductions):
+        for name, weights in (wanted.group_masses if wanted is not None else {}).items():
+            columns.append(weights)
+            groups.append((index, name))
+    if not columns:
+        return None, groups
+
+    def stacked() -> torch.Tensor:
+        return torch.stack(columns, dim=1)
+
+    return (stacked() if derived is None else derived.get("kernel groups", tuple(columns), stacked)), groups
 
 
 def _per_head(t: torch.Tensor) -> torch.Tensor:
@@ -127,8 +151,9 @@ def split_stats(
 ) -> list[dict[str, torch.Tensor] | None]:
     """The kernel's statistics as each request's reductions report them (``reference.reduce_last_row``)."""
     out: list[dict[str, torch.Tensor] | None] = [None if r is None else {} for r in reductions]
-    for column, (index, name) in enumerate(call.groups):
-        out[index][f"mass/{name}"] = stats["mass"][:, -1, :, column]
+    if call.groups:
+        for (index, name), mass in zip(call.groups, stats["mass"][:, -1].unbind(-1)):
+            out[index][f"mass/{name}"] = mass
     for index, wanted in enumerate(reductions):
         if wanted is None:
             continue
@@ -142,7 +167,7 @@ def split_stats(
     return out
 
 
-def run_kernel(query, key, value, call: KernelCall, *, scaling: float, softcap: float | None):
+def run_kernel(query, key, value, call: KernelCall, *, scaling: float, softcap: float | None, workspace=None):
     from halluguard.kernels.decode_attention import decode_attention
 
-    return decode_attention(query, key, value, scaling=scaling, softcap=softcap, **call.arguments)
+    return decode_attention(query, key, value, scaling=scaling, softcap=softcap, workspace=workspace, **call.arguments)

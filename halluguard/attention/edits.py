@@ -53,6 +53,9 @@ class Redistribution:
     selected when it is eligible (``query_mask``), its mass on ``gate`` keys is at least
     ``gate_min_mass``, the share of that mass on source keys is at most ``gate_max_source_share``,
     and the target holds some mass. The gate is evaluated on the attention before this transfer.
+
+    The key sets may be longer than a call's keys (a method may keep them padded past the cache and
+    hand the same tensors to every decode step); keys past the call's count for nothing.
     """
 
     source: torch.Tensor  # (B, T) or (B, H, T) bool
@@ -62,6 +65,14 @@ class Redistribution:
     gate_min_mass: float = 0.0
     gate_max_source_share: float = 1.0
     query_mask: torch.Tensor | None = None  # (B, Q) bool: eligible query rows of this call
+
+    def cut(self, kv_len: int) -> Redistribution:
+        """The same transfer with key sets of exactly ``kv_len`` keys (this one where they are)."""
+        sets = (self.source, self.target, self.gate)
+        if all(t is None or t.shape[-1] == kv_len for t in sets):
+            return self
+        source, target, gate = (None if t is None else t[..., :kv_len] for t in sets)
+        return dataclasses.replace(self, source=source, target=target, gate=gate)
 
 
 @dataclasses.dataclass

@@ -36,9 +36,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import dispatch
+from . import decode_step, dispatch
+from .derived import Derived
 from .edits import AttentionCall, AttentionEdit
-from .reference import attention_probabilities, causal_mask, reduce_last_row, reference_attention
+from .reference import attention_probabilities, causal_mask, group_weights, reduce_last_row, reference_attention
 from .routing import Route, StreamHandle, routing_for, rows_of
 
 HOOK_NAME = "halluguard"  # unedited calls run SDPA
@@ -69,13 +70,32 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
     return torch.where(mask, zero, torch.finfo(query.dtype).min)
 
 
-def base_attention(module: nn.Module, query, key, value, attention_mask, *, base: str, **kwargs):
-    """The attention the model would run without the guard: ``(output, weights or None)``."""
+def base_attention(
+    module: nn.Module, query, key, value, attention_mask, *, base: str, derived: Derived | None = None, **kwargs
+):
+    """The attention the model would run without the guard: ``(output, weights or None)``. With
+    ``derived``, an eager model's additive mask is made once for the calls that share the mask."""
     if base == "eager":
         kwargs.pop("is_causal", None)
-        mask = _additive_mask(attention_mask, query, key)
+        if derived is None:
+            mask = _additive_mask(attention_mask, query, key)
+        else:
+            shape = (query.shape[2], key.shape[2], query.dtype, query.device)
+            mask = derived.get(
+                "additive mask", (attention_mask,), lambda: _additive_mask(attention_mask, query, key), key=shape
+            )
         return _eager_for(module)(module, query, key, value, mask, **kwargs)
+    if derived is not None and attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = derived.get(
+            "sdpa mask", (attention_mask,), lambda: _sdpa_float_mask(attention_mask, query.dtype), key=query.dtype
+        )
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _sdpa_float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as the additive mask SDPA makes of it at every call (0 where True, ``-inf`` where
+    False, in the query's dtype): the same values, made once for the calls that share the mask."""
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), float("-inf"))
 
 
 def _apply_head_scales(out: torch.Tensor, scales: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
@@ -94,14 +114,45 @@ def _scaled_heads(out: torch.Tensor, edits: list[AttentionEdit]) -> torch.Tensor
     return _apply_head_scales(out, [(e.head_scale, e.last_row_only) for e in edits if e.head_scale is not None])
 
 
-def _per_stream(tensor: torch.Tensor, planned: list, apply, field: str) -> torch.Tensor:
+def _per_stream(tensor: torch.Tensor, planned: list, apply, field: str, layer: int) -> torch.Tensor:
     """``tensor`` (batch first) with ``apply(rows, edits)`` done to each stream's rows (``planned``: each
-    route, its call and its requests), where a stream's edits set ``field``; other rows unchanged."""
-    if not any(getattr(edit, field) is not None for _, _, requests in planned for _, edit in requests):
+    route, its call and its requests), where a stream's edits set ``field``; other rows unchanged.
+
+    ``field`` is ``query_scale`` (``tensor`` the queries ``(B, H, Q, D)``) or ``head_scale`` (the
+    outputs ``(B, Q, H, D)``). Where no edit is restricted to the last of several rows, every row's
+    scale is one ``(B, H)`` product: made once while the streams' scales are the same tensors (a
+    method that keeps its per-layer scales makes it once per generation), then one multiplication."""
+    scales = [[getattr(edit, field) for _, edit in requests] for _, _, requests in planned]
+    if all(s is None for per_stream in scales for s in per_stream):
         return tensor
+    rows_axis = 2 if field == "query_scale" else 1
+    last_row_only = any(edit.last_row_only for _, _, requests in planned for _, edit in requests)
+    if not last_row_only or tensor.shape[rows_axis] == 1:
+        return tensor * _all_rows_scale(tensor, planned, scales, rows_axis, layer)
     if len(planned) == 1:
         return apply(tensor, [edit for _, edit in planned[0][2]])
     return torch.cat([apply(rows_of(tensor, route), [edit for _, edit in requests]) for route, _, requests in planned])
+
+
+def _all_rows_scale(tensor: torch.Tensor, planned: list, scales: list, rows_axis: int, layer: int) -> torch.Tensor:
+    """The streams' per-head scales (each stream's product; 1 where it has none) as one tensor shaped to
+    multiply ``tensor``, whose heads are on the axis after ``rows_axis``'s neighbour (see ``_per_stream``)."""
+    derived = planned[0][0].stream.derived
+    layout = tuple((call.batch, len(s)) for (_, call, _), s in zip(planned, scales))
+    sources = tuple(s for per_stream in scales for s in per_stream)
+
+    def make() -> torch.Tensor:
+        parts = []
+        for (_, call, _), per_stream in zip(planned, scales):
+            part = torch.ones(call.batch, call.num_heads, device=tensor.device, dtype=tensor.dtype)
+            for scale in per_stream:
+                if scale is not None:
+                    part = part * scale.to(device=tensor.device, dtype=tensor.dtype)
+            parts.append(part)
+        heads = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return heads[:, :, None, None] if rows_axis == 2 else heads[:, None, :, None]
+
+    return derived.get(f"scales {layer}", sources, make, key=(rows_axis, layout, tensor.dtype, tensor.device))
 
 
 def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
@@ -113,6 +164,16 @@ def _for_rows(edit: AttentionEdit, rows: int) -> AttentionEdit:
 
 
 _UNSUPPORTED = ("position_bias", "s_aux", "sinks")
+
+
+def _plan(routing, module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> list:
+    """Phase one for every stream of the call: ``(route, its call, its methods' edits)`` per route."""
+    planned = []
+    for route in routing.routes:
+        start, stop, _ = route.rows.indices(query.shape[0])
+        call = route.stream.describe_call(module.layer_idx, stop - start, query, key)
+        planned.append((route, call, route.stream.edits_for(call)))
+    return planned
 
 
 def _hook(base: str) -> Callable:
@@ -134,19 +195,17 @@ def _hook(base: str) -> Callable:
         routing = routing_for(module)
         if routing is None:
             return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-        batch = query.shape[0]
-        planned = []  # (route, its call, its methods' edits)
-        for route in routing.routes:
-            start, stop, _ = route.rows.indices(batch)
-            call = route.stream.describe_call(module.layer_idx, stop - start, query, key)
-            planned.append((route, call, route.stream.edits_for(call)))
+        planned = _plan(routing, module, query, key)
+        derived = routing.routes[0].stream.derived  # (what is made from the whole call's mask)
         if not any(requests for _, _, requests in planned):  # no stream edits or reads: one call for all rows
-            return base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
+            return base_attention(module, query, key, value, attention_mask, base=base, derived=derived, **call_kwargs)
         if all(edit.scales_only for _, _, requests in planned for _, edit in requests):  # one call, scaled rows
             _check_editable(module, call_kwargs)
-            query = _per_stream(query, planned, _scale_queries, "query_scale")
-            out, weights = base_attention(module, query, key, value, attention_mask, base=base, **call_kwargs)
-            return _per_stream(out, planned, _scaled_heads, "head_scale"), weights
+            query = _per_stream(query, planned, _scale_queries, "query_scale", module.layer_idx)
+            out, weights = base_attention(
+                module, query, key, value, attention_mask, base=base, derived=derived, **call_kwargs
+            )
+            return _per_stream(out, planned, _scaled_heads, "head_scale", module.layer_idx), weights
         parts = [
             _StreamPart.run(module, route, call, requests, query, key, value, attention_mask, base, call_kwargs)
             for route, call, requests in planned
@@ -190,12 +249,18 @@ class _StreamPart:
         """Phase one for the rows of ``route``: the stream's edits and reductions (``requests``, asked of
         ``call``), then its attention."""
         shared_mask = attention_mask is None or attention_mask.shape[0] == 1  # one mask for every row
-        mask = attention_mask if shared_mask else rows_of(attention_mask, route)
+        derived = route.stream.derived
+        if shared_mask:
+            mask = attention_mask
+        else:  # the same slice of the forward's mask for every layer (what is made from it is made once)
+            start, stop, _ = route.rows.indices(attention_mask.shape[0])
+            mask = derived.get(f"mask rows {start}:{stop}", (attention_mask,), lambda: rows_of(attention_mask, route))
         q, k, v = rows_of(query, route), rows_of(key, route), rows_of(value, route)
         if requests:
-            out, weights, stats = _edited(module, q, k, v, mask, [edit for _, edit in requests], base, call_kwargs)
+            edits = [edit for _, edit in requests]
+            out, weights, stats = _edited(module, q, k, v, mask, edits, base, call_kwargs, derived)
         else:
-            (out, weights), stats = base_attention(module, q, k, v, mask, base=base, **call_kwargs), []
+            (out, weights), stats = base_attention(module, q, k, v, mask, base=base, derived=derived, **call_kwargs), []
         return cls(route.stream, call, requests, out, weights, stats)
 
     def deliver(self) -> None:
@@ -225,6 +290,7 @@ class _EditedCall:
     base: str
     kwargs: dict
     reductions: list  # each edit's Reductions or None
+    derived: Derived  # the stream's tensors made once for the calls that share them
 
     @property
     def q_len(self) -> int:
@@ -248,10 +314,18 @@ class _EditedCall:
         )
 
     def last_rows_mask(self, rows: int) -> torch.Tensor | None:
-        return self.mask[..., -rows:, :] if self.mask is not None else None
+        if self.mask is None or rows == self.q_len:
+            return self.mask
+        return self.mask[..., -rows:, :]
+
+    def last_rows(self, rows: int) -> torch.Tensor:
+        return self.query if rows == self.q_len else self.query[:, :, -rows:]
 
     def base_output(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return base_attention(self.module, self.query, self.key, self.value, self.mask, base=self.base, **self.kwargs)
+        return base_attention(
+            self.module, self.query, self.key, self.value, self.mask, base=self.base, derived=self.derived,
+            **self.kwargs,
+        )  # fmt: skip
 
     def kernel(self, rows: int, row_edits: list[AttentionEdit]):
         """``(output of the last rows, each request's statistics)`` from the Triton kernel, or None
@@ -260,16 +334,51 @@ class _EditedCall:
             return None
         launch = dispatch.fold(
             row_edits, self.reductions, rows=rows, mask=self.last_rows_mask(rows), causal=self.causal,
-            kv_len=self.key.shape[2], first_row=self.q_len - rows, device=self.query.device,
+            kv_len=self.key.shape[2], first_row=self.q_len - rows, device=self.query.device, derived=self.derived,
         )  # fmt: skip
         if launch is None:
             return None
         reference = self.reference
         edited, found = dispatch.run_kernel(
-            self.query[:, :, -rows:], self.key, self.value, launch,
-            scaling=reference["scaling"], softcap=reference["softcap"],
+            self.last_rows(rows), self.key, self.value, launch,
+            scaling=reference["scaling"], softcap=reference["softcap"], workspace=self.derived,
         )  # fmt: skip
         return edited, dispatch.split_stats(launch, self.reductions, found)
+
+    def decode_step(self, edits: list[AttentionEdit]):
+        """``(output, final probabilities (B, H, T) where statistics need them)`` of a one-row call in a
+        few batched products (``decode_step``), or None when the call or its edits do not take that path."""
+        if self.q_len != 1 or self.kwargs.get("output_attentions"):
+            return None
+        reference = self.reference
+        if not decode_step.fits(self.query, edits, reference["softcap"]):
+            return None
+        want_probs = any(r is not None and r.needs_probabilities for r in self.reductions)
+        return decode_step.decode_step(
+            self.query, self.key, self.value, scaling=reference["scaling"], mask=self.mask, edits=edits,
+            derived=self.derived, layer=self.module.layer_idx, want_probs=want_probs,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Attended:
+    """What one path made of a stream's call: the output (``(B, Q, H, D)``), the weights returned with it,
+    and the probabilities statistics are reduced from (the last rows ``(B, H, R, T)``, or the last row
+    ``(B, H, T)`` alone), or the kernel's statistics."""
+
+    out: torch.Tensor
+    weights: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    kernel_stats: list | None = None
+
+    @property
+    def last_row(self) -> torch.Tensor:
+        return self.last if self.last is not None else self.probs[:, :, -1]
+
+    def rows(self, count: int) -> torch.Tensor | None:
+        """The last ``count`` rows' probabilities, for statistics of several rows (None for one)."""
+        return self.probs[:, :, -count:] if count > 1 else None
 
 
 def _check_editable(module: nn.Module, call_kwargs: dict) -> None:
@@ -293,81 +402,94 @@ def _scale_queries(query: torch.Tensor, edits: list[AttentionEdit]) -> torch.Ten
     return query
 
 
-def _edited(module, query, key, value, attention_mask, edits, base, call_kwargs):
+def _edited(module, query, key, value, attention_mask, edits, base, call_kwargs, derived):
     """Attention of one stream's rows with its edits (head scales aside): ``(out, weights, stats)``,
     where ``stats`` holds each edit's reductions (None where it asked for none)."""
     _check_editable(module, call_kwargs)
     query = _scale_queries(query, edits)
-    call = _EditedCall(module, query, key, value, attention_mask, base, call_kwargs, [e.reductions for e in edits])
+    call = _EditedCall(
+        module, query, key, value, attention_mask, base, call_kwargs, [e.reductions for e in edits], derived
+    )
     score_edits = [e for e in edits if e.changes_probabilities]
-    if score_edits:
-        out, weights, probs, kernel_stats = _with_score_edits(call, score_edits)
-    else:
-        out, weights, probs, kernel_stats = _with_statistics_only(call)
-    return out, weights, _statistics(edits, out, probs, kernel_stats, value)
+    attended = _with_score_edits(call, score_edits) if score_edits else _with_statistics_only(call)
+    return attended.out, attended.weights, _statistics(edits, attended, value, derived)
 
 
-def _with_score_edits(call: _EditedCall, score_edits: list[AttentionEdit]):
+def _with_score_edits(call: _EditedCall, score_edits: list[AttentionEdit]) -> _Attended:
     """Edited probabilities: the rows that need them (all, or only the last) run through the fused
-    operation (kernel or reference), the other rows keep the base attention."""
+    operation (kernel, or the reference: in a few products for one row), the other rows keep the base
+    attention."""
     reported_rows = max((r.headmax_rows for r in call.reductions if r is not None), default=1)
     q_len = call.q_len
     rows = q_len if any(not e.last_row_only for e in score_edits) or reported_rows > 1 else 1
     row_edits = [_for_rows(e, rows) for e in score_edits]
-    probs, kernel_stats, weights = None, None, None
     ran = call.kernel(rows, row_edits)
     if ran is not None:
-        edited, kernel_stats = ran
-    else:
-        edited, probs = reference_attention(
-            call.query[:, :, -rows:], call.key, call.value, mask=call.last_rows_mask(rows), edits=row_edits,
-            first_row=q_len - rows, **call.reference,
-        )  # fmt: skip
-    if rows == q_len:
-        out = edited
-        weights = probs.to(call.query.dtype) if call.kwargs.get("output_attentions") else None
-    else:
+        return _joined(call, rows, _Attended(ran[0], kernel_stats=ran[1]))
+    stepped = call.decode_step(row_edits)
+    if stepped is not None:
+        return _Attended(stepped[0], last=stepped[1])
+    edited, probs = reference_attention(
+        call.last_rows(rows), call.key, call.value, mask=call.last_rows_mask(rows), edits=row_edits,
+        first_row=q_len - rows, **call.reference,
+    )  # fmt: skip
+    weights = probs.to(call.query.dtype) if rows == q_len and call.kwargs.get("output_attentions") else None
+    return _joined(call, rows, _Attended(edited, weights, probs=probs))
+
+
+def _joined(call: _EditedCall, rows: int, edited: _Attended) -> _Attended:
+    """``edited`` (its output: the last ``rows`` rows) with the base attention's output for the rows before."""
+    if rows < call.q_len:
         out, _ = call.base_output()
-        out = torch.cat([out[:, :-rows], edited], dim=1)
-    return out, weights, probs, kernel_stats
+        edited.out = torch.cat([out[:, :-rows], edited.out], dim=1)
+    return edited
 
 
-def _with_statistics_only(call: _EditedCall):
-    """Statistics only (or nothing): the model's own output; the last rows' probabilities recomputed,
-    or, for a decode-shaped call the kernel can run, the kernel's output and statistics in one pass."""
+def _with_statistics_only(call: _EditedCall) -> _Attended:
+    """Statistics only (or nothing): the model's own output (or, for a decode-shaped call, the kernel's,
+    with the statistics from the same pass) and the last rows' probabilities (one row's in a few
+    products: ``decode_step.probabilities``)."""
     wanted = [r for r in call.reductions if r is not None and r.needs_probabilities]
     rows = min(max((r.headmax_rows for r in wanted), default=1), call.q_len)
     ran = call.kernel(rows, []) if wanted else None
-    probs, kernel_stats, weights = None, None, None
     if ran is not None:
         edited, kernel_stats = ran
-    if ran is not None and rows == call.q_len:  # a decode-shaped call: the kernel's output is the attention
-        out = edited
-    else:
+        if rows == call.q_len:  # a decode-shaped call: the kernel's output is the attention
+            return _Attended(edited, kernel_stats=kernel_stats)
         out, weights = call.base_output()
-    if wanted and ran is None:
-        probs = attention_probabilities(
-            call.query[:, :, -rows:], call.key, mask=call.last_rows_mask(rows), first_row=call.q_len - rows,
-            **call.reference,
-        )  # fmt: skip
-    return out, weights, probs, kernel_stats
+        return _Attended(out, weights, kernel_stats=kernel_stats)
+    out, weights = call.base_output()
+    if not wanted:
+        return _Attended(out, weights)
+    if rows == 1 and call.q_len == 1 and call.reference["softcap"] is None:  # one row: a few products
+        reference = call.reference
+        last = decode_step.probabilities(
+            call.query, call.key, scaling=reference["scaling"], mask=call.mask, derived=call.derived
+        )
+        return _Attended(out, weights, last=last)
+    probs = attention_probabilities(
+        call.last_rows(rows), call.key, mask=call.last_rows_mask(rows), first_row=call.q_len - rows,
+        **call.reference,
+    )  # fmt: skip
+    return _Attended(out, weights, probs=probs)
 
 
-def _statistics(edits: list[AttentionEdit], out: torch.Tensor, probs, kernel_stats, value: torch.Tensor) -> list:
+def _statistics(edits: list[AttentionEdit], attended: _Attended, value: torch.Tensor, derived) -> list:
     """Each edit's reductions: from the kernel's pass, or reduced from the last rows' probabilities;
     head outputs from the output's last row; the values where asked."""
     stats: list[dict[str, torch.Tensor] | None] = []
     for index, edit in enumerate(edits):
         asked, reported = edit.reductions, None
         if asked is not None:
-            if kernel_stats is not None:
-                reported = kernel_stats[index]
+            if attended.kernel_stats is not None:
+                reported = attended.kernel_stats[index]
             elif asked.needs_probabilities:
-                reported = reduce_last_row(probs[:, :, -1], asked, probs[:, :, -asked.headmax_rows :])
+                weights = group_weights(asked.group_masses, derived)
+                reported = reduce_last_row(attended.last_row, asked, attended.rows(asked.headmax_rows), weights)
             else:
                 reported = {}
             if asked.head_outputs:
-                reported["head_outputs"] = out[:, -1].float()
+                reported["head_outputs"] = attended.out[:, -1].float()
             if asked.last_row_values:
                 reported["values"] = value
         stats.append(reported)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .derived import Derived
 from .edits import AttentionEdit, Redistribution, Reductions
 
 
@@ -75,6 +76,7 @@ def redistribute(probs: torch.Tensor, spec: Redistribution, rows: slice) -> torc
     one factor per key, ``f_S`` on source keys and ``f_T`` on target keys, 1 elsewhere."""
     num_heads = probs.shape[1]
     p = probs[:, :, rows]
+    spec = spec.cut(probs.shape[-1])
     source = _per_key(spec.source, num_heads)  # (B, H|1, 1, T) bool
     target = _per_key(spec.target, num_heads) & ~source
     sets = [source, target]
@@ -105,18 +107,34 @@ def redistribute(probs: torch.Tensor, spec: Redistribution, rows: slice) -> torc
     return out
 
 
+def group_weights(groups: dict[str, torch.Tensor], derived: Derived | None = None) -> torch.Tensor | None:
+    """The key groups ``name -> (B, T)`` (sets or weights) as the columns ``(B, T, G)`` of one product, in
+    float32 (made once while the groups are the same tensors, with ``derived``), or None for no groups."""
+    if not groups:
+        return None
+
+    def make() -> torch.Tensor:
+        return torch.stack(list(groups.values()), dim=-1).to(torch.float32)
+
+    return make() if derived is None else derived.get("group weights", tuple(groups.values()), make)
+
+
 def reduce_last_row(
-    probs_last: torch.Tensor, reductions: Reductions, probs_rows: torch.Tensor | None = None
+    probs_last: torch.Tensor,
+    reductions: Reductions,
+    probs_rows: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics of the last query row ``probs_last (B, H, T)``; the head-max rows come from
-    ``probs_rows (B, H, R, T)``, the last ``R = reductions.headmax_rows`` rows, when that is above 1."""
+    ``probs_rows (B, H, R, T)``, the last ``R = reductions.headmax_rows`` rows, when that is above 1.
+    The group masses are one product with the groups' columns ``weights`` (``group_weights``)."""
     stats: dict[str, torch.Tensor] = {}
     if reductions.group_masses:
-        names = list(reductions.group_masses)
-        groups = torch.stack([reductions.group_masses[n] for n in names], dim=1).to(probs_last.dtype)  # (B, G, T)
-        masses = torch.einsum("bht,bgt->bhg", probs_last, groups)
-        for g, n in enumerate(names):
-            stats[f"mass/{n}"] = masses[:, :, g]
+        if weights is None:
+            weights = group_weights(reductions.group_masses)
+        masses = torch.bmm(probs_last, weights.to(probs_last.dtype))  # (B, H, G)
+        for name, mass in zip(reductions.group_masses, masses.unbind(-1)):
+            stats[f"mass/{name}"] = mass
     if reductions.headmax_from_key is not None:
         several = reductions.headmax_rows > 1
         head_max = (probs_rows if several else probs_last).amax(dim=1)  # (B, R, T) or (B, T)

@@ -24,11 +24,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .derived import Derived
 from .edits import AttentionCall, AttentionEdit
 
 
 class StreamHandle(Protocol):
     """What the hook asks of one stream's state, in the order of a call."""
+
+    derived: Derived  # tensors the stream's calls share, made once (its forward's mask, per-forward edits)
 
     def describe_call(self, layer_idx: int, rows: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
         """The call as the stream sees it: its ``rows`` of the call's ``query`` and ``key`` (positions of

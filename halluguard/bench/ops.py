@@ -16,21 +16,42 @@ machine's load.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from halluguard.kernels._compat import interpreting
+
+
+def _in_triton_interpreter() -> bool:
+    """Whether the calling Python code runs inside Triton's interpreter (a kernel launched on CPU)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if _INTERPRETER in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_INTERPRETER = os.path.join("triton", "runtime", "interpreter")
+
 
 class AtenCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched while it is active (``count``)."""
+    """Counts the aten operations dispatched while it is active (``count``). Operations that Triton's
+    interpreter dispatches while it runs a kernel on CPU (``TRITON_INTERPRET=1``) are not counted: on a
+    GPU the launch is one launch, counted as such."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.interpreting = interpreting()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        if not (self.interpreting and _in_triton_interpreter()):
+            self.count += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -88,7 +88,9 @@ class DeCoRe(ContrastMethod):
         kept = self.kept_heads.get(call.layer_idx)  # (H,): 0 at the masked heads, 1 elsewhere
         if kept is None:
             return None
-        scale = kept.to(call.device)[None].expand(call.batch, -1)
+        # the same tensor at every step, so the hook makes the call's row scales once
+        name = f"decore heads {call.layer_idx} {call.batch} {call.device}"
+        scale = state.derived.get(name, (kept,), lambda: kept.to(call.device)[None].expand(call.batch, -1))
         if self.config.masking == "uniform":
             return AttentionEdit(query_scale=scale)
         return AttentionEdit(head_scale=scale)

@@ -90,9 +90,9 @@ class Detection:
 
 @dataclasses.dataclass
 class LookbackCall:
-    """Per call: this forward's ratios by layer, and every step's ``(rows, L, H)``."""
+    """Per call: this forward's context and generated masses by layer, and every step's ratios ``(rows, L, H)``."""
 
-    layers: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)  # masses
     steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
     path: torch.Tensor | None = None  # guided decoding: the kept tokens' ratios (rows, T, L, H)
     groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # this forward's weighted groups
@@ -174,13 +174,16 @@ class Lookback(Method):
         return AttentionEdit(reductions=Reductions(group_masses=data.groups))
 
     def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
-        a_ctx, a_new = stats["mass/context"].float(), stats["mass/generated"].float()  # means (weighted groups)
-        total = a_ctx + a_new
-        ratio = torch.where(total > 0, a_ctx / total.clamp_min(torch.finfo(torch.float32).tiny), 0.5)
+        """Keep the layer's mean masses; at the last layer the forward's ratios, for all layers at once:
+        ``r = m_ctx / (m_ctx + m_new)`` per (row, layer, head), 0.5 where both are 0."""
         data = state.data_of(self)
-        data.layers[call.layer_idx] = ratio  # (rows, H)
+        data.layers[call.layer_idx] = (stats["mass/context"], stats["mass/generated"])  # means (weighted groups)
         if call.layer_idx == self.num_layers - 1:
-            data.steps.append(torch.stack([data.layers[i] for i in range(self.num_layers)], 1))  # no host sync
+            masses = [data.layers[i] for i in range(self.num_layers)]
+            a_ctx = torch.stack([m[0] for m in masses], 1).float()  # (rows, L, H)
+            total = a_ctx + torch.stack([m[1] for m in masses], 1).float()
+            ratio = torch.where(total > 0, a_ctx / total.clamp_min(torch.finfo(torch.float32).tiny), 0.5)
+            data.steps.append(ratio)  # no host sync
             data.layers = {}
 
     def call_result(self, state: GuardState, sequences: torch.Tensor) -> list[Detection]:

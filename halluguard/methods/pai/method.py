@@ -76,8 +76,9 @@ class PAI(Method):
             return None  # guidance on at gamma 1: the official code never amplifies (module docstring)
         if call.is_prefill and cfg.use_cfg and not cfg.amplify_first_token:
             return None  # the official code leaves the first token's forward alone when guidance is on
-        image = state.group_masks(call)["image"]
-        return AttentionEdit(key_boost=image.to(torch.float32) * cfg.alpha, last_row_only=True)
+        image = state.group_masks(call)["image"]  # the same tensor for every layer of a forward: one boost
+        boost = state.derived.get("pai boost", (image,), lambda: image.to(torch.float32) * cfg.alpha)
+        return AttentionEdit(key_boost=boost, last_row_only=True)
 
     def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
         if not self.config.guided or self.config.control:

@@ -102,6 +102,11 @@ class VARLayer:
     any_visual: bool
     source: torch.Tensor  # (B, capacity) sinks
     target: torch.Tensor  # (B, capacity) image tokens that are not sinks
+    image: torch.Tensor  # (B, capacity) image tokens
+    # the decode steps' edit, the same for every step while the cache keeps every token: its sets are
+    # the padded ones (an edit's key sets may be longer than a call's keys) and a row without a visual
+    # sink has no target (so it is never selected: every decode query comes after the images)
+    decode_edit: AttentionEdit | None = None
 
 
 class VAR(Method):
@@ -161,7 +166,20 @@ class VAR(Method):
         capacity = max(end, image.shape[1]) * (1 if state.in_prefill else 2)
         source = torch.nn.functional.pad(sinks, (0, capacity - sinks.shape[1]))
         target = torch.nn.functional.pad(image & ~sinks, (0, capacity - image.shape[1]))
-        return VARLayer(state.row_index, visual, bool(visual.any()), source, target)
+        image = torch.nn.functional.pad(image, (0, capacity - image.shape[1]))
+        return VARLayer(state.row_index, visual, bool(visual.any()), source, target, image)
+
+    def _decode_edit(self, sets: VARLayer) -> AttentionEdit:
+        cfg = self.config
+        spec = Redistribution(
+            source=sets.source,
+            target=sets.target & sets.visual[:, None].to(sets.target.device),
+            keep=cfg.keep,
+            gate=sets.image,
+            gate_min_mass=cfg.summ,
+            gate_max_source_share=cfg.rho,
+        )
+        return AttentionEdit(redistribution=spec)
 
     def sink_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """``max_{d in D_sink} |x_d| / RMS(x)`` per token of ``hidden (B, T, D)``."""
@@ -195,6 +213,10 @@ class VAR(Method):
         # the official rule: a row's layer is edited only if one of its sinks is an image token
         if not sets.any_visual:
             return None
+        if not state.in_prefill and call.key_offset == 0:
+            if sets.decode_edit is None:
+                sets.decode_edit = self._decode_edit(sets)
+            return sets.decode_edit
         window = slice(call.key_offset, end)
         queries = call.query_start + torch.arange(call.q_len, device=call.device)
         eligible = (queries[None, :] >= state.rows_of(data.image_end)[:, None]) & sets.visual[:, None].to(call.device)

@@ -165,8 +165,12 @@ class VHR(Method):
         if call.layer_idx not in self.layers:
             return None
         if self.fixed is not None:
-            heads = self.fixed[call.layer_idx].to(call.device)[None].expand(call.batch, -1)
-            return AttentionEdit(head_scale=self._scale(heads))
+            fixed = self.fixed[call.layer_idx]
+            name = f"vhr heads {call.layer_idx} {call.batch} {call.device}"  # the same tensor at every step
+            scale = state.derived.get(
+                name, (fixed,), lambda: self._scale(fixed.to(call.device)[None].expand(call.batch, -1))
+            )
+            return AttentionEdit(head_scale=scale)
         data = state.data_of(self)
         if call.layer_idx not in data.heads:  # selecting: report head outputs, then choose this layer's heads
             return AttentionEdit(reductions=Reductions(head_outputs=True), head_scale_from_stats=True)

@@ -1,0 +1,179 @@
+"""The decode step's few-product attention against the reference, edit by edit, and the tensors it keeps."""
+
+import pytest
+import torch
+
+from halluguard.attention import AttentionEdit, Redistribution
+from halluguard.attention.decode_step import decode_step, fits, probabilities
+from halluguard.attention.derived import Derived
+from halluguard.attention.reference import reference_attention
+
+B, H, HKV, T, D = 3, 4, 2, 11, 8
+
+
+def tensors(seed=0, heads=H, kv_heads=HKV):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, heads, 1, D, generator=gen)
+    k = torch.randn(B, kv_heads, T, D, generator=gen)
+    v = torch.randn(B, kv_heads, T, D, generator=gen)
+    return q, k, v
+
+
+def padded_mask(kind):
+    """Row b has b padding keys on the left: boolean ``(B, 1, 1, T)``, its additive form, or None."""
+    if kind is None:
+        return None
+    allowed = torch.arange(T)[None, :] >= torch.arange(B)[:, None]
+    allowed = allowed[:, None, None, :]
+    if kind == "bool":
+        return allowed
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+
+
+def key_sets(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    source = torch.rand(B, T, generator=gen) < 0.3
+    target = torch.rand(B, T, generator=gen) < 0.5
+    gate = torch.rand(B, T, generator=gen) < 0.6
+    return source, target, gate
+
+
+def edit_cases():
+    gen = torch.Generator().manual_seed(2)
+    boost = torch.where(torch.rand(B, T, generator=gen) < 0.5, 0.5, 0.0)
+    bias = torch.randn(B, T, generator=gen)
+    head_bias = torch.randn(B, H, T, generator=gen)
+    source, target, gate = key_sets()
+    everything = Redistribution(source, target, keep=0.3, gate=gate, gate_min_mass=0.2, gate_max_source_share=0.7)
+    wider = Redistribution(
+        torch.nn.functional.pad(source, (0, 5)), torch.nn.functional.pad(target, (0, 5), value=True), keep=0.3,
+        gate=torch.nn.functional.pad(gate, (0, 5), value=True), gate_min_mass=0.2, gate_max_source_share=0.7,
+    )  # fmt: skip
+    eligible = torch.tensor([[True], [False], [True]])
+    return {
+        "none": [],
+        "boost": [AttentionEdit(key_boost=boost, last_row_only=True)],
+        "bias": [AttentionEdit(key_bias=bias)],
+        "biases": [AttentionEdit(key_bias=bias), AttentionEdit(key_bias=head_bias)],
+        "head boost": [AttentionEdit(key_boost=boost[:, None].expand(B, H, T) * torch.rand(B, H, T, generator=gen))],
+        "redistribution": [AttentionEdit(redistribution=Redistribution(source, target, keep=0.1))],
+        "gated redistribution": [AttentionEdit(redistribution=everything)],
+        "sets longer than the keys": [AttentionEdit(redistribution=wider)],
+        "eligible rows": [AttentionEdit(redistribution=Redistribution(source, target, keep=0.0, query_mask=eligible))],
+        "boost, then redistribution": [
+            AttentionEdit(key_boost=boost),
+            AttentionEdit(redistribution=everything),
+        ],
+    }
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+@pytest.mark.parametrize("case", list(edit_cases()))
+@pytest.mark.parametrize("kv_heads", [HKV, H])
+def test_the_decode_step_is_the_reference(case, mask_kind, kv_heads):
+    edits = edit_cases()[case]
+    q, k, v = tensors(kv_heads=kv_heads)
+    mask = padded_mask(mask_kind)
+    assert fits(q, edits, softcap=None)
+    want, want_probs = reference_attention(q, k, v, scaling=0.3, mask=mask, edits=edits)
+    out, probs = decode_step(q, k, v, scaling=0.3, mask=mask, edits=edits, derived=Derived())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, want_probs[:, :, 0], rtol=1e-5, atol=1e-7)
+    if not edits:
+        torch.testing.assert_close(probabilities(q, k, scaling=0.3, mask=mask, derived=Derived()), probs)
+
+
+def test_every_edit_case_changes_the_attention():
+    """(Else the comparison with the reference would prove nothing about that edit.)"""
+    q, k, v = tensors()
+    plain, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=[], derived=Derived())
+    for case, edits in edit_cases().items():
+        if edits:
+            out, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
+            assert (out - plain).abs().max() > 1e-3, case
+
+
+def test_redistribution_selects_exactly_the_rows_the_reference_selects():
+    """A row whose target holds no mass, one whose gate mass is below the minimum and one whose source
+    share is too high keep their attention; the others move it."""
+    q, k, v = tensors()
+    source = torch.zeros(B, T, dtype=torch.bool)
+    source[:, :3] = True
+    target = torch.zeros(B, T, dtype=torch.bool)
+    target[0, 5:] = True  # row 0: a target
+    target[1, :3] = True  # row 1: the target is the source, so none is left
+    target[2, 5:] = True
+    gate = torch.zeros(B, T, dtype=torch.bool)
+    gate[0] = True
+    gate[2, :4] = True  # row 2: the gate is mostly source
+    spec = Redistribution(source, target, keep=0.2, gate=gate, gate_min_mass=0.0, gate_max_source_share=0.5)
+    edits = [AttentionEdit(redistribution=spec)]
+    _, plain = decode_step(q, k, v, scaling=0.3, mask=None, edits=[], derived=Derived())
+    _, edited = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
+    _, want = reference_attention(q, k, v, scaling=0.3, mask=None, edits=edits)
+    torch.testing.assert_close(edited, want[:, :, 0], rtol=1e-5, atol=1e-7)
+    moved = (edited - plain).abs().amax(-1) > 1e-6  # (B, H)
+    assert moved[0].all() and not moved[1].any() and not moved[2].any()
+
+
+@pytest.mark.parametrize(
+    "edits,query_rows,softcap",
+    [
+        ([AttentionEdit(key_bias=torch.zeros(B, T)), AttentionEdit(key_boost=torch.zeros(B, T))], 1, None),
+        ([AttentionEdit(key_boost=torch.zeros(B, T)), AttentionEdit(key_boost=torch.zeros(B, T))], 1, None),
+        (
+            [
+                AttentionEdit(
+                    redistribution=Redistribution(torch.zeros(B, H, T, dtype=torch.bool), torch.ones(B, T), 0.5)
+                )
+            ],
+            1,
+            None,
+        ),
+        ([], 2, None),
+        ([], 1, 30.0),
+    ],
+    ids=["a boost after a bias", "two boosts", "per-head source", "two query rows", "soft-capped scores"],
+)
+def test_what_the_few_products_do_not_take(edits, query_rows, softcap):
+    query = torch.zeros(B, H, query_rows, D)
+    assert not fits(query, edits, softcap)
+
+
+def test_derived_tensors_are_made_once_per_source_and_remade_for_another():
+    made = []
+    derived = Derived(per_name=2)
+    a, b, c = torch.zeros(1), torch.zeros(1), torch.zeros(1)
+
+    def make(tag):
+        return lambda: made.append(tag) or len(made)
+
+    assert derived.get("x", (a,), make("a")) == 1
+    assert derived.get("x", (a,), make("a")) == 1  # kept
+    assert derived.get("x", (b,), make("b")) == 2  # an equal but other tensor: made anew
+    assert derived.get("x", (a,), make("a")) == 1  # both kept
+    assert derived.get("x", (c,), make("c")) == 3  # a third: the oldest goes
+    assert derived.get("x", (b,), make("b")) == 4
+    assert derived.get("y", (a,), make("y")) == 5  # names apart
+    assert made == ["a", "b", "c", "b", "y"]
+
+
+def test_the_kept_mask_and_edit_tensors_are_reused_across_calls():
+    """The layers of a forward share the mask and edits: the second call makes nothing."""
+    q, k, v = tensors()
+    edits = edit_cases()["boost, then redistribution"]
+    mask = padded_mask("bool")
+    made = []
+
+    class Counting(Derived):
+        def get(self, name, sources, make, key=None, keep=None):
+            return super().get(name, sources, lambda: made.append(name) or make(), key, keep)
+
+    derived = Counting()
+    decode_step(q, k, v, scaling=0.3, mask=mask, edits=edits, derived=derived)
+    assert set(made) == {"key bias", "key boost", "redistribution", "constant"}  # the mask's bias, ...
+    first = list(made)
+    out, _ = decode_step(q, k, v, scaling=0.3, mask=mask, edits=edits, derived=derived)
+    assert made == first
+    want, _ = reference_attention(q, k, v, scaling=0.3, mask=mask, edits=edits)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
