@@ -177,3 +177,37 @@ def test_the_kept_mask_and_edit_tensors_are_reused_across_calls():
     assert made == first
     want, _ = reference_attention(q, k, v, scaling=0.3, mask=mask, edits=edits)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bias_that_blocks_every_visible_key_gives_zeros_as_the_reference():
+    q, k, v = tensors()
+    mask = padded_mask("bool")
+    bias = torch.zeros(B, T)
+    bias[2] = -torch.inf  # row 2 may see no key at all
+    edits = [AttentionEdit(key_bias=bias)]
+    out, probs = decode_step(q, k, v, scaling=0.3, mask=mask, edits=edits, derived=Derived())
+    want, want_probs = reference_attention(q, k, v, scaling=0.3, mask=mask, edits=edits)
+    assert torch.equal(probs[2], torch.zeros_like(probs[2])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, want_probs[:, :, 0], rtol=1e-5, atol=1e-7)
+
+
+def test_kept_redistribution_columns_follow_its_settings():
+    """The same key sets with another share kept (or gate) make other columns, not the kept ones."""
+    q, k, v = tensors()
+    source, target, gate = key_sets()
+    derived = Derived()
+    for keep, gate_min in ((0.3, 0.0), (0.8, 0.0), (0.8, 0.5)):
+        edits = [AttentionEdit(redistribution=Redistribution(source, target, keep, gate=gate, gate_min_mass=gate_min))]
+        out, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=derived, layer=3)
+        want, _ = reference_attention(q, k, v, scaling=0.3, mask=None, edits=edits)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_of_several_rows_from_a_one_row_call_are_its_one_row():
+    from halluguard.attention.hook import _Attended
+
+    last = torch.rand(B, H, T)
+    rows = _Attended(torch.zeros(B, 1, H, D), last=last).rows(3)
+    assert rows.shape == (B, H, 1, T) and torch.equal(rows[:, :, 0], last)
+    assert _Attended(torch.zeros(B, 1, H, D), last=last).rows(1) is None

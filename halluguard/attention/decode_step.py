@@ -6,13 +6,15 @@ computes, in float32, with each product one batched matrix product over ``B * H_
 tensor made from the mask or an edit made once for all the calls that share it (``Derived``):
 
 1. ``z = s q k^T + m`` in one ``baddbmm``, where ``m`` is the model's mask as an additive bias (0
-   where a key may be seen, the lowest finite float where not) plus the edits' key biases;
+   where a key may be seen, ``-inf`` where not: the lowest finite float when a boost follows) plus
+   the edits' key biases;
 2. a key boost ``z += b |z|`` in one ``addcmul``, ``b`` zero on blocked keys so that they stay
    blocked (at most one boost, and no bias in an edit before it: the order of the reference);
 3. ``a = softmax(z)`` (a decode row always sees its own key, so no row is fully masked);
 4. a redistribution: the masses on four key columns ``C = [T, S, gate - g_min, rho * gate - gate & S]``
    (``T`` the target keys outside the source ``S``) in one product ``M = a C``. Because a row's
-   probabilities sum to 1, the gate's two conditions are the signs of the last two masses, so a
+   probabilities sum to 1, the gate's two conditions are the signs of the last two masses (a row
+   within float rounding of ``g_min`` may fall on the other side than in the reference), so a
    row is selected when ``M >= (tiny, -inf, 0, 0)``, ``tiny`` the smallest positive float (the
    target holds some mass). The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
    ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / M_T = [1, M_S / M_T, ...]`` on selected
@@ -73,8 +75,10 @@ def _allowed(mask: torch.Tensor | None) -> torch.Tensor | None:
     return allowed.reshape(allowed.shape[0], -1, allowed.shape[-1]) if allowed.dim() == 4 else allowed
 
 
-def _key_bias(mask, edits, shape, derived: Derived, device) -> torch.Tensor | None:
-    """The scores' additive term ``(B * H_kv, G|1, T)``: the mask (lowest float where blocked) plus the key biases."""
+def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> torch.Tensor | None:
+    """The scores' additive term ``(B * H_kv, G|1, T)``: the mask plus the key biases. A boosted call
+    blocks with the lowest finite float (the boost reads ``|z|``, zero on blocked keys); others block
+    with ``-inf``, so that a row whose biases block every key it may see gives zeros, as the reference."""
     biases = [e.key_bias for e in edits if e.key_bias is not None]
     if mask is None and not biases:
         return None
@@ -86,10 +90,10 @@ def _key_bias(mask, edits, shape, derived: Derived, device) -> torch.Tensor | No
             total = total + (bias[:, None] if bias.dim() == 2 else bias).to(torch.float32)
         allowed = _allowed(mask)
         if allowed is not None:
-            total = torch.where(allowed, total, torch.finfo(torch.float32).min)
+            total = torch.where(allowed, total, torch.finfo(torch.float32).min if boosted else -torch.inf)
         return _as_matrices(total, batch, num_heads, kv_heads)
 
-    return derived.get("key bias", (mask, *biases), make, key=shape)
+    return derived.get("key bias", (mask, *biases), make, key=(shape, boosted))
 
 
 def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tensor:
@@ -133,7 +137,8 @@ def _columns(spec: Redistribution, derived: Derived, layer: int) -> tuple[torch.
         return columns, factors, lower
 
     sources = (spec.source, spec.target, spec.gate, spec.query_mask)
-    return derived.get("redistribution", sources, make, key=layer, keep=PER_LAYER)
+    settings = (layer, spec.keep, spec.gate_min_mass, spec.gate_max_source_share)
+    return derived.get("redistribution", sources, make, key=settings, keep=PER_LAYER)
 
 
 def _redistribute(probs: torch.Tensor, spec: Redistribution, derived: Derived, layer: int) -> torch.Tensor:
@@ -160,15 +165,18 @@ def _probabilities(query, key, *, scaling, mask, edits, derived, layer) -> torch
     shape = (batch, num_heads, kv_heads)
     q = query.to(torch.float32).reshape(batch * kv_heads, num_heads // kv_heads, head_dim)
     k = key.to(torch.float32).reshape(batch * kv_heads, kv_len, head_dim)
-    bias = _key_bias(mask, edits, shape, derived, query.device)
+    boost = next((e.key_boost for e in edits if e.key_boost is not None), None)
+    biases = any(e.key_bias is not None for e in edits)
+    bias = _key_bias(mask, edits, shape, derived, query.device, boosted=boost is not None)
     if bias is None:
         scores = torch.baddbmm(_constant(derived, q.device, 0.0), q, k.transpose(1, 2), beta=0.0, alpha=scaling)
     else:
         scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
-    boost = next((e.key_boost for e in edits if e.key_boost is not None), None)
     if boost is not None:
         scores = torch.addcmul(scores, scores.abs(), _key_boost(mask, boost, shape, derived))
     probs = torch.softmax(scores, dim=-1)
+    if biases:  # a key bias may block every key of a row (-inf): zeros, not NaN
+        probs = probs.nan_to_num(0.0)
     spec = next((e.redistribution for e in edits if e.redistribution is not None), None)
     if spec is not None:
         probs = _redistribute(probs.view(batch, num_heads, kv_len), spec, derived, layer).view(probs.shape)

@@ -85,7 +85,8 @@ def base_attention(
                 "additive mask", (attention_mask,), lambda: _additive_mask(attention_mask, query, key), key=shape
             )
         return _eager_for(module)(module, query, key, value, mask, **kwargs)
-    if derived is not None and attention_mask is not None and attention_mask.dtype == torch.bool:
+    on_cpu = attention_mask is not None and attention_mask.device.type == "cpu"
+    if derived is not None and on_cpu and attention_mask.dtype == torch.bool:
         attention_mask = derived.get(
             "sdpa mask", (attention_mask,), lambda: _sdpa_float_mask(attention_mask, query.dtype), key=query.dtype
         )
@@ -93,8 +94,9 @@ def base_attention(
 
 
 def _sdpa_float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean mask as the additive mask SDPA makes of it at every call (0 where True, ``-inf`` where
-    False, in the query's dtype): the same values, made once for the calls that share the mask."""
+    """A boolean mask as the additive mask SDPA makes of it at every call on CPU (0 where True, ``-inf``
+    where False, in the query's dtype): the same values, made once for the calls that share the mask
+    (on a GPU SDPA's backends treat boolean masks each their own way, so they get the mask as it is)."""
     return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), float("-inf"))
 
 
@@ -377,8 +379,11 @@ class _Attended:
         return self.last if self.last is not None else self.probs[:, :, -1]
 
     def rows(self, count: int) -> torch.Tensor | None:
-        """The last ``count`` rows' probabilities, for statistics of several rows (None for one)."""
-        return self.probs[:, :, -count:] if count > 1 else None
+        """The last ``count`` rows' probabilities (as many as the call has), for statistics of several rows
+        (None for one)."""
+        if count <= 1:
+            return None
+        return self.probs[:, :, -count:] if self.probs is not None else self.last[:, :, None]
 
 
 def _check_editable(module: nn.Module, call_kwargs: dict) -> None:
