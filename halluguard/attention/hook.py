@@ -15,9 +15,12 @@ routing (``routing``: a context variable the call sets, covering its model's mod
   through the fused operation; other rows keep the base attention.
 
 The fused operation is the Triton kernel (``halluguard.kernels.decode_attention``) for decode-shaped
-calls on CUDA, and ``reference.reference_attention`` otherwise (``dispatch`` decides; the
+calls on CUDA, and otherwise the PyTorch path: ``decode_step`` for one query row (a decode step: a
+few batched products), ``reference.reference_attention`` for the rest (``dispatch`` decides; the
 ``HALLUGUARD_KERNEL`` variable forces either). A decode call that only asks for statistics runs the
-kernel alone: its output is the attention and its statistics come from the same pass.
+kernel alone: its output is the attention and its statistics come from the same pass. What is made
+from tensors a forward's layers share (the mask's forms, the streams' scales, the edits' conversions)
+is made once and kept in the stream's ``derived``.
 
 The mask interface entry is ``sdpa_mask``: a boolean mask (True = attend), or ``None`` when the
 mask is plainly causal, so padding, sliding windows and prefix-LM masks all arrive here.
