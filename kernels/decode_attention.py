@@ -741,17 +741,16 @@ def _as_flag(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
     return None if t is None else t.to(device, torch.int8)
 
 
-# conversions kept of the redistribution's sets, which may differ from layer to layer: one per layer of
-# any model (``halluguard.attention.derived.PER_LAYER``); the mask and per-key edits are shared by a forward's layers
-_PER_LAYER = 128
-
-
-def _kept(workspace, name: str, source: torch.Tensor | None, make, key=None, keep=None) -> torch.Tensor | None:
+def _kept(workspace, name: str, source: torch.Tensor | None, make, key=None, per_layer=False) -> torch.Tensor | None:
     """``make()``, or the value ``workspace`` (``get(name, sources, make, key, keep)``) keeps for this very
-    ``source`` and an equal ``key``; None for no source."""
+    ``source`` and an equal ``key``; None for no source. The redistribution's sets may differ from layer
+    to layer (``per_layer``: the workspace keeps ``workspace.per_layer`` of them); the mask and the
+    per-key edits are shared by a forward's layers."""
     if source is None:
         return None
-    return make() if workspace is None else workspace.get(name, (source,), make, key=key, keep=keep)
+    if workspace is None:
+        return make()
+    return workspace.get(name, (source,), make, key=key, keep=workspace.per_layer if per_layer else None)
 
 
 def _prepare_inputs(
@@ -775,7 +774,7 @@ def _prepare_inputs(
         (None,) * 3
         if spec is None
         else (
-            _kept(workspace, f"flags {role}", t, lambda t=t: _as_flag(t, device), key=device, keep=_PER_LAYER)
+            _kept(workspace, f"flags {role}", t, lambda t=t: _as_flag(t, device), key=device, per_layer=True)
             for role, t in (("target", spec.target), ("gate", spec.gate), ("query mask", spec.query_mask))
         )
     )
@@ -788,17 +787,17 @@ def _prepare_inputs(
         *_operand(_per_key_kept(workspace, "boost", key_boost, num_heads, torch.float32, device), placeholder, 3),
         *_operand(_per_key_kept(workspace, "bias", key_bias, num_heads, torch.float32, device), placeholder, 3),
         *_operand(
-            _per_key_kept(workspace, "source", source, num_heads, torch.int8, device, _PER_LAYER), placeholder, 3
+            _per_key_kept(workspace, "source", source, num_heads, torch.int8, device, per_layer=True), placeholder, 3
         ),
         *_operand(tgt, placeholder, 2),
     )
     return _Inputs(placeholder, spec, allowed, gate, eligible, weights, scale, key_inputs)
 
 
-def _per_key_kept(workspace, name, t, num_heads, dtype, device, keep=None) -> torch.Tensor | None:
+def _per_key_kept(workspace, name, t, num_heads, dtype, device, per_layer=False) -> torch.Tensor | None:
     """``t`` in ``dtype`` on ``device`` as ``(B, H, T)`` (``_per_key``), made once while ``workspace`` keeps it."""
     make = lambda: _per_key(t.to(device, dtype), num_heads)
-    return _kept(workspace, name, t, make, key=(num_heads, device), keep=keep)
+    return _kept(workspace, name, t, make, key=(num_heads, device), per_layer=per_layer)
 
 
 def _allocate(query: torch.Tensor, plan: _Plan, inputs: _Inputs, workspace=None) -> _Buffers:

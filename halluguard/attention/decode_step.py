@@ -33,6 +33,7 @@ import torch
 
 from .derived import PER_LAYER, Derived
 from .edits import AttentionEdit, Redistribution
+from .reference import allowed_keys
 
 
 def _per_row(t: torch.Tensor | None) -> bool:
@@ -71,7 +72,7 @@ def _allowed(mask: torch.Tensor | None) -> torch.Tensor | None:
     """The model's mask for one query row as booleans ``(B|1, 1|H, T)`` (True = may be seen), or None."""
     if mask is None:
         return None
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed_keys(mask, True, 1, mask.shape[-1], mask.device)
     return allowed.reshape(allowed.shape[0], -1, allowed.shape[-1]) if allowed.dim() == 4 else allowed
 
 

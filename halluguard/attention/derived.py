@@ -19,6 +19,8 @@ class Derived:
     share its mask and a method's per-forward edit tensors, and models whose layers alternate two
     masks keep both; a name whose sources differ per layer keeps ``PER_LAYER``."""
 
+    per_layer = PER_LAYER  # (read by the kernel's workspace use)
+
     def __init__(self, per_name: int = 4):
         self.per_name = per_name
         self._kept: dict[str, collections.OrderedDict] = {}

@@ -353,16 +353,24 @@ class _EditedCall:
     def decode_step(self, edits: list[AttentionEdit]):
         """``(output, final probabilities (B, H, T) where statistics need them)`` of a one-row call in a
         few batched products (``decode_step``), or None when the call or its edits do not take that path."""
-        if self.q_len != 1 or self.kwargs.get("output_attentions"):
-            return None
         reference = self.reference
-        if not decode_step.fits(self.query, edits, reference["softcap"]):
+        if self.kwargs.get("output_attentions") or not decode_step.fits(self.query, edits, reference["softcap"]):
             return None
         want_probs = any(r is not None and r.needs_probabilities for r in self.reductions)
         return decode_step.decode_step(
             self.query, self.key, self.value, scaling=reference["scaling"], mask=self.mask, edits=edits,
             derived=self.derived, layer=self.module.layer_idx, want_probs=want_probs,
         )  # fmt: skip
+
+    def last_row_probabilities(self) -> torch.Tensor | None:
+        """The unedited probabilities ``(B, H, T)`` of a one-row call in a few products
+        (``decode_step.probabilities``), or None when the call does not take that path."""
+        reference = self.reference
+        if not decode_step.fits(self.query, (), reference["softcap"]):
+            return None
+        return decode_step.probabilities(
+            self.query, self.key, scaling=reference["scaling"], mask=self.mask, derived=self.derived
+        )
 
 
 @dataclasses.dataclass
@@ -469,11 +477,8 @@ def _with_statistics_only(call: _EditedCall) -> _Attended:
     out, weights = call.base_output()
     if not wanted:
         return _Attended(out, weights)
-    if rows == 1 and call.q_len == 1 and call.reference["softcap"] is None:  # one row: a few products
-        reference = call.reference
-        last = decode_step.probabilities(
-            call.query, call.key, scaling=reference["scaling"], mask=call.mask, derived=call.derived
-        )
+    last = call.last_row_probabilities()
+    if last is not None:
         return _Attended(out, weights, last=last)
     probs = attention_probabilities(
         call.last_rows(rows), call.key, mask=call.last_rows_mask(rows), first_row=call.q_len - rows,
