@@ -50,6 +50,10 @@ def edit_cases():
         gate=torch.nn.functional.pad(gate, (0, 5), value=True), gate_min_mass=0.2, gate_max_source_share=0.7,
     )  # fmt: skip
     eligible = torch.tensor([[True], [False], [True]])
+    early = [t.clone() for t in (source, target, gate)]
+    for t in early:
+        t[:, T - 4 :] = False  # no set holds the last 4 keys: only the keys before are read and edited
+    shorter = Redistribution(*early[:2], keep=0.3, gate=early[2], gate_min_mass=0.2, gate_max_source_share=0.7)
     return {
         "none": [],
         "boost": [AttentionEdit(key_boost=boost, last_row_only=True)],
@@ -59,6 +63,7 @@ def edit_cases():
         "redistribution": [AttentionEdit(redistribution=Redistribution(source, target, keep=0.1))],
         "gated redistribution": [AttentionEdit(redistribution=everything)],
         "sets longer than the keys": [AttentionEdit(redistribution=wider)],
+        "sets that end before the last keys": [AttentionEdit(redistribution=shorter)],
         "eligible rows": [AttentionEdit(redistribution=Redistribution(source, target, keep=0.0, query_mask=eligible))],
         "boost, then redistribution": [
             AttentionEdit(key_boost=boost),
@@ -211,3 +216,62 @@ def test_statistics_of_several_rows_from_a_one_row_call_are_its_one_row():
     rows = _Attended(torch.zeros(B, 1, H, D), last=last).rows(3)
     assert rows.shape == (B, H, 1, T) and torch.equal(rows[:, :, 0], last)
     assert _Attended(torch.zeros(B, 1, H, D), last=last).rows(1) is None
+
+
+def test_a_redistribution_with_no_target_key_changes_nothing():
+    q, k, v = tensors()
+    source, _, gate = key_sets()
+    edits = [AttentionEdit(redistribution=Redistribution(source, torch.zeros_like(source), keep=0.1, gate=gate))]
+    out, probs = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
+    plain, plain_probs = decode_step(q, k, v, scaling=0.3, mask=None, edits=[], derived=Derived())
+    want, _ = reference_attention(q, k, v, scaling=0.3, mask=None, edits=edits)
+    assert torch.equal(out, plain) and torch.equal(probs, plain_probs)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_keys_that_are_not_one_strided_batch_give_the_same_result():
+    """Keys whose batch and head dimensions do not merge (a view of another layout) take a reshape."""
+    q, k, v = tensors()
+    scattered = k.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, head-major in memory
+    assert scattered.stride(0) != HKV * scattered.stride(1)
+    edits = edit_cases()["gated redistribution"]
+    want, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
+    out, _ = decode_step(q, scattered, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
+    assert torch.equal(out, want)
+
+
+def test_with_a_gradient_the_redistribution_is_not_made_in_place():
+    """Where a gradient is asked for, the softmax's output is left as it is: the gradient equals the
+    reference's."""
+    q, k, v = tensors()
+    edits = edit_cases()["sets that end before the last keys"]
+    grads = []
+    for path in (decode_step, reference_attention):
+        query = q.clone().requires_grad_(True)
+        kwargs = dict(derived=Derived()) if path is decode_step else {}
+        out, _ = path(query, k, v, scaling=0.3, mask=None, edits=edits, **kwargs)
+        out.square().sum().backward()
+        grads.append(query.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+def test_prepare_makes_at_the_prompt_what_the_decode_steps_would_make():
+    from halluguard.attention import decode_step as module
+
+    q, k, v = tensors()
+    edit = edit_cases()["gated redistribution"][0]
+    made = []
+
+    class Counting(Derived):
+        def get(self, name, sources, make, key=None, keep=None):
+            return super().get(name, sources, lambda: made.append(name) or make(), key, keep)
+
+    derived = Counting()
+    module.prepare(edit, derived, layer=5, batch=B, num_heads=H, kv_heads=HKV, device=q.device)
+    assert "redistribution" in made
+    prepared = list(made)
+    out, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=[edit], derived=derived, layer=5)
+    assert made == prepared  # the decode step made nothing
+    want, _ = reference_attention(q, k, v, scaling=0.3, mask=None, edits=[edit])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -5,24 +5,28 @@ computes, in float32, with each product one batched matrix product over ``B * H_
 ``G = H / H_kv`` query heads that share a key/value head are the rows of one matrix), and every
 tensor made from the mask or an edit made once for all the calls that share it (``Derived``):
 
-1. ``z = s q k^T + m`` in one ``baddbmm``, where ``m`` is the model's mask as an additive bias (0
-   where a key may be seen, ``-inf`` where not: the lowest finite float when a boost follows) plus
-   the edits' key biases;
+1. ``z = s q k^T + m`` in one ``baddbmm`` (``k^T`` one strided view of the keys), where ``m`` is the
+   model's mask as an additive bias (0 where a key may be seen, ``-inf`` where not: the lowest finite
+   float when a boost follows) plus the edits' key biases;
 2. a key boost ``z += b |z|`` in one ``addcmul``, ``b`` zero on blocked keys so that they stay
    blocked (at most one boost, and no bias in an edit before it: the order of the reference);
 3. ``a = softmax(z)`` (a decode row always sees its own key, so no row is fully masked);
-4. a redistribution: the masses on four key columns ``C = [T, S, gate - g_min, rho * gate - gate & S]``
-   (``T`` the target keys outside the source ``S``) in one product ``M = a C``. Because a row's
-   probabilities sum to 1, the gate's two conditions are the signs of the last two masses (a row
-   within float rounding of ``g_min`` may fall on the other side than in the reference), so a
-   row is selected when ``M >= (tiny, -inf, 0, 0)``, ``tiny`` the smallest positive float (the
-   target holds some mass). The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
+4. a redistribution: the masses on four key columns ``C = [T, S, gate, rho * gate - gate & S]``
+   (``T`` the target keys outside the source ``S``) in one product ``M = a C``, read on the keys up
+   to the last one any set holds (``P``: the image keys of a prompt, for VAR), so that a decode step
+   reads and edits ``a[:P]`` alone. A row is selected when ``M >= (tiny, -inf, g_min, 0)``, ``tiny``
+   the smallest positive float (the target holds some mass; the last is the gate's source share
+   ``M_{gate & S} <= rho M_gate``, which may fall on the other side than in the reference within
+   float rounding). The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
    ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / M_T = [1, M_S / M_T, ...]`` on selected
    rows, 0 elsewhere: source keys keep ``keep`` of their mass and target keys gain
-   ``(1 - keep) M_S a_k / M_T``, the reference's ``redistribute``. A query mask folds into ``T``;
+   ``(1 - keep) M_S a_k / M_T``, the reference's ``redistribute``. A query mask folds into ``T``. The
+   edit is made in place on ``a[:P]`` unless a gradient is asked for;
 5. ``o = a' v``.
 
-``fits`` says whether a call's edits have this form; anything else runs the reference.
+``fits`` says whether a call's edits have this form; anything else runs the reference. A method
+that knows at the prompt the edit of its decode steps has what they derive from it made then
+(``prepare``).
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from collections.abc import Sequence
 
 import torch
 
+from . import dispatch
 from .derived import PER_LAYER, Derived
 from .edits import AttentionEdit, Redistribution
 from .reference import allowed_keys
+
+_SMALLEST_POSITIVE = 2.0**-149  # the smallest positive float32: a target mass above zero is at least this
 
 
 def _per_row(t: torch.Tensor | None) -> bool:
@@ -111,45 +118,61 @@ def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tens
     return derived.get("key boost", (mask, boost), make, key=shape)
 
 
-def _columns(spec: Redistribution, derived: Derived, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The mass columns ``C (B, T', 4)``, the factor columns ``F^T (B, 4, T')`` and the selection's lower
-    bounds (module docstring, step 4), ``T'`` the length of the spec's key sets (kept per layer: a
-    method's sets may differ from layer to layer and stay the same from step to step)."""
+def _columns(spec: Redistribution, derived: Derived, layer: int, shape) -> tuple[torch.Tensor, ...]:
+    """The mass columns ``C (B * H_kv, P, 4)``, the factor columns ``F^T (B * H_kv, 4, P)`` and the
+    selection's lower bounds (module docstring, step 4). ``P`` is the extent of the spec's key sets:
+    the keys up to the last one in any set (0: no set holds a key), so that a call reads only the
+    probabilities of those keys. Kept per layer: a method's sets may differ from layer to layer and
+    stay the same from step to step; finding ``P`` reads one number once."""
 
     def make():
         def flat(t):
             return (t[:, 0] if t.dim() == 3 else t).to(torch.float32)
 
+        batch, _, kv_heads = shape
         source = flat(spec.source)
         target = flat(spec.target) * (1.0 - source)
         if spec.query_mask is not None:  # an ineligible row has no target mass, so it is never selected
             target = target * spec.query_mask[:, -1:].to(torch.float32)
+        zeros = torch.zeros_like(source)
         if spec.gate is not None:
             gate = flat(spec.gate)
-            gate_terms = [gate - spec.gate_min_mass, spec.gate_max_source_share * gate - gate * source]
+            gate_terms, gate_lower = [gate, spec.gate_max_source_share * gate - gate * source], spec.gate_min_mass
         else:
-            gate_terms = [torch.zeros_like(source)] * 2
+            gate_terms, gate_lower = [zeros, zeros], 0.0
         columns = torch.stack([target, source, *gate_terms], dim=-1)
-        factors = torch.stack(
-            [(spec.keep - 1.0) * source, (1.0 - spec.keep) * target, *[torch.zeros_like(source)] * 2], dim=1
-        )
-        tiny = torch.nextafter(torch.zeros(()), torch.ones(())).item()
-        lower = torch.tensor([tiny, -torch.inf, 0.0, 0.0], device=source.device)
-        return columns, factors, lower
+        factors = torch.stack([(spec.keep - 1.0) * source, (1.0 - spec.keep) * target, zeros, zeros], dim=1)
+        extent = int(columns.ne(0).any(-1).any(0).cumsum(0).argmax()) + 1 if bool(target.ne(0).any()) else 0
+        columns = columns[:, :extent].repeat_interleave(kv_heads, dim=0).expand(batch * kv_heads, -1, -1)
+        factors = factors[..., :extent].repeat_interleave(kv_heads, dim=0).expand(batch * kv_heads, -1, -1)
+        lower = torch.tensor([_SMALLEST_POSITIVE, -torch.inf, gate_lower, 0.0], device=source.device)
+        return columns.contiguous(), factors.contiguous(), lower
 
     sources = (spec.source, spec.target, spec.gate, spec.query_mask)
-    settings = (layer, spec.keep, spec.gate_min_mass, spec.gate_max_source_share)
+    settings = (layer, shape, spec.keep, spec.gate_min_mass, spec.gate_max_source_share)
     return derived.get("redistribution", sources, make, key=settings, keep=PER_LAYER)
 
 
-def _redistribute(probs: torch.Tensor, spec: Redistribution, derived: Derived, layer: int) -> torch.Tensor:
-    """Step 4 on ``probs (B, H, T)``."""
-    columns, factors, lower = _columns(spec, derived, layer)
+def _redistribute(probs: torch.Tensor, spec: Redistribution, derived: Derived, layer: int, shape) -> torch.Tensor:
+    """Step 4 on ``probs (B * H_kv, G, T)``, read and edited on the keys of the sets' extent only (in
+    place where no gradient is asked for)."""
+    columns, factors, lower = _columns(spec, derived, layer, shape)
     kv_len = probs.shape[-1]
-    masses = torch.bmm(probs, columns[:, :kv_len])  # (B, H, 4)
+    if columns.shape[1] == 0:  # no target key: no row is ever selected
+        return probs
+    if columns.shape[1] > kv_len:  # sets longer than the keys, holding keys past them
+        columns, factors = columns[:, :kv_len], factors[..., :kv_len]
+    extent = columns.shape[1]
+    head = probs if extent == kv_len else probs[..., :extent]
+    masses = torch.bmm(head, columns)  # (B * H_kv, G, 4)
     selected = (masses >= lower).all(-1, keepdim=True)
     weights = torch.where(selected, masses / masses[..., :1], _constant(derived, probs.device, 0.0))
-    return probs * torch.baddbmm(_constant(derived, probs.device, 1.0), weights, factors[..., :kv_len])
+    factor = torch.baddbmm(_constant(derived, probs.device, 1.0), weights, factors)
+    if not (torch.is_grad_enabled() and probs.requires_grad):
+        head.mul_(factor)
+        return probs
+    edited = head * factor
+    return edited if extent == kv_len else torch.cat([edited, probs[..., extent:]], dim=-1)
 
 
 def _constant(derived: Derived, device: torch.device, value: float) -> torch.Tensor:
@@ -157,22 +180,33 @@ def _constant(derived: Derived, device: torch.device, value: float) -> torch.Ten
     return derived.get("constant", (), lambda: torch.full((1, 1, 1), value, device=device), key=(value, device))
 
 
+def _keys_transposed(key: torch.Tensor) -> torch.Tensor:
+    """``key (B, H_kv, T, D)`` as ``(B * H_kv, D, T)``: one strided view where its batch and head
+    dimensions merge (a cache's keys do), else a reshape and a transpose."""
+    batch, kv_heads, kv_len, head_dim = key.shape
+    stride_b, stride_h, stride_t, stride_d = key.stride()
+    if batch == 1 or stride_b == kv_heads * stride_h:
+        size, stride = (batch * kv_heads, head_dim, kv_len), (stride_h, stride_d, stride_t)
+        return key.as_strided(size, stride, key.storage_offset())
+    return key.reshape(batch * kv_heads, kv_len, head_dim).transpose(1, 2)
+
+
 def _probabilities(query, key, *, scaling, mask, edits, derived, layer) -> torch.Tensor:
     """Steps 1-4 of the module docstring: the final probabilities ``(B * H_kv, G, T)``."""
     batch, num_heads, _, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     if num_heads % kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {kv_heads} key/value heads")
     shape = (batch, num_heads, kv_heads)
     q = query.to(torch.float32).reshape(batch * kv_heads, num_heads // kv_heads, head_dim)
-    k = key.to(torch.float32).reshape(batch * kv_heads, kv_len, head_dim)
+    k_t = _keys_transposed(key.to(torch.float32))
     boost = next((e.key_boost for e in edits if e.key_boost is not None), None)
     biases = any(e.key_bias is not None for e in edits)
     bias = _key_bias(mask, edits, shape, derived, query.device, boosted=boost is not None)
     if bias is None:
-        scores = torch.baddbmm(_constant(derived, q.device, 0.0), q, k.transpose(1, 2), beta=0.0, alpha=scaling)
+        scores = torch.baddbmm(_constant(derived, q.device, 0.0), q, k_t, beta=0.0, alpha=scaling)
     else:
-        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling)
+        scores = torch.baddbmm(bias, q, k_t, alpha=scaling)
     if boost is not None:
         scores = torch.addcmul(scores, scores.abs(), _key_boost(mask, boost, shape, derived))
     probs = torch.softmax(scores, dim=-1)
@@ -180,7 +214,7 @@ def _probabilities(query, key, *, scaling, mask, edits, derived, layer) -> torch
         probs = probs.nan_to_num(0.0)
     spec = next((e.redistribution for e in edits if e.redistribution is not None), None)
     if spec is not None:
-        probs = _redistribute(probs.view(batch, num_heads, kv_len), spec, derived, layer).view(probs.shape)
+        probs = _redistribute(probs, spec, derived, layer, shape)
     return probs
 
 
@@ -191,6 +225,25 @@ def probabilities(
     model's own output)."""
     probs = _probabilities(query, key, scaling=scaling, mask=mask, edits=(), derived=derived, layer=0)
     return probs.view(query.shape[0], query.shape[1], key.shape[2])
+
+
+def prepare(
+    edit: AttentionEdit,
+    derived: Derived,
+    *,
+    layer: int,
+    batch: int,
+    num_heads: int,
+    kv_heads: int,
+    device: torch.device,
+) -> None:
+    """Make now what the decode steps of ``layer`` will derive from ``edit`` (a redistribution's columns,
+    step 4), for a method that knows at the prompt the edit its decode steps will use: so that no
+    decode step makes it. Nothing where the Triton kernel serves those steps, which derives its own."""
+    if edit.redistribution is not None and not dispatch.use_kernel(device):
+        _columns(edit.redistribution, derived, layer, (batch, num_heads, kv_heads))
+        for value in (0.0, 1.0):  # the selection's zero and the factor's one
+            _constant(derived, device, value)
 
 
 def decode_step(

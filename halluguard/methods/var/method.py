@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ...adapters import Adapter
+from ...attention import decode_step
 from ...attention.edits import AttentionCall, AttentionEdit, Redistribution
 from ...calibrate import made_for
 from ...state import GuardState
@@ -143,6 +144,7 @@ class VAR(Method):
         if not dims or max(dims) >= hidden:
             raise ValueError(f"VARConfig.sink_dims {dims} must be indices below the hidden size {hidden}")
         self.dims = torch.tensor(dims)
+        self.kv_heads = adapter.num_kv_heads
         last = adapter.num_layers - 1 if cfg.skip_last_layer else adapter.num_layers
         self.layers = range(cfg.first_layer, last)
         if not self.layers:
@@ -157,17 +159,29 @@ class VAR(Method):
         ends = [max(end for _, end in spans) if spans else 0 for spans in state.image_spans]
         state.data_of(self).image_end = torch.tensor(ends, device=state.groups.image.device)
 
-    def _key_sets(self, state: GuardState, sinks: torch.Tensor, end: int) -> VARLayer:
+    def _key_sets(self, state: GuardState, sinks: torch.Tensor, end: int, *, for_decode: bool) -> VARLayer:
         """The layer's sinks and non-sink image tokens for the current rows, padded to at least ``end``
-        keys (twice that at decode, so the next steps reuse them)."""
+        keys (twice that for the decode steps, so that the next steps reuse them)."""
         sinks = state.rows_of(sinks)
         image = state.groups.image
         visual = (sinks & image).any(-1)
-        capacity = max(end, image.shape[1]) * (1 if state.in_prefill else 2)
+        capacity = max(end, image.shape[1]) * (2 if for_decode else 1)
         source = torch.nn.functional.pad(sinks, (0, capacity - sinks.shape[1]))
         target = torch.nn.functional.pad(image & ~sinks, (0, capacity - image.shape[1]))
         image = torch.nn.functional.pad(image, (0, capacity - image.shape[1]))
         return VARLayer(state.row_index, visual, bool(visual.any()), source, target, image)
+
+    def _prepare_decode(self, state: GuardState, sinks: torch.Tensor, call: AttentionCall) -> None:
+        """At the prompt's last forward, once the layer's sinks are final: the sets and the edit of its
+        decode steps, and what the decode step derives from them, so that no decode step makes them."""
+        sets = self._key_sets(state, sinks, call.key_offset + call.kv_len, for_decode=True)
+        state.data_of(self).decode[call.layer_idx] = sets
+        if sets.any_visual:
+            sets.decode_edit = self._decode_edit(sets)
+            decode_step.prepare(
+                sets.decode_edit, state.derived, layer=call.layer_idx, batch=call.batch,
+                num_heads=call.num_heads, kv_heads=self.kv_heads, device=call.device,
+            )  # fmt: skip
 
     def _decode_edit(self, sets: VARLayer) -> AttentionEdit:
         cfg = self.config
@@ -205,11 +219,14 @@ class VAR(Method):
         if sinks is None:
             return None
         end = call.key_offset + call.kv_len
-        sets = data.decode.get(call.layer_idx)
-        if sets is None or state.in_prefill or sets.rows is not state.row_index or sets.source.shape[1] < end:
-            sets = self._key_sets(state, sinks, end)
-            if not state.in_prefill:  # the sinks are final: keep the sets for the next steps
-                data.decode[call.layer_idx] = sets
+        if state.in_prefill:
+            sets = self._key_sets(state, sinks, end, for_decode=False)
+            if call.key_offset == 0 and end >= state.groups.prompt_len:  # the sinks are final
+                self._prepare_decode(state, sinks, call)
+        else:
+            sets = data.decode.get(call.layer_idx)
+            if sets is None or sets.rows is not state.row_index or sets.source.shape[1] < end:
+                sets = data.decode[call.layer_idx] = self._key_sets(state, sinks, end, for_decode=True)
         # the official rule: a row's layer is edited only if one of its sinks is an image token
         if not sets.any_visual:
             return None
