@@ -356,3 +356,25 @@ def test_a_decode_step_runs_one_attention_call_per_layer_for_all_its_streams(nam
     plain = per_step()  # one attention call per layer (and whatever else of the model's runs a bmm)
     with hg.wrap(model, methods=hg.get_config(name, **config)):
         assert per_step() == plain
+
+
+@pytest.mark.parametrize(
+    "ranges,split",
+    [
+        ([(0, 2), (2, 3)], True),  # a stream's rows and its branch's, one after the other
+        ([(0, 3)], False),  # one stream: its rows are the call's
+        ([(1, 3), (0, 1)], False),  # out of order
+        ([(0, 1), (2, 3)], False),  # a gap
+    ],
+)
+def test_each_stream_gets_its_rows_of_the_call(ranges, split):
+    from halluguard.attention.hook import _row_blocks
+    from halluguard.attention.routing import Route, rows_of
+    from halluguard.bench.ops import count
+
+    tensor = torch.randn(3, 2, 4)
+    routes = [Route(None, slice(start, stop)) for start, stop in ranges]
+    blocks = _row_blocks(tensor, routes)
+    assert all(torch.equal(block, rows_of(tensor, route)) for block, route in zip(blocks, routes))
+    operations = count(lambda: _row_blocks(tensor, routes)).aten
+    assert operations == (1 if split else sum(1 for r in ranges if r != (0, 3)))

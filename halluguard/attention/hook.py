@@ -181,6 +181,17 @@ def _plan(routing, module: nn.Module, query: torch.Tensor, key: torch.Tensor) ->
     return planned
 
 
+def _row_blocks(tensor: torch.Tensor, routes: list[Route]) -> list[torch.Tensor]:
+    """Each route's rows of ``tensor`` (batch first): one split where the routes cover the rows in
+    order, one after the other (a stream's rows and its branch's), else one slice per route."""
+    ranges = [route.rows.indices(tensor.shape[0]) for route in routes]
+    ends = [0] + [stop for _, stop, _ in ranges]
+    tiled = ends[-1] == tensor.shape[0] and all(r == (e, s, 1) for r, e, s in zip(ranges, ends, ends[1:]))
+    if len(routes) > 1 and tiled:
+        return list(tensor.split([stop - start for start, stop, _ in ranges]))
+    return [rows_of(tensor, route) for route in routes]
+
+
 def _hook(base: str) -> Callable:
     """The attention function (transformers' interface signature) of a model whose unedited calls run
     ``base`` attention: ``"sdpa"``, or ``"eager"`` for a model loaded with eager attention."""
@@ -211,9 +222,11 @@ def _hook(base: str) -> Callable:
                 module, query, key, value, attention_mask, base=base, derived=derived, **call_kwargs
             )
             return _per_stream(out, planned, _scaled_heads, "head_scale", module.layer_idx), weights
+        routes = [route for route, _, _ in planned]
+        blocks = zip(*(_row_blocks(t, routes) for t in (query, key, value)))
         parts = [
-            _StreamPart.run(module, route, call, requests, query, key, value, attention_mask, base, call_kwargs)
-            for route, call, requests in planned
+            _StreamPart.run(module, route, call, requests, *qkv, attention_mask, base, call_kwargs)
+            for (route, call, requests), qkv in zip(planned, blocks)
         ]
         for part in parts:  # the statistics go to each stream's state, which hands them to its methods
             part.deliver()
@@ -248,11 +261,11 @@ class _StreamPart:
 
     @classmethod
     def run(
-        cls, module, route: Route, call: AttentionCall, requests: list, query, key, value, attention_mask, base,
+        cls, module, route: Route, call: AttentionCall, requests: list, q, k, v, attention_mask, base,
         call_kwargs,
     ) -> _StreamPart:  # fmt: skip
-        """Phase one for the rows of ``route``: the stream's edits and reductions (``requests``, asked of
-        ``call``), then its attention."""
+        """Phase one for the rows of ``route`` (``q``, ``k``, ``v`` its rows of the call's): the stream's
+        edits and reductions (``requests``, asked of ``call``), then its attention."""
         shared_mask = attention_mask is None or attention_mask.shape[0] == 1  # one mask for every row
         derived = route.stream.derived
         if shared_mask:
@@ -260,7 +273,6 @@ class _StreamPart:
         else:  # the same slice of the forward's mask for every layer (what is made from it is made once)
             start, stop, _ = route.rows.indices(attention_mask.shape[0])
             mask = derived.get(f"mask rows {start}:{stop}", (attention_mask,), lambda: rows_of(attention_mask, route))
-        q, k, v = rows_of(query, route), rows_of(key, route), rows_of(value, route)
         if requests:
             edits = [edit for _, edit in requests]
             out, weights, stats = _edited(module, q, k, v, mask, edits, base, call_kwargs, derived)
