@@ -95,8 +95,10 @@ class LookbackCall:
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)  # masses
     steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
     path: torch.Tensor | None = None  # guided decoding: the kept tokens' ratios (rows, T, L, H)
-    groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # this forward's weighted groups
+    groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # this forward's key groups
     groups_key: tuple | None = None
+    generated: int = 1  # this forward's generated keys (at least 1): ``A_new`` is their sum over this
+    kept: tuple | None = None  # (rows' groups, capacity, context weights, generated indicator) of a full cache
 
 
 class Lookback(Method):
@@ -162,28 +164,45 @@ class Lookback(Method):
             return None
         data = state.data_of(self)
         key = (call.kv_len, call.key_offset, state.seen_tokens, call.batch)
-        if data.groups_key != key:  # once per forward: each group weighted by 1 / its size, so masses are means
-            masks = state.group_masks(call)
-            context = masks["context" if self.config.context == "prompt" else self.config.context].float()
-            generated = masks["generated"].float()
-            data.groups = {
-                "context": context / context.sum(-1, keepdim=True).clamp_min(1),
-                "generated": generated / generated.sum(-1, keepdim=True).clamp_min(1),
-            }
+        if data.groups_key != key:  # once per forward, shared by its layers
+            data.groups = self._groups(state, call)
+            end = min(state.seen_tokens, call.key_offset + call.kv_len)
+            data.generated = max(end - max(state.groups.prompt_len, call.key_offset), 1)
             data.groups_key = key
         return AttentionEdit(reductions=Reductions(group_masses=data.groups))
 
-    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
-        """Keep the layer's mean masses; at the last layer the forward's ratios, for all layers at once:
-        ``r = m_ctx / (m_ctx + m_new)`` per (row, layer, head), 0.5 where both are 0."""
+    def _groups(self, state: GuardState, call: AttentionCall) -> dict[str, torch.Tensor]:
+        """The forward's key groups: the context's keys weighted by one over their count (so that its mass
+        is ``A_ctx``, a mean) and the generated keys' indicator (their mass a sum, ``A_new`` times their
+        count). While the cache holds every token from the first, both are slices of columns made once
+        for twice the keys (keys past the tokens seen have no probability), so that a decode step makes
+        nothing new but two slices."""
+        if call.key_offset:  # a sliding window: its groups from the masks of this forward's window
+            return self._weighted(state.group_masks(call))
         data = state.data_of(self)
-        data.layers[call.layer_idx] = (stats["mass/context"], stats["mass/generated"])  # means (weighted groups)
+        if data.kept is None or data.kept[0] is not state.groups or data.kept[1] < call.kv_len:
+            capacity = 2 * max(call.kv_len, state.groups.prompt_len)
+            masks = state.groups.masks(capacity, 0, capacity)  # every position filled: none past the prompt is
+            weighted = self._weighted({name: m.to(call.device) for name, m in masks.items()})  # context
+            data.kept = (state.groups, capacity, weighted["context"], weighted["generated"])
+        _, _, context, generated = data.kept
+        return {"context": context[:, : call.kv_len], "generated": generated[:, : call.kv_len]}
+
+    def _weighted(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        context = masks["context" if self.config.context == "prompt" else self.config.context].float()
+        weights = context / context.sum(-1, keepdim=True).clamp_min(1)
+        return {"context": weights, "generated": masks["generated"].float()}
+
+    def on_stats(self, state: GuardState, call: AttentionCall, stats: dict[str, torch.Tensor]) -> None:
+        """Keep the layer's masses; at the last layer the forward's ratios, for all layers at once:
+        ``r = A_ctx / (A_ctx + A_new)`` per (row, layer, head), 0.5 where both are 0."""
+        data = state.data_of(self)
+        data.layers[call.layer_idx] = (stats["mass/context"], stats["mass/generated"])  # a mean and a sum
         if call.layer_idx == self.num_layers - 1:
             masses = [data.layers[i] for i in range(self.num_layers)]
             a_ctx = torch.stack([m[0] for m in masses], 1).float()  # (rows, L, H)
-            total = a_ctx + torch.stack([m[1] for m in masses], 1).float()
-            ratio = torch.where(total > 0, a_ctx / total.clamp_min(torch.finfo(torch.float32).tiny), 0.5)
-            data.steps.append(ratio)  # no host sync
+            total = torch.add(a_ctx, torch.stack([m[1] for m in masses], 1).float(), alpha=1.0 / data.generated)
+            data.steps.append(torch.nan_to_num(a_ctx / total, nan=0.5))  # 0 / 0 where both are 0; no host sync
             data.layers = {}
 
     def call_result(self, state: GuardState, sequences: torch.Tensor) -> list[Detection]:
