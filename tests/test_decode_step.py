@@ -20,9 +20,12 @@ def tensors(seed=0, heads=H, kv_heads=HKV):
 
 
 def padded_mask(kind):
-    """Row b has b padding keys on the left: boolean ``(B, 1, 1, T)``, its additive form, or None."""
+    """Row b has b padding keys on the left: boolean ``(B, 1, 1, T)``, its additive form, or None; or
+    ``shared``: one boolean row for every batch row ``(1, 1, 1, T)`` (the first two keys hidden)."""
     if kind is None:
         return None
+    if kind == "shared":
+        return (torch.arange(T) >= 2)[None, None, None, :]
     allowed = torch.arange(T)[None, :] >= torch.arange(B)[:, None]
     allowed = allowed[:, None, None, :]
     if kind == "bool":
@@ -72,7 +75,7 @@ def edit_cases():
     }
 
 
-@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "shared"])
 @pytest.mark.parametrize("case", list(edit_cases()))
 @pytest.mark.parametrize("kv_heads", [HKV, H])
 def test_the_decode_step_is_the_reference(case, mask_kind, kv_heads):
@@ -176,7 +179,7 @@ def test_the_kept_mask_and_edit_tensors_are_reused_across_calls():
 
     derived = Counting()
     decode_step(q, k, v, scaling=0.3, mask=mask, edits=edits, derived=derived)
-    assert set(made) == {"key bias", "key boost", "redistribution", "constant"}  # the mask's bias, ...
+    assert set(made) == {"allowed", "key bias", "key boost", "redistribution", "constant"}  # the mask, ...
     first = list(made)
     out, _ = decode_step(q, k, v, scaling=0.3, mask=mask, edits=edits, derived=derived)
     assert made == first

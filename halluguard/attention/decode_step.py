@@ -67,20 +67,28 @@ def fits(query: torch.Tensor, edits: Sequence[AttentionEdit], softcap: float | N
 
 
 def _as_matrices(t: torch.Tensor, batch: int, num_heads: int, kv_heads: int) -> torch.Tensor:
-    """A per-key tensor ``(B|1, T)`` or ``(B|1, 1|H, T)`` laid out as ``(B * H_kv, G|1, T)``, beside the scores."""
+    """A per-key tensor ``(B|1, T)`` or ``(B|1, 1|H, T)`` laid out as ``(B * H_kv, G|1, T)`` beside the
+    scores, or ``(1, 1, T)`` where it is the same for every row and head (it broadcasts)."""
     if t.dim() == 2:
         t = t[:, None]
     if t.shape[1] == 1:
-        return t[:, None].expand(batch, kv_heads, 1, t.shape[-1]).reshape(batch * kv_heads, 1, t.shape[-1])
+        if t.shape[0] == 1:
+            return t
+        return t.repeat(batch // t.shape[0], kv_heads, 1).view(batch * kv_heads, 1, t.shape[-1])
     return t.expand(batch, num_heads, t.shape[-1]).reshape(batch * kv_heads, num_heads // kv_heads, t.shape[-1])
 
 
-def _allowed(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The model's mask for one query row as booleans ``(B|1, 1|H, T)`` (True = may be seen), or None."""
+def _allowed(mask: torch.Tensor | None, derived: Derived) -> torch.Tensor | None:
+    """The model's mask for one query row as booleans ``(B|1, 1|H, T)`` (True = may be seen), or None;
+    made once for the calls that share the mask."""
     if mask is None:
         return None
-    allowed = allowed_keys(mask, True, 1, mask.shape[-1], mask.device)
-    return allowed.reshape(allowed.shape[0], -1, allowed.shape[-1]) if allowed.dim() == 4 else allowed
+
+    def make() -> torch.Tensor:
+        allowed = allowed_keys(mask, True, 1, mask.shape[-1], mask.device)
+        return allowed.reshape(allowed.shape[0], -1, allowed.shape[-1]) if allowed.dim() == 4 else allowed
+
+    return derived.get("allowed", (mask,), make)
 
 
 def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> torch.Tensor | None:
@@ -93,10 +101,10 @@ def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> to
 
     def make() -> torch.Tensor:
         batch, num_heads, kv_heads = shape
-        total = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        total = torch.zeros((), dtype=torch.float32, device=device) if not biases else 0.0
         for bias in biases:
             total = total + (bias[:, None] if bias.dim() == 2 else bias).to(torch.float32)
-        allowed = _allowed(mask)
+        allowed = _allowed(mask, derived)
         if allowed is not None:
             total = torch.where(allowed, total, torch.finfo(torch.float32).min if boosted else -torch.inf)
         return _as_matrices(total, batch, num_heads, kv_heads)
@@ -110,9 +118,9 @@ def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tens
     def make() -> torch.Tensor:
         batch, num_heads, kv_heads = shape
         b = (boost[:, None] if boost.dim() == 2 else boost).to(torch.float32)
-        allowed = _allowed(mask)
+        allowed = _allowed(mask, derived)
         if allowed is not None:
-            b = torch.where(allowed, b, 0.0)
+            b = b * allowed
         return _as_matrices(b, batch, num_heads, kv_heads)
 
     return derived.get("key boost", (mask, boost), make, key=shape)
