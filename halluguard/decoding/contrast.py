@@ -47,9 +47,10 @@ def contrast(
     b = b.float().to(a.device)
     fa, fb = (torch.log_softmax(a, -1), torch.log_softmax(b, -1)) if space == "log_probs" else (a, b)
     out = w_a * fa - w_b * fb
-    ruled_out = torch.isneginf(fa)
-    if beta > 0:
-        ruled_out = ruled_out | (fa < fa.max(dim=-1, keepdim=True).values + math.log(beta))
+    if beta > 0:  # (a token already ruled out, -inf, is under any finite cut)
+        ruled_out = fa < fa.max(dim=-1, keepdim=True).values + math.log(beta)
+    else:
+        ruled_out = torch.isneginf(fa)
     return out.masked_fill(ruled_out, float("-inf"))
 
 

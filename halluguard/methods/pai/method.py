@@ -38,6 +38,7 @@ Where the official code and the paper differ, the code is followed, with options
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -50,6 +51,15 @@ from ...decoding.layout import text_only_rows
 from ...state import GuardState
 from ..base import Method
 from .config import CAPABILITIES, PAIConfig
+
+
+@dataclasses.dataclass
+class PAICall:
+    """Per call: the boost ``alpha`` on the image keys, for key positions up to twice the prompt or
+    more (``boost``), and the rows' key groups it was made for; a forward's boost is its slice."""
+
+    boost: torch.Tensor | None = None
+    groups: Any = None
 
 
 class PAI(Method):
@@ -76,9 +86,22 @@ class PAI(Method):
             return None  # guidance on at gamma 1: the official code never amplifies (module docstring)
         if call.is_prefill and cfg.use_cfg and not cfg.amplify_first_token:
             return None  # the official code leaves the first token's forward alone when guidance is on
-        image = state.group_masks(call)["image"]  # the same tensor for every layer of a forward: one boost
-        boost = state.derived.get("pai boost", (image,), lambda: image.to(torch.float32) * cfg.alpha)
-        return AttentionEdit(key_boost=boost, last_row_only=True)
+        return AttentionEdit(key_boost=self._boost(state, call), last_row_only=True)
+
+    def new_call_state(self) -> PAICall:
+        return PAICall()
+
+    def _boost(self, state: GuardState, call: AttentionCall) -> torch.Tensor:
+        """``alpha`` on the call's image keys (keys at positions ``key_offset + j``), 0 elsewhere: one
+        slice of the boost kept for the call, the same tensor for every layer of a forward."""
+        data = state.data_of(self)
+        end = call.key_offset + call.kv_len
+        if data.boost is None or data.groups is not state.groups or data.boost.shape[1] < end:
+            image = state.groups.image.to(device=call.device, dtype=torch.float32) * self.config.alpha
+            data.boost = torch.nn.functional.pad(image, (0, 2 * max(end, image.shape[1]) - image.shape[1]))
+            data.groups = state.groups
+        kept, start = data.boost, call.key_offset
+        return state.derived.get("pai boost", (kept,), lambda: kept[:, start:end], key=(start, end))
 
     def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
         if not self.config.guided or self.config.control:
