@@ -230,6 +230,30 @@ def test_guidance_with_amplification_runs_greedy_sampling_and_beam():
         assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("search", [{}, {"num_beams": 2}])
+def test_amplified_rows_beside_their_image_free_rows_equal_two_separate_forwards(family, search):
+    """At a decode step the amplified rows and the image-free rows take one edited attention call
+    (a zero boost on the image-free rows): every step's scores equal those of the image-free prompt
+    run as a forward of its own."""
+    model = build_model(family)
+    inputs, _ = make_inputs(model, family)
+    runs = {}
+    with torch.no_grad():
+        for separate in (False, True):
+            with hg.wrap(model, methods=hg.PAIConfig(alpha=0.5, gamma=2.0, separate_stream=separate)):
+                runs[separate] = model.generate(
+                    **inputs, **GEN, **search, output_scores=True, return_dict_in_generate=True
+                )
+        plain = model.generate(**inputs, **GEN, **search)
+    assert torch.equal(runs[False].sequences, runs[True].sequences)
+    assert not torch.equal(runs[False].sequences, plain)
+    for rows, apart in zip(runs[False].scores, runs[True].scores):
+        kept = torch.isfinite(apart)
+        assert torch.equal(kept, torch.isfinite(rows))
+        torch.testing.assert_close(rows[kept], apart[kept], rtol=1e-5, atol=1e-5)
+
+
 def test_guidance_math_by_hand():
     scores = torch.tensor([[2.0, 1.0, -3.0]])
     side = torch.tensor([[0.0, 1.0, 0.0]])

@@ -12,7 +12,9 @@ routing (``routing``: a context variable the call sets, covering its model's mod
   and (for probability statistics) the last row's probabilities are recomputed (the output is
   untouched); head outputs are reported before the scales are applied;
 * edits of the probabilities: the rows that need them (all rows, or only the last one) run
-  through the fused operation; other rows keep the base attention.
+  through the fused operation; other rows keep the base attention. At a decode step whose streams
+  each ask a per-row key boost or nothing (PAI's amplified rows beside its image-free rows), every
+  row runs in one decode step, the rows that ask nothing with a zero boost.
 
 The fused operation is the Triton kernel (``halluguard.kernels.decode_attention``) for decode-shaped
 calls on CUDA, and otherwise the PyTorch path: ``decode_step`` for one query row (a decode step: a
@@ -181,15 +183,79 @@ def _plan(routing, module: nn.Module, query: torch.Tensor, key: torch.Tensor) ->
     return planned
 
 
-def _row_blocks(tensor: torch.Tensor, routes: list[Route]) -> list[torch.Tensor]:
-    """Each route's rows of ``tensor`` (batch first): one split where the routes cover the rows in
-    order, one after the other (a stream's rows and its branch's), else one slice per route."""
-    ranges = [route.rows.indices(tensor.shape[0]) for route in routes]
+def _tiled(routes: list[Route], rows: int) -> list[int] | None:
+    """The routes' row counts where they cover the call's ``rows`` in order, one after the other (a
+    stream's rows and its branch's), else None."""
+    ranges = [route.rows.indices(rows) for route in routes]
     ends = [0] + [stop for _, stop, _ in ranges]
-    tiled = ends[-1] == tensor.shape[0] and all(r == (e, s, 1) for r, e, s in zip(ranges, ends, ends[1:]))
-    if len(routes) > 1 and tiled:
-        return list(tensor.split([stop - start for start, stop, _ in ranges]))
+    if ends[-1] != rows or not all(r == (e, s, 1) for r, e, s in zip(ranges, ends, ends[1:])):
+        return None
+    return [stop - start for start, stop, _ in ranges]
+
+
+def _row_blocks(tensor: torch.Tensor, routes: list[Route]) -> list[torch.Tensor]:
+    """Each route's rows of ``tensor`` (batch first): one split where the routes tile its rows
+    (``_tiled``), else one slice per route."""
+    counts = _tiled(routes, tensor.shape[0]) if len(routes) > 1 else None
+    if counts is not None:
+        return list(tensor.split(counts))
     return [rows_of(tensor, route) for route in routes]
+
+
+def _boost_only(edit: AttentionEdit) -> bool:
+    """The edit is a per-row key boost ``(B, T)`` and nothing else."""
+    boost = edit.key_boost
+    others = (edit.key_bias, edit.redistribution, edit.head_scale, edit.query_scale, edit.reductions)
+    return boost is not None and boost.dim() == 2 and all(o is None for o in others) and not edit.head_scale_from_stats
+
+
+def _merged_boost(planned: list, rows: int) -> AttentionEdit | None:
+    """One key boost for every row of a call whose streams each ask a per-row boost or nothing (PAI's
+    amplified rows beside its image-free branch), a zero boost on the rows of the streams that ask
+    nothing: it leaves their scores as they are (``z + 0 |z|``). Made once per forward. None where the
+    streams ask anything else or their rows do not tile the call's."""
+    boosts = []
+    for _, _, requests in planned:
+        edits = [edit for _, edit in requests]
+        if len(edits) > 1 or not all(_boost_only(e) for e in edits):
+            return None
+        boosts.append(edits[0].key_boost if edits else None)
+    given = [b for b in boosts if b is not None]
+    counts = _tiled([route for route, _, _ in planned], rows)
+    if not given or counts is None or len({b.shape[-1] for b in given}) > 1:
+        return None
+
+    def make() -> AttentionEdit:
+        keys = given[0].shape[-1]
+        parts = [
+            b.to(torch.float32) if b is not None else given[0].new_zeros(count, keys, dtype=torch.float32)
+            for b, count in zip(boosts, counts)
+        ]
+        return AttentionEdit(key_boost=torch.cat(parts))
+
+    derived = planned[0][0].stream.derived
+    return derived.get("merged boost", given, make, key=(tuple(counts), tuple(b is None for b in boosts)))
+
+
+def _one_decode_step(module, planned, query, key, value, attention_mask, call_kwargs):
+    """A decode step (one query row) whose streams each ask a per-row key boost or nothing, as one
+    decode step over all its rows (``_merged_boost``): ``(output, None)``, or None where the call does
+    not take this path (the kernel's device, or other edits)."""
+    if len(planned) == 1 or query.shape[2] != 1 or call_kwargs.get("output_attentions"):
+        return None  # (one stream's rows take the edited path as they are)
+    if dispatch.use_kernel(query.device):
+        return None
+    edit = _merged_boost(planned, query.shape[0])
+    scaling = module.scaling if call_kwargs["scaling"] is None else call_kwargs["scaling"]
+    if edit is None or not decode_step.fits(query, [edit], call_kwargs.get("softcap")):
+        return None
+    _check_editable(module, call_kwargs)
+    derived = planned[0][0].stream.derived
+    out, _ = decode_step.decode_step(
+        query, key, value, scaling=scaling, mask=attention_mask, edits=[edit], derived=derived,
+        layer=module.layer_idx, want_probs=False,
+    )  # fmt: skip
+    return out, None
 
 
 def _hook(base: str) -> Callable:
@@ -222,6 +288,9 @@ def _hook(base: str) -> Callable:
                 module, query, key, value, attention_mask, base=base, derived=derived, **call_kwargs
             )
             return _per_stream(out, planned, _scaled_heads, "head_scale", module.layer_idx), weights
+        merged = _one_decode_step(module, planned, query, key, value, attention_mask, call_kwargs)
+        if merged is not None:
+            return merged
         routes = [route for route, _, _ in planned]
         blocks = zip(*(_row_blocks(t, routes) for t in (query, key, value)))
         parts = [
