@@ -101,10 +101,12 @@ def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> to
 
     def make() -> torch.Tensor:
         batch, num_heads, kv_heads = shape
+        allowed = _allowed(mask, derived)
+        if not biases and boosted:  # 0 where seen, the lowest float where blocked: one product
+            return _as_matrices(allowed.logical_not() * torch.finfo(torch.float32).min, batch, num_heads, kv_heads)
         total = torch.zeros((), dtype=torch.float32, device=device) if not biases else 0.0
         for bias in biases:
             total = total + (bias[:, None] if bias.dim() == 2 else bias).to(torch.float32)
-        allowed = _allowed(mask, derived)
         if allowed is not None:
             total = torch.where(allowed, total, torch.finfo(torch.float32).min if boosted else -torch.inf)
         return _as_matrices(total, batch, num_heads, kv_heads)

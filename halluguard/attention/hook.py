@@ -210,31 +210,22 @@ def _boost_only(edit: AttentionEdit) -> bool:
 
 
 def _merged_boost(planned: list, rows: int) -> AttentionEdit | None:
-    """One key boost for every row of a call whose streams each ask a per-row boost or nothing (PAI's
-    amplified rows beside its image-free branch), a zero boost on the rows of the streams that ask
-    nothing: it leaves their scores as they are (``z + 0 |z|``). Made once per forward. None where the
-    streams ask anything else or their rows do not tile the call's."""
-    boosts = []
-    for _, _, requests in planned:
-        edits = [edit for _, edit in requests]
-        if len(edits) > 1 or not all(_boost_only(e) for e in edits):
-            return None
-        boosts.append(edits[0].key_boost if edits else None)
-    given = [b for b in boosts if b is not None]
+    """One key boost for every row of a call where one stream asks a per-row boost and the others ask
+    nothing (PAI's amplified rows beside its image-free rows): zero on the others' rows, which leaves
+    their scores as they are (``z + 0 |z|``). Made once per forward. None where the streams ask
+    anything else or their rows do not tile the call's."""
+    edits = [[edit for _, edit in requests] for _, _, requests in planned]
+    boosted = [i for i, asked in enumerate(edits) if asked]
     counts = _tiled([route for route, _, _ in planned], rows)
-    if not given or counts is None or len({b.shape[-1] for b in given}) > 1:
+    if len(boosted) != 1 or counts is None or len(edits[boosted[0]]) > 1 or not _boost_only(edits[boosted[0]][0]):
         return None
+    at, boost = boosted[0], edits[boosted[0]][0].key_boost
+    before, after = sum(counts[:at]), sum(counts[at + 1 :])
 
-    def make() -> AttentionEdit:
-        keys = given[0].shape[-1]
-        parts = [
-            b.to(torch.float32) if b is not None else given[0].new_zeros(count, keys, dtype=torch.float32)
-            for b, count in zip(boosts, counts)
-        ]
-        return AttentionEdit(key_boost=torch.cat(parts))
+    def make() -> AttentionEdit:  # the zero rows before and after the boosted ones: one pad
+        return AttentionEdit(key_boost=torch.nn.functional.pad(boost.to(torch.float32), (0, 0, before, after)))
 
-    derived = planned[0][0].stream.derived
-    return derived.get("merged boost", given, make, key=(tuple(counts), tuple(b is None for b in boosts)))
+    return planned[0][0].stream.derived.get("merged boost", (boost,), make, key=(before, after))
 
 
 def _one_decode_step(module, planned, query, key, value, attention_mask, call_kwargs):

@@ -46,7 +46,7 @@ def contrast(
     a = a.float()
     b = b.float().to(a.device)
     fa, fb = (torch.log_softmax(a, -1), torch.log_softmax(b, -1)) if space == "log_probs" else (a, b)
-    out = w_a * fa - w_b * fb
+    out = torch.sub(w_a * fa, fb, alpha=w_b) if isinstance(w_b, (int, float)) else w_a * fa - w_b * fb
     if beta > 0:  # (a token already ruled out, -inf, is under any finite cut)
         ruled_out = fa < fa.max(dim=-1, keepdim=True).values + math.log(beta)
     else:

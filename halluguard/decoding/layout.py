@@ -130,7 +130,9 @@ def merge_rows(
         positions = torch.arange(cache_len, cache_len + new, device=ids.device)[None].expand(rows, -1)
     if positions is not None:
         theirs = positions_like(extra["position_ids"], positions).to(positions)
-        merged["position_ids"] = torch.cat([positions.expand(*positions.shape[:-2], rows, -1), theirs], -2)
+        if positions.shape[-2] != rows:  # one row of positions for every row
+            positions = positions.expand(*positions.shape[:-2], rows, -1)
+        merged["position_ids"] = torch.cat([positions, theirs], -2)
     theirs_types = token_types(extra)
     for key, value in token_types(inputs).items():
         other = theirs_types.get(key)

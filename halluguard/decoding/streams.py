@@ -101,9 +101,12 @@ class BranchRun:
         ids = main["input_ids"]
         new = ids.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, new)], 1)
-        steps = torch.arange(1, new + 1, device=ids.device, dtype=self.last_position.dtype)
-        positions = self.last_position + steps
-        self.last_position = positions[..., -1:]
+        if new == 1:
+            positions = self.last_position = self.last_position + 1
+        else:
+            steps = torch.arange(1, new + 1, device=ids.device, dtype=self.last_position.dtype)
+            positions = self.last_position + steps
+            self.last_position = positions[..., -1:]
         return {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions}
 
     def next_logits(self, input_ids: torch.Tensor | None) -> torch.Tensor:
