@@ -421,7 +421,8 @@ def _merge_kernel(
         if ELIGIBLE:
             selected = selected & (tl.load(Eligible + b * stride_eb + r * stride_er) != 0)
         f_s = tl.where(selected, keep, 1.0)
-        f_t = tl.where(selected, 1.0 + (1.0 - keep) * m_src / tl.where(m_tgt > 0, m_tgt, 1.0), 1.0)
+        m_tgt = tl.maximum(m_tgt, 1.1754943508222875e-38)  # the reference's clamp: finfo(float32).tiny
+        f_t = tl.where(selected, 1.0 + (1.0 - keep) * m_src / m_tgt, 1.0)
         out_s = _combine(PartAcc, slot, weight, inv, D, offs_d, d_ok, s_ok, PARTS, 1, BLOCK_D)
         out_t = _combine(PartAcc, slot, weight, inv, D, offs_d, d_ok, s_ok, PARTS, 2, BLOCK_D)
         out = out + f_s[:, None] * out_s + f_t[:, None] * out_t

@@ -53,10 +53,11 @@ def edit_cases():
         gate=torch.nn.functional.pad(gate, (0, 5), value=True), gate_min_mass=0.2, gate_max_source_share=0.7,
     )  # fmt: skip
     eligible = torch.tensor([[True], [False], [True]])
-    early = [t.clone() for t in (source, target, gate)]
+    early = [torch.nn.functional.pad(t, (0, 5)) for t in (source, target, gate)]  # kept longer than the keys
     for t in early:
         t[:, T - 4 :] = False  # no set holds the last 4 keys: only the keys before are read and edited
     shorter = Redistribution(*early[:2], keep=0.3, gate=early[2], gate_min_mass=0.2, gate_max_source_share=0.7)
+    shared = Redistribution(source[:1], target[:1], keep=0.3, gate=gate[:1], gate_min_mass=0.2)
     return {
         "none": [],
         "boost": [AttentionEdit(key_boost=boost, last_row_only=True)],
@@ -67,6 +68,7 @@ def edit_cases():
         "gated redistribution": [AttentionEdit(redistribution=everything)],
         "sets longer than the keys": [AttentionEdit(redistribution=wider)],
         "sets that end before the last keys": [AttentionEdit(redistribution=shorter)],
+        "one set for every row": [AttentionEdit(redistribution=shared)],
         "eligible rows": [AttentionEdit(redistribution=Redistribution(source, target, keep=0.0, query_mask=eligible))],
         "boost, then redistribution": [
             AttentionEdit(key_boost=boost),
@@ -240,7 +242,7 @@ def test_keys_that_are_not_one_strided_batch_give_the_same_result():
     edits = edit_cases()["gated redistribution"]
     want, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
     out, _ = decode_step(q, scattered, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
-    assert torch.equal(out, want)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)
 
 
 def test_with_a_gradient_the_redistribution_is_not_made_in_place():
@@ -263,7 +265,7 @@ def test_prepare_makes_at_the_prompt_what_the_decode_steps_would_make():
     from halluguard.attention import decode_step as module
 
     q, k, v = tensors()
-    edit = edit_cases()["gated redistribution"][0]
+    edit = edit_cases()["sets that end before the last keys"][0]  # sets kept for the steps after
     made = []
 
     class Counting(Derived):
@@ -277,4 +279,23 @@ def test_prepare_makes_at_the_prompt_what_the_decode_steps_would_make():
     out, _ = decode_step(q, k, v, scaling=0.3, mask=None, edits=[edit], derived=derived, layer=5)
     assert made == prepared  # the decode step made nothing
     want, _ = reference_attention(q, k, v, scaling=0.3, mask=None, edits=[edit])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_target_mass_below_the_smallest_normal_float_gives_what_the_reference_gives():
+    """A subnormal target mass: the gain is divided by ``M_T + tiny`` (the reference: ``max(M_T, tiny)``),
+    finite, where dividing by ``M_T`` would overflow."""
+    q = torch.ones(1, 1, 1, 4)
+    k = torch.zeros(1, 1, 4, 4)
+    k[0, 0, :, 0] = torch.tensor([0.0, -101.0, -200.0, -1.0])  # scores 0, -101, -200, -1 (scaling 1)
+    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    source = torch.tensor([[True, False, False, False]])
+    target = torch.tensor([[False, True, True, False]])
+    edits = [AttentionEdit(redistribution=Redistribution(source, target, keep=0.5))]
+    out, probs = decode_step(q, k, v, scaling=1.0, mask=None, edits=edits, derived=Derived())
+    want, want_probs = reference_attention(q, k, v, scaling=1.0, mask=None, edits=edits)
+    _, plain = decode_step(q, k, v, scaling=1.0, mask=None, edits=[], derived=Derived())
+    assert 0 < plain[0, 0, 1] < torch.finfo(torch.float32).tiny  # the target's mass is subnormal
+    assert torch.isfinite(out).all() and torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, want_probs[:, :, 0], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)

@@ -12,16 +12,18 @@ tensor made from the mask or an edit made once for all the calls that share it (
    blocked (at most one boost, and no bias in an edit before it: the order of the reference);
 3. ``a = softmax(z)`` (a decode row always sees its own key, so no row is fully masked);
 4. a redistribution: the masses on four key columns ``C = [T, S, gate, rho * gate - gate & S]``
-   (``T`` the target keys outside the source ``S``) in one product ``M = a C``, read on the keys up
-   to the last one any set holds (``P``: the image keys of a prompt, for VAR), so that a decode step
-   reads and edits ``a[:P]`` alone. A row is selected when ``M >= (tiny, -inf, g_min, 0)``, ``tiny``
-   the smallest positive float (the target holds some mass; the last is the gate's source share
+   (``T`` the target keys outside the source ``S``) in one product ``M = a C + (tiny, 0, 0, 0)``,
+   read on the keys up to the last one any set holds (``P``: the image keys of a prompt, for VAR's
+   sets kept for every step), so that a decode step reads and edits ``a[:P]`` alone. A row is
+   selected when ``M >= (tiny+, -inf, g_min, 0)`` (``tiny+`` the float after the smallest normal
+   ``tiny``: the target holds some mass; the last is the gate's source share
    ``M_{gate & S} <= rho M_gate``, which may fall on the other side than in the reference within
    float rounding). The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
-   ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / M_T = [1, M_S / M_T, ...]`` on selected
-   rows, 0 elsewhere: source keys keep ``keep`` of their mass and target keys gain
-   ``(1 - keep) M_S a_k / M_T``, the reference's ``redistribute``. A query mask folds into ``T``. The
-   edit is made in place on ``a[:P]`` unless a gradient is asked for;
+   ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / M_0 = [1, M_S / (M_T + tiny), ...]`` on
+   selected rows, 0 elsewhere: source keys keep ``keep`` of their mass and target keys gain
+   ``(1 - keep) M_S a_k / M_T``, the reference's ``redistribute`` (which divides by ``max(M_T, tiny)``:
+   the same number for any ``M_T`` above ``2^-102``, and finite below, where ``M_T`` is subnormal). A
+   query mask folds into ``T``. The edit is made in place on ``a[:P]`` unless a gradient is asked for;
 5. ``o = a' v``.
 
 ``fits`` says whether a call's edits have this form; anything else runs the reference. A method
@@ -40,7 +42,8 @@ from .derived import PER_LAYER, Derived
 from .edits import AttentionEdit, Redistribution
 from .reference import allowed_keys
 
-_SMALLEST_POSITIVE = 2.0**-149  # the smallest positive float32: a target mass above zero is at least this
+_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+_ABOVE_TINY = _TINY + 2.0**-149  # the next float32 up: a target mass above zero, plus tiny, is at least this
 
 
 def _per_row(t: torch.Tensor | None) -> bool:
@@ -92,7 +95,8 @@ def _allowed(mask: torch.Tensor | None, derived: Derived) -> torch.Tensor | None
 
 
 def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> torch.Tensor | None:
-    """The scores' additive term ``(B * H_kv, G|1, T)``: the mask plus the key biases. A boosted call
+    """The scores' additive term ``(B * H_kv, G|1, T)`` (``(1, 1, T)`` where every row shares it): the
+    mask plus the key biases. A boosted call
     blocks with the lowest finite float (the boost reads ``|z|``, zero on blocked keys); others block
     with ``-inf``, so that a row whose biases block every key it may see gives zeros, as the reference."""
     biases = [e.key_bias for e in edits if e.key_bias is not None]
@@ -115,7 +119,8 @@ def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> to
 
 
 def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tensor:
-    """The boost ``b`` as ``(B * H_kv, G|1, T)``, zero on blocked keys."""
+    """The boost ``b`` as ``(B * H_kv, G|1, T)`` (``(1, 1, T)`` where every row shares it), zero on
+    blocked keys."""
 
     def make() -> torch.Tensor:
         batch, num_heads, kv_heads = shape
@@ -128,12 +133,13 @@ def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tens
     return derived.get("key boost", (mask, boost), make, key=shape)
 
 
-def _columns(spec: Redistribution, derived: Derived, layer: int, shape) -> tuple[torch.Tensor, ...]:
-    """The mass columns ``C (B * H_kv, P, 4)``, the factor columns ``F^T (B * H_kv, 4, P)`` and the
-    selection's lower bounds (module docstring, step 4). ``P`` is the extent of the spec's key sets:
-    the keys up to the last one in any set (0: no set holds a key), so that a call reads only the
-    probabilities of those keys. Kept per layer: a method's sets may differ from layer to layer and
-    stay the same from step to step; finding ``P`` reads one number once."""
+def _columns(spec: Redistribution, derived: Derived, layer: int, shape, *, search: bool) -> tuple[torch.Tensor, ...]:
+    """The mass columns ``C (B * H_kv, P, 4)``, the factor columns ``F^T (B * H_kv, 4, P)``, the masses'
+    offset and the selection's lower bounds (module docstring, step 4). With ``search`` (sets kept
+    longer than the call's keys, for the steps after), ``P`` is the extent of the sets: the keys up to
+    the last one any set holds, found once (it reads one number), so that a call reads only the
+    probabilities of those keys; else ``P`` is the sets' length. Kept per layer: a method's sets may
+    differ from layer to layer and stay the same from step to step."""
 
     def make():
         def flat(t):
@@ -152,29 +158,38 @@ def _columns(spec: Redistribution, derived: Derived, layer: int, shape) -> tuple
             gate_terms, gate_lower = [zeros, zeros], 0.0
         columns = torch.stack([target, source, *gate_terms], dim=-1)
         factors = torch.stack([(spec.keep - 1.0) * source, (1.0 - spec.keep) * target, zeros, zeros], dim=1)
-        extent = int(columns.ne(0).any(-1).any(0).cumsum(0).argmax()) + 1 if bool(target.ne(0).any()) else 0
-        columns = columns[:, :extent].repeat_interleave(kv_heads, dim=0).expand(batch * kv_heads, -1, -1)
-        factors = factors[..., :extent].repeat_interleave(kv_heads, dim=0).expand(batch * kv_heads, -1, -1)
-        lower = torch.tensor([_SMALLEST_POSITIVE, -torch.inf, gate_lower, 0.0], device=source.device)
-        return columns.contiguous(), factors.contiguous(), lower
+        extent = _extent(columns) if search else columns.shape[1]
+
+        def per_head(t):  # (B|1, ...) -> (B * H_kv, ...), row b * H_kv + h
+            return t.expand(batch, *t.shape[1:]).repeat_interleave(kv_heads, dim=0)
+
+        offset = torch.tensor([_TINY, 0.0, 0.0, 0.0], device=source.device).view(1, 1, 4)
+        lower = torch.tensor([_ABOVE_TINY, -torch.inf, gate_lower, 0.0], device=source.device)
+        return per_head(columns[:, :extent]), per_head(factors[..., :extent]), offset, lower
 
     sources = (spec.source, spec.target, spec.gate, spec.query_mask)
-    settings = (layer, shape, spec.keep, spec.gate_min_mass, spec.gate_max_source_share)
+    settings = (layer, shape, search, spec.keep, spec.gate_min_mass, spec.gate_max_source_share)
     return derived.get("redistribution", sources, make, key=settings, keep=PER_LAYER)
+
+
+def _extent(columns: torch.Tensor) -> int:
+    """How many leading keys of ``columns (B, T, 4)`` reach the last key any column holds (0: none)."""
+    held = columns.ne(0).any(-1).any(0).nonzero()
+    return int(held[-1]) + 1 if len(held) else 0
 
 
 def _redistribute(probs: torch.Tensor, spec: Redistribution, derived: Derived, layer: int, shape) -> torch.Tensor:
     """Step 4 on ``probs (B * H_kv, G, T)``, read and edited on the keys of the sets' extent only (in
     place where no gradient is asked for)."""
-    columns, factors, lower = _columns(spec, derived, layer, shape)
     kv_len = probs.shape[-1]
-    if columns.shape[1] == 0:  # no target key: no row is ever selected
+    columns, factors, offset, lower = _columns(spec, derived, layer, shape, search=spec.source.shape[-1] > kv_len)
+    if columns.shape[1] == 0:  # no set holds a key: no row is ever selected
         return probs
-    if columns.shape[1] > kv_len:  # sets longer than the keys, holding keys past them
+    if columns.shape[1] > kv_len:  # sets holding keys past the call's
         columns, factors = columns[:, :kv_len], factors[..., :kv_len]
     extent = columns.shape[1]
     head = probs if extent == kv_len else probs[..., :extent]
-    masses = torch.bmm(head, columns)  # (B * H_kv, G, 4)
+    masses = torch.baddbmm(offset, head, columns)  # (B * H_kv, G, 4), the target's mass plus tiny
     selected = (masses >= lower).all(-1, keepdim=True)
     weights = torch.where(selected, masses / masses[..., :1], _constant(derived, probs.device, 0.0))
     factor = torch.baddbmm(_constant(derived, probs.device, 1.0), weights, factors)
@@ -251,7 +266,7 @@ def prepare(
     step 4), for a method that knows at the prompt the edit its decode steps will use: so that no
     decode step makes it. Nothing where the Triton kernel serves those steps, which derives its own."""
     if edit.redistribution is not None and not dispatch.use_kernel(device):
-        _columns(edit.redistribution, derived, layer, (batch, num_heads, kv_heads))
+        _columns(edit.redistribution, derived, layer, (batch, num_heads, kv_heads), search=True)
         for value in (0.0, 1.0):  # the selection's zero and the factor's one
             _constant(derived, device, value)
 
