@@ -27,10 +27,10 @@ from halluguard.methods.lookback.method import flagged_spans, window_means
 GEN = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
 
 
-def brute_force_ratios(model, inputs, context_group="prompt"):
+def brute_force_ratios(model, inputs, context_group="prompt", gen=GEN):
     """(rows, T, L, H) lookback ratios from eager attention maps of a plain greedy generate."""
     with torch.no_grad():
-        out = model.generate(**inputs, **GEN, output_attentions=True, return_dict_in_generate=True)
+        out = model.generate(**inputs, **gen, output_attentions=True, return_dict_in_generate=True)
     prompt = inputs["input_ids"].shape[1]
     valid = inputs["attention_mask"].bool()
     image = inputs["input_ids"] == image_token_id(model)
@@ -63,6 +63,44 @@ def test_ratios_equal_output_attentions(family, context):
     assert torch.equal(out, sequences)
     got = torch.stack([d.features for d in guard.results["lookback"]])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_ratios_stay_exact_past_twice_the_prompt():
+    """The key groups of a full cache are kept for twice the keys seen: a generation longer than the
+    prompt outgrows them, and they are made again."""
+    model = build_model("llava")
+    eager = build_model("llava", attn_implementation="eager")
+    inputs, _ = make_inputs(model, "llava", batch=2)
+    tokens = inputs["input_ids"].shape[1] + 3
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    want, sequences = brute_force_ratios(eager, inputs, "prompt", gen)
+    with hg.wrap(model, methods=hg.get_config("lookback")) as guard, torch.no_grad():
+        out = model.generate(**inputs, **gen)
+    assert torch.equal(out, sequences)
+    got = torch.stack([d.features for d in guard.results["lookback"]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_that_count_other_generated_keys_divide_by_their_own_count():
+    """A sliding-window layer sees fewer generated keys than a full one: each layer's generated mass
+    is its own keys' mean; 0 / 0 gives 0.5."""
+    import types
+
+    from halluguard.methods.lookback.method import Lookback, LookbackCall
+
+    method = Lookback(hg.get_config("lookback"))
+    method.num_layers = 2
+    data = LookbackCall()
+    state = types.SimpleNamespace(data_of=lambda m: data)
+    ctx = torch.tensor([[0.2, 0.0]])
+    gen = [torch.tensor([[0.6, 0.0]]), torch.tensor([[0.3, 0.0]])]
+    for layer, count in enumerate((6, 3)):
+        data.generated = count
+        stats = {"mass/context": ctx, "mass/generated": gen[layer]}
+        method.on_stats(state, types.SimpleNamespace(layer_idx=layer), stats)
+    ratios = data.steps[-1]  # (rows, L, H)
+    want = torch.tensor([[[0.2 / (0.2 + 0.6 / 6), 0.5], [0.2 / (0.2 + 0.3 / 3), 0.5]]])
+    torch.testing.assert_close(ratios, want)
 
 
 @pytest.mark.parametrize("family", CORE_FAMILIES)

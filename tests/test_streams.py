@@ -378,3 +378,34 @@ def test_each_stream_gets_its_rows_of_the_call(ranges, split):
     assert all(torch.equal(block, rows_of(tensor, route)) for block, route in zip(blocks, routes))
     operations = count(lambda: _row_blocks(tensor, routes)).aten
     assert operations == (1 if split else sum(1 for r in ranges if r != (0, 3)))
+
+
+def test_a_boosted_stream_and_streams_that_ask_nothing_share_one_boost():
+    """One stream's per-row key boost, zero on the rows of the streams that ask nothing, in the rows'
+    order; anything else keeps each stream's own path (None)."""
+    from halluguard.attention import AttentionEdit, Reductions
+    from halluguard.attention.derived import Derived
+    from halluguard.attention.hook import _merged_boost
+    from halluguard.attention.routing import Route
+
+    stream = dataclasses.make_dataclass("Stream", [("derived", Derived)])(Derived())
+    boost = torch.rand(2, 5)
+
+    def planned(ranges, asks):
+        return [(Route(stream, slice(*r)), None, [(None, e) for e in ask]) for r, ask in zip(ranges, asks)]
+
+    merged = _merged_boost(planned([(0, 1), (1, 3)], [[], [AttentionEdit(key_boost=boost)]]), 3)
+    assert torch.equal(merged.key_boost, torch.cat([torch.zeros(1, 5), boost]))
+    merged = _merged_boost(planned([(0, 2), (2, 4)], [[AttentionEdit(key_boost=boost)], []]), 4)
+    assert torch.equal(merged.key_boost, torch.cat([boost, torch.zeros(2, 5)]))
+    refused = {
+        "a boost shared by the stream's rows": planned([(0, 2), (2, 3)], [[AttentionEdit(key_boost=boost[:1])], []]),
+        "two boosted streams": planned([(0, 2), (2, 4)], [[AttentionEdit(key_boost=boost)]] * 2),
+        "rows out of order": planned([(1, 3), (0, 1)], [[AttentionEdit(key_boost=boost)], []]),
+        "a boost with statistics": planned(
+            [(0, 2), (2, 3)], [[AttentionEdit(key_boost=boost, reductions=Reductions(head_outputs=True))], []]
+        ),
+        "nothing asked": planned([(0, 2), (2, 3)], [[], []]),
+    }
+    for name, plan in refused.items():
+        assert _merged_boost(plan, 3 if name != "two boosted streams" else 4) is None, name

@@ -220,6 +220,8 @@ def _merged_boost(planned: list, rows: int) -> AttentionEdit | None:
     if len(boosted) != 1 or counts is None or len(edits[boosted[0]]) > 1 or not _boost_only(edits[boosted[0]][0]):
         return None
     at, boost = boosted[0], edits[boosted[0]][0].key_boost
+    if boost.shape[0] != counts[at]:  # (a boost shared by the stream's rows: each stream's own path)
+        return None
     before, after = sum(counts[:at]), sum(counts[at + 1 :])
 
     def make() -> AttentionEdit:  # the zero rows before and after the boosted ones: one pad
@@ -229,11 +231,12 @@ def _merged_boost(planned: list, rows: int) -> AttentionEdit | None:
 
 
 def _one_decode_step(module, planned, query, key, value, attention_mask, call_kwargs):
-    """A decode step (one query row) whose streams each ask a per-row key boost or nothing, as one
-    decode step over all its rows (``_merged_boost``): ``(output, None)``, or None where the call does
-    not take this path (the kernel's device, or other edits)."""
-    if len(planned) == 1 or query.shape[2] != 1 or call_kwargs.get("output_attentions"):
-        return None  # (one stream's rows take the edited path as they are)
+    """A float32 decode step (one query row) whose streams each ask a per-row key boost or nothing, as
+    one decode step over all its rows (``_merged_boost``): ``(output, None)``, or None where the call
+    does not take this path (the kernel's device, another dtype, or other edits)."""
+    if len(planned) == 1 or query.shape[2] != 1 or query.dtype != torch.float32 or call_kwargs.get("output_attentions"):
+        return None  # (one stream's rows take the edited path as they are; a half-precision model's other
+        # rows keep its own attention, whose rounding the decode step's float32 products would not share)
     if dispatch.use_kernel(query.device):
         return None
     edit = _merged_boost(planned, query.shape[0])

@@ -92,7 +92,7 @@ class Detection:
 class LookbackCall:
     """Per call: this forward's context and generated masses by layer, and every step's ratios ``(rows, L, H)``."""
 
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)  # masses
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = dataclasses.field(default_factory=dict)  # masses
     steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
     path: torch.Tensor | None = None  # guided decoding: the kept tokens' ratios (rows, T, L, H)
     groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # this forward's key groups
@@ -180,7 +180,8 @@ class Lookback(Method):
         if call.key_offset:  # a sliding window: its groups from the masks of this forward's window
             return self._weighted(state.group_masks(call))
         data = state.data_of(self)
-        if data.kept is None or data.kept[0] is not state.groups or data.kept[1] < call.kv_len:
+        kept = data.kept
+        if kept is None or kept[0] is not state.groups or kept[1] < call.kv_len or kept[2].device != call.device:
             capacity = 2 * max(call.kv_len, state.groups.prompt_len)
             masks = state.groups.masks(capacity, 0, capacity)  # every position filled: none past the prompt is
             weighted = self._weighted({name: m.to(call.device) for name, m in masks.items()})  # context
@@ -197,11 +198,18 @@ class Lookback(Method):
         """Keep the layer's masses; at the last layer the forward's ratios, for all layers at once:
         ``r = A_ctx / (A_ctx + A_new)`` per (row, layer, head), 0.5 where both are 0."""
         data = state.data_of(self)
-        data.layers[call.layer_idx] = (stats["mass/context"], stats["mass/generated"])  # a mean and a sum
+        # a mean, a sum and its count of keys (layers of a sliding window count fewer generated keys)
+        data.layers[call.layer_idx] = (stats["mass/context"], stats["mass/generated"], data.generated)
         if call.layer_idx == self.num_layers - 1:
             masses = [data.layers[i] for i in range(self.num_layers)]
             a_ctx = torch.stack([m[0] for m in masses], 1).float()  # (rows, L, H)
-            total = torch.add(a_ctx, torch.stack([m[1] for m in masses], 1).float(), alpha=1.0 / data.generated)
+            generated = torch.stack([m[1] for m in masses], 1).float()
+            counts = {m[2] for m in masses}
+            if len(counts) == 1:
+                total = torch.add(a_ctx, generated, alpha=1.0 / counts.pop())
+            else:
+                per_layer = torch.tensor([m[2] for m in masses], dtype=torch.float32, device=generated.device)
+                total = a_ctx + generated / per_layer[:, None]
             data.steps.append(torch.nan_to_num(a_ctx / total, nan=0.5))  # 0 / 0 where both are 0; no host sync
             data.layers = {}
 

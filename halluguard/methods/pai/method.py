@@ -48,7 +48,7 @@ from ...adapters import Adapter
 from ...attention.edits import AttentionCall, AttentionEdit
 from ...decoding import Branch, contrast, cutoff
 from ...decoding.layout import text_only_rows
-from ...state import GuardState
+from ...state import GuardState, KeyGroups
 from ..base import Method
 from .config import CAPABILITIES, PAIConfig
 
@@ -59,7 +59,7 @@ class PAICall:
     more (``boost``), and the rows' key groups it was made for; a forward's boost is its slice."""
 
     boost: torch.Tensor | None = None
-    groups: Any = None
+    groups: KeyGroups | None = None
 
 
 class PAI(Method):
@@ -96,7 +96,8 @@ class PAI(Method):
         slice of the boost kept for the call, the same tensor for every layer of a forward."""
         data = state.data_of(self)
         end = call.key_offset + call.kv_len
-        if data.boost is None or data.groups is not state.groups or data.boost.shape[1] < end:
+        kept = data.boost
+        if kept is None or data.groups is not state.groups or kept.shape[1] < end or kept.device != call.device:
             image = state.groups.image.to(device=call.device, dtype=torch.float32) * self.config.alpha
             data.boost = torch.nn.functional.pad(image, (0, 2 * max(end, image.shape[1]) - image.shape[1]))
             data.groups = state.groups

@@ -221,7 +221,7 @@ class VAR(Method):
         end = call.key_offset + call.kv_len
         if state.in_prefill:
             sets = self._key_sets(state, sinks, end, for_decode=False)
-            if call.key_offset == 0 and end >= state.groups.prompt_len:  # the sinks are final
+            if call.key_offset == 0 and state.seen_tokens >= state.groups.prompt_len:  # the sinks are final
                 self._prepare_decode(state, sinks, call)
         else:
             sets = data.decode.get(call.layer_idx)
