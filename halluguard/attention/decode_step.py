@@ -96,9 +96,9 @@ def _allowed(mask: torch.Tensor | None, derived: Derived) -> torch.Tensor | None
 
 def _key_bias(mask, edits, shape, derived: Derived, device, boosted: bool) -> torch.Tensor | None:
     """The scores' additive term ``(B * H_kv, G|1, T)`` (``(1, 1, T)`` where every row shares it): the
-    mask plus the key biases. A boosted call
-    blocks with the lowest finite float (the boost reads ``|z|``, zero on blocked keys); others block
-    with ``-inf``, so that a row whose biases block every key it may see gives zeros, as the reference."""
+    mask plus the key biases. A boosted call blocks with the lowest finite float (the boost reads
+    ``|z|``, zero on blocked keys); others block with ``-inf``, so that a row whose biases block every
+    key it may see gives zeros, as the reference."""
     biases = [e.key_bias for e in edits if e.key_bias is not None]
     if mask is None and not biases:
         return None

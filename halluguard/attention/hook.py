@@ -230,26 +230,23 @@ def _merged_boost(planned: list, rows: int) -> AttentionEdit | None:
     return planned[0][0].stream.derived.get("merged boost", (boost,), make, key=(before, after))
 
 
-def _one_decode_step(module, planned, query, key, value, attention_mask, call_kwargs):
+def _one_decode_step(module, planned, query, key, value, attention_mask, base, call_kwargs):
     """A float32 decode step (one query row) whose streams each ask a per-row key boost or nothing, as
     one decode step over all its rows (``_merged_boost``): ``(output, None)``, or None where the call
     does not take this path (the kernel's device, another dtype, or other edits)."""
-    if len(planned) == 1 or query.shape[2] != 1 or query.dtype != torch.float32 or call_kwargs.get("output_attentions"):
+    if len(planned) == 1 or query.shape[2] != 1 or query.dtype != torch.float32 or dispatch.use_kernel(query.device):
         return None  # (one stream's rows take the edited path as they are; a half-precision model's other
         # rows keep its own attention, whose rounding the decode step's float32 products would not share)
-    if dispatch.use_kernel(query.device):
-        return None
     edit = _merged_boost(planned, query.shape[0])
-    scaling = module.scaling if call_kwargs["scaling"] is None else call_kwargs["scaling"]
-    if edit is None or not decode_step.fits(query, [edit], call_kwargs.get("softcap")):
+    if edit is None:
+        return None
+    derived = planned[0][0].stream.derived
+    call = _EditedCall(module, query, key, value, attention_mask, base, call_kwargs, [None], derived)
+    stepped = call.decode_step([edit])  # (None where the call does not fit the decode step)
+    if stepped is None:
         return None
     _check_editable(module, call_kwargs)
-    derived = planned[0][0].stream.derived
-    out, _ = decode_step.decode_step(
-        query, key, value, scaling=scaling, mask=attention_mask, edits=[edit], derived=derived,
-        layer=module.layer_idx, want_probs=False,
-    )  # fmt: skip
-    return out, None
+    return stepped[0], None
 
 
 def _hook(base: str) -> Callable:
@@ -282,7 +279,7 @@ def _hook(base: str) -> Callable:
                 module, query, key, value, attention_mask, base=base, derived=derived, **call_kwargs
             )
             return _per_stream(out, planned, _scaled_heads, "head_scale", module.layer_idx), weights
-        merged = _one_decode_step(module, planned, query, key, value, attention_mask, call_kwargs)
+        merged = _one_decode_step(module, planned, query, key, value, attention_mask, base, call_kwargs)
         if merged is not None:
             return merged
         routes = [route for route, _, _ in planned]

@@ -98,7 +98,7 @@ class LookbackCall:
     groups: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # this forward's key groups
     groups_key: tuple | None = None
     generated: int = 1  # this forward's generated keys (at least 1): ``A_new`` is their sum over this
-    kept: tuple | None = None  # (rows' groups, capacity, context weights, generated indicator) of a full cache
+    kept: tuple | None = None  # (rows' groups, context weights, generated indicator) of a full cache
 
 
 class Lookback(Method):
@@ -181,12 +181,13 @@ class Lookback(Method):
             return self._weighted(state.group_masks(call))
         data = state.data_of(self)
         kept = data.kept
-        if kept is None or kept[0] is not state.groups or kept[1] < call.kv_len or kept[2].device != call.device:
+        fits = kept is not None and kept[1].shape[1] >= call.kv_len and kept[1].device == call.device
+        if not fits or kept[0] is not state.groups:
             capacity = 2 * max(call.kv_len, state.groups.prompt_len)
             masks = state.groups.masks(capacity, 0, capacity)  # every position filled: none past the prompt is
             weighted = self._weighted({name: m.to(call.device) for name, m in masks.items()})  # context
-            data.kept = (state.groups, capacity, weighted["context"], weighted["generated"])
-        _, _, context, generated = data.kept
+            data.kept = (state.groups, weighted["context"], weighted["generated"])
+        _, context, generated = data.kept
         return {"context": context[:, : call.kv_len], "generated": generated[:, : call.kv_len]}
 
     def _weighted(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
