@@ -126,6 +126,45 @@ def test_redistribution_selects_exactly_the_rows_the_reference_selects():
     assert moved[0].all() and not moved[1].any() and not moved[2].any()
 
 
+def test_the_gate_mass_minimum_selects_the_rows_the_reference_selects():
+    """With the minimum between the rows' gate masses, the rows above it move their attention and the
+    rows below keep it, as in the reference."""
+    q, k, v = tensors()
+    source, target, gate = key_sets()
+    _, plain = decode_step(q, k, v, scaling=0.3, mask=None, edits=[], derived=Derived())
+    gate_mass = (plain * gate[:, None].float()).sum(-1)  # (B, H)
+    minimum = float(gate_mass.flatten().median())
+    spec = Redistribution(source, target, keep=0.2, gate=gate, gate_min_mass=minimum, gate_max_source_share=1.0)
+    edits = [AttentionEdit(redistribution=spec)]
+    _, edited = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
+    _, want = reference_attention(q, k, v, scaling=0.3, mask=None, edits=edits)
+    torch.testing.assert_close(edited, want[:, :, 0], rtol=1e-5, atol=1e-7)
+    moved = (edited - plain).abs().amax(-1) > 1e-6
+    assert moved[gate_mass > minimum + 1e-4].all() and not moved[gate_mass < minimum - 1e-4].any()
+    assert moved.any() and not moved.all()
+
+
+def test_a_source_share_bound_above_one_with_a_subnormal_target_mass_stays_finite():
+    """A share bound above 1 bounds nothing; with a subnormal target mass the gate's columns are divided
+    by about ``tiny`` and must stay finite (their factor is zero: an infinity would make NaN)."""
+    q = torch.ones(1, 1, 1, 4)
+    k = torch.zeros(1, 1, 4, 4)
+    k[0, 0, :, 0] = torch.tensor([0.0, -101.0, -200.0, -1.0])  # scores 0, -101, -200, -1 (scaling 1)
+    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    source = torch.tensor([[True, False, False, False]])
+    target = torch.tensor([[False, True, True, False]])
+    gate = torch.ones(1, 4, dtype=torch.bool)
+    spec = Redistribution(source, target, keep=0.5, gate=gate, gate_min_mass=0.5, gate_max_source_share=10.0)
+    edits = [AttentionEdit(redistribution=spec)]
+    out, probs = decode_step(q, k, v, scaling=1.0, mask=None, edits=edits, derived=Derived())
+    want, want_probs = reference_attention(q, k, v, scaling=1.0, mask=None, edits=edits)
+    _, plain = decode_step(q, k, v, scaling=1.0, mask=None, edits=[], derived=Derived())
+    assert torch.isfinite(out).all() and torch.isfinite(probs).all()
+    assert probs[0, 0, 0] < plain[0, 0, 0] * 0.6  # selected: the source kept half its mass
+    torch.testing.assert_close(probs, want_probs[:, :, 0], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "edits,query_rows,softcap",
     [

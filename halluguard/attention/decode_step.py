@@ -12,18 +12,24 @@ tensor made from the mask or an edit made once for all the calls that share it (
    blocked (at most one boost, and no bias in an edit before it: the order of the reference);
 3. ``a = softmax(z)`` (a decode row always sees its own key, so no row is fully masked);
 4. a redistribution: the masses on four key columns ``C = [T, S, gate, rho * gate - gate & S]``
-   (``T`` the target keys outside the source ``S``) in one product ``M = a C + (tiny, 0, 0, 0)``,
-   read on the keys up to the last one any set holds (``P``: the image keys of a prompt, for VAR's
-   sets kept for every step), so that a decode step reads and edits ``a[:P]`` alone. A row is
-   selected when ``M >= (tiny+, -inf, g_min, 0)`` (``tiny+`` the float after the smallest normal
-   ``tiny``: the target holds some mass; the last is the gate's source share
-   ``M_{gate & S} <= rho M_gate``, which may fall on the other side than in the reference within
-   float rounding). The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
-   ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / M_0 = [1, M_S / (M_T + tiny), ...]`` on
-   selected rows, 0 elsewhere: source keys keep ``keep`` of their mass and target keys gain
-   ``(1 - keep) M_S a_k / M_T``, the reference's ``redistribute`` (which divides by ``max(M_T, tiny)``:
-   the same number for any ``M_T`` above ``2^-102``, and finite below, where ``M_T`` is subnormal). A
-   query mask folds into ``T``. The edit is made in place on ``a[:P]`` unless a gradient is asked for;
+   (``T`` the target keys outside the source ``S``, ``rho`` at most 1) in one product
+   ``M = a C + (tiny, 0, c, c)``, read on the keys up to the last one any set holds (``P``: the image
+   keys of a prompt, for VAR's sets kept for every step), so that a decode step reads and edits
+   ``a[:P]`` alone. A row is selected when ``M >= (tiny+, +inf, g_min + c, c)`` on every column but
+   the second (``tiny+`` the float after the smallest normal ``tiny``: the target holds some mass;
+   then the gate's mass, and its source share ``M_{gate & S} <= rho M_gate``). The gate's two
+   columns sit ``c = 1.5`` above their values, so that when met they stay above any target mass
+   (at most 1): the row's minimum of ``M`` where met, ``-inf`` where not (``+inf`` on the second,
+   which has no condition), is ``D = M_T + tiny`` on selected rows and ``-inf`` elsewhere, the
+   selection and the denominator in one reduction. The gate's conditions are so compared within
+   ``2^-23`` of their bounds, and may fall on the other side than in the reference within that
+   rounding. The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
+   ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / D``: ``[1, M_S / (M_T + tiny), ...]`` (the
+   last two finite: at most ``2.5 / tiny``) on selected rows, zeros elsewhere. Source keys keep
+   ``keep`` of their mass and target keys gain ``(1 - keep) M_S a_k / M_T``, the reference's
+   ``redistribute`` (which divides by ``max(M_T, tiny)``: the same number for any ``M_T`` above
+   ``2^-102``, and finite below, where ``M_T`` is subnormal). A query mask folds into ``T``. The
+   edit is made in place on ``a[:P]`` unless a gradient is asked for;
 5. ``o = a' v``.
 
 ``fits`` says whether a call's edits have this form; anything else runs the reference. A method
@@ -44,6 +50,7 @@ from .reference import allowed_keys
 
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 _ABOVE_TINY = _TINY + 2.0**-149  # the next float32 up: a target mass above zero, plus tiny, is at least this
+_ABOVE_ANY_MASS = 1.5  # the gate's columns' offset: met, they stay above the target's mass (module docstring)
 
 
 def _per_row(t: torch.Tensor | None) -> bool:
@@ -135,7 +142,8 @@ def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tens
 
 def _columns(spec: Redistribution, derived: Derived, layer: int, shape, *, search: bool) -> tuple[torch.Tensor, ...]:
     """The mass columns ``C (B * H_kv, P, 4)``, the factor columns ``F^T (B * H_kv, 4, P)``, the masses'
-    offset and the selection's lower bounds (module docstring, step 4). With ``search`` (sets kept
+    offset, the selection's lower bounds and what stands for a column that fails them (module
+    docstring, step 4). With ``search`` (sets kept
     longer than the call's keys, for the steps after), ``P`` is the extent of the sets: the keys up to
     the last one any set holds, found once (it reads one number), so that a call reads only the
     probabilities of those keys; else ``P`` is the sets' length. Kept per layer: a method's sets may
@@ -153,7 +161,8 @@ def _columns(spec: Redistribution, derived: Derived, layer: int, shape, *, searc
         zeros = torch.zeros_like(source)
         if spec.gate is not None:
             gate = flat(spec.gate)
-            gate_terms, gate_lower = [gate, spec.gate_max_source_share * gate - gate * source], spec.gate_min_mass
+            share = min(spec.gate_max_source_share, 1.0)  # a share above 1 bounds nothing: kept finite over D
+            gate_terms, gate_lower = [gate, share * gate - gate * source], spec.gate_min_mass
         else:
             gate_terms, gate_lower = [zeros, zeros], 0.0
         columns = torch.stack([target, source, *gate_terms], dim=-1)
@@ -163,9 +172,11 @@ def _columns(spec: Redistribution, derived: Derived, layer: int, shape, *, searc
         def per_head(t):  # (B|1, ...) -> (B * H_kv, ...), row b * H_kv + h
             return t.expand(batch, *t.shape[1:]).repeat_interleave(kv_heads, dim=0)
 
-        offset = torch.tensor([_TINY, 0.0, 0.0, 0.0], device=source.device).view(1, 1, 4)
-        lower = torch.tensor([_ABOVE_TINY, -torch.inf, gate_lower, 0.0], device=source.device)
-        return per_head(columns[:, :extent]), per_head(factors[..., :extent]), offset, lower
+        device, clear = source.device, _ABOVE_ANY_MASS
+        offset = torch.tensor([_TINY, 0.0, clear, clear], device=device).view(1, 1, 4)
+        lower = torch.tensor([_ABOVE_TINY, torch.inf, gate_lower + clear, clear], device=device)
+        failed = torch.tensor([-torch.inf, torch.inf, -torch.inf, -torch.inf], device=device)
+        return per_head(columns[:, :extent]), per_head(factors[..., :extent]), offset, lower, failed
 
     sources = (spec.source, spec.target, spec.gate, spec.query_mask)
     settings = (layer, shape, search, spec.keep, spec.gate_min_mass, spec.gate_max_source_share)
@@ -182,16 +193,19 @@ def _redistribute(probs: torch.Tensor, spec: Redistribution, derived: Derived, l
     """Step 4 on ``probs (B * H_kv, G, T)``, read and edited on the keys of the sets' extent only (in
     place where no gradient is asked for)."""
     kv_len = probs.shape[-1]
-    columns, factors, offset, lower = _columns(spec, derived, layer, shape, search=spec.source.shape[-1] > kv_len)
+    columns, factors, offset, lower, failed = _columns(
+        spec, derived, layer, shape, search=spec.source.shape[-1] > kv_len
+    )
     if columns.shape[1] == 0:  # no set holds a key: no row is ever selected
         return probs
     if columns.shape[1] > kv_len:  # sets holding keys past the call's
         columns, factors = columns[:, :kv_len], factors[..., :kv_len]
     extent = columns.shape[1]
     head = probs if extent == kv_len else probs[..., :extent]
-    masses = torch.baddbmm(offset, head, columns)  # (B * H_kv, G, 4), the target's mass plus tiny
-    selected = (masses >= lower).all(-1, keepdim=True)
-    weights = torch.where(selected, masses / masses[..., :1], _constant(derived, probs.device, 0.0))
+    masses = torch.baddbmm(offset, head, columns)  # (B * H_kv, G, 4), the target's mass plus tiny first
+    met = torch.where(masses >= lower, masses, failed)
+    denominator = met.amin(-1, keepdim=True)  # M_T + tiny where every condition is met, else -inf
+    weights = masses / denominator  # zeros on the rows not selected
     factor = torch.baddbmm(_constant(derived, probs.device, 1.0), weights, factors)
     if not (torch.is_grad_enabled() and probs.requires_grad):
         head.mul_(factor)
@@ -267,7 +281,7 @@ def prepare(
     decode step makes it. Nothing where the Triton kernel serves those steps, which derives its own."""
     if edit.redistribution is not None and not dispatch.use_kernel(device):
         _columns(edit.redistribution, derived, layer, (batch, num_heads, kv_heads), search=True)
-        for value in (0.0, 1.0):  # the selection's zero and the factor's one
+        for value in (0.0, 1.0):  # the scores' zero (no mask) and the factor's one
             _constant(derived, device, value)
 
 
