@@ -88,14 +88,16 @@ def test_the_budget_counts_what_a_method_adds(plain_runs):
     assert extra_per_layer(plain_runs, "var", BUDGETS["var"][0], 1) >= 10
 
 
-def test_var_makes_its_decode_steps_edit_at_the_prompt(plain_runs):
+@pytest.mark.parametrize("name", ["var", "pai"])
+def test_what_the_decode_steps_keep_is_made_at_the_prompt(plain_runs, name):
     """VAR's sinks are final once the prompt is read: its decode steps' edit, and what the decode step
-    derives from it, are made then, so that the first decode step costs what the next ones do."""
+    derives from it, are made then. PAI with guidance leaves the prompt's forward unamplified, and
+    makes then the boost its decode steps slice. So the first decode step costs what the next ones do."""
     model, inputs, _ = plain_runs(4, 1)
-    settings = BUDGETS["var"][0](4)
+    settings = BUDGETS[name][0](4)
 
     def ops(tokens):
-        with hg.wrap(model, methods=hg.get_config("var", **settings)):
+        with hg.wrap(model, methods=hg.get_config(name, **settings)):
             return count(
                 lambda: model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             ).aten

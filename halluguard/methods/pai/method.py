@@ -85,6 +85,7 @@ class PAI(Method):
         if cfg.alpha == 0 or call.layer_idx not in self.layers or (cfg.use_cfg and not cfg.guided):
             return None  # guidance on at gamma 1: the official code never amplifies (module docstring)
         if call.is_prefill and cfg.use_cfg and not cfg.amplify_first_token:
+            self._kept_boost(state, call)  # made now, for the decode steps
             return None  # the official code leaves the first token's forward alone when guidance is on
         return AttentionEdit(key_boost=self._boost(state, call), last_row_only=True)
 
@@ -94,6 +95,13 @@ class PAI(Method):
     def _boost(self, state: GuardState, call: AttentionCall) -> torch.Tensor:
         """``alpha`` on the call's image keys (keys at positions ``key_offset + j``), 0 elsewhere: one
         slice of the boost kept for the call, the same tensor for every layer of a forward."""
+        kept, start, end = self._kept_boost(state, call), call.key_offset, call.key_offset + call.kv_len
+        return state.derived.get("pai boost", (kept,), lambda: kept[:, start:end], key=(start, end))
+
+    def _kept_boost(self, state: GuardState, call: AttentionCall) -> torch.Tensor:
+        """``alpha`` on the image keys, 0 elsewhere, ``(B, 2 T)`` for ``T`` the keys up to the call's last
+        (or the image groups' width): kept until a call reaches past it, the groups change or the
+        device does."""
         data = state.data_of(self)
         end = call.key_offset + call.kv_len
         kept = data.boost
@@ -101,8 +109,7 @@ class PAI(Method):
             image = state.groups.image.to(device=call.device, dtype=torch.float32) * self.config.alpha
             data.boost = torch.nn.functional.pad(image, (0, 2 * max(end, image.shape[1]) - image.shape[1]))
             data.groups = state.groups
-        kept, start = data.boost, call.key_offset
-        return state.derived.get("pai boost", (kept,), lambda: kept[:, start:end], key=(start, end))
+        return data.boost
 
     def streams(self, state: GuardState, inputs: dict[str, Any]) -> list[Branch]:
         if not self.config.guided or self.config.control:
