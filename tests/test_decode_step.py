@@ -7,6 +7,7 @@ from halluguard.attention import AttentionEdit, Redistribution
 from halluguard.attention.decode_step import decode_step, fits, probabilities
 from halluguard.attention.derived import Derived
 from halluguard.attention.reference import reference_attention
+from halluguard.bench.ops import count
 
 B, H, HKV, T, D = 3, 4, 2, 11, 8
 
@@ -133,7 +134,10 @@ def test_the_gate_mass_minimum_selects_the_rows_the_reference_selects():
     source, target, gate = key_sets()
     _, plain = decode_step(q, k, v, scaling=0.3, mask=None, edits=[], derived=Derived())
     gate_mass = (plain * gate[:, None].float()).sum(-1)  # (B, H)
-    minimum = float(gate_mass.flatten().median())
+    ordered = gate_mass.flatten().sort().values
+    middle = len(ordered) // 2
+    assert ordered[middle] - ordered[middle - 1] > 1e-3  # no row near the minimum (the rounding of three sums)
+    minimum = float(ordered[middle - 1] + ordered[middle]) / 2
     spec = Redistribution(source, target, keep=0.2, gate=gate, gate_min_mass=minimum, gate_max_source_share=1.0)
     edits = [AttentionEdit(redistribution=spec)]
     _, edited = decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=Derived())
@@ -159,10 +163,51 @@ def test_a_source_share_bound_above_one_with_a_subnormal_target_mass_stays_finit
     out, probs = decode_step(q, k, v, scaling=1.0, mask=None, edits=edits, derived=Derived())
     want, want_probs = reference_attention(q, k, v, scaling=1.0, mask=None, edits=edits)
     _, plain = decode_step(q, k, v, scaling=1.0, mask=None, edits=[], derived=Derived())
+    assert 0 < plain[0, 0, 1] < torch.finfo(torch.float32).tiny  # the target's mass is subnormal
     assert torch.isfinite(out).all() and torch.isfinite(probs).all()
     assert probs[0, 0, 0] < plain[0, 0, 0] * 0.6  # selected: the source kept half its mass
     torch.testing.assert_close(probs, want_probs[:, :, 0], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gate_holding_almost_nothing_under_a_minimum_of_zero_is_compared_exactly():
+    """A gate minimum of 0 and a gate of about 1e-9 of mass, all on source keys: its share is above the
+    bound, so the reference keeps the row; compared 1.5 above its value the share would round to met."""
+    q = torch.ones(1, 1, 1, 4)
+    k = torch.zeros(1, 1, 4, 4)
+    k[0, 0, :, 0] = torch.tensor([0.0, -21.0, -1.0, -2.0])  # the gate (key 1) holds about 5e-10
+    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    source = torch.tensor([[True, True, False, False]])
+    target = torch.tensor([[False, False, True, False]])
+    gate = torch.tensor([[False, True, False, False]])
+    spec = Redistribution(source, target, keep=0.5, gate=gate, gate_min_mass=0.0, gate_max_source_share=0.5)
+    edits = [AttentionEdit(redistribution=spec)]
+    _, probs = decode_step(q, k, v, scaling=1.0, mask=None, edits=edits, derived=Derived())
+    _, plain = decode_step(q, k, v, scaling=1.0, mask=None, edits=[], derived=Derived())
+    _, want = reference_attention(q, k, v, scaling=1.0, mask=None, edits=edits)
+    assert 0 < plain[0, 0, 1] < 1e-8
+    assert torch.equal(probs, plain)  # not selected
+    torch.testing.assert_close(probs, want[:, :, 0], rtol=1e-5, atol=1e-8)
+
+
+def test_a_gate_minimum_of_a_sixteenth_or_more_selects_in_one_reduction():
+    """VAR's gate minimum (0.2) takes the one-reduction selection: one operation fewer per call than
+    the exact comparison that a minimum near 0 takes, with the same result on these rows."""
+    q, k, v = tensors()
+    source, target, gate = key_sets()
+
+    def operations(minimum: float) -> int:
+        spec = Redistribution(source, target, keep=0.3, gate=gate, gate_min_mass=minimum, gate_max_source_share=0.7)
+        edits, derived = [AttentionEdit(redistribution=spec)], Derived()
+
+        def step():
+            return decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=derived)[1]
+
+        _, want = reference_attention(q, k, v, scaling=0.3, mask=None, edits=edits)
+        torch.testing.assert_close(step(), want[:, :, 0], rtol=1e-5, atol=1e-7)  # and what is kept, made
+        return count(step).aten
+
+    assert operations(0.2) == operations(0.0) - 1
 
 
 @pytest.mark.parametrize(

@@ -12,24 +12,32 @@ tensor made from the mask or an edit made once for all the calls that share it (
    blocked (at most one boost, and no bias in an edit before it: the order of the reference);
 3. ``a = softmax(z)`` (a decode row always sees its own key, so no row is fully masked);
 4. a redistribution: the masses on four key columns ``C = [T, S, gate, rho * gate - gate & S]``
-   (``T`` the target keys outside the source ``S``, ``rho`` at most 1) in one product
-   ``M = a C + (tiny, 0, c, c)``, read on the keys up to the last one any set holds (``P``: the image
-   keys of a prompt, for VAR's sets kept for every step), so that a decode step reads and edits
-   ``a[:P]`` alone. A row is selected when ``M >= (tiny+, +inf, g_min + c, c)`` on every column but
-   the second (``tiny+`` the float after the smallest normal ``tiny``: the target holds some mass;
-   then the gate's mass, and its source share ``M_{gate & S} <= rho M_gate``). The gate's two
-   columns sit ``c = 1.5`` above their values, so that when met they stay above any target mass
-   (at most 1): the row's minimum of ``M`` where met, ``-inf`` where not (``+inf`` on the second,
-   which has no condition), is ``D = M_T + tiny`` on selected rows and ``-inf`` elsewhere, the
-   selection and the denominator in one reduction. The gate's conditions are so compared within
-   ``2^-23`` of their bounds, and may fall on the other side than in the reference within that
-   rounding. The edited row is ``a' = a * (1 + w F^T)`` with the factor columns
-   ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / D``: ``[1, M_S / (M_T + tiny), ...]`` (the
-   last two finite: at most ``2.5 / tiny``) on selected rows, zeros elsewhere. Source keys keep
-   ``keep`` of their mass and target keys gain ``(1 - keep) M_S a_k / M_T``, the reference's
-   ``redistribute`` (which divides by ``max(M_T, tiny)``: the same number for any ``M_T`` above
-   ``2^-102``, and finite below, where ``M_T`` is subnormal). A query mask folds into ``T``. The
-   edit is made in place on ``a[:P]`` unless a gradient is asked for;
+   (``T`` the target keys outside the source ``S``; ``rho`` taken at most 1, the largest share there
+   is, so that every column stays finite below) in one product ``M = a C + (tiny, 0, c, c)``, read on
+   the keys up to the last one any set holds (``P``: the image keys of a prompt, for VAR's sets kept
+   for every step), so that a decode step reads and edits ``a[:P]`` alone. A row is selected when
+   ``M >= (tiny+, -, g_min + c, c)`` (``tiny+`` the float after the smallest normal ``tiny``: the
+   target holds some mass; then the gate's mass, and its source share ``M_{gate & S} <= rho M_gate``;
+   the second column has no condition). The edited row is ``a' = a * (1 + w F^T)`` with the factor
+   columns ``F = [(keep - 1) S, (1 - keep) T, 0, 0]`` and ``w = M / D``, ``D = M_T + tiny``, on
+   selected rows (``[1, M_S / (M_T + tiny), ...]``), zeros elsewhere: source keys keep ``keep`` of
+   their mass and target keys gain ``(1 - keep) M_S a_k / M_T``, the reference's ``redistribute``
+   (which divides by ``max(M_T, tiny)``: the same number for any ``M_T`` above ``2^-102``, and finite
+   below, where ``M_T`` is subnormal). A query mask folds into ``T``. The selection and ``D``:
+
+   * with a gate minimum of at least ``1/16`` (VAR's is 0.2), or no gate, in one reduction: the
+     gate's columns sit ``c = 1.5`` above their values, so that when met they stay above any target
+     mass (at most 1), and the row's minimum of ``M`` where met, ``-inf`` where not (``+inf`` on the
+     second column), is ``D`` on selected rows and ``-inf`` elsewhere (``w = M / D``: zeros; the
+     gate's columns of ``w`` at most ``2.5 / tiny``, finite). The gate's conditions are then compared
+     to within a float step of the shifted values (``2^-23`` below 2, ``2^-22`` above), at most
+     ``2^-19`` of a selected row's gate mass (at least ``1/16``): the order of the rounding of the
+     reference's own sums of a few hundred keys;
+   * else (``c = 0``) exactly, as the reference: the rows whose columns all meet their bounds, and
+     ``w = M / M_0`` on them (the shifted conditions would decide by rounding the rows whose gate
+     holds almost nothing);
+
+   the edit is made in place on ``a[:P]`` unless a gradient is asked for;
 5. ``o = a' v``.
 
 ``fits`` says whether a call's edits have this form; anything else runs the reference. A method
@@ -51,6 +59,7 @@ from .reference import allowed_keys
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 _ABOVE_TINY = _TINY + 2.0**-149  # the next float32 up: a target mass above zero, plus tiny, is at least this
 _ABOVE_ANY_MASS = 1.5  # the gate's columns' offset: met, they stay above the target's mass (module docstring)
+_ONE_REDUCTION_GATE_MIN = 1.0 / 16  # the gate minimum from which the selection is one reduction (module docstring)
 
 
 def _per_row(t: torch.Tensor | None) -> bool:
@@ -142,10 +151,10 @@ def _key_boost(mask, boost: torch.Tensor, shape, derived: Derived) -> torch.Tens
 
 def _columns(spec: Redistribution, derived: Derived, layer: int, shape, *, search: bool) -> tuple[torch.Tensor, ...]:
     """The mass columns ``C (B * H_kv, P, 4)``, the factor columns ``F^T (B * H_kv, 4, P)``, the masses'
-    offset, the selection's lower bounds and what stands for a column that fails them (module
-    docstring, step 4). With ``search`` (sets kept
-    longer than the call's keys, for the steps after), ``P`` is the extent of the sets: the keys up to
-    the last one any set holds, found once (it reads one number), so that a call reads only the
+    offset, the selection's lower bounds, and what stands for a column that fails them where the
+    selection is one reduction (else None; module docstring, step 4). With ``search`` (sets kept longer
+    than the call's keys, for the steps after), ``P`` is the extent of the sets: the keys up to the
+    last one any set holds, found once (it reads one number), so that a call reads only the
     probabilities of those keys; else ``P`` is the sets' length. Kept per layer: a method's sets may
     differ from layer to layer and stay the same from step to step."""
 
@@ -172,10 +181,12 @@ def _columns(spec: Redistribution, derived: Derived, layer: int, shape, *, searc
         def per_head(t):  # (B|1, ...) -> (B * H_kv, ...), row b * H_kv + h
             return t.expand(batch, *t.shape[1:]).repeat_interleave(kv_heads, dim=0)
 
-        device, clear = source.device, _ABOVE_ANY_MASS
+        one_reduction = spec.gate is None or spec.gate_min_mass >= _ONE_REDUCTION_GATE_MIN
+        device, clear = source.device, _ABOVE_ANY_MASS if one_reduction else 0.0
         offset = torch.tensor([_TINY, 0.0, clear, clear], device=device).view(1, 1, 4)
-        lower = torch.tensor([_ABOVE_TINY, torch.inf, gate_lower + clear, clear], device=device)
-        failed = torch.tensor([-torch.inf, torch.inf, -torch.inf, -torch.inf], device=device)
+        no_bound = torch.inf if one_reduction else -torch.inf  # the second column: never met, or always
+        lower = torch.tensor([_ABOVE_TINY, no_bound, gate_lower + clear, clear], device=device)
+        failed = torch.tensor([-torch.inf, torch.inf, -torch.inf, -torch.inf], device=device) if one_reduction else None
         return per_head(columns[:, :extent]), per_head(factors[..., :extent]), offset, lower, failed
 
     sources = (spec.source, spec.target, spec.gate, spec.query_mask)
@@ -203,9 +214,11 @@ def _redistribute(probs: torch.Tensor, spec: Redistribution, derived: Derived, l
     extent = columns.shape[1]
     head = probs if extent == kv_len else probs[..., :extent]
     masses = torch.baddbmm(offset, head, columns)  # (B * H_kv, G, 4), the target's mass plus tiny first
-    met = torch.where(masses >= lower, masses, failed)
-    denominator = met.amin(-1, keepdim=True)  # M_T + tiny where every condition is met, else -inf
-    weights = masses / denominator  # zeros on the rows not selected
+    if failed is not None:  # M_T + tiny where every condition is met, else -inf, whose quotients are zeros
+        weights = masses / torch.where(masses >= lower, masses, failed).amin(-1, keepdim=True)
+    else:
+        selected = (masses >= lower).all(-1, keepdim=True)
+        weights = torch.where(selected, masses / masses[..., :1], _constant(derived, probs.device, 0.0))
     factor = torch.baddbmm(_constant(derived, probs.device, 1.0), weights, factors)
     if not (torch.is_grad_enabled() and probs.requires_grad):
         head.mul_(factor)
