@@ -42,6 +42,23 @@ def key_sets(seed=1):
     return source, target, gate
 
 
+def four_keys(scores):
+    """One query row and head over 4 keys whose scores at scaling 1 are ``scores``."""
+    q = torch.ones(1, 1, 1, 4)
+    k = torch.zeros(1, 1, 4, 4)
+    k[0, 0, :, 0] = torch.tensor(scores)
+    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return q, k, v
+
+
+def subnormal_target():
+    """``(q, k, v, source, target)``: scores 0, -101, -200, -1, the source the first key and the target
+    the next two, whose mass is subnormal."""
+    source = torch.tensor([[True, False, False, False]])
+    target = torch.tensor([[False, True, True, False]])
+    return (*four_keys([0.0, -101.0, -200.0, -1.0]), source, target)
+
+
 def edit_cases():
     gen = torch.Generator().manual_seed(2)
     boost = torch.where(torch.rand(B, T, generator=gen) < 0.5, 0.5, 0.0)
@@ -151,12 +168,7 @@ def test_the_gate_mass_minimum_selects_the_rows_the_reference_selects():
 def test_a_source_share_bound_above_one_with_a_subnormal_target_mass_stays_finite():
     """A share bound above 1 bounds nothing; with a subnormal target mass the gate's columns are divided
     by about ``tiny`` and must stay finite (their factor is zero: an infinity would make NaN)."""
-    q = torch.ones(1, 1, 1, 4)
-    k = torch.zeros(1, 1, 4, 4)
-    k[0, 0, :, 0] = torch.tensor([0.0, -101.0, -200.0, -1.0])  # scores 0, -101, -200, -1 (scaling 1)
-    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    source = torch.tensor([[True, False, False, False]])
-    target = torch.tensor([[False, True, True, False]])
+    q, k, v, source, target = subnormal_target()
     gate = torch.ones(1, 4, dtype=torch.bool)
     spec = Redistribution(source, target, keep=0.5, gate=gate, gate_min_mass=0.5, gate_max_source_share=10.0)
     edits = [AttentionEdit(redistribution=spec)]
@@ -173,10 +185,7 @@ def test_a_source_share_bound_above_one_with_a_subnormal_target_mass_stays_finit
 def test_a_gate_holding_almost_nothing_under_a_minimum_of_zero_is_compared_exactly():
     """A gate minimum of 0 and a gate of about 1e-9 of mass, all on source keys: its share is above the
     bound, so the reference keeps the row; compared 1.5 above its value the share would round to met."""
-    q = torch.ones(1, 1, 1, 4)
-    k = torch.zeros(1, 1, 4, 4)
-    k[0, 0, :, 0] = torch.tensor([0.0, -21.0, -1.0, -2.0])  # the gate (key 1) holds about 5e-10
-    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    q, k, v = four_keys([0.0, -21.0, -1.0, -2.0])  # the gate (key 1) holds about 5e-10
     source = torch.tensor([[True, True, False, False]])
     target = torch.tensor([[False, False, True, False]])
     gate = torch.tensor([[False, True, False, False]])
@@ -204,7 +213,7 @@ def test_a_gate_minimum_of_a_sixteenth_or_more_selects_in_one_reduction():
             return decode_step(q, k, v, scaling=0.3, mask=None, edits=edits, derived=derived)[1]
 
         _, want = reference_attention(q, k, v, scaling=0.3, mask=None, edits=edits)
-        torch.testing.assert_close(step(), want[:, :, 0], rtol=1e-5, atol=1e-7)  # and what is kept, made
+        torch.testing.assert_close(step(), want[:, :, 0], rtol=1e-5, atol=1e-7)  # (first call: makes what is kept)
         return count(step).aten
 
     assert operations(0.2) == operations(0.0) - 1
@@ -369,12 +378,7 @@ def test_prepare_makes_at_the_prompt_what_the_decode_steps_would_make():
 def test_a_target_mass_below_the_smallest_normal_float_gives_what_the_reference_gives():
     """A subnormal target mass: the gain is divided by ``M_T + tiny`` (the reference: ``max(M_T, tiny)``),
     finite, where dividing by ``M_T`` would overflow."""
-    q = torch.ones(1, 1, 1, 4)
-    k = torch.zeros(1, 1, 4, 4)
-    k[0, 0, :, 0] = torch.tensor([0.0, -101.0, -200.0, -1.0])  # scores 0, -101, -200, -1 (scaling 1)
-    v = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    source = torch.tensor([[True, False, False, False]])
-    target = torch.tensor([[False, True, True, False]])
+    q, k, v, source, target = subnormal_target()
     edits = [AttentionEdit(redistribution=Redistribution(source, target, keep=0.5))]
     out, probs = decode_step(q, k, v, scaling=1.0, mask=None, edits=edits, derived=Derived())
     want, want_probs = reference_attention(q, k, v, scaling=1.0, mask=None, edits=edits)
