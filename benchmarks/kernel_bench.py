@@ -9,7 +9,9 @@ KV cache in the HF layout ``(B, Hkv, T, D)``, timed with CUDA events (median of 
 warm-up, ``triton.testing.do_bench``):
 
 * ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (the model's own decode attention, no edits);
-* ``kernel``: halluguard's kernel with no edit, then with each method's edit and statistics:
+* ``kernel``: halluguard's kernel with no edit, then with each method's edit and statistics, each case
+  keeping its input conversions and internal buffers between calls as a guarded decode step does
+  (a ``Derived`` workspace):
   ``pai`` (a boost on image keys), ``var`` (gated redistribution from sink keys to image keys),
   ``lookback`` (three group masses), ``opera`` (the head-max row, a second pass over the keys);
 * ``reference``: the PyTorch reference path (materialised probabilities) with the ``var`` edit.
@@ -85,6 +87,7 @@ def make_inputs(batch, heads, kv_heads, kv_len, head_dim, dtype, device):
 def bench(args) -> list[dict]:
     import triton.testing
 
+    from halluguard.attention.derived import Derived
     from halluguard.attention.reference import fused_attention_reference
     from halluguard.kernels.decode_attention import decode_attention
 
@@ -100,8 +103,9 @@ def bench(args) -> list[dict]:
             scaling = args.head_dim**-0.5
             moved = (2 * k.numel() + 2 * q.numel()) * k.element_size()
             timed = {"sdpa": partial(sdpa, q, k, v, scale=scaling, enable_gqa=args.heads != args.kv_heads)}
-            for edit, extra in edits.items():
-                timed[f"kernel {edit}"] = partial(decode_attention, q, k, v, scaling=scaling, **extra)
+            for edit, extra in edits.items():  # each case keeps its conversions and buffers, as a decode step does
+                kept = Derived()
+                timed[f"kernel {edit}"] = partial(decode_attention, q, k, v, scaling=scaling, workspace=kept, **extra)
             timed["reference var"] = partial(fused_attention_reference, q, k, v, scaling=scaling, **edits["var"])
             row = {"device": name, "dtype": args.dtype, "cache": kv_len, "batch": batch, "heads": args.heads}
             row["kv_heads"], row["head_dim"] = args.kv_heads, args.head_dim

@@ -24,15 +24,18 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
         def jit(fn):
             return fn
 
-        @staticmethod
-        def cdiv(a: int, b: int) -> int:
-            return -(-a // b)
-
-        @staticmethod
-        def next_power_of_2(n: int) -> int:
-            return 1 << max(n - 1, 0).bit_length()
-
     triton, tl = _Triton(), _Language()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of host integers (Triton's own helper also takes ``constexpr`` values, at several
+    times the cost per call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 at least ``n`` (1 for ``n <= 1``), of a host integer."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def require_triton() -> None:

@@ -46,7 +46,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._compat import interpreting, require_triton, tl, triton
+from ._compat import cdiv, interpreting, next_power_of_2, require_triton, tl, triton
 
 NEG = tl.constexpr(-1.0e30)  # the running maximum's start: exp(-inf - NEG) is 0, exp(NEG - NEG) is 1, no NaN
 
@@ -597,7 +597,7 @@ def _default_splits(programs: int, blocks: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(blocks, -(-target // max(programs, 1)), 128))
+    return max(1, min(blocks, cdiv(target, max(programs, 1)), 128))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -678,7 +678,7 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
 def _default_block_t(dot: bool, block_d: int) -> int:
     """Keys per block: 64 for tensor-core products, else about ``8192 / BLOCK_D`` (16 to 64) so a
     block of keys stays a fixed number of elements."""
-    return 64 if dot else max(16, min(64, triton.next_power_of_2(max(8192 // block_d, 1))))
+    return 64 if dot else max(16, min(64, next_power_of_2(max(8192 // block_d, 1))))
 
 
 def _key_splits(
@@ -687,10 +687,10 @@ def _key_splits(
     """The number of key ranges and the keys per range: ``num_splits`` (default ``_default_splits``)
     capped at the number of key blocks, each range whole blocks, then as many ranges as cover the
     keys (``ceil(T / keys_per_split)``), so that no range is left empty."""
-    blocks = triton.cdiv(max(kv_len, 1), block_t)
+    blocks = cdiv(max(kv_len, 1), block_t)
     splits = max(1, min(num_splits or _default_splits(programs, blocks, device), blocks))
-    keys_per_split = triton.cdiv(blocks, splits) * block_t
-    return triton.cdiv(max(kv_len, 1), keys_per_split), keys_per_split
+    keys_per_split = cdiv(blocks, splits) * block_t
+    return cdiv(max(kv_len, 1), keys_per_split), keys_per_split
 
 
 def _plan(
@@ -708,7 +708,7 @@ def _plan(
     group = num_heads // kv_heads
     # query heads sharing a key/value head go through tensor-core products, padded to 16 rows
     dot = group > 1
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     block_t = _default_block_t(dot, block_d) if block_t is None else block_t
     splits, keys_per_split = _key_splits(bsz * num_rows * kv_heads, kv_len, block_t, num_splits, query.device)
     return _Plan(
@@ -720,7 +720,7 @@ def _plan(
         kv_len=kv_len,
         group=group,
         dot=dot,
-        block_g=max(16, triton.next_power_of_2(group)) if dot else 1,
+        block_g=max(16, next_power_of_2(group)) if dot else 1,
         block_d=block_d,
         block_t=block_t,
         splits=splits,
@@ -729,6 +729,26 @@ def _plan(
         # the interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even) and gets bfloat16
         # products wrong: there the output is rounded by torch and the products take float32 operands
         interpreted_bf16=interpreting() and query.dtype == torch.bfloat16,
+    )
+
+
+def _kept_plan(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    first_row: int | None,
+    num_splits: int | None,
+    block_t: int | None,
+    workspace=None,
+) -> _Plan:
+    """``_plan``'s result, made once per shape and setting while ``workspace`` keeps it (the inputs are
+    checked at every call: their strides may change while their shapes do not)."""
+    if workspace is None:
+        return _plan(query, key, value, first_row, num_splits, block_t)
+    _check_inputs(query, key, value)
+    shapes = (query.shape, key.shape[1:3], query.dtype, query.device, first_row, num_splits, block_t, interpreting())
+    return workspace.get(
+        "kernel plan", (), lambda: _plan(query, key, value, first_row, num_splits, block_t), key=shapes
     )
 
 
@@ -807,24 +827,36 @@ def _allocate(query: torch.Tensor, plan: _Plan, inputs: _Inputs, workspace=None)
     partials and the merged normaliser) come from ``workspace`` where one is given, shared by the calls
     of the same shapes; the output and the group masses are the call's own."""
     f32 = dict(device=query.device, dtype=torch.float32)
-    per_split = (plan.rows, plan.num_heads, plan.splits)  # one slot per split of each (row, head)
     parts, num_groups, placeholder = inputs.parts, inputs.num_groups, inputs.placeholder
+    redistributes, grouped = inputs.redistribution is not None, inputs.weights is not None
 
-    def scratch(name: str, *shape: int) -> torch.Tensor:
-        if workspace is None:
-            return torch.empty(*shape, **f32)
-        return workspace.get(f"kernel {name}", (), lambda: torch.empty(*shape, **f32), key=(shape, query.device))
+    def scratch() -> tuple[torch.Tensor, ...]:
+        per_split = (plan.rows, plan.num_heads, plan.splits)  # one slot per split of each (row, head)
+        return (
+            torch.empty(*per_split, **f32),
+            torch.empty(*per_split, **f32),
+            torch.empty(*per_split, parts, plan.head_dim, **f32),
+            torch.empty(*per_split, 4, **f32) if redistributes else None,
+            torch.empty(*per_split, parts, num_groups, **f32) if grouped else None,
+            torch.empty(plan.rows, plan.num_heads, 4, **f32),
+        )
 
+    if workspace is None:
+        kept = scratch()
+    else:
+        sizes = (plan.rows, plan.num_heads, plan.splits, plan.head_dim, parts, num_groups, redistributes, grouped)
+        kept = workspace.get("kernel buffers", (), scratch, key=(sizes, query.device))
+    part_m, part_l, part_acc, part_mass, part_w, final = kept
     out_dtype = torch.float32 if plan.interpreted_bf16 else query.dtype
     return _Buffers(
-        part_m=scratch("m", *per_split),
-        part_l=scratch("l", *per_split),
-        part_acc=scratch("acc", *per_split, parts, plan.head_dim),
-        part_mass=scratch("mass", *per_split, 4) if inputs.redistribution is not None else placeholder,
-        part_w=scratch("w", *per_split, parts, num_groups) if inputs.weights is not None else placeholder,
+        part_m=part_m,
+        part_l=part_l,
+        part_acc=part_acc,
+        part_mass=placeholder if part_mass is None else part_mass,
+        part_w=placeholder if part_w is None else part_w,
         out=torch.empty(plan.bsz, plan.num_rows, plan.num_heads, plan.head_dim, device=query.device, dtype=out_dtype),
-        mass=torch.empty(plan.rows, plan.num_heads, num_groups, **f32) if inputs.weights is not None else placeholder,
-        final=scratch("final", plan.rows, plan.num_heads, 4),
+        mass=torch.empty(plan.rows, plan.num_heads, num_groups, **f32) if grouped else placeholder,
+        final=final,
     )
 
 
@@ -865,7 +897,7 @@ def _launch_partials(
         plan.num_rows, plan.num_heads, plan.group, plan.kv_len, plan.head_dim, ng, plan.first_row,
         plan.keys_per_split, *scores,
         NUM_SPLITS=plan.splits, PARTS=inputs.parts, BLOCK_G=plan.block_g, BLOCK_T=plan.block_t,
-        BLOCK_D=plan.block_d, BLOCK_NG=triton.next_power_of_2(max(ng, 1)),
+        BLOCK_D=plan.block_d, BLOCK_NG=next_power_of_2(max(ng, 1)),
         REDISTRIBUTE=inputs.redistribution is not None, GATE=inputs.gate is not None,
         GROUPS=inputs.weights is not None, **edits,
         num_warps=num_warps or 2,
@@ -887,8 +919,8 @@ def _launch_merge(plan: _Plan, inputs: _Inputs, buffers: _Buffers) -> None:
         float(spec.keep) if spec is not None else 1.0,
         float(spec.gate_min_mass) if spec is not None else 0.0,
         float(spec.gate_max_source_share) if spec is not None else 1.0,
-        NUM_SPLITS=plan.splits, PARTS=inputs.parts, BLOCK_G=1, BLOCK_S=triton.next_power_of_2(plan.splits),
-        BLOCK_D=plan.block_d, BLOCK_NG=triton.next_power_of_2(max(ng, 1)),
+        NUM_SPLITS=plan.splits, PARTS=inputs.parts, BLOCK_G=1, BLOCK_S=next_power_of_2(plan.splits),
+        BLOCK_D=plan.block_d, BLOCK_NG=next_power_of_2(max(ng, 1)),
         REDISTRIBUTE=spec is not None, GATE=inputs.gate is not None, ELIGIBLE=inputs.eligible is not None,
         GROUPS=inputs.weights is not None, HEAD_SCALE=inputs.scale is not None,
     )  # fmt: skip
@@ -915,7 +947,7 @@ def _head_rows(
     f32 = dict(device=query.device, dtype=torch.float32)
     head_max = torch.empty(plan.rows, plan.kv_len, **f32)
     head_mean = torch.empty(plan.rows, plan.kv_len, **f32)
-    _rows_kernel[(plan.rows, triton.cdiv(max(plan.kv_len, 1), plan.block_t))](
+    _rows_kernel[(plan.rows, cdiv(max(plan.kv_len, 1), plan.block_t))](
         query, query.stride(0), query.stride(1), query.stride(2),
         key, key.stride(0), key.stride(1), key.stride(2),
         *inputs.key_inputs,
@@ -975,7 +1007,7 @@ def decode_attention(
         with ``group_weights``; ``"head_max"`` and ``"head_mean" (B, R, T)`` with ``head_rows``.
     """
     require_triton()
-    plan = _plan(query, key, value, first_row, num_splits, block_t)
+    plan = _kept_plan(query, key, value, first_row, num_splits, block_t, workspace)
     inputs = _prepare_inputs(
         query, plan, allowed, key_boost, key_bias, redistribution, head_scale, group_weights, workspace
     )

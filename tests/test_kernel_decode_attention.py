@@ -269,6 +269,35 @@ def test_kernel_workspace_keeps_conversions_and_buffers_without_changing_results
     assert workspace.kept("flags target") == 2  # the first and second case's: the third's is the first's
 
 
+def test_kernel_workspace_plans_each_shape_and_setting_anew():
+    """The kept plan and buffers follow each change a call can bring: the keys grow (a decode step),
+    the batch, the query rows, the split count, the edits that need buffers come and go; every call
+    equals one without a workspace, and the shapes seen before are planned once."""
+    from halluguard.attention.derived import Derived
+    from halluguard.kernels.decode_attention import decode_attention
+
+    workspace = Derived(per_name=8)
+    gated = Flags(redistribution="gated", groups=True)
+    calls = [
+        (make_case(1, 4, 2, 1, 2 * BLOCK + 3, 32, torch.float32, Flags()), 2),
+        (make_case(1, 4, 2, 1, 2 * BLOCK + 4, 32, torch.float32, Flags()), 2),  # one key more
+        (make_case(2, 4, 2, 1, 2 * BLOCK + 4, 32, torch.float32, Flags()), 2),  # a larger batch
+        (make_case(2, 4, 2, 3, 2 * BLOCK + 4, 32, torch.float32, Flags(mask="causal")), 2),  # three query rows
+        (make_case(2, 4, 2, 1, 2 * BLOCK + 4, 32, torch.float32, gated), 2),  # masses and group sums
+        (make_case(2, 4, 2, 1, 2 * BLOCK + 4, 32, torch.float32, gated), 3),  # another split count
+        (make_case(1, 4, 2, 1, 2 * BLOCK + 3, 32, torch.float32, Flags(), seed=1), 2),  # the first shape again
+    ]
+    for case, splits in calls:
+        kept = decode_attention(**case, num_splits=splits, block_t=BLOCK, workspace=workspace)
+        fresh = decode_attention(**case, num_splits=splits, block_t=BLOCK)
+        torch.testing.assert_close(kept[0], fresh[0], rtol=0, atol=0)
+        assert all(torch.equal(kept[1][k], fresh[1][k]) for k in fresh[1])
+    # plans: the fifth call's shapes are the third's (edits do not change a plan), the last's the first's
+    assert workspace.kept("kernel plan") == 5
+    # buffers: the second call's keys fit the first's; the third and fifth differ in the edits' buffers
+    assert workspace.kept("kernel buffers") == 5
+
+
 def test_kernel_reads_only_the_calls_keys_of_longer_key_sets():
     case = make_case(2, 4, 2, 1, 2 * BLOCK + 3, 64, torch.float32, Flags(redistribution="gated"), seed=7)
     spec = case["redistribution"]
