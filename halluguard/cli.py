@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from ._version import __version__
@@ -812,6 +813,21 @@ def _bench_overrides(text: str | None, specs: list[str]) -> dict[str, dict]:
     return data
 
 
+def _bench_defaults(model: str, specs: list[str], scratch: str) -> dict[str, dict]:
+    """Fields the benched methods get unless ``--config`` sets them: on a synthetic model, stand-ins
+    for calibration data (written under ``scratch`` where a file is needed); on the test model, its
+    retrieval heads."""
+    from .bench import synthetic
+
+    if model in synthetic.SHAPES:
+        return synthetic.stand_ins(model, {name for spec in specs for name in spec.split("+")}, scratch)
+    if model == "testbed":
+        from .testbed import path
+
+        return {"decore": {"retrieval_heads": str(path() / "retrieval_heads.json"), "num_retrieval_heads": 4}}
+    return {}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -831,26 +847,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = dict(bench.SYNTHETIC_OVERRIDES) if args.model == "synthetic-medium" else {}
-    if args.model == "testbed":
-        from .testbed import path
-
-        defaults["decore"] = {"retrieval_heads": str(path() / "retrieval_heads.json"), "num_retrieval_heads": 4}
-    overrides = {name: {**defaults.get(name, {}), **overrides.get(name, {})} for name in {*defaults, *overrides}}
-    model, processor, inputs, name = bench.load(args.model, args.batch, args.device, args.dtype)
-    title = (
-        f"{name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
-        f"{model.device}, median of {args.repeats}"
-    )
-    print(title, flush=True)
-    try:
-        rows = bench.measure(
-            model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official,
-            checkpoint=getattr(args, "checkpoint", None), ops=args.ops,
-        )  # fmt: skip
-    except bench.BenchError as err:
-        print(f"halluguard bench: {err}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="halluguard-bench-") as scratch:
+        defaults = _bench_defaults(args.model, specs, scratch)
+        overrides = {name: {**defaults.get(name, {}), **overrides.get(name, {})} for name in {*defaults, *overrides}}
+        model, processor, inputs, name = bench.load(args.model, args.batch, args.device, args.dtype)
+        title = (
+            f"{name}, batch {args.batch}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
+            f"{model.device}, median of {args.repeats}"
+        )
+        print(title, flush=True)
+        try:
+            rows = bench.measure(
+                model, processor, inputs, specs, args.new_tokens, args.repeats, overrides, official=args.official,
+                checkpoint=getattr(args, "checkpoint", None), ops=args.ops,
+            )  # fmt: skip
+        except bench.BenchError as err:
+            print(f"halluguard bench: {err}", file=sys.stderr)
+            return 1
     print(bench.markdown(rows))
     if args.ops:
         print()
@@ -864,7 +877,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench_parser(sub) -> None:
     bench = _leaf(sub, "bench", help="time each method against plain generate, side by side")
-    bench.add_argument("--model", default="testbed", help="testbed, synthetic-medium, a hub id or a local path")
+    bench.add_argument(
+        "--model",
+        default="testbed",
+        help="testbed, synthetic-medium, synthetic-7b (random weights in LLaVA-1.5-7B's shapes, bf16), "
+        "a hub id or a local path",
+    )
     bench.add_argument("--methods", nargs="+", default=["all"], help="all, or specs such as vhr pai+vhr")
     bench.add_argument("--config", default=None, help="JSON of method fields per method, e.g. '{\"pai\": {...}}'")
     bench.add_argument("--new-tokens", type=_count, default=32)

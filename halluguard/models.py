@@ -27,7 +27,7 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """Refuse a device torch cannot name, or CUDA where there is none."""
     import torch
 
@@ -37,6 +37,13 @@ def _check_device(device: str) -> None:
         raise ValueError(f"unknown device {device!r} ({err})") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+
+
+def dtype_of(name: str):
+    """The torch dtype a ``DTYPES`` name stands for; None for ``"auto"`` (the model's own)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(name)
 
 
 def _load_pretrained(spec: str, torch_dtype):
@@ -64,8 +71,8 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if device:
-        _check_device(device)
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+        check_device(device)
+    torch_dtype = dtype_of(dtype)
     if spec == "testbed":
         from .testbed import load
 

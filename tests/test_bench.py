@@ -73,7 +73,7 @@ def test_bench_adds_the_official_way_rows_and_restores_the_attention(tmp_path, m
     ]
     assert main([*argv, "--json", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["plain", "vhr", "lookback", "avc", "opera", *bench.OFFICIAL]
+    assert list(rows) == ["plain", "vhr", "lookback", "avc", "opera", "plain, 5 beams", *bench.OFFICIAL]
     forwards = [rows[name]["forwards_per_token"] for name in bench.OFFICIAL]
     assert forwards == [1.0, 2.0, 1.0]  # maps; maps and a second sequential forward; beams in one forward
     # only the official rows of the methods benched
@@ -184,3 +184,63 @@ def test_bench_ops_counts_plain_and_each_method_in_the_same_run(tmp_path, capsys
     assert vcd["extra_ops_per_layer_step"] == (vcd["ops_per_token"] - plain["ops_per_token"]) / layers
     assert all(r["launches_per_token"] == 0 for r in rows.values())  # the reference path on CPU
     assert "| method | aten ops, prompt phase |" in printed and "| vcd |" in printed
+
+
+def test_synthetic_7b_has_llava_1_5_7b_shapes_and_is_made_where_it_runs():
+    from halluguard.bench import synthetic
+
+    model = synthetic.build("synthetic-7b", device="meta")  # the shapes without the 14 GB of weights
+    assert sum(p.numel() for p in model.parameters()) == 7_063_427_072  # llava-1.5-7b-hf's count
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.intermediate_size) == (
+        32, 4096, 32, 11008,
+    )  # fmt: skip
+    assert (vision.num_hidden_layers, vision.hidden_size, vision.image_size, vision.patch_size) == (24, 1024, 336, 14)
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "meta")}
+    batch = synthetic.inputs(2, name="synthetic-7b")
+    assert batch["input_ids"].shape == (2, 1 + 20 + 576 + 30)
+    assert (batch["input_ids"] == model.config.image_token_index).sum(1).tolist() == [576, 576]
+    assert batch["pixel_values"].shape == (2, 3, 336, 336)
+    with pytest.raises(ValueError, match="choose from synthetic-medium, synthetic-7b"):
+        synthetic.build("synthetic-70b")
+
+
+def test_bench_runs_the_calibrated_methods_on_a_synthetic_model_with_stand_ins(tmp_path, capsys):
+    """VAR, DeCoRe, VTI and ICD need a model's calibration data, which a random model has none of: the
+    bench gives them timing-only stand-ins, which ``--config`` adds to field by field (DeCoRe keeps the
+    stand-in heads and takes the number of heads given)."""
+    out = tmp_path / "bench.json"
+    config = json.dumps({"decore": {"num_retrieval_heads": 3}})
+    argv = ["bench", "--model", "synthetic-medium", "--methods", "var", "decore", "vti", "icd", "--config", config]
+    assert main([*argv, "--new-tokens", "1", "--repeats", "1", "--threads", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    # VTI decodes as its official runs do, with 5 beams: it is read against plain beam search too
+    assert [r["method"] for r in data["rows"]] == ["plain", "var", "decore", "vti", "icd", "plain, 5 beams"]
+    assert data["setting"].startswith("synthetic-medium (random LLaVA-1.5 shape, 146M, float32), batch 1")
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_stand_ins_fit_the_model_and_yield_to_nothing_they_were_not_asked_for(tmp_path):
+    from halluguard.bench import synthetic
+    from halluguard.methods.vti.method import load_directions
+
+    assert synthetic.stand_ins("synthetic-7b", {"vhr", "pai"}, tmp_path) == {}
+    fields = synthetic.stand_ins("synthetic-7b", {"decore", "vti"}, tmp_path)
+    heads = fields["decore"]["retrieval_heads"]
+    assert len(heads) == 32 * 32 and "31-31" in heads  # every (layer, head) of the 7B text model
+    directions = load_directions(fields["vti"]["directions"])
+    assert directions.text.shape == (32, 4096) and directions.vision.shape == (24, 577, 1024)  # CLS + 576
+
+
+def test_a_method_that_searches_with_beams_is_read_against_plain_beam_search(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--methods", "opera", "vhr", "--new-tokens", "2", "--repeats", "1", "--ops", "--json", str(out)]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "opera", "vhr", "plain, 5 beams"]  # OPERA's 5 beams; none for VHR alone
+    beams = rows["plain, 5 beams"]
+    assert beams["ops_per_token"] > rows["plain"]["ops_per_token"]  # a search of 5 beams, not greedy decoding
+    assert beams["forwards_per_token"] == 1.0  # the beams ride as rows of one forward
+    config = json.dumps({"opera": {"num_beams": 3}})
+    assert main([*argv[:2], "opera", *argv[4:], "--config", config]) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["plain", "opera", "plain, 3 beams"]

@@ -18,8 +18,10 @@ A repeat whose full run is not slower than its prompt run (a shared machine stal
 run) gives no per-token time: it is measured again, up to ``RETRIES`` times, and then the run stops
 with ``BenchError`` instead of printing an impossible time or ratio.
 
-A method's own decoding settings apply (OPERA searches with its 5 beams; plain is greedy). Timings
-are for reading, not for tests.
+A method's own decoding settings apply (OPERA searches with its 5 beams; plain is greedy). A method
+that searches with beams also gets a row of plain beam search with as many beams (``plain, 5 beams``),
+timed the same way: the search its own cost is to be read against. Timings are for reading, not for
+tests.
 
 ``ops=True`` also counts, per row and in the same run, the operations of plain and guarded
 ``generate`` (``halluguard.bench.ops``: aten operations in the prompt phase and per decoded token,
@@ -45,10 +47,9 @@ from pathlib import Path
 import torch
 
 from .. import compat
+from . import synthetic
 from .ops import StepCounts, step_counts
 
-# fields some methods need on a model without calibration data (the synthetic model has no sink table)
-SYNTHETIC_OVERRIDES = {"var": {"sink_dims": [0, 1], "tau": 1.5}}
 # official-way rows: name -> (sequential forwards per step, beams, the methods whose official code decodes so)
 OFFICIAL = {
     "official way: maps (VAR, Lookback)": (1, 1, ("var", "lookback")),
@@ -82,15 +83,18 @@ class Row:
 
 
 def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
-    """``(model, processor or None, inputs, name)`` for testbed, synthetic-medium or a checkpoint."""
-    if spec == "synthetic-medium":
-        from . import synthetic
+    """``(model, processor or None, inputs, name)`` for testbed, a synthetic model (``synthetic.SHAPES``,
+    made on ``device``: default a GPU when there is one) or a checkpoint."""
+    if spec in synthetic.SHAPES:
+        from halluguard.models import check_device, dtype_of
 
-        model = synthetic.build()
         if device:
-            model.to(device)
-        inputs = {k: v.to(model.device) for k, v in synthetic.inputs(batch).items()}
-        return model, None, inputs, "synthetic-medium (random LLaVA-1.5 shape, 146M)"
+            check_device(device)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = synthetic.build(spec, device=device, dtype=dtype_of(dtype))
+        floats = {"pixel_values": model.dtype}
+        inputs = {k: v.to(model.device, floats.get(k)) for k, v in synthetic.inputs(batch, name=spec).items()}
+        return model, None, inputs, f"{spec} ({synthetic.SHAPES[spec].label}, {str(model.dtype).split('.')[-1]})"
     from halluguard.eval.chair import CHAIR_PROMPT
     from halluguard.models import build_prompt, encode, load_model
 
@@ -217,6 +221,8 @@ def measure(
             reason = _measure_spec(session, processor, spec, overrides)
             if reason is not None:
                 skipped.append(reason)
+        for beams in _searched_beams(specs, overrides, session.results):
+            _measure_beam_search(session, beams)
         if official:
             _measure_official(session, specs)
     finally:
@@ -255,11 +261,11 @@ class _Session:
         self.count_ops = count_ops
         self.ops: dict[str, StepCounts] = {}  # with count_ops: per row name
 
-    def counted(self, name: str) -> None:
+    def counted(self, name: str, generate=_plain) -> None:
         """Count the operations of ``generate`` as the model is now (plain, or inside a guard)."""
         if self.checkpoint is not None:
             self.checkpoint()
-        self.ops[name] = step_counts(lambda n: _plain(self.model, self.inputs, n), self.new_tokens)
+        self.ops[name] = step_counts(lambda n: generate(self.model, self.inputs, n), self.new_tokens)
         self.echo(f"  {name}: operations counted")
 
     def run(self, new_tokens: int, memory: bool = False, generate=_plain) -> tuple[float, int, float | None]:
@@ -318,6 +324,36 @@ def _measure_spec(session: _Session, processor, spec: str, overrides: dict) -> s
         with hg.wrap(session.model, processor, configs):
             session.counted(spec)
     return None
+
+
+def _beam_search(beams: int):
+    """Plain beam search with ``beams`` beams, as a ``generate`` of :func:`_run`."""
+
+    def run(model, inputs, new_tokens: int) -> None:
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=beams)
+
+    return run
+
+
+def _searched_beams(specs: list[str], overrides: dict, measured: dict) -> list[int]:
+    """The beam counts above 1 that the measured specs search with, in increasing order."""
+    from halluguard.registry import configs_from_spec, method_beams
+
+    found = set()
+    for spec in specs:
+        if spec in measured:
+            chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
+            found.add(method_beams(configs_from_spec(spec, chosen or None)))
+    return sorted(beams for beams in found if beams > 1)
+
+
+def _measure_beam_search(session: _Session, beams: int) -> None:
+    """Time plain beam search with ``beams`` beams against plain greedy runs (operations counted too)."""
+    name, search = f"plain, {beams} beams", _beam_search(beams)
+    session.run(2, generate=search)  # warm-up
+    session.interleaved(name, contextlib.nullcontext, search)
+    if session.count_ops:
+        session.counted(name, search)
 
 
 def _measure_official(session: _Session, specs: list[str]) -> None:
