@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +109,21 @@ class Run:
         return output
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _release_memory() -> None:
+    """Give the GPU memory of a failed step back to the device (no-op without CUDA)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _text(data) -> str:
     return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
@@ -176,8 +192,10 @@ def measure_path(run: Run, model, inputs, batch: int, path: str, args, deadline:
             measured = bench.measure(
                 model, None, inputs, [spec], args.new_tokens, args.repeats, overrides, echo=run.log, ops=True
             )
-        except bench.BenchError as err:
-            run.note(f"- batch {batch}, {path} path, {label}: {err}")
+        except Exception as err:  # one method's failure (out of memory, say) is reported, and the run goes on
+            run.note(f"- batch {batch}, {path} path, {label}: failed: {type(err).__name__}: {_first_line(err)}")
+            run.log(traceback.format_exc())
+            _release_memory()
             continue
         plain, row, *searches = (dataclasses.asdict(r) for r in measured)  # searches: plain beam search
         search = {"search": searches[0]} if searches else {}
@@ -214,7 +232,6 @@ def bench_table(rows: list[dict]) -> list[str]:
 def benches(run: Run, args, reserve_s: float) -> None:
     """The benches of every batch and path, within the budget less ``reserve_s`` (the later steps'),
     shared between the sections by their number of methods (what one leaves goes to the next)."""
-    import torch
 
     from halluguard import bench
 
@@ -228,6 +245,19 @@ def benches(run: Run, args, reserve_s: float) -> None:
     if not kernel_reachable(model):
         run.note("- kernel path: not run (no CUDA device, and TRITON_INTERPRET is not set)")
         sections = [(batch, path) for batch, path in sections if path == "reference"]
+    before = os.environ.get(KERNEL_ENV)
+    try:
+        _measure_sections(run, model, inputs, name, sections, args, reserve_s)
+    finally:  # the later steps choose their own path
+        if before is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = before
+    del model
+    _release_memory()
+
+
+def _measure_sections(run: Run, model, inputs, name: str, sections, args, reserve_s: float) -> None:
     all_rows = []
     for index, (batch, path) in enumerate(sections):
         weights = [len(bench_specs(p)) for _, p in sections[index:]]
@@ -243,9 +273,6 @@ def benches(run: Run, args, reserve_s: float) -> None:
             for line in bench_table(rows):
                 run.note(line)
             run.note()
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def kernel_table(path: Path) -> list[str]:
@@ -288,7 +315,12 @@ def main() -> int:
     if "tests" not in args.skip:
         run.command("kernel tests", [python, "-m", "pytest", "-q", "-x", *kernel_tests], expected_s=20, cap_s=90)
     if "bench" not in args.skip:
-        benches(run, args, reserve_s=sum(RESERVE_S[step] for step in RESERVE_S if step not in args.skip))
+        try:
+            benches(run, args, reserve_s=sum(RESERVE_S[step] for step in RESERVE_S if step not in args.skip))
+        except Exception as err:  # the model could not be built or moved: the other steps still run
+            run.note(f"- bench: failed: {type(err).__name__}: {_first_line(err)}")
+            run.log(traceback.format_exc())
+            _release_memory()
     if "kernel" not in args.skip:
         kernel_json = run.out / "kernel.json"
         argv = [
