@@ -813,14 +813,14 @@ def _bench_overrides(text: str | None, specs: list[str]) -> dict[str, dict]:
     return data
 
 
-def _bench_defaults(model: str, specs: list[str], scratch: str) -> dict[str, dict]:
-    """Fields the benched methods get unless ``--config`` sets them: on a synthetic model, stand-ins
-    for calibration data (written under ``scratch`` where a file is needed); on the test model, its
-    retrieval heads."""
+def _bench_defaults(model: str, specs: list[str], given: dict[str, dict], scratch: str) -> dict[str, dict]:
+    """Fields the benched methods get unless ``--config`` (``given``) sets them: on a synthetic model,
+    stand-ins for calibration data (written under ``scratch`` where a file is needed); on the test
+    model, its retrieval heads."""
     from .bench import synthetic
 
     if model in synthetic.SHAPES:
-        return synthetic.stand_ins(model, {name for spec in specs for name in spec.split("+")}, scratch)
+        return synthetic.stand_ins(model, {name for spec in specs for name in spec.split("+")}, scratch, given)
     if model == "testbed":
         from .testbed import path
 
@@ -848,7 +848,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="halluguard-bench-") as scratch:
-        defaults = _bench_defaults(args.model, specs, scratch)
+        defaults = _bench_defaults(args.model, specs, overrides, scratch)
         overrides = {name: {**defaults.get(name, {}), **overrides.get(name, {})} for name in {*defaults, *overrides}}
         model, processor, inputs, name = bench.load(args.model, args.batch, args.device, args.dtype)
         title = (

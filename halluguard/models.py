@@ -39,6 +39,18 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
 
 
+def default_device() -> str | None:
+    """Where a model goes when no device is named: this process's GPU (under a launcher, its own)
+    when there is one, else None (where it was made)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return str(PartialState().device)
+
+
 def dtype_of(name: str):
     """The torch dtype a ``DTYPES`` name stands for; None for ``"auto"`` (the model's own)."""
     import torch
@@ -79,10 +91,7 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
         model, processor = load(dtype=torch_dtype or torch.float32)
     else:
         model, processor = _load_pretrained(spec, torch_dtype)
-    if device is None and torch.cuda.is_available():
-        from accelerate import PartialState
-
-        device = str(PartialState().device)  # under a launcher: this process's GPU
+    device = device or default_device()
     if device:
         model.to(device)
     return model.eval(), processor, spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,10 +206,20 @@ def test_synthetic_7b_has_llava_1_5_7b_shapes_and_is_made_where_it_runs():
         synthetic.build("synthetic-70b")
 
 
-def test_bench_runs_the_calibrated_methods_on_a_synthetic_model_with_stand_ins(tmp_path, capsys):
+@pytest.mark.slow
+def test_bench_runs_the_calibrated_methods_on_a_synthetic_model_with_stand_ins(tmp_path, capsys, monkeypatch):
     """VAR, DeCoRe, VTI and ICD need a model's calibration data, which a random model has none of: the
     bench gives them timing-only stand-ins, which ``--config`` adds to field by field (DeCoRe keeps the
     stand-in heads and takes the number of heads given)."""
+    from halluguard import bench
+
+    measure, seen = bench.measure, {}
+
+    def keep_overrides(model, processor, inputs, specs, new_tokens, repeats, overrides, **kwargs):
+        seen.update(overrides)
+        return measure(model, processor, inputs, specs, new_tokens, repeats, overrides, **kwargs)
+
+    monkeypatch.setattr(bench, "measure", keep_overrides)
     out = tmp_path / "bench.json"
     config = json.dumps({"decore": {"num_retrieval_heads": 3}})
     argv = ["bench", "--model", "synthetic-medium", "--methods", "var", "decore", "vti", "icd", "--config", config]
@@ -218,9 +229,11 @@ def test_bench_runs_the_calibrated_methods_on_a_synthetic_model_with_stand_ins(t
     assert [r["method"] for r in data["rows"]] == ["plain", "var", "decore", "vti", "icd", "plain, 5 beams"]
     assert data["setting"].startswith("synthetic-medium (random LLaVA-1.5 shape, 146M, float32), batch 1")
     assert "skipped" not in capsys.readouterr().out
+    assert seen["decore"]["num_retrieval_heads"] == 3 and len(seen["decore"]["retrieval_heads"]) == 12 * 12
+    assert not Path(seen["vti"]["directions"]).exists()  # the stand-in file went with the run
 
 
-def test_stand_ins_fit_the_model_and_yield_to_nothing_they_were_not_asked_for(tmp_path):
+def test_stand_ins_fit_the_model_and_yield_to_what_is_given(tmp_path):
     from halluguard.bench import synthetic
     from halluguard.methods.vti.method import load_directions
 
@@ -230,6 +243,43 @@ def test_stand_ins_fit_the_model_and_yield_to_nothing_they_were_not_asked_for(tm
     assert len(heads) == 32 * 32 and "31-31" in heads  # every (layer, head) of the 7B text model
     directions = load_directions(fields["vti"]["directions"])
     assert directions.text.shape == (32, 4096) and directions.vision.shape == (24, 577, 1024)  # CLS + 576
+    given = {"vti": {"directions": "mine.safetensors"}, "var": {"tau": 2.0}}
+    fields = synthetic.stand_ins("synthetic-medium", {"vti", "var"}, tmp_path / "other", given)
+    assert fields == {"var": {"sink_dims": [0, 1], "tau": 1.5}}  # --config's tau still wins when merged
+    assert not (tmp_path / "other").exists()  # no directions file made for a run that brings its own
+
+
+def test_bench_refuses_an_unknown_synthetic_model_or_dtype():
+    from halluguard import bench
+
+    with pytest.raises(ValueError, match="no synthetic model 'synthetic-70b'; choose from synthetic-medium"):
+        bench.load("synthetic-70b", 1)
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        bench.load("synthetic-medium", 1, dtype="fp8")
+
+
+def test_calls_sharing_what_does_not_depend_on_the_methods_measure_it_once(monkeypatch):
+    """Plain's operation counts and plain beam search are the same for every method benched on a model:
+    calls given the same ``shared`` dict measure them once and all report them."""
+    from halluguard import bench
+    from halluguard.bench import ops
+
+    counted, step_counts = [], ops.step_counts
+
+    def counting(generate, new_tokens):
+        counted.append(new_tokens)
+        return step_counts(generate, new_tokens)
+
+    monkeypatch.setattr(bench, "step_counts", counting)
+    model, processor, inputs, _ = bench.load("testbed", 1)
+    shared = {}
+    first = bench.measure(model, processor, inputs, ["opera"], 2, 1, {}, echo=lambda _: None, ops=True, shared=shared)
+    assert len(counted) == 3  # plain, OPERA, plain beam search
+    again = bench.measure(model, processor, inputs, ["opera"], 2, 1, {}, echo=lambda _: None, ops=True, shared=shared)
+    assert len(counted) == 4  # OPERA alone: plain's counts and its 5-beam search come from the first call
+    assert again[-1].method == first[-1].method == "plain, 5 beams"
+    assert again[-1].token_ms == first[-1].token_ms and again[-1].ops_per_token == first[-1].ops_per_token
+    assert again[0].ops_per_token == first[0].ops_per_token
 
 
 def test_a_method_that_searches_with_beams_is_read_against_plain_beam_search(tmp_path):

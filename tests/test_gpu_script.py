@@ -50,10 +50,36 @@ def test_bench_table_reads_a_beam_search_against_the_same_search():
     assert lines[3].endswith("| 1.05x (1.00-1.10) | 2.00x | 22.00 | 0.0 | <= 1.10x | yes |")
 
 
+def test_a_cuda_error_ends_the_benches_and_the_kernel_setting_comes_back(tmp_path, monkeypatch):
+    """After a CUDA error every CUDA call of the process fails: the benches stop there, say why, and
+    leave ``HALLUGUARD_KERNEL`` as they found it for the steps that follow."""
+    import argparse
+
+    from halluguard import bench
+
+    script, calls = _script(), []
+
+    def broken(*args, **kwargs):
+        calls.append(args[3])
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    monkeypatch.setattr(bench, "measure", broken)
+    monkeypatch.setenv(script.KERNEL_ENV, "auto")  # the benches set "reference", then give this back
+    run = script.Run(tmp_path, budget_s=600)
+    args = argparse.Namespace(model="testbed", batches=[1, 2], new_tokens=1, repeats=1, device=None, dtype="auto")
+    script.benches(run, args, reserve_s=0)
+    run.close()
+    summary = (tmp_path / "summary.md").read_text()
+    assert calls == [["vhr"]]  # the first method, then nothing more
+    assert "- batch 1, reference path, vhr: failed: RuntimeError: CUDA error: an illegal memory access" in summary
+    assert "the benches end here" in summary and "batch 2" not in summary
+    assert os.environ[script.KERNEL_ENV] == "auto"
+
+
 @pytest.mark.slow
 def test_the_run_measures_each_batch_within_its_budget_and_says_what_it_left_out(tmp_path):
     argv = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--model", "testbed", "--batches", "1", "2"]
-    argv += ["--new-tokens", "1", "--repeats", "1", "--budget", "150", "--skip", "tests", "kernel", "grid"]
+    argv += ["--new-tokens", "1", "--repeats", "1", "--budget", "180", "--skip", "tests", "kernel", "grid"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it on CPU
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -61,11 +87,14 @@ def test_the_run_measures_each_batch_within_its_budget_and_says_what_it_left_out
     assert summary.startswith("# End to end on ")
     for batch in (1, 2):
         assert f"## testbed: batch {batch}, reference path, 1 new tokens, median of 1" in summary
-    assert "kernel path: not run (no CUDA device, and TRITON_INTERPRET is not set)" in summary
+    assert (
+        "kernel path: not run (the kernel needs Triton and the model on a CUDA device, or TRITON_INTERPRET=1)"
+        in summary
+    )
     assert "| vhr |" in summary and "| <= 1.10x |" in summary
     # a method that cannot run (the test model has no sink table for VAR) is reported, and the run goes on
     assert "- batch 1, reference path, var: failed: BenchError: no method could run on this model" in summary
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {(r["batch"], r["path"]) for r in rows} == {(1, "reference"), (2, "reference")}
-    assert "halluguard doctor --skip-effects: exit 0" in summary  # under 240 s left: the identities only
+    assert "- halluguard doctor --skip-effects: " in summary  # the guard's identities, before the benches
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "log.txt", "summary.md"]

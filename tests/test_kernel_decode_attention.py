@@ -286,16 +286,20 @@ def test_kernel_workspace_plans_each_shape_and_setting_anew():
         (make_case(2, 4, 2, 1, 2 * BLOCK + 4, 32, torch.float32, gated), 2),  # masses and group sums
         (make_case(2, 4, 2, 1, 2 * BLOCK + 4, 32, torch.float32, gated), 3),  # another split count
         (make_case(1, 4, 2, 1, 2 * BLOCK + 3, 32, torch.float32, Flags(), seed=1), 2),  # the first shape again
+        (make_case(1, 4, 2, 1, 2 * BLOCK + 3, 32, torch.float32, Flags(groups=True)), 2),  # and group sums
+        (make_case(2, 4, 2, 3, 2 * BLOCK + 4, 32, torch.float32, Flags()), 2),  # the fourth's, first row implied
     ]
     for case, splits in calls:
         kept = decode_attention(**case, num_splits=splits, block_t=BLOCK, workspace=workspace)
         fresh = decode_attention(**case, num_splits=splits, block_t=BLOCK)
         torch.testing.assert_close(kept[0], fresh[0], rtol=0, atol=0)
         assert all(torch.equal(kept[1][k], fresh[1][k]) for k in fresh[1])
-    # plans: the fifth call's shapes are the third's (edits do not change a plan), the last's the first's
-    assert workspace.kept("kernel plan") == 5
-    # buffers: the second call's keys fit the first's; the third and fifth differ in the edits' buffers
-    assert workspace.kept("kernel buffers") == 5
+    # plans: the fifth call's shapes are the third's and the seventh's and eighth's the first's (edits do
+    # not change a plan); the ninth differs from the fourth in its first query row alone
+    assert workspace.kept("kernel plan") == 6
+    # buffers: the second call's keys fit the first's; the fifth and eighth need buffers for their
+    # edits' sums, the sixth for its splits; the ninth has the fourth's rows
+    assert workspace.kept("kernel buffers") == 6
 
 
 def test_kernel_reads_only_the_calls_keys_of_longer_key_sets():

@@ -84,14 +84,18 @@ class Row:
 
 def load(spec: str, batch: int, device: str | None = None, dtype: str = "auto"):
     """``(model, processor or None, inputs, name)`` for testbed, a synthetic model (``synthetic.SHAPES``,
-    made on ``device``: default a GPU when there is one) or a checkpoint."""
-    if spec in synthetic.SHAPES:
-        from halluguard.models import check_device, dtype_of
+    made on ``device``, by default where ``load_model`` puts a checkpoint: this process's GPU when
+    there is one) or a checkpoint. Raises ``ValueError`` for an unknown synthetic model, dtype or
+    device."""
+    if spec.startswith("synthetic-"):
+        from halluguard.models import DTYPES, check_device, default_device, dtype_of
 
+        synthetic.shape(spec)  # an unknown name is refused with the known ones
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         if device:
             check_device(device)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = synthetic.build(spec, device=device, dtype=dtype_of(dtype))
+        model = synthetic.build(spec, device=device or default_device() or "cpu", dtype=dtype_of(dtype))
         floats = {"pixel_values": model.dtype}
         inputs = {k: v.to(model.device, floats.get(k)) for k, v in synthetic.inputs(batch, name=spec).items()}
         return model, None, inputs, f"{spec} ({synthetic.SHAPES[spec].label}, {str(model.dtype).split('.')[-1]})"
@@ -205,24 +209,27 @@ def _run(
 
 def measure(
     model, processor, inputs, specs: list[str], new_tokens: int, repeats: int, overrides: dict, echo=print,
-    official: bool = False, checkpoint=None, ops: bool = False,
+    official: bool = False, checkpoint=None, ops: bool = False, shared: dict | None = None,
 ):  # fmt: skip
     """One ``Row`` for plain generation, one per spec, and with ``official`` one per :data:`OFFICIAL`
     re-enactment, timed as the module docstring says (with ``ops``, the specs' and plain's operations
     counted too); ``checkpoint`` is called before every measured pair of runs (it raises to stop,
-    e.g. ``Interrupts.check``)."""
+    e.g. ``Interrupts.check``). ``shared``, a dict the caller passes to several calls on the same model
+    and inputs, keeps what does not depend on the specs (plain's operation counts, plain beam search)
+    from the first call that measures it for the next ones."""
     session = _Session(model, inputs, new_tokens, repeats, echo, checkpoint, count_ops=ops)
+    shared = {} if shared is None else shared
     skipped = []
     try:
         session.run(2)  # warm-up
         if ops:
-            session.counted("plain")
+            _counted_once(session, shared, "plain")
         for spec in specs:
             reason = _measure_spec(session, processor, spec, overrides)
             if reason is not None:
                 skipped.append(reason)
         for beams in _searched_beams(specs, overrides, session.results):
-            _measure_beam_search(session, beams)
+            _measure_beam_search(session, beams, shared)
         if official:
             _measure_official(session, specs)
     finally:
@@ -347,13 +354,25 @@ def _searched_beams(specs: list[str], overrides: dict, measured: dict) -> list[i
     return sorted(beams for beams in found if beams > 1)
 
 
-def _measure_beam_search(session: _Session, beams: int) -> None:
-    """Time plain beam search with ``beams`` beams against plain greedy runs (operations counted too)."""
+def _measure_beam_search(session: _Session, beams: int, shared: dict) -> None:
+    """Time plain beam search with ``beams`` beams against plain greedy runs (operations counted too),
+    or take the measurement from ``shared`` where an earlier call made it."""
     name, search = f"plain, {beams} beams", _beam_search(beams)
-    session.run(2, generate=search)  # warm-up
-    session.interleaved(name, contextlib.nullcontext, search)
+    if name not in shared:
+        session.run(2, generate=search)  # warm-up
+        session.interleaved(name, contextlib.nullcontext, search)
+        shared[name] = session.results[name]
+    session.results[name] = shared[name]
     if session.count_ops:
-        session.counted(name, search)
+        _counted_once(session, shared, name, search)
+
+
+def _counted_once(session: _Session, shared: dict, name: str, generate=_plain) -> None:
+    """``session.ops[name]``: counted now, or the counts of an earlier call kept in ``shared``."""
+    if f"ops {name}" not in shared:
+        session.counted(name, generate)
+        shared[f"ops {name}"] = session.ops[name]
+    session.ops[name] = shared[f"ops {name}"]
 
 
 def _measure_official(session: _Session, specs: list[str]) -> None:

@@ -135,19 +135,31 @@ def inputs(batch: int, seed: int = 0, name: str = "synthetic-medium") -> dict:
     }
 
 
-def stand_ins(name: str, methods: set[str], directory: str | Path, seed: int = 0) -> dict[str, dict]:
+def stand_ins(
+    name: str, methods: set[str], directory: str | Path, given: dict[str, dict] | None = None, seed: int = 0
+) -> dict[str, dict]:
     """Timing-only fields for the methods in ``methods`` that need a model's calibration data, which a
     random model has none of: VAR's sink dimensions, DeCoRe's retrieval heads (random scores), VTI's
-    directions (random, written under ``directory``) and ICD's instruction as token ids."""
+    directions (random, written under ``directory``) and ICD's instruction as token ids; none for a
+    field ``given`` (the caller's fields per method) already sets."""
     found = shape(name)
+    given = given or {}
     gen = torch.Generator().manual_seed(seed)
-    fields: dict[str, dict] = {"var": {"sink_dims": [0, 1], "tau": 1.5}, "icd": {"prefix_ids": list(ICD_PREFIX)}}
     layers, heads = found.text["num_hidden_layers"], found.text["num_attention_heads"]
-    if "decore" in methods:
+    fields: dict[str, dict] = {}
+
+    def wanted(method: str, field: str) -> bool:
+        return method in methods and field not in given.get(method, {})
+
+    if wanted("var", "sink_dims"):
+        fields["var"] = {"sink_dims": [0, 1], "tau": 1.5}
+    if wanted("icd", "prefix_ids"):
+        fields["icd"] = {"prefix_ids": list(ICD_PREFIX)}
+    if wanted("decore", "retrieval_heads"):
         scores = torch.rand(layers, heads, 4, generator=gen).tolist()
         heads_file = {f"{layer}-{head}": scores[layer][head] for layer in range(layers) for head in range(heads)}
         fields["decore"] = {"retrieval_heads": heads_file}
-    if "vti" in methods:
+    if wanted("vti", "directions"):
         from ..calibrate.vti import save
 
         vision = found.vision
@@ -161,4 +173,4 @@ def stand_ins(name: str, methods: set[str], directory: str | Path, seed: int = 0
         target = Path(directory) / f"{name}-vti.safetensors"
         save(directions, target, {"model": name})
         fields["vti"] = {"directions": str(target)}
-    return {method: value for method, value in fields.items() if method in methods}
+    return fields
