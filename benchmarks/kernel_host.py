@@ -44,6 +44,10 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     args = parser.parse_args()
+    if min(args.batch, args.cache, args.heads, args.kv_heads, args.head_dim) < 1:
+        parser.error("--batch, --cache, --heads, --kv-heads and --head-dim need whole numbers >= 1")
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
 
     import halluguard.kernels.decode_attention as launcher
     from halluguard.attention.derived import Derived
