@@ -700,11 +700,24 @@ def _plan(
     first_row: int | None,
     num_splits: int | None,
     block_t: int | None,
+    workspace=None,
 ) -> _Plan:
-    """Check the inputs and choose the blocks and splits of the call."""
+    """Check the inputs (at every call: strides may change while shapes do not) and choose the blocks
+    and splits of the call, once per shape and setting while ``workspace`` keeps the choice."""
+    _check_inputs(query, key, value)
+    choose = lambda: _choose(query, key, first_row, num_splits, block_t)
+    if workspace is None:
+        return choose()
+    shapes = (query.shape, key.shape[1:3], query.dtype, query.device, first_row, num_splits, block_t, interpreting())
+    return workspace.get("kernel plan", (), choose, key=shapes)
+
+
+def _choose(
+    query: torch.Tensor, key: torch.Tensor, first_row: int | None, num_splits: int | None, block_t: int | None
+) -> _Plan:
+    """The blocks and splits of a call of these shapes."""
     bsz, num_heads, num_rows, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    _check_inputs(query, key, value)
     group = num_heads // kv_heads
     # query heads sharing a key/value head go through tensor-core products, padded to 16 rows
     dot = group > 1
@@ -729,26 +742,6 @@ def _plan(
         # the interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest even) and gets bfloat16
         # products wrong: there the output is rounded by torch and the products take float32 operands
         interpreted_bf16=interpreting() and query.dtype == torch.bfloat16,
-    )
-
-
-def _kept_plan(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    first_row: int | None,
-    num_splits: int | None,
-    block_t: int | None,
-    workspace=None,
-) -> _Plan:
-    """``_plan``'s result, made once per shape and setting while ``workspace`` keeps it (the inputs are
-    checked at every call: their strides may change while their shapes do not)."""
-    if workspace is None:
-        return _plan(query, key, value, first_row, num_splits, block_t)
-    _check_inputs(query, key, value)
-    shapes = (query.shape, key.shape[1:3], query.dtype, query.device, first_row, num_splits, block_t, interpreting())
-    return workspace.get(
-        "kernel plan", (), lambda: _plan(query, key, value, first_row, num_splits, block_t), key=shapes
     )
 
 
@@ -1007,7 +1000,7 @@ def decode_attention(
         with ``group_weights``; ``"head_max"`` and ``"head_mean" (B, R, T)`` with ``head_rows``.
     """
     require_triton()
-    plan = _kept_plan(query, key, value, first_row, num_splits, block_t, workspace)
+    plan = _plan(query, key, value, first_row, num_splits, block_t, workspace)
     inputs = _prepare_inputs(
         query, plan, allowed, key_boost, key_bias, redistribution, head_scale, group_weights, workspace
     )

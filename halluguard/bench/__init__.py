@@ -228,7 +228,7 @@ def measure(
             reason = _measure_spec(session, processor, spec, overrides)
             if reason is not None:
                 skipped.append(reason)
-        for beams in _searched_beams(specs, overrides, session.results):
+        for beams in sorted(b for b in session.beams if b > 1):
             _measure_beam_search(session, beams, shared)
         if official:
             _measure_official(session, specs)
@@ -267,6 +267,7 @@ class _Session:
         self.results: dict[str, tuple[dict, list, dict]] = {}
         self.count_ops = count_ops
         self.ops: dict[str, StepCounts] = {}  # with count_ops: per row name
+        self.beams: set[int] = set()  # the beam counts the measured specs searched with
 
     def counted(self, name: str, generate=_plain) -> None:
         """Count the operations of ``generate`` as the model is now (plain, or inside a guard)."""
@@ -316,7 +317,7 @@ def _measure_spec(session: _Session, processor, spec: str, overrides: dict) -> s
     """Time one method spec against plain runs; the reason it was skipped (a method that needs data
     this model lacks: VAR's sinks, DeCoRe's heads), else ``None``."""
     import halluguard as hg
-    from halluguard.registry import configs_from_spec
+    from halluguard.registry import configs_from_spec, method_beams
 
     chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
     configs = configs_from_spec(spec, chosen or None)
@@ -330,6 +331,7 @@ def _measure_spec(session: _Session, processor, spec: str, overrides: dict) -> s
     if session.count_ops:
         with hg.wrap(session.model, processor, configs):
             session.counted(spec)
+    session.beams.add(method_beams(configs))
     return None
 
 
@@ -340,18 +342,6 @@ def _beam_search(beams: int):
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=beams)
 
     return run
-
-
-def _searched_beams(specs: list[str], overrides: dict, measured: dict) -> list[int]:
-    """The beam counts above 1 that the measured specs search with, in increasing order."""
-    from halluguard.registry import configs_from_spec, method_beams
-
-    found = set()
-    for spec in specs:
-        if spec in measured:
-            chosen = {n: overrides[n] for n in spec.split("+") if n in overrides}
-            found.add(method_beams(configs_from_spec(spec, chosen or None)))
-    return sorted(beams for beams in found if beams > 1)
 
 
 def _measure_beam_search(session: _Session, beams: int, shared: dict) -> None:
